@@ -1,0 +1,512 @@
+"""Building blocks shared by every hf_mim model.
+
+Model-zone file: copied flat next to every checkpoint (Hub remote code), so it imports only torch,
+transformers and the standard library. Every ViT-style method (dBOT, ExtreMA, AMT, ...) assembles its
+encoder, teacher and decoder from the pieces here; none of them re-implements attention or a block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import initialization as init
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+# --------------------------------------------------------------------------------------------------
+# Fixed 2-D sin-cos position tables (MAE / dBOT / ExtreMA construction)
+# --------------------------------------------------------------------------------------------------
+
+
+def sincos_1d_table(embed_dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """(len(positions), embed_dim) table: sin of pos * omega in the first half, cos in the second."""
+    if embed_dim % 2 != 0:
+        raise ValueError(f"sin-cos position tables need an even width, got {embed_dim}")
+    omega = torch.arange(embed_dim // 2, dtype=torch.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000**omega
+    angles = positions.reshape(-1).to(torch.float64)[:, None] * omega[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
+def sincos_2d_table(embed_dim: int, grid_height: int, grid_width: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """(1, num_prefix_tokens + H*W, embed_dim) float32 table; prefix (cls) rows are zero.
+
+    Patch index = row * grid_width + column. The first half of the channels encodes the column, the
+    second half the row: exactly the table MAE's `get_2d_sincos_pos_embed` builds (computed in float64
+    and rounded once, as the official numpy code does).
+    """
+    if embed_dim % 4 != 0:
+        raise ValueError(f"2-D sin-cos position tables need a width divisible by 4, got {embed_dim}")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid_height, dtype=torch.float64), torch.arange(grid_width, dtype=torch.float64), indexing="ij"
+    )
+    table = torch.cat([sincos_1d_table(embed_dim // 2, cols), sincos_1d_table(embed_dim // 2, rows)], dim=1)
+    table = torch.cat([torch.zeros(num_prefix_tokens, embed_dim, dtype=torch.float64), table], dim=0)
+    return table.to(torch.float32).unsqueeze(0)
+
+
+def resize_position_table(
+    table: torch.Tensor, num_prefix_tokens: int, grid_height: int, grid_width: int
+) -> torch.Tensor:
+    """Bicubically resize the patch part of a square (1, prefix + N, D) table to a new patch grid."""
+    prefix, patches = table[:, :num_prefix_tokens], table[:, num_prefix_tokens:]
+    side = math.isqrt(patches.shape[1])
+    if side * side != patches.shape[1]:
+        raise ValueError(f"position table with {patches.shape[1]} patch rows is not a square grid")
+    if (grid_height, grid_width) == (side, side):
+        return table
+    dim = patches.shape[-1]
+    patches = patches.reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    patches = F.interpolate(
+        patches.to(torch.float32), size=(grid_height, grid_width), mode="bicubic", align_corners=False
+    ).to(table.dtype)
+    patches = patches.permute(0, 2, 3, 1).reshape(1, grid_height * grid_width, dim)
+    return torch.cat([prefix, patches], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Embeddings
+# --------------------------------------------------------------------------------------------------
+
+
+class PatchEmbeddings(nn.Module):
+    """Non-overlapping patches through a strided convolution, flattened row-major to (B, N, D)."""
+
+    def __init__(self, image_size: int, patch_size: int, num_channels: int, embed_dim: int):
+        super().__init__()
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_channels = num_channels
+        self.grid_size = image_size // patch_size
+        self.num_patches = self.grid_size**2
+        self.projection = nn.Conv2d(num_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def check_pixel_values(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool) -> tuple[int, int]:
+        """Validate the input and return its patch grid (rows, columns)."""
+        if pixel_values.ndim != 4:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.num_channels}, height, width), got {tuple(pixel_values.shape)}"
+            )
+        _, channels, height, width = pixel_values.shape
+        if channels != self.num_channels:
+            raise ValueError(
+                f"pixel_values has {channels} channels but the config says num_channels={self.num_channels}"
+            )
+        if height % self.patch_size or width % self.patch_size:
+            raise ValueError(
+                f"pixel_values of size {height}x{width} is not a multiple of patch_size={self.patch_size}"
+            )
+        if not interpolate_pos_encoding and (height, width) != (self.image_size, self.image_size):
+            raise ValueError(
+                f"pixel_values of size {height}x{width} does not match the model's image_size={self.image_size}; "
+                "resize the image or pass interpolate_pos_encoding=True"
+            )
+        return height // self.patch_size, width // self.patch_size
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        pixel_values = pixel_values.to(self.projection.weight.dtype)
+        return self.projection(pixel_values).flatten(2).transpose(1, 2)
+
+
+class VisionEmbeddings(nn.Module):
+    """Patch embedding + optional cls token + position table (fixed sin-cos or learned).
+
+    `position_embeddings` is always a parameter of shape (1, num_prefix_tokens + N, D) so pretraining
+    checkpoints (sin-cos, frozen) and fine-tuning checkpoints (learned) share one layout; whether it
+    trains is decided by the head that owns it (`requires_grad_`).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        num_channels: int,
+        embed_dim: int,
+        use_cls_token: bool = True,
+        use_position_embeddings: bool = True,
+    ):
+        super().__init__()
+        self.patch_embeddings = PatchEmbeddings(image_size, patch_size, num_channels, embed_dim)
+        self.num_prefix_tokens = 1 if use_cls_token else 0
+        self.embed_dim = embed_dim
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_cls_token else None
+        num_positions = self.num_prefix_tokens + self.patch_embeddings.num_patches
+        self.position_embeddings = (
+            nn.Parameter(torch.zeros(1, num_positions, embed_dim)) if use_position_embeddings else None
+        )
+
+    def sincos_table(self) -> torch.Tensor:
+        grid = self.patch_embeddings.grid_size
+        return sincos_2d_table(self.embed_dim, grid, grid, self.num_prefix_tokens)
+
+    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """(B, prefix + N, D) tokens with positions added; cls (if any) first."""
+        grid_h, grid_w = self.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        patches = self.patch_embeddings(pixel_values)
+        batch_size = patches.shape[0]
+        if self.position_embeddings is not None:
+            positions = resize_position_table(self.position_embeddings, self.num_prefix_tokens, grid_h, grid_w)
+            patches = patches + positions[:, self.num_prefix_tokens :]
+        if self.cls_token is None:
+            return patches
+        cls = self.cls_token
+        if self.position_embeddings is not None:
+            cls = cls + self.position_embeddings[:, :1]
+        return torch.cat([cls.expand(batch_size, -1, -1), patches], dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Transformer block
+# --------------------------------------------------------------------------------------------------
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; returns (B, L, H, d) output and (B, H, L, L) weights."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with a fused qkv projection (rows [q; k; v], as timm and the official repos).
+
+    The kernel comes from transformers' attention interface, chosen by `config._attn_implementation`
+    ("eager", "sdpa", "flash_attention_2", ...). Attention weights are only materialised by eager
+    attention, so a call that asks for them runs eager for that call.
+    """
+
+    is_causal = False
+
+    def __init__(self, config, dim: int, num_heads: int, qkv_bias: bool = True, attention_dropout: float = 0.0):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = attention_dropout
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        attention_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, length, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch_size, length, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+        if attention_bias is not None:
+            attention_mask = attention_bias if attention_mask is None else attention_mask + attention_bias
+        implementation = self.config._attn_implementation or "eager"
+        if output_attentions or implementation == "eager":
+            attention_fn: Callable = eager_attention_forward
+        else:
+            attention_fn = ALL_ATTENTION_FUNCTIONS[implementation]
+        output, weights = attention_fn(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            scaling=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0,
+            is_causal=False,
+        )
+        output = self.proj(output.reshape(batch_size, length, -1))
+        return output, (weights if output_attentions else None)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zero whole samples' residual branches with probability drop_prob, rescale the rest."""
+    if drop_prob == 0.0 or not training:
+        return hidden_states
+    keep_prob = 1.0 - drop_prob
+    shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+    keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+    return hidden_states * keep / keep_prob
+
+
+class DropPath(nn.Module):
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return drop_path(hidden_states, self.drop_prob, self.training)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class LayerScale(nn.Module):
+    """Per-channel residual scale (CaiT/BEiT); initialised to `init_value` by `init_vit_weights`."""
+
+    def __init__(self, dim: int, init_value: float):
+        super().__init__()
+        self.init_value = init_value
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_value)))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states * self.gamma
+
+
+class Block(GradientCheckpointingLayer):
+    """Pre-norm transformer block: x + DropPath(LS(Attn(LN(x)))), then the same with the MLP.
+
+    `layer_scale_init_value` of 0 or None means no layer scale (plain ViT/MAE); `config` is only read for
+    the attention implementation, so encoder, teacher and decoder blocks of one model share it.
+    """
+
+    def __init__(
+        self,
+        config,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        layer_norm_eps: float = 1e-6,
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float | None = None,
+        attention_dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.attn = Attention(config, dim, num_heads, qkv_bias=qkv_bias, attention_dropout=attention_dropout)
+        self.ls1 = LayerScale(dim, layer_scale_init_value) if layer_scale_init_value else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale_init_value) if layer_scale_init_value else nn.Identity()
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        attention_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(
+            self.norm1(hidden_states), attention_mask, output_attentions=output_attentions, attention_bias=attention_bias
+        )
+        hidden_states = hidden_states + self.drop_path(self.ls1(attended))
+        hidden_states = hidden_states + self.drop_path(self.ls2(self.mlp(self.norm2(hidden_states))))
+        return hidden_states, weights
+
+
+def drop_path_rates(max_rate: float, depth: int) -> list[float]:
+    """Stochastic-depth rate per block, linear from 0 to max_rate (timm/MAE convention)."""
+    if depth == 0:
+        return []
+    return [float(rate) for rate in torch.linspace(0, max_rate, depth)]
+
+
+def make_blocks(
+    config,
+    dim: int,
+    depth: int,
+    num_heads: int,
+    mlp_ratio: float = 4.0,
+    qkv_bias: bool = True,
+    layer_norm_eps: float = 1e-6,
+    drop_path_rate: float = 0.0,
+    layer_scale_init_value: float | None = None,
+) -> nn.ModuleList:
+    """`depth` blocks with stochastic depth rising linearly to `drop_path_rate`."""
+    return nn.ModuleList(
+        Block(
+            config,
+            dim,
+            num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            layer_norm_eps=layer_norm_eps,
+            drop_path_rate=rate,
+            layer_scale_init_value=layer_scale_init_value,
+        )
+        for rate in drop_path_rates(drop_path_rate, depth)
+    )
+
+
+def run_blocks(
+    layers: nn.ModuleList,
+    hidden_states: torch.Tensor,
+    output_hidden_states: bool = False,
+    output_attentions: bool = False,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None, tuple[torch.Tensor, ...] | None]:
+    """Run blocks in order; optionally collect the input + every block output, and attention maps."""
+    all_hidden_states = (hidden_states,) if output_hidden_states else None
+    all_attentions = () if output_attentions else None
+    for layer in layers:
+        hidden_states, weights = layer(hidden_states, None, output_attentions)
+        if output_hidden_states:
+            all_hidden_states = all_hidden_states + (hidden_states,)
+        if output_attentions:
+            all_attentions = all_attentions + (weights,)
+    return hidden_states, all_hidden_states, all_attentions
+
+
+class EncoderOutput(NamedTuple):
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None
+    attentions: tuple[torch.Tensor, ...] | None
+
+
+class ViTEncoder(nn.Module):
+    """Embeddings -> blocks -> optional final LayerNorm, optionally on a subset of patches.
+
+    The trunk of every ViT-style hf_mim model: a student encoder (given `ids_keep`, only those
+    patches enter, in that order, after the cls token), a frozen teacher (all patches), a backbone.
+    """
+
+    def __init__(
+        self,
+        config,
+        image_size: int,
+        patch_size: int,
+        num_channels: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        layer_norm_eps: float = 1e-6,
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float | None = None,
+        use_cls_token: bool = True,
+        use_final_norm: bool = True,
+    ):
+        super().__init__()
+        self.embeddings = VisionEmbeddings(image_size, patch_size, num_channels, dim, use_cls_token=use_cls_token)
+        self.layers = make_blocks(
+            config, dim, depth, num_heads, mlp_ratio, qkv_bias, layer_norm_eps, drop_path_rate, layer_scale_init_value
+        )
+        self.layernorm = nn.LayerNorm(dim, eps=layer_norm_eps) if use_final_norm else None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return self.embeddings.num_prefix_tokens
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        ids_keep: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ) -> EncoderOutput:
+        tokens = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if ids_keep is not None:
+            prefix = self.num_prefix_tokens
+            tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], ids_keep)], dim=1)
+        hidden_states, all_hidden_states, attentions = run_blocks(
+            self.layers, tokens, output_hidden_states, output_attentions
+        )
+        if self.layernorm is not None:
+            hidden_states = self.layernorm(hidden_states)
+        return EncoderOutput(hidden_states, all_hidden_states, attentions)
+
+
+# --------------------------------------------------------------------------------------------------
+# Token bookkeeping and pooling
+# --------------------------------------------------------------------------------------------------
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """tokens (B, N, D), index (B, K) -> (B, K, D) = tokens[b, index[b]]."""
+    return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+class MeanPooler(nn.Module):
+    """Mean of the patch tokens (prefix tokens excluded) followed by `fc_norm` (MAE/BEiT fine-tuning)."""
+
+    def __init__(self, dim: int, layer_norm_eps: float, num_prefix_tokens: int):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.fc_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc_norm(hidden_states[:, self.num_prefix_tokens :].mean(dim=1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight initialisation (MAE convention) — used from every model's `_init_weights`
+# --------------------------------------------------------------------------------------------------
+
+
+def _initialized(tensor: torch.Tensor) -> bool:
+    return getattr(tensor, "_is_hf_initialized", False)
+
+
+@torch.no_grad()
+def init_vit_weights(module: nn.Module, token_std: float = 0.02) -> None:
+    """MAE/dBOT initialisation for one module: Linear xavier-uniform (bias 0), patch projection
+    xavier-uniform on its flattened (D, C*p*p) view, LayerNorm 1/0, tokens N(0, token_std), sin-cos
+    position tables, layer scale to its init value. Respects transformers' "already loaded" flags.
+    """
+    if isinstance(module, nn.Linear):
+        init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            init.ones_(module.weight)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, PatchEmbeddings):
+        weight = module.projection.weight
+        if not _initialized(weight):
+            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
+        if module.projection.bias is not None:
+            init.zeros_(module.projection.bias)
+    elif isinstance(module, VisionEmbeddings):
+        if module.cls_token is not None:
+            init.normal_(module.cls_token, std=token_std)
+        if module.position_embeddings is not None:
+            init.copy_(module.position_embeddings, module.sincos_table())
+    elif isinstance(module, LayerScale):
+        init.constant_(module.gamma, module.init_value)
+
+
+def reinitialize(module: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:
+    """Re-draw every weight under `module` (e.g. dBOT's student at a stage boundary).
+
+    transformers marks loaded tensors and modules as initialised and its init functions then skip
+    them; this clears the marks first so the re-initialisation really happens.
+    """
+    for sub in module.modules():
+        sub.__dict__.pop("_is_hf_initialized", None)
+        for tensor in list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False)):
+            tensor.__dict__.pop("_is_hf_initialized", None)
+    module.apply(init_fn)

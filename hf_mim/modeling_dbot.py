@@ -1,0 +1,397 @@
+"""dBOT: masked knowledge distillation with bootstrapped teachers (Liu et al., ICLR 2024).
+
+A MAE-style student (encoder on the visible 25 % of patches, narrow decoder) regresses, at every
+position, the per-token-normalised features a frozen teacher computes from the full image (Smooth-L1,
+beta 2, masked patches + cls). Training runs in stages: the stage-0 teacher is the student's own
+random initialisation; at each stage boundary `start_new_stage()` makes the student the teacher and
+re-initialises the student.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_dbot import DbotConfig
+from .masking import MaskIndices, indices_from_bool_masked_pos, random_masking
+from .modeling_common import (
+    MeanPooler,
+    ViTEncoder,
+    gather_tokens,
+    init_vit_weights,
+    make_blocks,
+    reinitialize,
+    run_blocks,
+    sincos_2d_table,
+)
+from .objectives import normalize_per_token, smooth_l1, weighted_token_mean
+
+
+@dataclass
+class DbotMaskedImageModelingOutput(ModelOutput):
+    """Output of `DbotForMaskedImageModeling`.
+
+    Token sequences have the cls position at index 0, then every patch in raster order.
+
+    loss: Smooth-L1 over masked patches + cls.
+    predictions: (B, 1 + N, D) decoder predictions of the teacher features.
+    targets: (B, 1 + N, D) teacher features after per-token normalisation.
+    bool_masked_pos: (B, N) True = hidden from the student.
+    patch_loss: (B, N) per-patch loss (mean over channels) for every patch, masked or not, for pictures.
+    encoder_last_hidden_state: (B, 1 + num_visible, D) student encoder output (cls, then visible patches
+        in the order they entered).
+    """
+
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    bool_masked_pos: torch.Tensor | None = None
+    patch_loss: torch.Tensor | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def build_vit_encoder(config: DbotConfig, depth: int, use_final_norm: bool, drop_path_rate: float) -> ViTEncoder:
+    return ViTEncoder(
+        config,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        dim=config.hidden_size,
+        depth=depth,
+        num_heads=config.num_attention_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=config.qkv_bias,
+        layer_norm_eps=config.layer_norm_eps,
+        drop_path_rate=drop_path_rate,
+        use_final_norm=use_final_norm,
+    )
+
+
+class DbotDecoder(nn.Module):
+    """MAE decoder: embed visible tokens, fill mask tokens, unshuffle, add fixed sin-cos positions,
+    blocks, norm, linear head to the teacher width (`decoder_pred`, the official `decoder_predp`)."""
+
+    def __init__(self, config: DbotConfig):
+        super().__init__()
+        num_patches = (config.image_size // config.patch_size) ** 2
+        self.grid_size = config.image_size // config.patch_size
+        self.decoder_embed = nn.Linear(config.hidden_size, config.decoder_hidden_size)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_hidden_size))
+        # Fixed table, recomputed rather than saved: filled in `_init_weights` (meta-device loading).
+        self.register_buffer(
+            "position_embeddings", torch.zeros(1, 1 + num_patches, config.decoder_hidden_size), persistent=False
+        )
+        self.layers = make_blocks(
+            config,
+            config.decoder_hidden_size,
+            config.decoder_num_hidden_layers,
+            config.decoder_num_attention_heads,
+            mlp_ratio=config.mlp_ratio,
+            qkv_bias=config.qkv_bias,
+            layer_norm_eps=config.layer_norm_eps,
+            drop_path_rate=config.drop_path_rate,
+        )
+        self.decoder_norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
+        self.decoder_pred = nn.Linear(config.decoder_hidden_size, config.hidden_size)
+
+    def sincos_table(self, grid_height: int | None = None, grid_width: int | None = None) -> torch.Tensor:
+        grid_height = grid_height or self.grid_size
+        grid_width = grid_width or self.grid_size
+        return sincos_2d_table(self.mask_token.shape[-1], grid_height, grid_width, num_prefix_tokens=1)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        tokens = self.decoder_embed(latent)
+        batch_size, num_patches = ids_restore.shape
+        num_masked = num_patches - (tokens.shape[1] - 1)
+        patches = torch.cat([tokens[:, 1:], self.mask_token.expand(batch_size, num_masked, -1)], dim=1)
+        patches = gather_tokens(patches, ids_restore)
+        tokens = torch.cat([tokens[:, :1], patches], dim=1)
+        if grid == (self.grid_size, self.grid_size):
+            positions = self.position_embeddings
+        else:
+            positions = self.sincos_table(*grid).to(device=tokens.device)
+        tokens = tokens + positions.to(tokens.dtype)
+        tokens, _, _ = run_blocks(self.layers, tokens)
+        return self.decoder_pred(self.decoder_norm(tokens))
+
+
+class DbotPreTrainedModel(PreTrainedModel):
+    config_class = DbotConfig
+    config: DbotConfig
+    base_model_prefix = "dbot"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block", "VisionEmbeddings"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        init_vit_weights(module, token_std=self.config.initializer_range)
+        if isinstance(module, DbotDecoder):
+            init.normal_(module.mask_token, std=self.config.initializer_range)
+            init.copy_(module.position_embeddings, module.sincos_table())
+        elif isinstance(module, DbotForImageClassification) and isinstance(module.classifier, nn.Linear):
+            init.trunc_normal_(module.classifier.weight, std=self.config.classifier_init_std)
+            init.zeros_(module.classifier.bias)
+        elif isinstance(module, DbotForMaskedImageModeling):
+            # Stage-0 teacher = the student's own initialisation (official main_pretrain.py). Only
+            # tensors that were not loaded from a checkpoint are touched (init.copy_ checks the flag).
+            student = module.dbot.encoder.state_dict()
+            for name, tensor in module.teacher.state_dict(keep_vars=True).items():
+                if name in student and student[name].shape == tensor.shape:
+                    init.copy_(tensor, student[name])
+
+
+class DbotModel(DbotPreTrainedModel):
+    """The dBOT ViT backbone. Features are deterministic: nothing is masked unless `bool_masked_pos` is given.
+
+    With `add_pooling_layer` and `config.use_mean_pooling` (the fine-tuning layout), the final
+    LayerNorm is replaced by `pooler.fc_norm` on the mean of the patch tokens, exactly as the official
+    fine-tuning model; otherwise `last_hidden_state` is normalised and `pooler_output` is the cls token.
+    """
+
+    def __init__(self, config: DbotConfig, add_pooling_layer: bool = True):
+        super().__init__(config)
+        mean_pooling = add_pooling_layer and config.use_mean_pooling
+        self.encoder = build_vit_encoder(
+            config, config.num_hidden_layers, use_final_norm=not mean_pooling, drop_path_rate=config.drop_path_rate
+        )
+        self.pooler = MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1) if mean_pooling else None
+        self.add_pooling_layer = add_pooling_layer
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+            True = drop that patch; the encoder then sees the cls token and the visible patches (raster
+            order), as in MAE. Every image must mask the same number of patches.
+        """
+        if pixel_values is None:
+            raise ValueError("DbotModel needs pixel_values")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        ids_keep = None
+        if bool_masked_pos is not None:
+            ids_keep = indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device)).ids_keep
+        encoded = self.encoder(
+            pixel_values,
+            ids_keep=ids_keep,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        hidden_states = encoded.last_hidden_state
+        if self.pooler is not None:
+            pooled = self.pooler(hidden_states)
+        elif self.add_pooling_layer:
+            pooled = hidden_states[:, 0]
+        else:
+            pooled = None
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states,
+            pooler_output=pooled,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class DbotForMaskedImageModeling(DbotPreTrainedModel):
+    """The dBOT pretraining objective: student + decoder + frozen teacher + Smooth-L1 distillation loss."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^dbot\.pooler\.", r"^classifier\."]
+
+    def __init__(self, config: DbotConfig):
+        super().__init__(config)
+        self.dbot = DbotModel(config, add_pooling_layer=False)
+        # The student's positions are the fixed sin-cos table during pretraining.
+        self.dbot.encoder.embeddings.position_embeddings.requires_grad_(False)
+        self.decoder = DbotDecoder(config)
+        self.teacher = self._build_teacher(config.teacher_depth)
+        self.post_init()
+
+    def _build_teacher(self, depth: int) -> ViTEncoder:
+        teacher = build_vit_encoder(self.config, depth, use_final_norm=self.config.teacher_use_final_norm, drop_path_rate=0.0)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        return teacher
+
+    def train(self, mode: bool = True):
+        """The teacher stays in eval mode: it is a fixed target network."""
+        super().train(mode)
+        self.teacher.eval()
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.dbot.get_input_embeddings()
+
+    def mask_indices(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None, noise: torch.Tensor | None, num_patches: int
+    ) -> MaskIndices:
+        if bool_masked_pos is not None:
+            if bool_masked_pos.shape != (pixel_values.shape[0], num_patches):
+                raise ValueError(
+                    f"bool_masked_pos must have shape {(pixel_values.shape[0], num_patches)}, got {tuple(bool_masked_pos.shape)}"
+                )
+            return indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device))
+        if noise is None:
+            noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device)
+        elif noise.shape != (pixel_values.shape[0], num_patches):
+            raise ValueError(f"noise must have shape {(pixel_values.shape[0], num_patches)}, got {tuple(noise.shape)}")
+        return random_masking(noise.to(pixel_values.device), self.config.mask_ratio)
+
+    @torch.no_grad()
+    def teacher_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """(B, 1 + N, D) teacher tokens on the full image (last block; final norm only if configured)."""
+        return self.teacher(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding).last_hidden_state
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> DbotMaskedImageModelingOutput | tuple:
+        r"""
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+            Which patches to hide (True), the same count per image; visible patches enter in raster order.
+        noise (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*):
+            MAE masking noise: the `len_keep` smallest values stay visible, in ascending-noise order.
+            Drawn with `torch.rand` when neither this nor `bool_masked_pos` is given.
+        """
+        if pixel_values is None:
+            raise ValueError("DbotForMaskedImageModeling needs pixel_values")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        patch_embeddings = self.dbot.encoder.embeddings.patch_embeddings
+        grid = patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        mask = self.mask_indices(pixel_values, bool_masked_pos, noise, grid[0] * grid[1])
+
+        encoded = self.dbot.encoder(
+            pixel_values,
+            ids_keep=mask.ids_keep,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        predictions = self.decoder(encoded.last_hidden_state, mask.ids_restore, grid)
+
+        targets = self.teacher_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if self.config.normalize_targets:
+            targets = normalize_per_token(targets, eps=self.config.target_norm_eps, unbiased=True)
+        if targets.shape[-1] != predictions.shape[-1]:
+            raise ValueError(
+                f"teacher width {targets.shape[-1]} differs from the prediction width {predictions.shape[-1]}"
+            )
+        token_loss = smooth_l1(predictions.float(), targets.float(), beta=self.config.smooth_l1_beta).mean(dim=-1)
+        # The cls position is always part of the loss (official forward_loss), then the masked patches.
+        weights = torch.cat([torch.ones_like(mask.bool_masked_pos[:, :1]), mask.bool_masked_pos], dim=1)
+        loss = weighted_token_mean(token_loss, weights)
+
+        output = DbotMaskedImageModelingOutput(
+            loss=loss,
+            predictions=predictions,
+            targets=targets,
+            bool_masked_pos=mask.bool_masked_pos,
+            patch_loss=token_loss[:, 1:].detach(),
+            encoder_last_hidden_state=encoded.last_hidden_state,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    @torch.no_grad()
+    def start_new_stage(self) -> None:
+        """Bootstrap: the current student encoder becomes the frozen teacher, the student (encoder and
+        decoder) is re-initialised from scratch, and `config.stage` advances.
+
+        Parameters are re-drawn in place, so an optimizer keeps working on the same tensors (the official
+        code also keeps its AdamW moments across stages). The teacher is rebuilt only if its depth changes.
+        """
+        student = self.dbot.encoder
+        if self.config.teacher_depth != self.config.num_hidden_layers:
+            reference = next(student.parameters())
+            self.teacher = self._build_teacher(self.config.num_hidden_layers).to(reference.device, reference.dtype)
+            self.config.teacher_depth = self.config.num_hidden_layers
+        teacher_state = self.teacher.state_dict()
+        for name, tensor in student.state_dict().items():
+            if name in teacher_state:
+                teacher_state[name].copy_(tensor)
+        reinitialize(self.dbot, self._init_weights)
+        reinitialize(self.decoder, self._init_weights)
+        self.config.stage += 1
+
+
+class DbotForImageClassification(DbotPreTrainedModel):
+    """dBOT fine-tuning model: mean of patch tokens -> fc_norm -> linear head (official `global_pool`).
+
+    Loading a pretraining checkpoint keeps the backbone; the decoder, teacher and the pretraining final
+    norm are pretraining-only and ignored, `fc_norm` and the head start fresh (reported as missing).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^teacher\.", r"^dbot\.encoder\.layernorm\."]
+
+    def __init__(self, config: DbotConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.dbot = DbotModel(config, add_pooling_layer=True)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.dbot(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = ["DbotPreTrainedModel", "DbotModel", "DbotForMaskedImageModeling", "DbotForImageClassification"]
