@@ -474,6 +474,10 @@ def init_vit_weights(module: nn.Module, token_std: float = 0.02) -> None:
     """MAE/dBOT initialisation for one module: Linear xavier-uniform (bias 0), patch projection
     xavier-uniform on its flattened (D, C*p*p) view, LayerNorm 1/0, tokens N(0, token_std), sin-cos
     position tables, layer scale to its init value. Respects transformers' "already loaded" flags.
+
+    Written per module that *owns* parameters: when transformers initialises the missing weights of a
+    custom-code model it skips modules without direct parameters (Block, PatchEmbeddings, ...), so no
+    initialisation may live at such a container level.
     """
     if isinstance(module, nn.Linear):
         init.xavier_uniform_(module.weight)
@@ -484,12 +488,11 @@ def init_vit_weights(module: nn.Module, token_std: float = 0.02) -> None:
             init.ones_(module.weight)
         if module.bias is not None:
             init.zeros_(module.bias)
-    elif isinstance(module, PatchEmbeddings):
-        weight = module.projection.weight
-        if not _initialized(weight):
-            nn.init.xavier_uniform_(weight.view(weight.shape[0], -1))
-        if module.projection.bias is not None:
-            init.zeros_(module.projection.bias)
+    elif isinstance(module, nn.Conv2d):  # the patch projection: xavier on its (D, C*p*p) view
+        if not _initialized(module.weight):
+            nn.init.xavier_uniform_(module.weight.view(module.weight.shape[0], -1))
+        if module.bias is not None:
+            init.zeros_(module.bias)
     elif isinstance(module, VisionEmbeddings):
         if module.cls_token is not None:
             init.normal_(module.cls_token, std=token_std)

@@ -141,16 +141,17 @@ class DbotPreTrainedModel(PreTrainedModel):
         if isinstance(module, DbotDecoder):
             init.normal_(module.mask_token, std=self.config.initializer_range)
             init.copy_(module.position_embeddings, module.sincos_table())
-        elif isinstance(module, DbotForImageClassification) and isinstance(module.classifier, nn.Linear):
-            init.trunc_normal_(module.classifier.weight, std=self.config.classifier_init_std)
-            init.zeros_(module.classifier.bias)
-        elif isinstance(module, DbotForMaskedImageModeling):
-            # Stage-0 teacher = the student's own initialisation (official main_pretrain.py). Only
-            # tensors that were not loaded from a checkpoint are touched (init.copy_ checks the flag).
-            student = module.dbot.encoder.state_dict()
-            for name, tensor in module.teacher.state_dict(keep_vars=True).items():
-                if name in student and student[name].shape == tensor.shape:
-                    init.copy_(tensor, student[name])
+        elif module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=self.config.classifier_init_std)
+            init.zeros_(module.bias)
+        twin_name = getattr(module, "student_twin", None)
+        if twin_name is not None:
+            # Stage-0 teacher = the student's own initialisation (official main_pretrain.py). The student
+            # is initialised (or loaded) before the teacher; only tensors that were not loaded from a
+            # checkpoint are touched (init.copy_ checks the flag).
+            twin = self.dbot.encoder.get_submodule(twin_name)
+            for name, tensor in module.named_parameters(recurse=False):
+                init.copy_(tensor, getattr(twin, name))
 
 
 class DbotModel(DbotPreTrainedModel):
@@ -238,6 +239,10 @@ class DbotForMaskedImageModeling(DbotPreTrainedModel):
         teacher = build_vit_encoder(self.config, depth, use_final_norm=self.config.teacher_use_final_norm, drop_path_rate=0.0)
         teacher.requires_grad_(False)
         teacher.eval()
+        student_modules = dict(self.dbot.encoder.named_modules())
+        for name, module in teacher.named_modules():
+            if name in student_modules and type(student_modules[name]) is type(module):
+                module.student_twin = name  # read by _init_weights: where the stage-0 copy comes from
         return teacher
 
     def train(self, mode: bool = True):

@@ -1,0 +1,6 @@
+"""Official checkpoint -> hf_mim converters. Command line: `python -m hf_mim.convert <method> ...`."""
+
+from .common import CheckpointFormatError, ConversionReport, load_official_state_dict
+from .dbot import convert_dbot_checkpoint
+
+__all__ = ["CheckpointFormatError", "ConversionReport", "convert_dbot_checkpoint", "load_official_state_dict"]

@@ -1,0 +1,52 @@
+"""python -m hf_mim.convert <method> --checkpoint <official .pth> --output <dir> [...]
+
+Writes a Hub-ready folder (model.safetensors, config.json with the full auto_map, model code,
+preprocessor_config.json) and prints what was converted and what was dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..overrides import parse_overrides
+from .common import CheckpointFormatError, load_official_state_dict
+
+
+def convert_dbot(args: argparse.Namespace):
+    from .dbot import convert_dbot_checkpoint
+
+    state = load_official_state_dict(args.checkpoint)
+    teacher = load_official_state_dict(args.teacher_checkpoint) if args.teacher_checkpoint else None
+    return convert_dbot_checkpoint(state, teacher, parse_overrides(args.config_overrides))
+
+
+CONVERTERS = {"dbot": convert_dbot}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m hf_mim.convert", description=__doc__.splitlines()[0])
+    parser.add_argument("method", choices=sorted(CONVERTERS))
+    parser.add_argument("--checkpoint", required=True, help="official checkpoint (.pth, weights under 'model')")
+    parser.add_argument("--output", required=True, help="folder to write the hf_mim model into")
+    parser.add_argument("--teacher_checkpoint", help="dBOT: the matching checkpoint-teacher-*.pth (optional)")
+    parser.add_argument(
+        "--config_overrides", help="comma-separated config values the weights do not fix, e.g. num_attention_heads=6"
+    )
+    args = parser.parse_args(argv)
+
+    from ..hub import save_hub_folder
+
+    try:
+        model, report = CONVERTERS[args.method](args)
+    except (CheckpointFormatError, FileNotFoundError, ValueError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    save_hub_folder(model, args.output)
+    print(report.summary())
+    print(f"wrote {type(model).__name__} to {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

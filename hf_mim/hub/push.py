@@ -1,0 +1,65 @@
+"""Send a Hub-ready folder to the Hub: create_repo + upload_folder, never checkpoints or secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+HUB_IGNORE_PATTERNS = [
+    "checkpoint-*",
+    "checkpoint-*/**",
+    ".tmp-*",
+    ".tmp-*/**",
+    "**/optimizer*.bin",
+    "**/optimizer*.pt",
+    "**/scheduler*.bin",
+    "**/random_states*",
+    "*.pth",
+    "runs/**",
+    "**/.git/**",
+    "**/token*",
+    "**/*.token",
+    ".env",
+]
+
+
+class HubPushError(RuntimeError):
+    """Uploading to the Hub failed; the message says which step and why."""
+
+
+def push_folder_to_hub(
+    folder: str | Path,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload hf_mim model",
+    api=None,
+) -> str:
+    """Create (or reuse) `repo_id` and upload `folder` without checkpoints, optimizer states or tokens.
+
+    Returns the commit URL. Offline mode, no network and authentication errors become a
+    `HubPushError` naming the repository and the failing step; the folder stays on disk.
+    """
+    from huggingface_hub import HfApi
+
+    api = api or HfApi(token=token)
+    folder = Path(folder)
+    try:
+        api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+    except Exception as error:  # OfflineModeIsEnabled, httpx ConnectError (not an OSError), HTTP errors
+        raise HubPushError(
+            f"could not create or access the Hub repository {repo_id!r}: {type(error).__name__}: {error}. "
+            f"The model folder is intact at {folder}; push it later with `huggingface-cli upload {repo_id} {folder}`."
+        ) from error
+    try:
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            commit_message=commit_message,
+            ignore_patterns=HUB_IGNORE_PATTERNS,
+        )
+    except Exception as error:
+        raise HubPushError(
+            f"uploading {folder} to {repo_id!r} failed: {type(error).__name__}: {error}. The folder is intact."
+        ) from error
+    return str(getattr(info, "commit_url", info))

@@ -1,0 +1,29 @@
+"""Test-suite wide settings: offline Hub, deterministic CPU threads, shared fixtures."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path:
+    """../shared next to the checkout (CI clones the repo beside it)."""
+    candidates = [REPO_ROOT.parent / "shared", Path(os.environ.get("HF_MIM_SHARED", "/nonexistent"))]
+    for candidate in candidates:
+        if (candidate / "fixtures").is_dir():
+            return candidate
+    pytest.skip("../shared/fixtures is not available")
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return shared_dir() / "fixtures"

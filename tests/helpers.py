@@ -1,0 +1,51 @@
+"""Small helpers shared by the tests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from safetensors.torch import load_file
+
+BLOCK_HF_MIM = textwrap.dedent(
+    """
+    import importlib.abc, sys
+    class _BlockHfMim(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_mim" or name.startswith("hf_mim."):
+                raise ImportError("hf_mim is blocked in this process (remote-code test)")
+            return None
+    sys.meta_path.insert(0, _BlockHfMim())
+    """
+)
+
+
+def run_without_hf_mim(script: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter where `import hf_mim` fails, offline, with a private
+    transformers module cache so remote code is really loaded from the folder."""
+    env = dict(os.environ)
+    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), PYTHONPATH="")
+    code = BLOCK_HF_MIM + textwrap.dedent(script)
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path
+    )
+    if result.returncode != 0:
+        raise AssertionError(f"subprocess failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def load_fixture(fixtures_dir: Path, method: str) -> dict[str, dict]:
+    folder = fixtures_dir / method
+    return {
+        name: load_file(str(folder / f"{name}.safetensors"))
+        for name in ("inputs", "outputs", "official_state_dict", "official_teacher_state_dict",
+                     "official_classifier_state_dict")
+        if (folder / f"{name}.safetensors").exists()
+    }
+
+
+def max_abs_diff(a, b) -> float:
+    return (a.detach().float() - b.detach().float()).abs().max().item()
