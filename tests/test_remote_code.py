@@ -1,0 +1,111 @@
+"""Hub folders load with trust_remote_code=True where hf_mim cannot be imported, and pipelines run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from helpers import run_without_hf_mim
+from PIL import Image
+from safetensors.torch import save_file
+
+from hf_mim import MODEL_FAMILIES
+from hf_mim.hub import full_auto_map, save_hub_folder
+
+HEADS = {
+    "AutoModel": "base_model_class",
+    "AutoModelForMaskedImageModeling": "masked_image_modeling_class",
+    "AutoModelForImageClassification": "image_classification_class",
+}
+
+
+def tiny_config(family):
+    return family.config_class.from_preset(
+        "tiny", num_labels=3, id2label={0: "cat", 1: "dog", 2: "fish"}, label2id={"cat": 0, "dog": 1, "fish": 2}
+    )
+
+
+@pytest.mark.parametrize("model_type", sorted(MODEL_FAMILIES))
+def test_every_head_loads_remotely_with_identical_outputs(model_type, tmp_path):
+    family = MODEL_FAMILIES[model_type]
+    torch.manual_seed(0)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    tensors = {"pixel_values": pixel_values}
+    folders = {}
+    for auto_name, attribute in HEADS.items():
+        model = getattr(family, attribute)(tiny_config(family)).eval()
+        kwargs = {}
+        if auto_name == "AutoModelForMaskedImageModeling":
+            kwargs["bool_masked_pos"] = torch.arange(16).repeat(2, 1) % 4 != 0
+            tensors["bool_masked_pos"] = kwargs["bool_masked_pos"]
+        output = model(pixel_values, **kwargs)
+        tensors[f"{auto_name}.out"] = output[0].contiguous() if output[0].ndim else output[0].reshape(1)
+        folder = save_hub_folder(model, tmp_path / auto_name)
+        config = json.loads((folder / "config.json").read_text())
+        assert config["auto_map"] == full_auto_map(model_type)
+        folders[auto_name] = str(folder)
+    save_file(tensors, str(tmp_path / "expected.safetensors"))
+
+    result = run_without_hf_mim(
+        f"""
+        import json, torch, transformers
+        from safetensors.torch import load_file
+        try:
+            import hf_mim
+            raise SystemExit("hf_mim should not be importable here")
+        except ImportError:
+            pass
+        expected = load_file({str(tmp_path / "expected.safetensors")!r})
+        folders = json.loads({json.dumps(json.dumps(folders))})
+        report = {{}}
+        for auto_name, folder in folders.items():
+            model = getattr(transformers, auto_name).from_pretrained(folder, trust_remote_code=True).eval()
+            assert "hf_mim" not in type(model).__module__, type(model).__module__
+            kwargs = {{}}
+            if auto_name == "AutoModelForMaskedImageModeling":
+                kwargs["bool_masked_pos"] = expected["bool_masked_pos"]
+            out = model(expected["pixel_values"], **kwargs)[0]
+            out = out if out.ndim else out.reshape(1)
+            report[auto_name] = (out - expected[auto_name + ".out"]).abs().max().item()
+        print(json.dumps(report))
+        """,
+        tmp_path,
+    )
+    diffs = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(diffs) == set(HEADS)
+    assert all(diff == 0.0 for diff in diffs.values()), diffs
+
+
+@pytest.mark.parametrize("model_type", sorted(MODEL_FAMILIES))
+def test_pipelines_run_offline_on_remote_code(model_type, tmp_path):
+    family = MODEL_FAMILIES[model_type]
+    torch.manual_seed(0)
+    save_hub_folder(family.image_classification_class(tiny_config(family)).eval(), tmp_path / "cls")
+    save_hub_folder(family.base_model_class(tiny_config(family)).eval(), tmp_path / "base")
+    image_path = tmp_path / "image.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 50, 3)) * 255).astype("uint8")).save(image_path)
+    result = run_without_hf_mim(
+        f"""
+        import json
+        from PIL import Image
+        from transformers import pipeline
+        image = Image.open({str(image_path)!r})
+        classify = pipeline("image-classification", model={str(tmp_path / "cls")!r}, trust_remote_code=True)
+        predictions = classify(image, top_k=3)
+        extract = pipeline("image-feature-extraction", model={str(tmp_path / "base")!r}, trust_remote_code=True)
+        features = extract(image)
+        pooled = extract(image, pool=True)
+        print(json.dumps({{"labels": sorted(p["label"] for p in predictions),
+                           "scores": sum(p["score"] for p in predictions),
+                           "features": [len(features), len(features[0]), len(features[0][0])],
+                           "pooled": [len(pooled), len(pooled[0])]}}))
+        """,
+        tmp_path,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["labels"] == ["cat", "dog", "fish"]
+    assert abs(report["scores"] - 1.0) < 1e-4
+    assert report["features"] == [1, 17, 32]
+    assert report["pooled"] == [1, 32]
