@@ -18,7 +18,8 @@ class DbotConfig(PresetConfigMixin, PreTrainedConfig):
     r"""Configuration of a dBOT student (ViT encoder + feature-regressing decoder) and its frozen teacher.
 
     Defaults are the paper's ViT-B/16 pretraining recipe (official repository, `PRETRAIN.md`).
-    Named sizes: `DbotConfig.from_preset("base" | "large" | "huge" | "small" | "tiny")`.
+    Named sizes: `DbotConfig.from_preset("base" | "large" | "huge")` (official), plus "small" (ViT-S/16),
+    "demo" (the embedded-data run) and "tiny" (tests).
 
     Args:
         image_size, patch_size, num_channels: input geometry (224, 16, 3).
@@ -51,6 +52,12 @@ class DbotConfig(PresetConfigMixin, PreTrainedConfig):
             image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             decoder_hidden_size=16, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
             teacher_depth=2, drop_path_rate=0.0,
+        ),
+        # hf_mim's own size for the embedded-data demo run (minutes on 2 CPU cores); not from the paper.
+        "demo": dict(
+            image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
+            decoder_hidden_size=128, decoder_num_hidden_layers=4, decoder_num_attention_heads=4,
+            teacher_depth=6, drop_path_rate=0.0,
         ),
         # ViT-S/16 is not an official dBOT size (the repository has none); it is the size of the
         # embedded-data demo and of the benchmark.

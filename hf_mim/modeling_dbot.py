@@ -19,7 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClass
 from transformers.utils import ModelOutput
 
 from .configuration_dbot import DbotConfig
-from .masking import MaskIndices, indices_from_bool_masked_pos, random_masking
+from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, random_masking
 from .modeling_common import (
     MeanPooler,
     ViTEncoder,
@@ -268,6 +268,10 @@ class DbotForMaskedImageModeling(DbotPreTrainedModel):
         elif noise.shape != (pixel_values.shape[0], num_patches):
             raise ValueError(f"noise must have shape {(pixel_values.shape[0], num_patches)}, got {tuple(noise.shape)}")
         return random_masking(noise.to(pixel_values.device), self.config.mask_ratio)
+
+    def mask_generator(self) -> RandomMaskGenerator:
+        """How the data pipeline masks an image for this model: MAE uniform random masking at mask_ratio."""
+        return RandomMaskGenerator(self.config.image_size // self.config.patch_size, self.config.mask_ratio)
 
     @torch.no_grad()
     def teacher_features(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:

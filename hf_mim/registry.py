@@ -31,6 +31,8 @@ class ModelFamily:
     masked_image_modeling_class: type[PreTrainedModel]
     image_classification_class: type[PreTrainedModel]
     backbone_class: type[PreTrainedModel] | None = None
+    # Pretraining augmentation: RandomResizedCrop scale range (+ horizontal flip), as the paper trains.
+    crop_scale: tuple[float, float] = (0.2, 1.0)
 
     def auto_classes(self) -> dict[str, type]:
         """Auto-class name -> class, the full `auto_map` a Hub folder needs."""
