@@ -253,6 +253,8 @@ def drop_path(hidden_states: torch.Tensor, drop_prob: float, training: bool) -> 
     if drop_prob == 0.0 or not training:
         return hidden_states
     keep_prob = 1.0 - drop_prob
+    if keep_prob == 0.0:
+        return hidden_states * 0.0
     shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
     keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
     return hidden_states * keep / keep_prob
