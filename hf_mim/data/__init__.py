@@ -1,0 +1,64 @@
+"""Data layer (tooling zone): robust decoding, streaming datasets, seeded transforms and collators,
+and the embedded offline sample data.
+
+    ds, image_col, label_col = load_image_stream(train_dir=embedded_pretraining_dir())
+    ds = prepare_stream(ds, image_col, seed=seed, buffer_size=1000, rank=rank, world_size=world_size)
+    collator = PretrainingCollator(MaskedImageTransform(224), RandomMaskGenerator(14, 0.75), seed=seed)
+    loader = make_dataloader(ds, collator, batch_size=64, num_workers=4)
+    for epoch in ...: ds.set_epoch(epoch); collator.set_epoch(epoch); for batch in loader: ...
+"""
+
+from .collators import (
+    DECODE_COUNT_KEYS,
+    NON_MODEL_KEYS,
+    ClassificationCollator,
+    PretrainingCollator,
+    example_generator,
+    example_seed,
+    pop_decode_counts,
+)
+from .embedded import default_cache_dir, embedded_digits_dir, embedded_pretraining_dir
+from .images import DecodeStats, decode_image, decode_image_with_status, example_id
+from .streaming import (
+    label_names,
+    load_image_stream,
+    make_dataloader,
+    prepare_stream,
+    resolve_image_column,
+    resolve_label_column,
+)
+from .transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    EvalTransform,
+    MaskedImageTransform,
+    random_resized_crop_params,
+)
+
+__all__ = [
+    "DECODE_COUNT_KEYS",
+    "IMAGENET_DEFAULT_MEAN",
+    "IMAGENET_DEFAULT_STD",
+    "NON_MODEL_KEYS",
+    "ClassificationCollator",
+    "DecodeStats",
+    "EvalTransform",
+    "MaskedImageTransform",
+    "PretrainingCollator",
+    "decode_image",
+    "decode_image_with_status",
+    "default_cache_dir",
+    "embedded_digits_dir",
+    "embedded_pretraining_dir",
+    "example_generator",
+    "example_id",
+    "example_seed",
+    "label_names",
+    "load_image_stream",
+    "make_dataloader",
+    "pop_decode_counts",
+    "prepare_stream",
+    "random_resized_crop_params",
+    "resolve_image_column",
+    "resolve_label_column",
+]

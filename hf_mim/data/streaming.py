@@ -1,0 +1,443 @@
+"""Image streams with `datasets` (streaming): Hub datasets, local parquet / WebDataset shards, image folders.
+
+Pipeline:  load_image_stream(...)  ->  prepare_stream(...)  ->  DataLoader(..., collate_fn=<collator>)
+
+`load_image_stream` resolves the image/label columns and casts the image column to
+`datasets.Image(decode=False)` so that decoding is ours (`decode_image`: robust, counted).
+`prepare_stream` splits by rank, shuffles (shards + buffer), decodes and ids every example, drops bad
+images, and keeps only `image` (PIL RGB), `example_id`, `label` (if asked) and two decode counters.
+
+How decode counts reach the training loop with num_workers > 0: the decoding map is a small stateful
+callable (`_DecodeExamples`). Each DataLoader worker holds its own copy and counts the bad images it
+drops; the next good image that worker yields carries that count in `images_skipped` (and
+`images_converted` = 1 if its own image needed a mode conversion). The collator turns both into (B,)
+int64 tensors, so summing them over batches (and ranks) gives the totals, whatever the number of
+workers. Bad images after a worker's last good image of an epoch are not reported (at most a handful).
+The optional `stats` object is updated in the process that runs the map: the caller's process only
+when num_workers == 0; with workers, use the batch counters.
+
+A local image folder is streamed through our own sharded generator (many shards, so several workers
+and ranks can read it in parallel; `datasets`' imagefolder builder streams a local folder as one shard).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets.distributed import split_dataset_by_node
+from datasets import ClassLabel, Features, IterableDataset, Value
+from datasets import Image as ImageFeature
+
+from .images import CONVERTED, DecodeStats, _raw_bytes_and_path, decode_image_with_status, example_id, read_path_bytes
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jfif", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm", ".pbm")
+IMAGE_COLUMN_CANDIDATES = ("image", "img", "jpg", "jpeg", "png", "webp", "pixel_values")
+LABEL_COLUMN_CANDIDATES = ("label", "labels", "cls")
+SPLIT_DIR_NAMES = ("train", "training", "validation", "valid", "val", "eval", "test", "testing", "dev")
+METADATA_FILE_NAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+DEFAULT_FOLDER_SHARDS = 960  # divisible by 1, 2, 3, 4, 5, 6, 8, 10, 12, 15, 16, 20, 24, 30, 32, 40, 48, 60, 64
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _visible(path: Path, root: Path) -> bool:
+    return not any(part.startswith((".", "_")) for part in path.relative_to(root).parts)
+
+
+def _scan(root: Path) -> dict[str, list[Path]]:
+    found: dict[str, list[Path]] = {"parquet": [], "tar": [], "image": [], "metadata": []}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or not _visible(path, root):
+            continue
+        name = path.name.lower()
+        if name in METADATA_FILE_NAMES:
+            found["metadata"].append(path)
+        elif name.endswith(".parquet"):
+            found["parquet"].append(path)
+        elif name.endswith(".tar"):
+            found["tar"].append(path)
+        elif name.endswith(IMAGE_EXTENSIONS):
+            found["image"].append(path)
+    return found
+
+
+def _builder_for_files(files: Sequence[str]) -> str:
+    names = [str(f).lower() for f in files]
+    if names and all(n.endswith(".parquet") for n in names):
+        return "parquet"
+    if names and all(n.endswith(".tar") for n in names):
+        return "webdataset"
+    if names and all(n.endswith(IMAGE_EXTENSIONS + METADATA_FILE_NAMES) for n in names):
+        return "imagefolder"
+    raise ValueError(
+        "data_files must all be .parquet files, all .tar (WebDataset) shards, or all image files; got "
+        f"{list(files)[:5]}{' ...' if len(files) > 5 else ''}"
+    )
+
+
+def _generate_folder_examples(shards: list[list[str]], base: str, label_to_id: dict[str, int] | None):
+    for shard in shards:
+        for rel in shard:
+            example: dict[str, Any] = {"image": {"path": os.path.join(base, rel), "bytes": None}, "__key__": rel}
+            if label_to_id is not None:
+                example["label"] = label_to_id[Path(rel).parent.name]
+            yield example
+
+
+def _local_image_folder(root: Path, split: str, num_shards: int | None) -> IterableDataset:
+    """A many-shard stream of an image folder: `root/<class>/*.jpg`, or `root/<split>/<class>/*.jpg`.
+
+    Labels (ClassLabel, sorted names) are the images' parent folder names, as in `datasets`'
+    imagefolder, when every image lies in a subfolder; with split folders the label names are taken
+    from all split folders so that train and validation ids agree. `__key__` is the path relative to
+    the split folder (stable across machines). Files are spread over shards by a fixed-seed
+    permutation, so every shard mixes all classes.
+    """
+    split_dirs = [root / name for name in SPLIT_DIR_NAMES if (root / name).is_dir()]
+    if split_dirs:
+        base = root / split
+        if not base.is_dir():
+            raise ValueError(
+                f"split {split!r} not found in {root}: it has split folders {[d.name for d in split_dirs]}"
+            )
+    elif split not in ("train", None):
+        raise ValueError(f"{root} has no split folders, so only split='train' exists (asked for {split!r})")
+    else:
+        base = root
+    files = [p for p in _scan(base)["image"]]
+    if not files:
+        raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {base}")
+    rel = [p.relative_to(base).as_posix() for p in files]
+    label_to_id = None
+    if all("/" in r for r in rel):
+        names = {Path(r).parent.name for r in rel}
+        for split_dir in split_dirs:
+            names |= {p.parent.name for p in _scan(split_dir)["image"] if p.parent != split_dir}
+        label_to_id = {name: i for i, name in enumerate(sorted(names))}
+    random.Random(0).shuffle(rel)
+    n = max(1, min(len(rel), num_shards or DEFAULT_FOLDER_SHARDS))
+    shards = [rel[k::n] for k in range(n)]
+    features = {"image": ImageFeature(decode=False), "__key__": Value("string")}
+    if label_to_id is not None:
+        features["label"] = ClassLabel(names=list(label_to_id))
+    return IterableDataset.from_generator(
+        _generate_folder_examples,
+        features=Features(features),
+        gen_kwargs={"shards": shards, "base": str(base), "label_to_id": label_to_id},
+    )
+
+
+def _feature_kind(feature: Any) -> str:
+    if isinstance(feature, ImageFeature):
+        return "image"
+    if isinstance(feature, ClassLabel):
+        return "int"
+    if isinstance(feature, Value):
+        if feature.dtype.startswith(("int", "uint")):
+            return "int"
+        if feature.dtype in ("string", "large_string"):
+            return "string"
+    return "other"
+
+
+def _columns(ds: IterableDataset) -> tuple[list[str], dict[str, Any]]:
+    if ds.features is not None:
+        return list(ds.features), dict(ds.features)
+    example = next(iter(ds.take(1)), None)
+    if example is None:
+        raise ValueError("the dataset is empty")
+    return list(example), {}
+
+
+def resolve_image_column(ds: IterableDataset, image_column_name: str | None = None) -> str:
+    """The image column: `image_column_name` if given (must exist), else the first column of type
+    `datasets.Image`, else the first of image/img/jpg/jpeg/png/webp present."""
+    names, features = _columns(ds)
+    if image_column_name is not None:
+        if image_column_name not in names:
+            raise ValueError(
+                f"image column {image_column_name!r} not found in the dataset; available columns: {names}. "
+                "Pass the right one with --image_column_name."
+            )
+        return image_column_name
+    for name in names:
+        if _feature_kind(features.get(name)) == "image":
+            return name
+    lowered = {name.lower(): name for name in names}
+    for candidate in IMAGE_COLUMN_CANDIDATES:
+        if candidate in lowered:
+            return lowered[candidate]
+    raise ValueError(
+        f"could not find an image column (no column of type datasets.Image and none named {IMAGE_COLUMN_CANDIDATES}); "
+        f"available columns: {names}. Pass one with --image_column_name."
+    )
+
+
+def resolve_label_column(ds: IterableDataset, label_column_name: str | None = None) -> str | None:
+    """The label column: `label_column_name` if given (must exist and hold integers or a ClassLabel),
+    else the first of label/labels/cls holding integers, else None."""
+    names, features = _columns(ds)
+    if label_column_name is not None:
+        if label_column_name not in names:
+            raise ValueError(
+                f"label column {label_column_name!r} not found in the dataset; available columns: {names}. "
+                "Pass the right one with --label_column_name."
+            )
+        kind = _feature_kind(features.get(label_column_name)) if features else "int"
+        if kind != "int":
+            raise ValueError(
+                f"label column {label_column_name!r} has type {features.get(label_column_name)}; labels must be "
+                "integers or a datasets.ClassLabel"
+            )
+        return label_column_name
+    for candidate in LABEL_COLUMN_CANDIDATES:
+        if candidate in names and (not features or _feature_kind(features.get(candidate)) == "int"):
+            return candidate
+    return None
+
+
+def label_names(ds: IterableDataset, label_column: str | None) -> list[str] | None:
+    """The ClassLabel names of `label_column` (for id2label), or None when it is not a ClassLabel."""
+    if label_column is None or ds.features is None:
+        return None
+    feature = ds.features.get(label_column)
+    return list(feature.names) if isinstance(feature, ClassLabel) else None
+
+
+def load_image_stream(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | os.PathLike | None = None,
+    data_files: str | Sequence[str] | dict | None = None,
+    split: str = "train",
+    image_column_name: str | None = None,
+    label_column_name: str | None = None,
+    streaming: bool = True,
+    num_shards: int | None = None,
+) -> tuple[IterableDataset, str, str | None]:
+    """(stream, image column, label column or None). The image column is cast to Image(decode=False).
+
+    Sources (one of):
+    - `dataset_name`: anything `datasets.load_dataset` takes (a Hub id, a local dataset folder), with
+      `dataset_config_name` and, optionally, `data_files`.
+    - `train_dir`: a local folder of parquet files or WebDataset `.tar` shards (one shard per file;
+      splits inferred by `datasets` from file/folder names, e.g. `train-00000.parquet`,
+      `validation/...`), or of images (`<class>/<img>` or `<split>/<class>/<img>`; streamed as up to
+      `num_shards` (default 960) shards; a folder with a metadata.csv/jsonl goes through `datasets`'
+      imagefolder builder).
+    - `data_files`: parquet / tar / image files (a path, glob, list, or {split: files}).
+    `streaming=False` loads into the Arrow cache first and returns `to_iterable_dataset(num_shards)`
+    (default: min(rows, 64) shards).
+    """
+    if dataset_name is None and train_dir is None and data_files is None:
+        raise ValueError(
+            "give a dataset: dataset_name, train_dir or data_files (hf_mim.data.embedded_pretraining_dir() "
+            "gives a small offline one)"
+        )
+    if dataset_name is not None and train_dir is not None:
+        raise ValueError("give either dataset_name or train_dir, not both")
+    if train_dir is not None and data_files is not None:
+        raise ValueError("give either train_dir or data_files, not both")
+
+    if dataset_name is not None:
+        ds = datasets.load_dataset(
+            dataset_name, dataset_config_name, data_files=data_files, split=split, streaming=streaming
+        )
+    elif data_files is not None:
+        if isinstance(data_files, dict):
+            all_files = [f for files in data_files.values() for f in ([files] if isinstance(files, str) else files)]
+        else:
+            all_files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+            data_files = {split: [os.fspath(f) for f in all_files]}
+        builder = _builder_for_files([os.fspath(f) for f in all_files])
+        ds = datasets.load_dataset(builder, data_files=data_files, split=split, streaming=streaming)
+    else:
+        root = Path(train_dir)
+        if not root.is_dir():
+            raise ValueError(f"train_dir {root} is not a directory")
+        found = _scan(root)
+        if found["parquet"]:
+            ds = datasets.load_dataset("parquet", data_dir=str(root), split=split, streaming=streaming)
+        elif found["tar"]:
+            ds = datasets.load_dataset("webdataset", data_dir=str(root), split=split, streaming=streaming)
+        elif found["image"] and found["metadata"]:
+            ds = datasets.load_dataset("imagefolder", data_dir=str(root), split=split, streaming=streaming)
+        elif found["image"]:
+            ds = _local_image_folder(root, split, num_shards)
+        else:
+            raise ValueError(f"no parquet files, .tar shards or images found under {root}")
+
+    if isinstance(ds, datasets.Dataset):
+        ds = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), num_shards or 64)))
+    if not isinstance(ds, IterableDataset):
+        raise ValueError(f"expected one split, got {type(ds).__name__}; pass split=...")
+
+    image_column = resolve_image_column(ds, image_column_name)
+    label_column = resolve_label_column(ds, label_column_name)
+    if ds.features is not None and not (
+        isinstance(ds.features[image_column], ImageFeature) and not ds.features[image_column].decode
+    ):
+        ds = ds.cast_column(image_column, ImageFeature(decode=False))
+    return ds, image_column, label_column
+
+
+# --------------------------------------------------------------------------------------------- preparing
+
+
+def _describe(example: dict, image_column: str) -> str:
+    if example.get("__key__") is not None:
+        return f"key={example['__key__']!r}"
+    _, path = _raw_bytes_and_path(example.get(image_column))
+    return f"path={path!r}" if path else "(no key or path)"
+
+
+class _DecodeExamples:
+    """The map of `prepare_stream`. Stateful on purpose: `pending_skipped` counts bad images since the
+    last good one in this process (a DataLoader worker has its own copy)."""
+
+    def __init__(self, image_column: str, label_column: str | None, min_size: int, stats: DecodeStats | None):
+        self.image_column = image_column
+        self.label_column = label_column
+        self.min_size = min_size
+        self.stats = stats
+        self.pending_skipped = 0
+        self.bad_seen = 0
+
+    def _log_bad(self, example: dict, reason: str) -> None:
+        self.bad_seen += 1
+        n = self.bad_seen
+        if n <= 10 or (n & (n - 1)) == 0:  # the first ten, then at powers of two
+            logger.warning(
+                "skipping image %s: %s (%d bad images so far in this process)",
+                _describe(example, self.image_column), reason, n,
+            )
+
+    def __call__(self, example: dict) -> dict:
+        value = example[self.image_column]
+        data, path = _raw_bytes_and_path(value)
+        if data is None and path is not None:
+            try:
+                data = read_path_bytes(path)
+            except OSError:
+                data = None
+        image, status = decode_image_with_status(data if data is not None else value, self.min_size)
+        if self.stats is not None:
+            self.stats.record(status)
+        label = None
+        if image is not None and self.label_column is not None:
+            label = example.get(self.label_column)
+            if label is None or int(label) < 0:  # -1 is datasets' "no label" for ClassLabel
+                image, status = None, "unlabelled"
+        if image is None:
+            self._log_bad(example, status)
+            self.pending_skipped += 1
+            out = {"image": None, "example_id": -1, "images_converted": 0, "images_skipped": 0}
+            if self.label_column is not None:
+                out["label"] = -1
+            return out
+        id_source = dict(example)
+        if data is not None:
+            id_source[self.image_column] = {"bytes": data, "path": path}
+        out = {
+            "image": image,
+            "example_id": example_id(id_source, self.image_column),
+            "images_converted": int(status == CONVERTED),
+            "images_skipped": self.pending_skipped,
+        }
+        self.pending_skipped = 0
+        if self.label_column is not None:
+            out["label"] = int(label)
+        return out
+
+
+def _keep(example: dict) -> bool:
+    return example["image"] is not None
+
+
+def prepare_stream(
+    ds: IterableDataset,
+    image_column: str,
+    *,
+    seed: int,
+    buffer_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    label_column: str | None = None,
+    stats: DecodeStats | None = None,
+    min_size: int = 8,
+    max_buffer_input_shards: int | None = 1,
+) -> IterableDataset:
+    """Split by node (world_size > 1), shuffle, decode + id, drop bad images.
+
+    Output examples: {"image": PIL RGB, "example_id": int, "images_converted": 0/1, "images_skipped": int,
+    ["label": int]}. `buffer_size=0` skips shuffling (evaluation streams). Call `ds.set_epoch(epoch)` on
+    the result every epoch (it reshuffles shards and buffer). Unlabelled examples (label None or -1) are
+    dropped and counted as skipped when `label_column` is given.
+
+    `max_buffer_input_shards` goes to `IterableDataset.shuffle`. The default here, 1, fills the buffer
+    from one shard at a time (shard order is still reshuffled every epoch). datasets' own default (10,
+    pass None) reads several shards in parallel threads, which shuffles class-sorted shards better but,
+    in datasets 5.2, (a) sleeps 5 s (`datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`, an Arrow
+    workaround) at the end of every pass in every worker, which dominates small datasets such as the
+    embedded one, and (b) makes `StatefulDataLoader.load_state_dict` fail with an IndexError when
+    num_workers > 0.
+    """
+    keep = [image_column] + ([label_column] if label_column else [])
+    if ds.column_names is not None:
+        missing = [c for c in keep if c not in ds.column_names]
+        if missing:
+            raise ValueError(f"columns {missing} not in the dataset; available columns: {ds.column_names}")
+        keep += [c for c in ("__key__", "__url__") if c in ds.column_names]
+        ds = ds.select_columns(keep)
+    if world_size > 1:
+        if ds.num_shards % world_size != 0:
+            logger.warning(
+                "the stream has %d shards, not divisible by world_size=%d: every rank reads all shards and keeps "
+                "one example in %d (correct but wasteful); use a multiple of %d shards",
+                ds.num_shards, world_size, world_size, world_size,
+            )
+        ds = split_dataset_by_node(ds, rank=rank, world_size=world_size)
+    if buffer_size and buffer_size > 0:
+        shuffle_kwargs = {} if max_buffer_input_shards is None else {"max_buffer_input_shards": max_buffer_input_shards}
+        ds = ds.shuffle(seed=seed, buffer_size=buffer_size, **shuffle_kwargs)
+    decode = _DecodeExamples(image_column, label_column, min_size, stats)
+    ds = ds.map(decode, remove_columns=ds.column_names)
+    return ds.filter(_keep)
+
+
+def make_dataloader(
+    ds: IterableDataset,
+    collator,
+    batch_size: int,
+    num_workers: int = 0,
+    drop_last: bool = True,
+    pin_memory: bool = False,
+    persistent_workers: bool = False,
+):
+    """A torch DataLoader over a prepared stream. `datasets` gives each worker whole shards, so workers
+    beyond `ds.num_shards` would sit idle: num_workers is capped there (with a log line)."""
+    import torch
+
+    if num_workers > ds.num_shards:
+        logger.warning(
+            "num_workers=%d > %d shards in the stream: using %d workers", num_workers, ds.num_shards, ds.num_shards
+        )
+        num_workers = ds.num_shards
+    return torch.utils.data.DataLoader(
+        ds,
+        batch_size=batch_size,
+        collate_fn=collator,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+    )

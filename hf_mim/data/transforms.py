@@ -1,0 +1,144 @@
+"""Image transforms whose randomness comes only from an explicit `torch.Generator`.
+
+The collators seed one generator per (seed, epoch, example) and pass it here and then to the mask
+generator, so an example's crop, flip and mask are a pure function of those three numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as F
+
+IMAGENET_DEFAULT_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD = (0.229, 0.224, 0.225)
+
+
+def _pair(size: int | Sequence[int]) -> tuple[int, int]:
+    if isinstance(size, int):
+        return size, size
+    height, width = size
+    return int(height), int(width)
+
+
+def _interpolation(name: str | InterpolationMode) -> InterpolationMode:
+    return name if isinstance(name, InterpolationMode) else InterpolationMode(str(name).lower())
+
+
+def random_resized_crop_params(
+    height: int,
+    width: int,
+    scale: tuple[float, float] = (0.2, 1.0),
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    generator: torch.Generator | None = None,
+) -> tuple[int, int, int, int]:
+    """(top, left, crop_height, crop_width): torchvision's `RandomResizedCrop.get_params`, op for op
+    (10 attempts of area ~ U(scale) x image area and log-uniform aspect ratio, else a central crop
+    clamped to `ratio`), with every draw taken from `generator`. With `generator=None` it consumes
+    torch's global RNG exactly as torchvision does (the tests check equality)."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
+        crop_width = int(round(math.sqrt(target_area * aspect_ratio)))
+        crop_height = int(round(math.sqrt(target_area / aspect_ratio)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(torch.randint(0, height - crop_height + 1, size=(1,), generator=generator).item())
+            left = int(torch.randint(0, width - crop_width + 1, size=(1,), generator=generator).item())
+            return top, left, crop_height, crop_width
+    in_ratio = float(width) / float(height)
+    if in_ratio < min(ratio):
+        crop_width = width
+        crop_height = int(round(crop_width / min(ratio)))
+    elif in_ratio > max(ratio):
+        crop_height = height
+        crop_width = int(round(crop_height * max(ratio)))
+    else:
+        crop_width, crop_height = width, height
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+class MaskedImageTransform:
+    """RandomResizedCrop + random horizontal flip + ToTensor + Normalize, driven by a passed generator.
+
+    `__call__(image, generator)` -> float32 tensor (3, H, W). Draw order from the generator: crop
+    parameters, then (if `hflip`) one uniform for the flip. Also the train transform for fine-tuning
+    (pass e.g. `scale=(0.08, 1.0)`).
+    """
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int],
+        scale: tuple[float, float] = (0.2, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: bool = True,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        interpolation: str | InterpolationMode = "bicubic",
+    ):
+        if not 0 < scale[0] <= scale[1] <= 1:
+            raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
+        if not 0 < ratio[0] <= ratio[1]:
+            raise ValueError(f"ratio must satisfy 0 < low <= high, got {ratio}")
+        self.size = _pair(image_size)
+        self.scale = tuple(scale)
+        self.ratio = tuple(ratio)
+        self.hflip = hflip
+        self.mean = list(mean)
+        self.std = list(std)
+        self.interpolation = _interpolation(interpolation)
+
+    def get_params(self, image: Image.Image, generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
+        width, height = image.size
+        return random_resized_crop_params(height, width, self.scale, self.ratio, generator)
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        top, left, height, width = self.get_params(image, generator)
+        image = F.resized_crop(image, top, left, height, width, list(self.size), self.interpolation, antialias=True)
+        if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
+            image = F.hflip(image)
+        return F.normalize(F.to_tensor(image), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, scale={self.scale}, ratio={self.ratio}, hflip={self.hflip}, "
+            f"interpolation={self.interpolation.value})"
+        )
+
+
+class EvalTransform:
+    """Resize the shorter side to int(image_size / crop_pct) (bicubic), center-crop, ToTensor, Normalize.
+
+    Deterministic; `__call__(image, generator=None)` accepts and ignores a generator so it can be used
+    wherever a train transform can.
+    """
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int],
+        crop_pct: float = 0.875,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        interpolation: str | InterpolationMode = "bicubic",
+    ):
+        if not 0 < crop_pct <= 1:
+            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+        self.size = _pair(image_size)
+        self.crop_pct = crop_pct
+        self.resize_size = int(math.floor(min(self.size) / crop_pct))
+        self.mean = list(mean)
+        self.std = list(std)
+        self.interpolation = _interpolation(interpolation)
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        image = F.resize(image, self.resize_size, self.interpolation, antialias=True)
+        image = F.center_crop(image, list(self.size))
+        return F.normalize(F.to_tensor(image), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, crop_pct={self.crop_pct}, interpolation={self.interpolation.value})"
