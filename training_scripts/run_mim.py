@@ -48,6 +48,7 @@ from hf_mim.hub.card import write_model_card
 from hf_mim.overrides import parse_overrides
 from hf_mim.registry import family_for
 from hf_mim.training import (
+    NonFiniteLossError,
     StagedSchedule,
     build_adamw,
     check_finite_loss,
@@ -264,7 +265,14 @@ def run_summary(args, config, total_batch: int, lr: float, total_steps: int, ela
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return train(parse_args(argv))
+    except NonFiniteLossError as error:
+        logger.error("%s", error)
+        return 1
+
+
+def train(args: argparse.Namespace) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(

@@ -424,7 +424,12 @@ def make_dataloader(
     persistent_workers: bool = False,
 ):
     """A torch DataLoader over a prepared stream. `datasets` gives each worker whole shards, so workers
-    beyond `ds.num_shards` would sit idle: num_workers is capped there (with a log line)."""
+    beyond `ds.num_shards` would sit idle: num_workers is capped there (with a log line).
+
+    The loader draws its workers' base seed from a private generator, never from torch's global RNG:
+    otherwise every new epoch iterator would shift the global stream (drop path, re-initialisation)
+    and a resumed run, which opens its iterator at another moment, would diverge.
+    """
     import torch
 
     if num_workers > ds.num_shards:
@@ -440,4 +445,5 @@ def make_dataloader(
         drop_last=drop_last,
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
+        generator=torch.Generator().manual_seed(0),
     )

@@ -5,20 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 
 HUB_IGNORE_PATTERNS = [
+    # resumable training state: checkpoints, half-written checkpoints, optimizer/scheduler/RNG states
     "checkpoint-*",
     "checkpoint-*/**",
     ".tmp-*",
     ".tmp-*/**",
+    ".trash-*/**",
+    "optimizer*.bin",
     "**/optimizer*.bin",
+    "optimizer*.pt",
     "**/optimizer*.pt",
+    "scheduler*.bin",
     "**/scheduler*.bin",
+    "random_states*",
     "**/random_states*",
     "*.pth",
+    "**/*.pth",
+    # tracking logs and secrets
     "runs/**",
     "**/.git/**",
-    "**/token*",
+    "token",
+    "**/token",
+    "*.token",
     "**/*.token",
     ".env",
+    "**/.env",
 ]
 
 

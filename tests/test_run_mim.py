@@ -1,0 +1,195 @@
+"""run_mim.py end to end on tiny models: outputs, exact resume, stages, faults, push."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "run_mim.py"
+TINY = ["--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3"]
+
+
+def run_mim(*args, check=True, env_extra=None, timeout=600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args)], capture_output=True, text=True, env=env, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"run_mim failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+def test_embedded_default_writes_a_hub_ready_folder(tmp_path):
+    out = tmp_path / "run"
+    run_mim(*TINY, "--max_train_steps", 3, "--output_dir", out)
+    for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "training_args.json",
+                 "mim_picture.png", "modeling_dbot.py", "configuration_dbot.py", "modeling_common.py"):
+        assert (out / name).is_file(), name
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_dbot.DbotForImageClassification"
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "embedded sample photos" in card
+    assert "hub_token" not in json.loads((out / "training_args.json").read_text())
+    with Image.open(out / "mim_picture.png") as picture:
+        assert picture.width > 3 * 32
+    import hf_mim  # noqa: F401
+    from transformers import AutoModel
+
+    AutoModel.from_pretrained(out)
+
+
+def test_resume_is_exact_across_a_stage_boundary(tmp_path):
+    """6 steps, 2 dBOT stages (boundary at step 3), drop path on: stopping after the step-3 checkpoint
+    and resuming gives bitwise the weights of the uninterrupted run."""
+    common = [*TINY, "--max_train_steps", 6, "--num_stages", 2, "--checkpointing_steps", 3,
+              "--config_overrides", "drop_path_rate=0.2", "--checkpoints_total_limit", 3]
+    full = tmp_path / "full"
+    run_mim(*common, "--output_dir", full)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    os.symlink(full / "checkpoint-3", resumed / "checkpoint-3")
+    log = run_mim(*common, "--output_dir", resumed, "--resume_from_checkpoint", "latest")
+    assert "resumed from" in log.stderr
+    reference, restarted = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert reference.keys() == restarted.keys()
+    for key in reference:
+        assert torch.equal(reference[key], restarted[key]), key
+    config = json.loads((full / "config.json").read_text())
+    assert config["stage"] == 1  # the bootstrap happened once
+    # The teacher of stage 1 is the student of stage 0 at the boundary, kept in checkpoint-3.
+    at_boundary = load_file(full / "checkpoint-3" / "model.safetensors")
+    assert torch.equal(
+        reference["teacher.layers.0.attn.qkv.weight"], at_boundary["dbot.encoder.layers.0.attn.qkv.weight"]
+    )
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "diverge"
+    result = run_mim(*TINY, "--max_train_steps", 8, "--checkpointing_steps", 1, "--learning_rate", "1e30", "--num_warmup_steps", 1,
+                     "--output_dir", out, check=False)
+    assert result.returncode == 1
+    assert "non-finite" in result.stderr.lower() or "not finite" in result.stderr.lower()
+    assert "checkpoint-" in result.stderr
+    from hf_mim.training import find_latest_checkpoint
+
+    latest = find_latest_checkpoint(out)
+    assert latest is not None and str(latest.name) in result.stderr
+
+
+def write_parquet_with_bad_images(folder: Path) -> None:
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+
+    def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, format=fmt)
+        return buffer.getvalue()
+
+    good = [encode(Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8))) for _ in range(12)]
+    jpeg = encode(Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)), "JPEG")
+    bad = [
+        b"not an image at all",
+        jpeg[: len(jpeg) // 2],  # truncated
+        encode(Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8))),  # tiny
+    ]
+    converted = [
+        encode(Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8))),  # grayscale
+        encode(Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8))),  # RGBA
+        encode(Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16))),  # 16-bit
+    ]
+    images = good[:6] + bad + converted + good[6:]
+    folder.mkdir(parents=True)
+    for shard in range(2):
+        part = images[shard::2]
+        table = pa.table({
+            "image": [{"bytes": b, "path": None} for b in part],
+            "__key__": [f"{shard}-{i}" for i in range(len(part))],
+        })
+        pq.write_table(table, folder / f"train-{shard}.parquet")
+
+
+def test_bad_images_are_skipped_or_converted_and_counted(tmp_path):
+    data = tmp_path / "data"
+    write_parquet_with_bad_images(data)
+    result = run_mim(*TINY, "--train_dir", data, "--max_train_steps", 6, "--output_dir", tmp_path / "out",
+                     "--shuffle_buffer_size", 4)
+    counts = [json.loads(line.split("step ", 1)[1].split(" ", 1)[1]) for line in result.stderr.splitlines()
+              if "run_mim: step " in line]
+    assert counts[-1]["images_skipped"] >= 3 and counts[-1]["images_converted"] >= 3
+
+
+def test_push_without_network_fails_clearly_and_keeps_the_folder(tmp_path):
+    out = tmp_path / "push"
+    result = run_mim(*TINY, "--max_train_steps", 1, "--output_dir", out, "--push_to_hub",
+                     "--hub_model_id", "someone/dbot-tiny", check=False)
+    assert result.returncode == 1
+    assert "someone/dbot-tiny" in result.stderr
+    assert (out / "model.safetensors").is_file()
+
+
+def test_upload_excludes_checkpoints_and_optimizer_states(tmp_path):
+    from huggingface_hub.utils import filter_repo_objects
+
+    from hf_mim.hub import HUB_IGNORE_PATTERNS, push_folder_to_hub
+
+    folder = tmp_path / "folder"
+    for name in ("model.safetensors", "config.json", "README.md", "modeling_dbot.py", "mim_picture.png",
+                 "pictures/step-0000100.png", "training_args.json",
+                 "checkpoint-10/model.safetensors", "checkpoint-10/optimizer.bin", "checkpoint-10/trainer_state.json",
+                 ".tmp-checkpoint-20/model.safetensors", "runs/events.out.tfevents.1", "token"):
+        path = folder / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+
+    class FakeApi:
+        def __init__(self):
+            self.calls = []
+
+        def create_repo(self, **kwargs):
+            self.calls.append(("create_repo", kwargs))
+
+        def upload_folder(self, **kwargs):
+            files = sorted(
+                str(p.relative_to(kwargs["folder_path"])) for p in Path(kwargs["folder_path"]).rglob("*") if p.is_file()
+            )
+            uploaded = sorted(filter_repo_objects(files, ignore_patterns=kwargs["ignore_patterns"]))
+            self.calls.append(("upload_folder", uploaded))
+            return "https://hub/commit/1"
+
+    api = FakeApi()
+    push_folder_to_hub(folder, "me/model", private=True, api=api)
+    assert api.calls[0] == ("create_repo", {"repo_id": "me/model", "private": True, "exist_ok": True, "repo_type": "model"})
+    uploaded = api.calls[1][1]
+    assert uploaded == sorted(["model.safetensors", "config.json", "README.md", "modeling_dbot.py", "mim_picture.png",
+                               "pictures/step-0000100.png", "training_args.json"])
+    assert HUB_IGNORE_PATTERNS
+
+
+@pytest.mark.slow
+def test_two_cpu_ranks_train_with_gloo_on_different_shards(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
+    out = tmp_path / "ddp"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+         str(SCRIPT), *map(str, TINY), "--max_train_steps", 4, "--checkpointing_steps", 2, "--output_dir", out],
+        capture_output=True, text=True, env=env, timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-5000:]
+    assert "2 processes" in result.stderr
+    state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
+    assert len(state["positions"]) == 2
+    assert (out / "model.safetensors").is_file()
