@@ -185,7 +185,7 @@ def test_two_cpu_ranks_train_with_gloo_on_different_shards(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-         str(SCRIPT), *map(str, TINY), "--max_train_steps", 4, "--checkpointing_steps", 2, "--output_dir", out],
+         str(SCRIPT), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(out)],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-5000:]
