@@ -253,3 +253,12 @@ def test_base_parameter_count_matches_the_official_student():
     student = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("teacher."))
     decoder_table = model.decoder.position_embeddings.numel()
     assert round((student + decoder_table) / 1e6, 1) == 111.9
+
+
+def test_importing_hf_mim_registers_the_native_vit_processor():
+    from transformers import ViTImageProcessor
+    from transformers.models.auto.image_processing_auto import IMAGE_PROCESSOR_MAPPING
+
+    backends = IMAGE_PROCESSOR_MAPPING[DbotConfig]
+    assert backends["torchvision"] is ViTImageProcessor
+    assert backends["pil"].__name__ == "ViTImageProcessorPil"

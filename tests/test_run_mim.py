@@ -29,7 +29,8 @@ def run_mim(*args, check=True, env_extra=None, timeout=600) -> subprocess.Comple
 
 def test_embedded_default_writes_a_hub_ready_folder(tmp_path):
     out = tmp_path / "run"
-    run_mim(*TINY, "--max_train_steps", 3, "--output_dir", out)
+    run_mim(*TINY, "--max_train_steps", 3, "--output_dir", out, "--with_tracking")
+    assert list((out / "runs").rglob("events.out.tfevents*")), "no tensorboard log written"
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "training_args.json",
                  "mim_picture.png", "modeling_dbot.py", "configuration_dbot.py", "modeling_common.py"):
         assert (out / name).is_file(), name
@@ -149,7 +150,7 @@ def test_upload_excludes_checkpoints_and_optimizer_states(tmp_path):
     for name in ("model.safetensors", "config.json", "README.md", "modeling_dbot.py", "mim_picture.png",
                  "pictures/step-0000100.png", "training_args.json",
                  "checkpoint-10/model.safetensors", "checkpoint-10/optimizer.bin", "checkpoint-10/trainer_state.json",
-                 ".tmp-checkpoint-20/model.safetensors", "runs/events.out.tfevents.1", "token"):
+                 ".tmp-checkpoint-20/model.safetensors", "runs/run_mim/events.out.tfevents.1", "token"):
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"x")
@@ -174,7 +175,7 @@ def test_upload_excludes_checkpoints_and_optimizer_states(tmp_path):
     assert api.calls[0] == ("create_repo", {"repo_id": "me/model", "private": True, "exist_ok": True, "repo_type": "model"})
     uploaded = api.calls[1][1]
     assert uploaded == sorted(["model.safetensors", "config.json", "README.md", "modeling_dbot.py", "mim_picture.png",
-                               "pictures/step-0000100.png", "training_args.json"])
+                               "pictures/step-0000100.png", "training_args.json", "runs/run_mim/events.out.tfevents.1"])
     assert HUB_IGNORE_PATTERNS
 
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, set_seed
+from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForMaskedImageModeling
 
@@ -281,7 +281,8 @@ def train(args: argparse.Namespace) -> int:
         ),
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
         log_with=args.report_to if args.with_tracking else None,
-        project_dir=str(output_dir),
+        # tensorboard logs in output_dir/runs, uploaded with the model (the Hub's training-metrics tab)
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
     )
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)

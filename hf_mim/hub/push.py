@@ -21,8 +21,7 @@ HUB_IGNORE_PATTERNS = [
     "**/random_states*",
     "*.pth",
     "**/*.pth",
-    # tracking logs and secrets
-    "runs/**",
+    # secrets and VCS data (tensorboard logs in runs/ are uploaded: the Hub shows them as training metrics)
     "**/.git/**",
     "token",
     "**/token",
