@@ -18,7 +18,16 @@ from transformers import (
 )
 
 from .configuration_dbot import DbotConfig
+from .configuration_extrema import ExtremaConfig
+from .configuration_revcolv2 import RevColV2Config
 from .modeling_dbot import DbotForImageClassification, DbotForMaskedImageModeling, DbotModel
+from .modeling_extrema import ExtremaForImageClassification, ExtremaForMaskedImageModeling, ExtremaModel
+from .modeling_revcolv2 import (
+    RevColV2Backbone,
+    RevColV2ForImageClassification,
+    RevColV2ForMaskedImageModeling,
+    RevColV2Model,
+)
 
 
 @dataclass(frozen=True)
@@ -31,8 +40,17 @@ class ModelFamily:
     masked_image_modeling_class: type[PreTrainedModel]
     image_classification_class: type[PreTrainedModel]
     backbone_class: type[PreTrainedModel] | None = None
-    # Pretraining augmentation: RandomResizedCrop scale range (+ horizontal flip), as the paper trains.
+    # Pretraining augmentation, as the paper trains: RandomResizedCrop scale range + horizontal flip;
+    # `two_views` adds a second view with the same crop and independent colour jitter (ExtreMA).
     crop_scale: tuple[float, float] = (0.2, 1.0)
+    two_views: bool = False
+
+    def pretraining_transform(self, image_size: int):
+        """The per-example transform the pretraining collator applies (seeded by the collator)."""
+        from .data import MaskedImageTransform, TwoViewTransform
+
+        transform_class = TwoViewTransform if self.two_views else MaskedImageTransform
+        return transform_class(image_size, scale=self.crop_scale)
 
     def auto_classes(self) -> dict[str, type]:
         """Auto-class name -> class, the full `auto_map` a Hub folder needs."""
@@ -54,6 +72,27 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         base_model_class=DbotModel,
         masked_image_modeling_class=DbotForMaskedImageModeling,
         image_classification_class=DbotForImageClassification,
+    ),
+    "extrema": ModelFamily(
+        model_type="extrema",
+        config_class=ExtremaConfig,
+        base_model_class=ExtremaModel,
+        masked_image_modeling_class=ExtremaForMaskedImageModeling,
+        image_classification_class=ExtremaForImageClassification,
+        # official SpatialConsistentColorAug: one RandomResizedCrop(scale 0.2-1) + flip for both views,
+        # then independent colour jitter (0.4, 0.4, 0.2, 0.1, p 0.8) and grayscale (p 0.2) per view
+        crop_scale=(0.2, 1.0),
+        two_views=True,
+    ),
+    "revcolv2": ModelFamily(
+        model_type="revcolv2",
+        config_class=RevColV2Config,
+        base_model_class=RevColV2Model,
+        masked_image_modeling_class=RevColV2ForMaskedImageModeling,
+        image_classification_class=RevColV2ForImageClassification,
+        backbone_class=RevColV2Backbone,
+        # MAE-style pretraining augmentation: RandomResizedCrop(scale 0.2-1) + flip (no official code)
+        crop_scale=(0.2, 1.0),
     ),
 }
 

@@ -59,6 +59,8 @@ def save_mim_picture(
     reconstruction + visible]. `patch_labels` (B, N) ints (0 visible, 1 masked, 2 thrown, ...) tints
     the masked-input column when a method has more than two kinds of patch.
     """
+    if bool_masked_pos.ndim == 3:  # several masks per image (ExtreMA): show the first
+        bool_masked_pos = bool_masked_pos[:, 0]
     count = min(max_images, pixel_values.shape[0])
     height, width = pixel_values.shape[-2:]
     grid = (height // patch_size, width // patch_size)

@@ -515,3 +515,38 @@ def test_embedded_digits_dir(cache_dir):
     assert len(train_keys) == 1438 and not train_keys & {r["__key__"] for r in validation}
     batch = ClassificationCollator(EvalTransform(32, crop_pct=1.0))(rows[:8])
     assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["labels"].tolist() == labels[:8].tolist()
+
+
+def test_two_view_transform_shares_the_crop_and_varies_the_colours():
+    from PIL import Image as PILImage
+
+    from hf_mim.data import TwoViewTransform
+
+    rng = np.random.default_rng(0)
+    image = PILImage.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    plain = TwoViewTransform(32, jitter_prob=0.0, grayscale_prob=0.0)
+    first, second = plain(image, torch.Generator().manual_seed(5))
+    assert first.shape == (3, 32, 32) and torch.equal(first, second)  # same crop and flip
+    coloured = TwoViewTransform(32, jitter_prob=1.0, grayscale_prob=0.0)
+    first, second = coloured(image, torch.Generator().manual_seed(5))
+    assert not torch.equal(first, second)  # independent colour jitter
+    again = coloured(image, torch.Generator().manual_seed(5))
+    assert torch.equal(first, again[0]) and torch.equal(second, again[1])  # a pure function of the seed
+    grey = TwoViewTransform(32, jitter_prob=0.0, grayscale_prob=1.0)(image, torch.Generator().manual_seed(1))[0]
+    mean, std = torch.tensor([0.485, 0.456, 0.406]), torch.tensor([0.229, 0.224, 0.225])
+    raw = grey * std[:, None, None] + mean[:, None, None]
+    assert torch.allclose(raw[0], raw[1], atol=1e-6) and torch.allclose(raw[1], raw[2], atol=1e-6)
+
+
+def test_collator_turns_view_tuples_into_pixel_values_2():
+    from PIL import Image as PILImage
+
+    from hf_mim.data import PretrainingCollator, TwoViewTransform
+
+    rng = np.random.default_rng(1)
+    examples = [
+        {"image": PILImage.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)), "example_id": i}
+        for i in range(3)
+    ]
+    batch = PretrainingCollator(TwoViewTransform(32), seed=0)(examples)
+    assert batch["pixel_values"].shape == batch["pixel_values_2"].shape == (3, 3, 32, 32)

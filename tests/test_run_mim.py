@@ -194,3 +194,16 @@ def test_two_cpu_ranks_train_with_gloo_on_different_shards(tmp_path):
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert len(state["positions"]) == 2
     assert (out / "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("model_type", ["extrema", "revcolv2"])
+def test_every_method_pretrains_through_the_one_generic_loop(model_type, tmp_path):
+    """Methods differ only by config and event methods: the same script, the same flags."""
+    from hf_mim import MODEL_FAMILIES
+
+    assert model_type in MODEL_FAMILIES
+    out = tmp_path / model_type
+    run_mim("--model_type", model_type, *TINY, "--max_train_steps", 2, "--output_dir", out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == model_type
+    assert (out / "mim_picture.png").is_file() and (out / "README.md").is_file()

@@ -36,7 +36,6 @@ from transformers import AutoConfig, AutoModelForMaskedImageModeling
 
 import hf_mim
 from hf_mim.data import (
-    MaskedImageTransform,
     PretrainingCollator,
     embedded_pretraining_dir,
     load_image_stream,
@@ -310,7 +309,7 @@ def train(args: argparse.Namespace) -> int:
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
     )
-    transform = MaskedImageTransform(config.image_size, scale=family_for(config.model_type).crop_scale)
+    transform = family_for(config.model_type).pretraining_transform(config.image_size)
     collator = PretrainingCollator(transform, mask_generator=model.mask_generator(), seed=args.seed)
     dataloader = make_dataloader(
         stream,

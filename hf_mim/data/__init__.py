@@ -32,6 +32,7 @@ from .transforms import (
     IMAGENET_DEFAULT_STD,
     EvalTransform,
     MaskedImageTransform,
+    TwoViewTransform,
     random_resized_crop_params,
 )
 
@@ -44,6 +45,7 @@ __all__ = [
     "DecodeStats",
     "EvalTransform",
     "MaskedImageTransform",
+    "TwoViewTransform",
     "PretrainingCollator",
     "decode_image",
     "decode_image_with_status",

@@ -74,8 +74,18 @@ class _SeededCollator:
                     f"hf_mim.data.prepare_stream); got keys {sorted(example)}"
                 )
 
-    def _common(self, examples: Sequence[dict[str, Any]], pixel_values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        batch = {"pixel_values": torch.stack(pixel_values).to(torch.float32)}
+    def _common(self, examples: Sequence[dict[str, Any]], pixel_values: list) -> dict[str, torch.Tensor]:
+        """`pixel_values` holds one tensor per example, or a tuple of views per example (two-view
+        methods): views after the first become `pixel_values_2`, `pixel_values_3`, ..."""
+        if isinstance(pixel_values[0], (tuple, list)):
+            batch = {
+                ("pixel_values" if view == 0 else f"pixel_values_{view + 1}"): torch.stack(
+                    [views[view] for views in pixel_values]
+                ).to(torch.float32)
+                for view in range(len(pixel_values[0]))
+            }
+        else:
+            batch = {"pixel_values": torch.stack(pixel_values).to(torch.float32)}
         if all("label" in example for example in examples):
             batch["labels"] = torch.tensor([int(example["label"]) for example in examples], dtype=torch.int64)
         batch["example_id"] = torch.tensor([int(example["example_id"]) for example in examples], dtype=torch.int64)

@@ -111,6 +111,54 @@ class MaskedImageTransform:
         )
 
 
+class TwoViewTransform(MaskedImageTransform):
+    """Two views of one image: ONE random resized crop + flip shared by both ("shared crop"), then an
+    independent colour jitter (p `jitter_prob`, brightness/contrast/saturation/hue in random order as
+    torchvision's ColorJitter) and random grayscale per view ("different colours") — ExtreMA's recipe.
+
+    `__call__(image, generator)` -> (view_1, view_2), each (3, H, W). Every draw comes from `generator`.
+    """
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int],
+        scale: tuple[float, float] = (0.2, 1.0),
+        color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
+        jitter_prob: float = 0.8,
+        grayscale_prob: float = 0.2,
+        **kwargs,
+    ):
+        super().__init__(image_size, scale=scale, **kwargs)
+        self.color_jitter = tuple(color_jitter)
+        self.jitter_prob = jitter_prob
+        self.grayscale_prob = grayscale_prob
+
+    def _uniform(self, low: float, high: float, generator: torch.Generator | None) -> float:
+        return low + (high - low) * torch.rand(1, generator=generator).item()
+
+    def _colour(self, image: Image.Image, generator: torch.Generator | None) -> Image.Image:
+        brightness, contrast, saturation, hue = self.color_jitter
+        if torch.rand(1, generator=generator).item() < self.jitter_prob:
+            adjust = {
+                0: lambda im: F.adjust_brightness(im, self._uniform(max(0.0, 1 - brightness), 1 + brightness, generator)),
+                1: lambda im: F.adjust_contrast(im, self._uniform(max(0.0, 1 - contrast), 1 + contrast, generator)),
+                2: lambda im: F.adjust_saturation(im, self._uniform(max(0.0, 1 - saturation), 1 + saturation, generator)),
+                3: lambda im: F.adjust_hue(im, self._uniform(-hue, hue, generator)),
+            }
+            for index in torch.randperm(4, generator=generator).tolist():
+                image = adjust[index](image)
+        if torch.rand(1, generator=generator).item() < self.grayscale_prob:
+            image = F.to_grayscale(image, num_output_channels=3)
+        return image
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        top, left, height, width = self.get_params(image, generator)
+        image = F.resized_crop(image, top, left, height, width, list(self.size), self.interpolation, antialias=True)
+        if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
+            image = F.hflip(image)
+        return tuple(F.normalize(F.to_tensor(self._colour(image, generator)), self.mean, self.std) for _ in range(2))
+
+
 class EvalTransform:
     """Resize the shorter side to int(image_size / crop_pct) (bicubic), center-crop, ToTensor, Normalize.
 
