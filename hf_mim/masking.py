@@ -153,3 +153,111 @@ class BlockwiseMaskGenerator:
             chosen = free[torch.randperm(free.numel(), generator=generator)[: self.num_masking_patches - count]]
             mask[chosen] = True
         return mask
+
+
+# --------------------------------------------------------------------------------------------------
+# Several masks per image (ExtreMA): K masks, each keeping int(N * (1 - mask_ratio)) patches
+# --------------------------------------------------------------------------------------------------
+
+
+class MultiMaskIndices(NamedTuple):
+    """Index form of K masks per image.
+
+    ids_keep: (B, K, num_visible) visible patches of each mask, in the order they enter the encoder.
+    bool_masked_pos: (B, K, N) True = hidden from that mask, raster order.
+    """
+
+    ids_keep: torch.Tensor
+    bool_masked_pos: torch.Tensor
+
+
+def check_multi_mask(num_patches: int, mask_ratio: float, num_masks: int, disjoint: bool) -> int:
+    """Validate a multi-mask setting and return the visible patches per mask."""
+    if not 0 <= mask_ratio < 1:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
+    if num_masks < 1:
+        raise ValueError(f"num_masks must be >= 1, got {num_masks}")
+    len_keep = num_visible_patches(num_patches, mask_ratio)
+    if len_keep < 1:
+        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}")
+    if disjoint and num_masks * len_keep > num_patches:
+        raise ValueError(
+            f"{num_masks} disjoint masks of {len_keep} visible patches need {num_masks * len_keep} patches, "
+            f"the image has {num_patches}"
+        )
+    return len_keep
+
+
+def multi_masking(noise: torch.Tensor, mask_ratio: float, num_masks: int) -> MultiMaskIndices:
+    """K masks per image from explicit noise, exactly as the official ExtreMA `generate_mask`.
+
+    - noise (B, N): disjoint masks. One permutation per image, `ids_shuffle = argsort(noise)`, and mask
+      k keeps `ids_shuffle[:, k*n : (k+1)*n]` with n = int(N * (1 - mask_ratio)); no patch is visible
+      in two masks.
+    - noise (B, K, N): independent masks (official `--disjoint` off): mask k keeps the n smallest
+      entries of noise[:, k].
+    Visible patches keep the argsort order (not raster order), as the official code feeds them.
+    """
+    if noise.ndim == 2:
+        batch_size, num_patches = noise.shape
+        len_keep = check_multi_mask(num_patches, mask_ratio, num_masks, disjoint=True)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_keep = ids_shuffle[:, : num_masks * len_keep].reshape(batch_size, num_masks, len_keep)
+    elif noise.ndim == 3:
+        batch_size, count, num_patches = noise.shape
+        if count != num_masks:
+            raise ValueError(f"noise of shape {tuple(noise.shape)} holds {count} masks, expected num_masks={num_masks}")
+        len_keep = check_multi_mask(num_patches, mask_ratio, num_masks, disjoint=False)
+        ids_keep = torch.argsort(noise, dim=2)[:, :, :len_keep]
+    else:
+        raise ValueError(f"noise must have shape (batch, num_patches) or (batch, num_masks, num_patches), got {tuple(noise.shape)}")
+    bool_masked_pos = torch.ones(batch_size, num_masks, num_patches, dtype=torch.bool, device=noise.device)
+    bool_masked_pos.scatter_(2, ids_keep, False)
+    return MultiMaskIndices(ids_keep, bool_masked_pos)
+
+
+def multi_mask_indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor) -> MultiMaskIndices:
+    """Index form of given masks (B, K, N) (or (B, N) = one mask); visible patches in raster order.
+
+    Every mask of every image must keep the same number of patches (the encoder batch is rectangular).
+    """
+    if bool_masked_pos.ndim == 2:
+        bool_masked_pos = bool_masked_pos[:, None]
+    if bool_masked_pos.ndim != 3:
+        raise ValueError(
+            "bool_masked_pos must have shape (batch, num_masks, num_patches) or (batch, num_patches), "
+            f"got {tuple(bool_masked_pos.shape)}"
+        )
+    bool_masked_pos = bool_masked_pos.bool()
+    batch_size, num_masks, num_patches = bool_masked_pos.shape
+    counts = (~bool_masked_pos).sum(dim=2)
+    if (counts != counts.flatten()[0]).any():
+        raise ValueError(
+            f"every mask must keep the same number of visible patches, got counts {counts.tolist()}"
+        )
+    len_keep = int(counts.flatten()[0])
+    if len_keep < 1:
+        raise ValueError("bool_masked_pos hides every patch of a mask: the student would see nothing")
+    order = torch.argsort(bool_masked_pos.to(torch.int8), dim=2, stable=True)
+    return MultiMaskIndices(order[:, :, :len_keep], bool_masked_pos)
+
+
+class DisjointMaskGenerator:
+    """ExtreMA's masks for one image: a (num_masks, grid*grid) bool tensor, True = hidden from that mask.
+
+    Each mask keeps exactly int(N * (1 - mask_ratio)) patches; with `disjoint` (the official default)
+    the masks are cut from one random permutation, so no patch is visible in two masks (80 % x 5 uses
+    195 of 196 patches). A collator stacks them into (B, num_masks, N).
+    """
+
+    def __init__(self, grid_size: int, mask_ratio: float, num_masks: int, disjoint: bool = True):
+        self.num_patches = grid_size * grid_size
+        self.num_visible = check_multi_mask(self.num_patches, mask_ratio, num_masks, disjoint)
+        self.mask_ratio = mask_ratio
+        self.num_masks = num_masks
+        self.disjoint = disjoint
+
+    def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        shape = (1, self.num_patches) if self.disjoint else (1, self.num_masks, self.num_patches)
+        noise = torch.rand(shape, generator=generator)
+        return multi_masking(noise, self.mask_ratio, self.num_masks).bool_masked_pos[0]

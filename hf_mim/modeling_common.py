@@ -331,7 +331,8 @@ def drop_path_rates(max_rate: float, depth: int) -> list[float]:
     """Stochastic-depth rate per block, linear from 0 to max_rate (timm/MAE convention)."""
     if depth == 0:
         return []
-    return [float(rate) for rate in torch.linspace(0, max_rate, depth)]
+    # device="cpu": also under a `torch.device("meta")` context (models built on the meta device)
+    return [float(rate) for rate in torch.linspace(0, max_rate, depth, device="cpu")]
 
 
 def make_blocks(
@@ -515,3 +516,96 @@ def reinitialize(module: nn.Module, init_fn: Callable[[nn.Module], None]) -> Non
         for tensor in list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False)):
             tensor.__dict__.pop("_is_hf_initialized", None)
     module.apply(init_fn)
+
+
+# --------------------------------------------------------------------------------------------------
+# Class attention (CaiT): a query token that reads the patch tokens without changing them (ExtreMA)
+# --------------------------------------------------------------------------------------------------
+
+
+class ClassAttention(nn.Module):
+    """Multi-head attention of ONE query (row 0 of the input, the cls token) over every row of the input.
+
+    Separate q/k/v projections (CaiT / ExtreMA `Class_Attention`), output (B, 1, D) through `proj`.
+    The kernel comes from transformers' attention interface, as in `Attention`.
+    """
+
+    is_causal = False
+
+    def __init__(self, config, dim: int, num_heads: int, qkv_bias: bool = True, attention_dropout: float = 0.0):
+        super().__init__()
+        self.config = config
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = attention_dropout
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.k = nn.Linear(dim, dim, bias=qkv_bias)
+        self.v = nn.Linear(dim, dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        batch_size, length, dim = hidden_states.shape
+        query = self.q(hidden_states[:, :1]).reshape(batch_size, 1, self.num_heads, self.head_dim).transpose(1, 2)
+        key = self.k(hidden_states).reshape(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
+        value = self.v(hidden_states).reshape(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
+        implementation = self.config._attn_implementation or "eager"
+        if output_attentions or implementation == "eager":
+            attention_fn: Callable = eager_attention_forward
+        else:
+            attention_fn = ALL_ATTENTION_FUNCTIONS[implementation]
+        output, weights = attention_fn(
+            self,
+            query,
+            key,
+            value,
+            None,
+            scaling=self.scaling,
+            dropout=self.attention_dropout if self.training else 0.0,
+            is_causal=False,
+        )
+        output = self.proj(output.reshape(batch_size, 1, dim))
+        return output, (weights if output_attentions else None)
+
+
+class ClassAttentionBlock(GradientCheckpointingLayer):
+    """CaiT class-attention block: only the cls token is updated, the patch tokens are read.
+
+        u   = cat(cls, tokens)
+        cls = cls + DropPath(LS1(ClassAttention(norm1(u))))
+        cls = cls + DropPath(LS2(MLP(norm2(cls))))
+
+    `layer_scale_init_value` 0 or None means no layer scale. Returns (cls (B, 1, D), attention weights
+    (B, H, 1, 1 + N) or None).
+    """
+
+    def __init__(
+        self,
+        config,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        layer_norm_eps: float = 1e-6,
+        drop_path_rate: float = 0.0,
+        layer_scale_init_value: float | None = None,
+        attention_dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.attn = ClassAttention(config, dim, num_heads, qkv_bias=qkv_bias, attention_dropout=attention_dropout)
+        self.ls1 = LayerScale(dim, layer_scale_init_value) if layer_scale_init_value else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, layer_scale_init_value) if layer_scale_init_value else nn.Identity()
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0 else nn.Identity()
+
+    def forward(
+        self, cls_token: torch.Tensor, tokens: torch.Tensor, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        attended, weights = self.attn(self.norm1(torch.cat([cls_token, tokens], dim=1)), output_attentions)
+        cls_token = cls_token + self.drop_path(self.ls1(attended))
+        cls_token = cls_token + self.drop_path(self.ls2(self.mlp(self.norm2(cls_token))))
+        return cls_token, weights

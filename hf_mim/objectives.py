@@ -66,3 +66,10 @@ def weighted_token_mean(per_token_loss: torch.Tensor, weights: torch.Tensor) -> 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """MAE's loss: mean squared error per token (over channels), averaged over the weighted tokens."""
     return weighted_token_mean(((prediction - target) ** 2).mean(dim=-1), weights)
+
+
+def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """BYOL's normalised MSE per sample: ||q/|q| - k/|k|||^2 = 2 - 2 cos(q, k), over the last dim."""
+    prediction = F.normalize(prediction, dim=-1)
+    target = F.normalize(target, dim=-1)
+    return ((prediction - target) ** 2).sum(dim=-1)

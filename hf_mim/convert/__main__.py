@@ -21,7 +21,13 @@ def convert_dbot(args: argparse.Namespace):
     return convert_dbot_checkpoint(state, teacher, parse_overrides(args.config_overrides))
 
 
-CONVERTERS = {"dbot": convert_dbot}
+def convert_extrema(args: argparse.Namespace):
+    from .extrema import convert_extrema_checkpoint, load_extrema_checkpoint
+
+    return convert_extrema_checkpoint(load_extrema_checkpoint(args.checkpoint), parse_overrides(args.config_overrides))
+
+
+CONVERTERS = {"dbot": convert_dbot, "extrema": convert_extrema}
 
 
 def main(argv: list[str] | None = None) -> int:
