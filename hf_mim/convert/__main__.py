@@ -27,7 +27,26 @@ def convert_extrema(args: argparse.Namespace):
     return convert_extrema_checkpoint(load_extrema_checkpoint(args.checkpoint), parse_overrides(args.config_overrides))
 
 
-CONVERTERS = {"dbot": convert_dbot, "extrema": convert_extrema}
+def convert_maskdistill(args: argparse.Namespace):
+    """Student (BEiT v2 layout); with --teacher_checkpoint (OpenAI CLIP image tower) the teacher is written
+    to `<output>-teacher` and the student's config points at it. `teacher_num_attention_heads=...` in
+    --config_overrides sets the teacher's heads (default width // 64)."""
+    from pathlib import Path
+
+    from .maskdistill import convert_maskdistill_checkpoint, convert_openai_clip_visual, save_teacher_folder
+
+    overrides = parse_overrides(args.config_overrides)
+    teacher_heads = overrides.pop("teacher_num_attention_heads", None)
+    model, report = convert_maskdistill_checkpoint(load_official_state_dict(args.checkpoint), overrides)
+    if args.teacher_checkpoint:
+        teacher = convert_openai_clip_visual(load_official_state_dict(args.teacher_checkpoint), teacher_heads)
+        folder = save_teacher_folder(teacher, Path(args.output).resolve().parent / (Path(args.output).name + "-teacher"))
+        model.config.teacher_name_or_path = str(folder)
+        report.dropped["<teacher>"] = f"written to {folder} (not part of the student's folder)"
+    return model, report
+
+
+CONVERTERS = {"dbot": convert_dbot, "extrema": convert_extrema, "maskdistill": convert_maskdistill}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("method", choices=sorted(CONVERTERS))
     parser.add_argument("--checkpoint", required=True, help="official checkpoint (.pth, weights under 'model')")
     parser.add_argument("--output", required=True, help="folder to write the hf_mim model into")
-    parser.add_argument("--teacher_checkpoint", help="dBOT: the matching checkpoint-teacher-*.pth (optional)")
+    parser.add_argument("--teacher_checkpoint", help="dBOT: the matching checkpoint-teacher-*.pth; MaskDistill: the CLIP image tower (optional)")
     parser.add_argument(
         "--config_overrides", help="comma-separated config values the weights do not fix, e.g. num_attention_heads=6"
     )

@@ -1,0 +1,223 @@
+"""MaskDistill checkpoints in the BEiT v2 layout (microsoft/unilm/beit2) -> hf_mim MaskDistill models.
+
+No official MaskDistill weights exist; the author's code base is BEiT v2, and the public
+re-implementation checkpoints (drkostas/MaskDistill-PyTorch) use its key names. Layouts handled
+(state under "model", `module.` stripped; a `student.` prefix is stripped too):
+- pretraining `VisionTransformerForMaskedImageModeling` (shared `rel_pos_bias`, `lm_head` to the teacher
+  width) -> `MaskDistillForMaskedImageModeling`;
+- fine-tuning `modeling_finetune.VisionTransformer` (per-block relative tables, `fc_norm`, `head`) ->
+  `MaskDistillForImageClassification`.
+And the teacher: an OpenAI CLIP image tower (`visual.*` keys) -> a `CLIPVisionModelWithProjection` folder
+(with CLIP's mean/std in its preprocessor_config.json) that `teacher_name_or_path` can point at.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from ..configuration_maskdistill import MaskDistillConfig
+from ..modeling_common import relative_position_index
+from ..modeling_maskdistill import MaskDistillForImageClassification, MaskDistillForMaskedImageModeling
+from .common import CheckpointFormatError, ConversionReport, count_indexed, rename_keys
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+_BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
+P = "maskdistill.encoder."
+
+STUDENT_RULES = [
+    (r"cls_token", P + "embeddings.cls_token"),
+    (r"mask_token", P + "embeddings.mask_token"),
+    (r"patch_embed\.proj\.(weight|bias)", P + r"embeddings.patch_embeddings.projection.\1"),
+    (r"rel_pos_bias\.relative_position_bias_table", P + "rel_pos_bias.relative_position_bias_table"),
+    (rf"blocks\.(\d+)\.{_BLOCK_PARTS}", P + r"layers.\1.\2.\3"),
+    (r"blocks\.(\d+)\.gamma_1", P + r"layers.\1.ls1.gamma"),
+    (r"blocks\.(\d+)\.gamma_2", P + r"layers.\1.ls2.gamma"),
+    (r"blocks\.(\d+)\.attn\.relative_position_bias_table", P + r"layers.\1.rel_pos_bias.relative_position_bias_table"),
+    (r"norm\.(weight|bias)", P + r"layernorm.\1"),
+    (r"lm_head\.(weight|bias)", r"lm_head.\1"),
+    (r"fc_norm\.(weight|bias)", r"maskdistill.pooler.fc_norm.\1"),
+    (r"head\.(weight|bias)", r"classifier.\1"),
+]
+
+DROP = {
+    r"(rel_pos_bias|blocks\.\d+\.attn)\.relative_position_index": "fixed index, recomputed by hf_mim (checked equal)",
+    r"blocks\.\d+\.attn\.(q_bias|v_bias)": "merged into attn.qkv.bias as [q_bias; 0; v_bias]",
+    r"blocks\.\d+\.attn\.k_bias": "BEiT's k bias is a zero buffer (merged as 0)",
+}
+
+
+def is_classifier_state(state: Mapping[str, torch.Tensor]) -> bool:
+    return "head.weight" in state
+
+
+def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop a `student.` prefix (re-implementation checkpoints); refuse teacher/other keys silently mixed in."""
+    if any(key.startswith("student.") for key in state):
+        return {key[len("student.") :]: value for key, value in state.items() if key.startswith("student.")}
+    return dict(state)
+
+
+def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None) -> MaskDistillConfig:
+    """Every dimension from the weights; heads from the relative position table's width."""
+    for key in ("cls_token", "patch_embed.proj.weight"):
+        if key not in state:
+            raise CheckpointFormatError(f"not a BEiT v2 / MaskDistill ViT checkpoint: key {key!r} is missing")
+    table = state.get("rel_pos_bias.relative_position_bias_table", state.get("blocks.0.attn.relative_position_bias_table"))
+    if table is None:
+        raise CheckpointFormatError("no relative position bias table: not a BEiT v2 / MaskDistill checkpoint")
+    side = math.isqrt(table.shape[0] - 3)
+    if side * side != table.shape[0] - 3 or side % 2 == 0:
+        raise CheckpointFormatError(f"relative position table with {table.shape[0]} rows is not for a square grid")
+    grid = (side + 1) // 2
+    if "pos_embed" in state:
+        raise CheckpointFormatError("absolute position embeddings are not part of the MaskDistill student layout")
+    hidden = state["cls_token"].shape[-1]
+    patch_weight = state["patch_embed.proj.weight"]
+    kwargs: dict[str, object] = dict(
+        image_size=grid * patch_weight.shape[-1],
+        patch_size=patch_weight.shape[-1],
+        num_channels=patch_weight.shape[1],
+        hidden_size=hidden,
+        num_hidden_layers=count_indexed(state, "blocks."),
+        num_attention_heads=table.shape[1],
+        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden if "blocks.0.mlp.fc1.weight" in state else 4.0,
+    )
+    if "lm_head.weight" in state:
+        kwargs["teacher_hidden_size"] = state["lm_head.weight"].shape[0]
+    if is_classifier_state(state):
+        kwargs["num_labels"] = state["head.weight"].shape[0]
+        kwargs["use_mean_pooling"] = "fc_norm.weight" in state
+    kwargs.update(overrides or {})
+    return MaskDistillConfig(**kwargs)
+
+
+def merge_qkv_bias(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """BEiT's q_bias / v_bias (k has none) -> one fused qkv bias [q; 0; v]."""
+    merged = {}
+    for key, q_bias in state.items():
+        match = re.fullmatch(r"blocks\.(\d+)\.attn\.q_bias", key)
+        if match:
+            v_bias = state[f"blocks.{match.group(1)}.attn.v_bias"]
+            merged[f"{P}layers.{match.group(1)}.attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
+    return merged
+
+
+def check_index(state: Mapping[str, torch.Tensor], grid: int) -> None:
+    expected = relative_position_index(grid, grid)
+    for key, value in state.items():
+        if key.endswith("relative_position_index") and not torch.equal(value.long(), expected):
+            raise CheckpointFormatError(f"{key} is not BEiT's relative position index for a {grid}x{grid} grid")
+
+
+def convert_maskdistill_checkpoint(
+    state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None
+) -> tuple[MaskDistillForMaskedImageModeling | MaskDistillForImageClassification, ConversionReport]:
+    """Build the hf_mim model holding the weights; a fine-tuning state dict gives the classifier."""
+    state = strip_prefix(state)
+    config = infer_config(state, overrides)
+    check_index(state, config.grid_size)
+    report = ConversionReport()
+    converted = rename_keys(state, STUDENT_RULES, DROP, report)
+    converted.update(merge_qkv_bias(state))
+    if is_classifier_state(state):
+        model: MaskDistillForMaskedImageModeling | MaskDistillForImageClassification = MaskDistillForImageClassification(config)
+        shared = P + "rel_pos_bias.relative_position_bias_table"
+        if shared not in converted:  # the unused loading place of the shared table: keep layer 0's
+            converted[shared] = converted[P + "layers.0.rel_pos_bias.relative_position_bias_table"].clone()
+            report.dropped["<rel_pos_bias>"] = "fine-tuning layout: the unused shared table is set to block 0's"
+        if P + "embeddings.mask_token" not in converted:  # unused when fine-tuning
+            converted[P + "embeddings.mask_token"] = torch.zeros(1, 1, config.hidden_size)
+            report.dropped["<mask_token>"] = "fine-tuning layout has no mask token: set to zeros (unused)"
+    else:
+        if "lm_head.weight" not in state:
+            raise CheckpointFormatError("not a MaskDistill pretraining checkpoint: `lm_head` is missing")
+        model = MaskDistillForMaskedImageModeling(config)
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    if unexpected:
+        raise CheckpointFormatError(f"converted keys unknown to {type(model).__name__}: {unexpected[:10]}")
+    if missing:
+        raise CheckpointFormatError(f"the checkpoint lacks weights for: {missing[:10]}")
+    return model, report
+
+
+# --------------------------------------------------------------------------------------------------
+# Teacher: OpenAI CLIP image tower -> transformers CLIPVisionModelWithProjection
+# --------------------------------------------------------------------------------------------------
+
+
+def convert_openai_clip_visual(state: Mapping[str, torch.Tensor], num_attention_heads: int | None = None):
+    """An OpenAI CLIP state dict (image tower, `visual.` prefix optional) -> CLIPVisionModelWithProjection.
+
+    Heads default to width // 64 (OpenAI's `build_model`); pass them for non-standard towers.
+    """
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    state = {key[len("visual.") :] if key.startswith("visual.") else key: value for key, value in state.items()}
+    for key in ("conv1.weight", "class_embedding", "positional_embedding", "proj"):
+        if key not in state:
+            raise CheckpointFormatError(f"not an OpenAI CLIP image tower: key {key!r} is missing")
+    width = state["class_embedding"].shape[0]
+    patch = state["conv1.weight"].shape[-1]
+    grid = math.isqrt(state["positional_embedding"].shape[0] - 1)
+    layers = count_indexed(state, "transformer.resblocks.")
+    config = CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+        num_hidden_layers=layers,
+        num_attention_heads=num_attention_heads or width // 64,
+        image_size=grid * patch,
+        patch_size=patch,
+        num_channels=state["conv1.weight"].shape[1],
+        projection_dim=state["proj"].shape[1],
+        hidden_act="quick_gelu",
+        layer_norm_eps=1e-5,
+    )
+    v = "vision_model."
+    converted = {
+        v + "embeddings.class_embedding": state["class_embedding"],
+        v + "embeddings.patch_embedding.weight": state["conv1.weight"],
+        v + "embeddings.position_embedding.weight": state["positional_embedding"],
+        "visual_projection.weight": state["proj"].t().contiguous(),
+    }
+    for name, target in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+        for part in ("weight", "bias"):
+            converted[f"{v}{target}.{part}"] = state[f"{name}.{part}"]
+    for i in range(layers):
+        src, dst = f"transformer.resblocks.{i}.", f"{v}encoder.layers.{i}."
+        for part in ("weight", "bias"):
+            q, k, val = state[f"{src}attn.in_proj_{part}"].chunk(3, dim=0)
+            converted[f"{dst}self_attn.q_proj.{part}"] = q
+            converted[f"{dst}self_attn.k_proj.{part}"] = k
+            converted[f"{dst}self_attn.v_proj.{part}"] = val
+            converted[f"{dst}self_attn.out_proj.{part}"] = state[f"{src}attn.out_proj.{part}"]
+            converted[f"{dst}layer_norm1.{part}"] = state[f"{src}ln_1.{part}"]
+            converted[f"{dst}layer_norm2.{part}"] = state[f"{src}ln_2.{part}"]
+            converted[f"{dst}mlp.fc1.{part}"] = state[f"{src}mlp.c_fc.{part}"]
+            converted[f"{dst}mlp.fc2.{part}"] = state[f"{src}mlp.c_proj.{part}"]
+    model = CLIPVisionModelWithProjection(config).eval()
+    missing, unexpected = model.load_state_dict(converted, strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]
+    if missing or unexpected:
+        raise CheckpointFormatError(f"CLIP conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model
+
+
+def save_teacher_folder(model, folder: str | Path, image_mean=CLIP_MEAN, image_std=CLIP_STD) -> Path:
+    """Save a teacher with its own input normalisation (a CLIP image processor) so MaskDistill reads it."""
+    from transformers import CLIPImageProcessor
+
+    folder = Path(folder)
+    model.save_pretrained(folder)
+    size = model.config.image_size
+    CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+        image_mean=list(image_mean), image_std=list(image_std),
+    ).save_pretrained(folder)
+    return folder

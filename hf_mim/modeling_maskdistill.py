@@ -1,0 +1,629 @@
+"""MaskDistill: masked distillation of a frozen teacher's normalised features ("A Unified View of Masked
+Image Modeling", Peng, Dong, Bao, Wei, Ye; TMLR 2023).
+
+Five parts, each a config field: teacher T (a frozen vision model loaded with `AutoModel`, e.g. CLIP),
+normalisation N (LayerNorm without affine), student S (BEiT v2 ViT: `[MASK]` token, one shared relative
+position bias, layer scale, no absolute positions), head H (linear to the teacher width) and loss L
+(smooth-L1 on the masked patches). `target="pixels"` swaps the teacher for per-patch normalised pixels.
+
+The teacher is never part of the student's module tree: it is loaded lazily from
+`config.teacher_name_or_path` (or given with `set_teacher`), kept frozen and in eval mode, and is not in
+`state_dict()`, `save_pretrained` or a Hub folder. No official MaskDistill code exists; numerics follow
+BEiT v2 (microsoft/unilm/beit2), which the first author names as its base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.utils import ModelOutput
+
+from .configuration_maskdistill import MaskDistillConfig
+from .masking import BlockwiseMaskGenerator
+from .modeling_common import LayerScale, MeanPooler, PatchEmbeddings, RelativePositionBias, make_blocks
+from .objectives import normalize_per_token, patchify, smooth_l1, unpatchify, weighted_token_mean
+
+
+@dataclass
+class MaskDistillMaskedImageModelingOutput(ModelOutput):
+    """Output of `MaskDistillForMaskedImageModeling`.
+
+    loss: the configured loss (smooth-L1) over the masked patches; None when no target is available
+        (target "teacher" and no teacher loaded, in eval mode).
+    predictions: (B, N, target width) head output for every patch (raster order); the MaskDistill
+        prediction is `predictions[bool_masked_pos]`.
+    targets: (B, N, target width) normalised teacher tokens (or normalised pixel patches), or None.
+    bool_masked_pos: (B, N) True = replaced by the mask token.
+    patch_loss: (B, N) per-patch loss (mean over channels), every patch, for pictures.
+    reconstruction: (B, C, H, W) the predicted image in `pixel_values` space (target "pixels" only;
+        each patch de-normalised with the statistics of the input patch).
+    last_hidden_state: (B, 1 + N, D) student output after the final norm (cls first).
+    """
+
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
+    targets: torch.Tensor | None = None
+    bool_masked_pos: torch.Tensor | None = None
+    patch_loss: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+class MaskDistillEmbeddings(nn.Module):
+    """Patch embedding; masked patches replaced by `mask_token`; cls prepended. No absolute positions."""
+
+    def __init__(self, config: MaskDistillConfig):
+        super().__init__()
+        self.patch_embeddings = PatchEmbeddings(config.image_size, config.patch_size, config.num_channels, config.hidden_size)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+
+    def forward(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, interpolate_pos_encoding: bool = False
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        grid = self.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        patches = self.patch_embeddings(pixel_values)
+        batch_size, num_patches, _ = patches.shape
+        if bool_masked_pos is not None:
+            if bool_masked_pos.shape != (batch_size, num_patches):
+                raise ValueError(
+                    f"bool_masked_pos must have shape {(batch_size, num_patches)}, got {tuple(bool_masked_pos.shape)}"
+                )
+            weight = bool_masked_pos.to(device=patches.device, dtype=patches.dtype).unsqueeze(-1)
+            patches = patches * (1 - weight) + self.mask_token.to(patches.dtype) * weight
+        cls = self.cls_token.to(patches.dtype).expand(batch_size, -1, -1)
+        return torch.cat([cls, patches], dim=1), grid
+
+
+class MaskDistillEncoder(nn.Module):
+    """Embeddings -> BEiT blocks with relative position bias -> optional final LayerNorm.
+
+    `per_layer_relative_position_bias=False`: one table shared by every block (pretraining layout).
+    True (fine-tuning layout): each block owns `rel_pos_bias`; the shared table is still there, frozen and
+    unused, as the place a pretraining checkpoint's table loads into before `_init_weights` copies it
+    into every block (BEiT's fine-tuning checkpoint loading).
+    """
+
+    def __init__(self, config: MaskDistillConfig, use_final_norm: bool = True, per_layer_relative_position_bias: bool = False):
+        super().__init__()
+        grid = config.image_size // config.patch_size
+        self.embeddings = MaskDistillEmbeddings(config)
+        self.rel_pos_bias = RelativePositionBias(grid, config.num_attention_heads)
+        self.layers = make_blocks(
+            config,
+            config.hidden_size,
+            config.num_hidden_layers,
+            config.num_attention_heads,
+            mlp_ratio=config.mlp_ratio,
+            qkv_bias=True,
+            layer_norm_eps=config.layer_norm_eps,
+            drop_path_rate=config.drop_path_rate,
+            layer_scale_init_value=config.layer_scale_init_value,
+        )
+        for layer_id, layer in enumerate(self.layers, start=1):
+            # BEiT's fix_init_weight: these projections are drawn with std / sqrt(2 * layer_id)
+            layer.attn.proj.rescale_layer_id = layer_id
+            layer.mlp.fc2.rescale_layer_id = layer_id
+        self.per_layer_relative_position_bias = per_layer_relative_position_bias
+        if per_layer_relative_position_bias:
+            self.rel_pos_bias.requires_grad_(False)
+            for layer in self.layers:
+                layer.rel_pos_bias = RelativePositionBias(grid, config.num_attention_heads)
+                layer.rel_pos_bias.copy_from_shared = True
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ):
+        hidden_states, grid = self.embeddings(pixel_values, bool_masked_pos, interpolate_pos_encoding)
+        shared_bias = None if self.per_layer_relative_position_bias else self.rel_pos_bias(grid).to(hidden_states.dtype)
+        all_hidden_states = (hidden_states,) if output_hidden_states else None
+        all_attentions = () if output_attentions else None
+        for layer in self.layers:
+            bias = layer.rel_pos_bias(grid).to(hidden_states.dtype) if shared_bias is None else shared_bias
+            hidden_states, weights = layer(hidden_states, None, output_attentions, bias)
+            if output_hidden_states:
+                all_hidden_states = all_hidden_states + (hidden_states,)
+            if output_attentions:
+                all_attentions = all_attentions + (weights,)
+        if self.layernorm is not None:
+            hidden_states = self.layernorm(hidden_states)
+        return hidden_states, all_hidden_states, all_attentions
+
+
+class MaskDistillPreTrainedModel(PreTrainedModel):
+    config_class = MaskDistillConfig
+    config: MaskDistillConfig
+    base_model_prefix = "maskdistill"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block", "MaskDistillEmbeddings"]
+    _supports_sdpa = True
+    _supports_flash_attn = False  # an additive attention bias is not supported by flash attention
+    _supports_flex_attn = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """BEiT v2 initialisation: trunc-normal(0.02) linears, conv, tokens (fix_init_weight rescaling of
+        attn.proj / mlp.fc2), LayerNorm 1/0, layer scale to its value, relative tables zero (per-layer
+        tables copy the shared one), the classifier scaled by `classifier_init_scale`."""
+        std = self.config.initializer_range
+        if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=std * self.config.classifier_init_scale)
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            layer_id = getattr(module, "rescale_layer_id", None)
+            scale = 1.0 / math.sqrt(2.0 * layer_id) if layer_id else 1.0
+            init.trunc_normal_(module.weight, std=std * scale, a=-2.0 * scale, b=2.0 * scale)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            if module.weight is not None:
+                init.ones_(module.weight)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, MaskDistillEmbeddings):
+            init.trunc_normal_(module.cls_token, std=std)
+            init.trunc_normal_(module.mask_token, std=std)
+        elif isinstance(module, LayerScale):
+            init.constant_(module.gamma, module.init_value)
+        elif isinstance(module, RelativePositionBias):
+            if getattr(module, "copy_from_shared", False):
+                shared = self._shared_relative_position_bias()
+                if shared is not None:
+                    init.copy_(module.relative_position_bias_table, shared.relative_position_bias_table)
+                    return
+            init.zeros_(module.relative_position_bias_table)
+
+    def _shared_relative_position_bias(self) -> RelativePositionBias | None:
+        backbone = self if isinstance(self, MaskDistillModel) else getattr(self, "maskdistill", None)
+        return backbone.encoder.rel_pos_bias if backbone is not None else None
+
+
+class MaskDistillModel(MaskDistillPreTrainedModel):
+    """The MaskDistill (BEiT v2-style) ViT backbone. Nothing is masked unless `bool_masked_pos` is given.
+
+    With `add_pooling_layer` and `config.use_mean_pooling` (fine-tuning layout) the final LayerNorm is
+    replaced by `pooler.fc_norm` on the mean of the patch tokens, as BEiT fine-tuning does; otherwise
+    `last_hidden_state` is normalised and `pooler_output` is the cls token.
+    """
+
+    # a pretraining checkpoint's final norm and head, or a fine-tuning checkpoint's classifier
+    _keys_to_ignore_on_load_unexpected = [r"lm_head\.", r"classifier\.", r"encoder\.layernorm\.", r"layers\.\d+\.rel_pos_bias\."]
+
+    def __init__(
+        self, config: MaskDistillConfig, add_pooling_layer: bool = True, per_layer_relative_position_bias: bool = False
+    ):
+        super().__init__(config)
+        mean_pooling = add_pooling_layer and config.use_mean_pooling
+        self.encoder = MaskDistillEncoder(
+            config, use_final_norm=not mean_pooling, per_layer_relative_position_bias=per_layer_relative_position_bias
+        )
+        self.pooler = MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1) if mean_pooling else None
+        self.add_pooling_layer = add_pooling_layer
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.embeddings.patch_embeddings
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+            True = that patch embedding is replaced by the mask token (every patch still enters, BEiT style).
+        """
+        if pixel_values is None:
+            raise ValueError("MaskDistillModel needs pixel_values")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        hidden_states, all_hidden_states, attentions = self.encoder(
+            pixel_values, bool_masked_pos, interpolate_pos_encoding, output_hidden_states, output_attentions
+        )
+        if self.pooler is not None:
+            pooled = self.pooler(hidden_states)
+        elif self.add_pooling_layer:
+            pooled = hidden_states[:, 0]
+        else:
+            pooled = None
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states, pooler_output=pooled, hidden_states=all_hidden_states, attentions=attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# --------------------------------------------------------------------------------------------------
+# The frozen teacher (kept outside the module tree)
+# --------------------------------------------------------------------------------------------------
+
+
+def read_teacher_normalization(teacher_name_or_path: str) -> tuple[list[float], list[float]] | None:
+    """(image_mean, image_std) from the teacher folder's preprocessor_config.json, or None if absent."""
+    path = os.path.join(teacher_name_or_path, "preprocessor_config.json")
+    if not os.path.isfile(path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            path = hf_hub_download(teacher_name_or_path, "preprocessor_config.json")
+        except Exception:
+            return None
+    with open(path, encoding="utf-8") as handle:
+        processor = json.load(handle)
+    if "image_mean" not in processor or "image_std" not in processor:
+        return None
+    return list(processor["image_mean"]), list(processor["image_std"])
+
+
+def load_teacher_model(teacher_name_or_path: str) -> nn.Module:
+    """The teacher as saved: the transformers class named in its config's `architectures` (so a
+    `CLIPVisionModelWithProjection` keeps its projection), else whatever `AutoModel` builds."""
+    import transformers
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(teacher_name_or_path)
+    architectures = getattr(config, "architectures", None) or []
+    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    if model_class is None or not hasattr(model_class, "from_pretrained"):
+        model_class = AutoModel
+    return model_class.from_pretrained(teacher_name_or_path)
+
+
+class FrozenTeacher:
+    """A frozen vision model and how to feed it: its own input normalisation and image size.
+
+    Not an `nn.Module` on purpose: it must not enter the student's `state_dict`, parameters, optimizer
+    or saved files. It follows the student's device on each call and stays in eval mode.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        image_mean: list[float],
+        image_std: list[float],
+        layer: str = "last_hidden_state",
+    ):
+        model.requires_grad_(False)
+        model.eval()
+        self.model = model
+        self.layer = layer
+        self.vision = getattr(model, "vision_model", None) or model
+        self.post_layernorm = getattr(self.vision, "post_layernorm", None)
+        self.projection = getattr(model, "visual_projection", None)
+        if layer in ("post_layernorm", "projected") and self.post_layernorm is None:
+            raise ValueError(f"teacher_layer={layer!r} needs a teacher with a `post_layernorm` (CLIP-style vision tower)")
+        if layer == "projected" and self.projection is None:
+            raise ValueError(
+                "teacher_layer='projected' needs a teacher with a `visual_projection` "
+                "(CLIPVisionModelWithProjection or CLIPModel)"
+            )
+        self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.image_std = torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        vision_config = getattr(model.config, "vision_config", None) or model.config
+        self.image_size = getattr(vision_config, "image_size", None)
+        self.patch_size = getattr(vision_config, "patch_size", None)
+
+    @property
+    def width(self) -> int:
+        config = getattr(self.model.config, "vision_config", None) or self.model.config
+        return config.projection_dim if self.layer == "projected" else config.hidden_size
+
+    def check_grid(self, grid: int) -> None:
+        if self.image_size is None or self.patch_size is None:
+            return
+        image_size = self.image_size[0] if isinstance(self.image_size, (tuple, list)) else self.image_size
+        patch_size = self.patch_size[0] if isinstance(self.patch_size, (tuple, list)) else self.patch_size
+        if image_size // patch_size != grid:
+            raise ValueError(
+                f"the teacher's patch grid ({image_size}/{patch_size} = {image_size // patch_size} per side) does not "
+                f"match the student's ({grid} per side): choose a teacher (or teacher image size) with the same grid, "
+                "e.g. CLIP-B/16 at 224 for a /16 student at 224"
+            )
+
+    @torch.no_grad()
+    def tokens(self, images: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """(B, N, D) patch tokens of the chosen layer for images in [0, 1] (B, C, H, W); cls dropped."""
+        parameter = next(self.model.parameters())
+        if parameter.device != images.device:
+            self.model.to(images.device)
+            parameter = next(self.model.parameters())
+        self.model.eval()
+        images = images.to(torch.float32)
+        if self.image_size is not None:
+            size = self.image_size if isinstance(self.image_size, (tuple, list)) else (self.image_size, self.image_size)
+            if tuple(images.shape[-2:]) != tuple(size):
+                images = F.interpolate(images, size=tuple(size), mode="bicubic", align_corners=False)
+        pixel_values = (images - self.image_mean.to(images.device)) / self.image_std.to(images.device)
+        output = self.vision(pixel_values=pixel_values.to(parameter.dtype))
+        tokens = output.last_hidden_state
+        if self.layer in ("post_layernorm", "projected"):
+            tokens = self.post_layernorm(tokens)
+        if self.layer == "projected":
+            tokens = self.projection(tokens)
+        num_prefix = tokens.shape[1] - num_patches
+        if not 0 <= num_prefix <= 8:
+            raise ValueError(
+                f"the teacher returned {tokens.shape[1]} tokens for {num_patches} student patches: "
+                "its patch grid must match the student's"
+            )
+        return tokens[:, num_prefix:]
+
+
+class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
+    """The MaskDistill objective: BEiT-style student + linear head regress LN(teacher(full image)) on the
+    masked patches with smooth-L1. The teacher is frozen and not saved (see the module docstring)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^maskdistill\.pooler\.", r"^classifier\.", r"layers\.\d+\.rel_pos_bias\."]
+    _keys_to_ignore_on_save = [r"^teacher\."]  # belt and braces: the teacher is not a submodule anyway
+
+    def __init__(self, config: MaskDistillConfig):
+        super().__init__(config)
+        self.maskdistill = MaskDistillModel(config, add_pooling_layer=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.target_size)
+        object.__setattr__(self, "_frozen_teacher", None)
+        self.post_init()
+
+    # ---- teacher -------------------------------------------------------------------------------
+
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher model (loaded from `config.teacher_name_or_path` on first access), or None."""
+        frozen = self.load_teacher()
+        return frozen.model if frozen is not None else None
+
+    def load_teacher(self) -> FrozenTeacher | None:
+        if self._frozen_teacher is None and self.config.target == "teacher" and self.config.teacher_name_or_path:
+            path = self.config.teacher_name_or_path
+            try:
+                model = load_teacher_model(path)
+            except (OSError, ValueError) as error:
+                raise OSError(
+                    f"could not load the MaskDistill teacher from config.teacher_name_or_path={path!r}: {error}\n"
+                    "Point teacher_name_or_path at a local vision-model folder (e.g. a saved CLIPVisionModel), "
+                    "call model.set_teacher(...), or pass return_loss=False for predictions only."
+                ) from error
+            mean, std = self.config.teacher_image_mean, self.config.teacher_image_std
+            if mean is None or std is None:
+                found = read_teacher_normalization(path)
+                if found is None:
+                    raise ValueError(
+                        f"no preprocessor_config.json with image_mean/image_std in {path!r}: set "
+                        "config.teacher_image_mean and config.teacher_image_std to the teacher's input normalisation"
+                    )
+                mean, std = (mean or found[0]), (std or found[1])
+            self._attach(FrozenTeacher(model, mean, std, self.config.teacher_layer))
+        return self._frozen_teacher
+
+    def set_teacher(
+        self, model: nn.Module, image_mean: list[float] | None = None, image_std: list[float] | None = None
+    ) -> None:
+        """Use an in-memory teacher (frozen here). Its normalisation: the arguments, else the config's."""
+        mean = image_mean if image_mean is not None else self.config.teacher_image_mean
+        std = image_std if image_std is not None else self.config.teacher_image_std
+        if mean is None or std is None:
+            raise ValueError("set_teacher needs the teacher's image_mean and image_std (or config.teacher_image_mean/std)")
+        self._attach(FrozenTeacher(model, mean, std, self.config.teacher_layer))
+
+    def _attach(self, frozen: FrozenTeacher) -> None:
+        frozen.check_grid(self.config.grid_size)
+        if frozen.width != self.config.teacher_hidden_size:
+            raise ValueError(
+                f"the teacher's {self.config.teacher_layer} tokens are {frozen.width} wide but "
+                f"config.teacher_hidden_size={self.config.teacher_hidden_size} (the head's output width); "
+                "build the config with MaskDistillConfig.for_teacher(...)"
+            )
+        object.__setattr__(self, "_frozen_teacher", frozen)
+
+    def images_from_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Undo the student's (ImageNet) normalisation: pixel_values -> images in [0, 1]."""
+        mean = torch.tensor(self.config.image_mean, device=pixel_values.device, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(self.config.image_std, device=pixel_values.device, dtype=torch.float32).view(1, -1, 1, 1)
+        return pixel_values.to(torch.float32) * std + mean
+
+    @torch.no_grad()
+    def teacher_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """(B, N, D_teacher) raw teacher patch tokens (chosen layer, before N) for the student's pixel_values."""
+        frozen = self.load_teacher()
+        if frozen is None:
+            raise ValueError(
+                "MaskDistill needs a teacher for target='teacher': set config.teacher_name_or_path to a local "
+                "vision-model folder (e.g. a saved CLIPVisionModel), call set_teacher(model, mean, std), or use "
+                "target='pixels'"
+            )
+        num_patches = (pixel_values.shape[-2] // self.config.patch_size) * (pixel_values.shape[-1] // self.config.patch_size)
+        return frozen.tokens(self.images_from_pixel_values(pixel_values), num_patches)
+
+    def normalize_targets(self, tokens: torch.Tensor) -> torch.Tensor:
+        method, eps = self.config.target_normalization, self.config.target_norm_eps
+        if method == "layer_norm":
+            return F.layer_norm(tokens.float(), tokens.shape[-1:], eps=eps)
+        if method == "layer_norm_unbiased":
+            return normalize_per_token(tokens.float(), eps=eps, unbiased=True)
+        return tokens.float()
+
+    def mask_generator(self) -> BlockwiseMaskGenerator:
+        """How the data pipeline masks an image for this model: BEiT block-wise masking at mask_ratio."""
+        return BlockwiseMaskGenerator(
+            self.config.grid_size,
+            self.config.num_masking_patches,
+            min_num_patches=self.config.mask_min_num_patches,
+            min_aspect=self.config.mask_min_aspect,
+        )
+
+    def train(self, mode: bool = True):
+        """The teacher stays in eval mode (it is not a submodule, so nn.Module.train never reaches it)."""
+        super().train(mode)
+        if self._frozen_teacher is not None:
+            self._frozen_teacher.model.eval()
+        return self
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.maskdistill.get_input_embeddings()
+
+    # ---- objective -----------------------------------------------------------------------------
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        return_loss: bool | None = None,
+        **kwargs,
+    ) -> MaskDistillMaskedImageModelingOutput | tuple:
+        r"""
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+            Patches replaced by the mask token (True). Drawn per image with `mask_generator()` when absent.
+        return_loss (`bool`, *optional*):
+            None (default): compute the loss whenever a target exists; with target "teacher" and no teacher
+            this is an error in training mode and `loss=None` in eval mode (predictions only). True: always
+            compute it (error without a teacher). False: skip the teacher and the loss.
+        """
+        if pixel_values is None:
+            raise ValueError("MaskDistillForMaskedImageModeling needs pixel_values")
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        batch_size = pixel_values.shape[0]
+        if bool_masked_pos is None:
+            generator = self.mask_generator()
+            bool_masked_pos = torch.stack([generator() for _ in range(batch_size)])
+        bool_masked_pos = bool_masked_pos.to(device=pixel_values.device, dtype=torch.bool)
+
+        outputs = self.maskdistill(
+            pixel_values,
+            bool_masked_pos=bool_masked_pos,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        predictions = self.lm_head(hidden_states[:, 1:])
+
+        if return_loss is None:
+            has_target = self.config.target == "pixels" or self.load_teacher() is not None
+            return_loss = has_target or self.training  # training without a teacher: the error below
+        loss = targets = patch_loss = reconstruction = None
+        if return_loss:
+            if self.config.target == "pixels":
+                raw = patchify(pixel_values.float(), self.config.patch_size)
+            else:
+                raw = self.teacher_features(pixel_values)
+            targets = self.normalize_targets(raw)
+            if targets.shape != predictions.shape:
+                raise ValueError(f"targets of shape {tuple(targets.shape)} do not match predictions {tuple(predictions.shape)}")
+            patch_loss = self._elementwise_loss(predictions.float(), targets).mean(dim=-1)
+            loss = weighted_token_mean(patch_loss, bool_masked_pos)
+            patch_loss = patch_loss.detach()
+            if self.config.target == "pixels":
+                reconstruction = self._reconstruct(predictions.detach().float(), raw, pixel_values)
+
+        output = MaskDistillMaskedImageModelingOutput(
+            loss=loss,
+            predictions=predictions,
+            targets=targets,
+            bool_masked_pos=bool_masked_pos,
+            patch_loss=patch_loss,
+            reconstruction=reconstruction,
+            last_hidden_state=hidden_states,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _elementwise_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if self.config.loss == "smooth_l1":
+            return smooth_l1(prediction, target, beta=self.config.smooth_l1_beta)
+        if self.config.loss == "mse":
+            return (prediction - target) ** 2
+        return (prediction - target).abs()
+
+    def _reconstruct(self, predictions: torch.Tensor, raw: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        method = self.config.target_normalization
+        if method != "none":
+            mean = raw.mean(dim=-1, keepdim=True)
+            var = raw.var(dim=-1, keepdim=True, unbiased=method == "layer_norm_unbiased")
+            predictions = predictions * torch.sqrt(var + self.config.target_norm_eps) + mean
+        grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
+        return unpatchify(predictions, self.config.patch_size, grid, self.config.num_channels)
+
+
+class MaskDistillForImageClassification(MaskDistillPreTrainedModel):
+    """BEiT v2-style fine-tuning: per-layer relative position tables (copied from the shared pretraining
+    table on load), mean of the patch tokens -> fc_norm -> linear head (`use_mean_pooling`)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^maskdistill\.encoder\.layernorm\."]
+    # not reported as missing: _init_weights copies the (loaded) shared pretraining table into each block
+    _keys_to_ignore_on_load_missing = [r"layers\.\d+\.rel_pos_bias\."]
+
+    def __init__(self, config: MaskDistillConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.maskdistill = MaskDistillModel(config, add_pooling_layer=True, per_layer_relative_position_bias=True)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As PreTrainedModel's; loading re-creates parameters, so the unused shared table (the loading
+        place of a pretraining checkpoint's table, copied into every block) is frozen again here."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        model.maskdistill.encoder.rel_pos_bias.requires_grad_(False)
+        return loaded
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.maskdistill(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
+        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return output if return_dict else output.to_tuple()
+
+
+__all__ = [
+    "MaskDistillPreTrainedModel",
+    "MaskDistillModel",
+    "MaskDistillForMaskedImageModeling",
+    "MaskDistillForImageClassification",
+]
