@@ -258,3 +258,28 @@ def test_model_card_renders_for_every_head(tmp_path):
     classifier = render_model_card(MaskDistillForImageClassification(MaskDistillConfig.from_preset("tiny", num_labels=2)),
                                    "me/md-cls").content
     assert "pipeline_tag: image-classification" in classifier
+
+
+def test_run_mim_pretrains_with_a_local_teacher(tmp_path):
+    """`--teacher_name_or_path` names the frozen teacher; it is not part of the student's folder."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    teacher = tiny_clip(tmp_path)
+    script = Path(__file__).resolve().parents[1] / "training_scripts" / "run_mim.py"
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(script), "--model_type", "maskdistill", "--model_size", "tiny",
+         "--teacher_name_or_path", str(teacher), "--config_overrides", f"teacher_hidden_size={CLIPVisionConfig.from_pretrained(teacher).hidden_size}",
+         "--max_train_steps", "2", "--per_device_train_batch_size", "4", "--output_dir", str(out)],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"),
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["teacher_name_or_path"] == str(teacher)
+    from safetensors.torch import load_file
+
+    assert not any(key.startswith("teacher") for key in load_file(out / "model.safetensors"))

@@ -196,14 +196,17 @@ def test_two_cpu_ranks_train_with_gloo_on_different_shards(tmp_path):
     assert (out / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("model_type", ["extrema", "revcolv2"])
-def test_every_method_pretrains_through_the_one_generic_loop(model_type, tmp_path):
+@pytest.mark.parametrize(
+    "model_type, extra",
+    [("extrema", []), ("revcolv2", []), ("maskdistill", ["--config_overrides", "target=pixels"])],
+)
+def test_every_method_pretrains_through_the_one_generic_loop(model_type, extra, tmp_path):
     """Methods differ only by config and event methods: the same script, the same flags."""
     from hf_mim import MODEL_FAMILIES
 
     assert model_type in MODEL_FAMILIES
     out = tmp_path / model_type
-    run_mim("--model_type", model_type, *TINY, "--max_train_steps", 2, "--output_dir", out)
+    run_mim("--model_type", model_type, *TINY, *extra, "--max_train_steps", 2, "--output_dir", out)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == model_type
     assert (out / "mim_picture.png").is_file() and (out / "README.md").is_file()

@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--config_overrides", help="e.g. 'drop_path_rate=0.1,teacher_depth=0'")
     model.add_argument("--image_size", type=int)
     model.add_argument("--mask_ratio", type=float)
+    model.add_argument(
+        "--teacher_name_or_path", help="a frozen teacher for methods that distil one (MaskDistill): local folder or Hub id"
+    )
     model.add_argument("--attn_implementation", default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])
     model.add_argument("--gradient_checkpointing", action="store_true")
 
@@ -169,6 +172,12 @@ def build_model(args: argparse.Namespace, saved_config: dict | None = None):
         overrides["image_size"] = args.image_size
     if args.mask_ratio is not None:
         overrides["mask_ratio"] = args.mask_ratio
+    if args.teacher_name_or_path is not None:
+        overrides["teacher_name_or_path"] = args.teacher_name_or_path
+    known_fields = set(family.config_class().to_dict())
+    unknown = sorted(name for name in overrides if name not in known_fields)
+    if unknown:
+        raise SystemExit(f"{family.config_class.__name__} has no field(s) {', '.join(unknown)} (set on the command line)")
     kwargs = {"attn_implementation": args.attn_implementation}
     if saved_config is not None:  # resuming: the checkpoint's config (e.g. after a dBOT stage change)
         config = family.config_class.from_dict(saved_config)
