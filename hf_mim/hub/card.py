@@ -58,7 +58,9 @@ def render_model_card(
     )
     run_context = None
     if run:
-        run_context = {"table": [(key, value) for key, value in run.items()], "is_demo": is_demo}
+        # an optional "script" entry names the training script (default run_mim.py) instead of a table row
+        script = run.get("script", "training_scripts/run_mim.py")
+        run_context = {"table": [(k, v) for k, v in run.items() if k != "script"], "is_demo": is_demo, "script": script}
     num_parameters = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("teacher."))
     return ModelCard.from_template(
         card_data,

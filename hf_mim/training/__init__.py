@@ -29,6 +29,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .guards import NonFiniteLossError, check_finite_loss
+from .linear_probe import attach_batchnorm_probe, fold_batchnorm_probe, freeze_backbone, linear_probe_train_mode
 from .metrics import AccuracyMeter, topk_correct
 from .optim import (
     DEFAULT_SKIP_NAMES,
@@ -82,4 +83,6 @@ __all__ = [
     # metrics
     "AccuracyMeter",
     "topk_correct",
+    # linear probe
+    "attach_batchnorm_probe", "fold_batchnorm_probe", "freeze_backbone", "linear_probe_train_mode",
 ]
