@@ -5,11 +5,33 @@ AutoModelForMaskedImageModeling, AutoModelForImageClassification, AutoImageProce
 """
 
 from .configuration_dbot import DbotConfig
+from .configuration_extrema import ExtremaConfig
 from .modeling_dbot import (
     DbotForImageClassification,
     DbotForMaskedImageModeling,
     DbotModel,
     DbotPreTrainedModel,
+)
+from .modeling_extrema import (
+    ExtremaForImageClassification,
+    ExtremaForMaskedImageModeling,
+    ExtremaModel,
+    ExtremaPreTrainedModel,
+)
+from .configuration_revcolv2 import RevColV2Config
+from .modeling_revcolv2 import (
+    RevColV2Backbone,
+    RevColV2ForImageClassification,
+    RevColV2ForMaskedImageModeling,
+    RevColV2Model,
+    RevColV2PreTrainedModel,
+)
+from .configuration_maskdistill import MaskDistillConfig
+from .modeling_maskdistill import (
+    MaskDistillForImageClassification,
+    MaskDistillForMaskedImageModeling,
+    MaskDistillModel,
+    MaskDistillPreTrainedModel,
 )
 from .registry import MODEL_FAMILIES, ModelFamily, register_all
 
@@ -23,6 +45,22 @@ __all__ = [
     "DbotPreTrainedModel",
     "DbotForMaskedImageModeling",
     "DbotForImageClassification",
+    "ExtremaConfig",
+    "ExtremaModel",
+    "ExtremaPreTrainedModel",
+    "ExtremaForMaskedImageModeling",
+    "ExtremaForImageClassification",
+    "RevColV2Config",
+    "RevColV2Model",
+    "RevColV2PreTrainedModel",
+    "RevColV2ForMaskedImageModeling",
+    "RevColV2ForImageClassification",
+    "RevColV2Backbone",
+    "MaskDistillConfig",
+    "MaskDistillModel",
+    "MaskDistillPreTrainedModel",
+    "MaskDistillForMaskedImageModeling",
+    "MaskDistillForImageClassification",
     "MODEL_FAMILIES",
     "ModelFamily",
 ]

@@ -19,9 +19,15 @@ from transformers import (
 
 from .configuration_dbot import DbotConfig
 from .configuration_extrema import ExtremaConfig
+from .configuration_maskdistill import MaskDistillConfig
 from .configuration_revcolv2 import RevColV2Config
 from .modeling_dbot import DbotForImageClassification, DbotForMaskedImageModeling, DbotModel
 from .modeling_extrema import ExtremaForImageClassification, ExtremaForMaskedImageModeling, ExtremaModel
+from .modeling_maskdistill import (
+    MaskDistillForImageClassification,
+    MaskDistillForMaskedImageModeling,
+    MaskDistillModel,
+)
 from .modeling_revcolv2 import (
     RevColV2Backbone,
     RevColV2ForImageClassification,
@@ -92,6 +98,16 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         image_classification_class=RevColV2ForImageClassification,
         backbone_class=RevColV2Backbone,
         # MAE-style pretraining augmentation: RandomResizedCrop(scale 0.2-1) + flip (no official code)
+        crop_scale=(0.2, 1.0),
+    ),
+    "maskdistill": ModelFamily(
+        model_type="maskdistill",
+        config_class=MaskDistillConfig,
+        base_model_class=MaskDistillModel,
+        masked_image_modeling_class=MaskDistillForMaskedImageModeling,
+        image_classification_class=MaskDistillForImageClassification,
+        # BEiT v2 pipeline (beit2/datasets.py): RandomResizedCrop(min_crop_scale 0.2) + flip; the teacher
+        # sees the same crop (the model derives its input from the student's pixel_values)
         crop_scale=(0.2, 1.0),
     ),
 }
