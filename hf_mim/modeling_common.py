@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
@@ -675,3 +676,40 @@ class RelativePositionBias(nn.Module):
 
     def extra_repr(self) -> str:
         return f"grid_size={self.grid_size}, num_heads={self.num_heads}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The classification head every method shares
+# --------------------------------------------------------------------------------------------------
+
+
+class ImageClassificationMixin:
+    """`forward` of every `...ForImageClassification`: the backbone (`self.base_model`, found through
+    `base_model_prefix`) gives `pooler_output`, the method's fine-tuning representation; `self.classifier`
+    maps it to logits; `labels` go to transformers' `self.loss_function`. Put it first in the bases.
+    """
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutput | tuple:
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        outputs = self.base_model(
+            pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            return_dict=True,
+        )
+        logits = self.classifier(outputs.pooler_output)
+        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
+        output = ImageClassifierOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
+        return output if return_dict else output.to_tuple()

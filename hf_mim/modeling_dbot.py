@@ -15,12 +15,13 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_dbot import DbotConfig
 from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, random_masking
 from .modeling_common import (
+    ImageClassificationMixin,
     MeanPooler,
     ViTEncoder,
     gather_tokens,
@@ -361,7 +362,7 @@ class DbotForMaskedImageModeling(DbotPreTrainedModel):
         self.config.stage += 1
 
 
-class DbotForImageClassification(DbotPreTrainedModel):
+class DbotForImageClassification(ImageClassificationMixin, DbotPreTrainedModel):
     """dBOT fine-tuning model: mean of patch tokens -> fc_norm -> linear head (official `global_pool`).
 
     Loading a pretraining checkpoint keeps the backbone; the decoder, teacher and the pretraining final
@@ -376,31 +377,6 @@ class DbotForImageClassification(DbotPreTrainedModel):
         self.dbot = DbotModel(config, add_pooling_layer=True)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        interpolate_pos_encoding: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.dbot(
-            pixel_values,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            return_dict=True,
-        )
-        logits = self.classifier(outputs.pooler_output)
-        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
-        output = ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = ["DbotPreTrainedModel", "DbotModel", "DbotForMaskedImageModeling", "DbotForImageClassification"]

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_extrema import ExtremaConfig
@@ -34,6 +34,7 @@ from .masking import (
     multi_masking,
 )
 from .modeling_common import (
+    ImageClassificationMixin,
     ClassAttentionBlock,
     MeanPooler,
     VisionEmbeddings,
@@ -579,7 +580,7 @@ class ExtremaForMaskedImageModeling(ExtremaPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class ExtremaForImageClassification(ExtremaPreTrainedModel):
+class ExtremaForImageClassification(ImageClassificationMixin, ExtremaPreTrainedModel):
     """ExtreMA fine-tuning / linear-probe model.
 
     `config.pooling == "mean"` (default): the official fine-tuning model: mean of the patch tokens after
@@ -612,31 +613,6 @@ class ExtremaForImageClassification(ExtremaPreTrainedModel):
         )
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        interpolate_pos_encoding: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.extrema(
-            pixel_values,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            return_dict=True,
-        )
-        logits = self.classifier(outputs.pooler_output)
-        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
-        output = ImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
-        )
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = [

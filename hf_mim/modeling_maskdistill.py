@@ -24,12 +24,19 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_maskdistill import MaskDistillConfig
 from .masking import BlockwiseMaskGenerator
-from .modeling_common import LayerScale, MeanPooler, PatchEmbeddings, RelativePositionBias, make_blocks
+from .modeling_common import (
+    ImageClassificationMixin,
+    LayerScale,
+    MeanPooler,
+    PatchEmbeddings,
+    RelativePositionBias,
+    make_blocks,
+)
 from .objectives import normalize_per_token, patchify, smooth_l1, unpatchify, weighted_token_mean
 
 
@@ -573,7 +580,7 @@ class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
         return unpatchify(predictions, self.config.patch_size, grid, self.config.num_channels)
 
 
-class MaskDistillForImageClassification(MaskDistillPreTrainedModel):
+class MaskDistillForImageClassification(ImageClassificationMixin, MaskDistillPreTrainedModel):
     """BEiT v2-style fine-tuning: per-layer relative position tables (copied from the shared pretraining
     table on load), mean of the patch tokens -> fc_norm -> linear head (`use_mean_pooling`)."""
 
@@ -596,29 +603,6 @@ class MaskDistillForImageClassification(MaskDistillPreTrainedModel):
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
         model.maskdistill.encoder.rel_pos_bias.requires_grad_(False)
         return loaded
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        interpolate_pos_encoding: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.maskdistill(
-            pixel_values,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            return_dict=True,
-        )
-        logits = self.classifier(outputs.pooler_output)
-        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
-        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return output if return_dict else output.to_tuple()
 
 
 __all__ = [

@@ -31,12 +31,13 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
-from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling, ImageClassifierOutput
+from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_revcolv2 import RevColV2Config
 from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, random_masking
 from .modeling_common import (
+    ImageClassificationMixin,
     Block,
     MeanPooler,
     VisionEmbeddings,
@@ -508,7 +509,7 @@ class RevColV2ForMaskedImageModeling(RevColV2PreTrainedModel):
 # --------------------------------------------------------------------------------------------------
 
 
-class RevColV2ForImageClassification(RevColV2PreTrainedModel):
+class RevColV2ForImageClassification(ImageClassificationMixin, RevColV2PreTrainedModel):
     """The whole autoencoder (bottom-up + top-down columns, no masking), top level of the last
     top-down column -> mean of patch tokens -> LayerNorm -> Linear. A pretraining checkpoint loads with
     only the pixel head dropped; `pooler.fc_norm` and the classifier start fresh."""
@@ -521,29 +522,6 @@ class RevColV2ForImageClassification(RevColV2PreTrainedModel):
         self.revcolv2 = RevColV2Model(config, add_pooling_layer=True)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        output_attentions: bool | None = None,
-        interpolate_pos_encoding: bool = False,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutput | tuple:
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
-        outputs = self.revcolv2(
-            pixel_values,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            return_dict=True,
-        )
-        logits = self.classifier(outputs.pooler_output)
-        loss = self.loss_function(labels, logits, self.config, **kwargs) if labels is not None else None
-        output = ImageClassifierOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
-        return output if return_dict else output.to_tuple()
 
 
 class RevColV2ChannelNorm(nn.LayerNorm):

@@ -324,8 +324,14 @@ def build_optimizer(args: argparse.Namespace, model, lr: float) -> torch.optim.O
     """Fine-tuning: layer-wise lr decay groups over every parameter; linear probe: the head only.
     Each group's `lr_scale` is applied by the schedule."""
     if args.mode == "finetune":
+        # Architectures whose depth is not a plain block index (RevColV2's column grid) say how their
+        # parameters map to layers through `layer_id_for_lr_decay`; ViTs use the block index.
         groups = layer_decay_param_groups(
-            model, args.weight_decay, args.layer_decay, num_layers=model.config.num_hidden_layers
+            model,
+            args.weight_decay,
+            args.layer_decay,
+            num_layers=model.config.num_hidden_layers,
+            layer_id_fn=getattr(model, "layer_id_for_lr_decay", None),
         )
     else:
         groups = weight_decay_param_groups(model, args.weight_decay)
