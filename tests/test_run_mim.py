@@ -210,3 +210,6 @@ def test_every_method_pretrains_through_the_one_generic_loop(model_type, extra, 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == model_type
     assert (out / "mim_picture.png").is_file() and (out / "README.md").is_file()
+    if model_type == "extrema":  # the momentum encoder, ready for the paper's linear probe
+        momentum = json.loads((out / "momentum_encoder" / "config.json").read_text())
+        assert momentum["pooling"] == "class_attention" and (out / "momentum_encoder" / "model.safetensors").is_file()

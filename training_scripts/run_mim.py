@@ -10,7 +10,8 @@ One generic loop. Methods differ only through their config and the event methods
 - `mask_generator()`: how the collator masks each image;
 - `start_new_stage()`: at each stage boundary when `--num_stages` > 1 (dBOT's bootstrapping);
 - `on_train_step_end(progress)`: after every optimizer step, with progress in [0, 1] (momentum teachers);
-- `refresh_masking_state(...)`: periodic passes over the data (attention-driven masking).
+- `refresh_masking_state(...)`: periodic passes over the data (attention-driven masking);
+- `momentum_backbone()`: at the end, the momentum encoder is saved as a backbone folder of its own.
 
 Resume is exact: augmentation and masks are a pure function of (seed, epoch, example id), and a
 resumed run skips the batches each rank had already consumed in its current epoch.
@@ -474,6 +475,10 @@ def gather_positions(accelerator, position: dict) -> list[dict]:
 def write_outputs(args, accelerator, model, batch, output_dir: Path, total_batch, lr, total_steps, elapsed, world) -> None:
     """The Hub-ready folder: weights, config with full auto_map, code, processor, card, args, pictures."""
     save_hub_folder(model, output_dir, image_processor=build_image_processor(model.config.image_size))
+    if hasattr(model, "momentum_backbone"):
+        # Methods with a momentum teacher are linear-probed on it (ExtreMA): a ready backbone folder.
+        momentum_dir = save_hub_folder(model.momentum_backbone(), output_dir / "momentum_encoder")
+        logger.info("wrote the momentum encoder (linear-probe backbone) to %s", momentum_dir)
     if batch is not None:
         save_picture(model, batch, output_dir / "mim_picture.png")
     write_json_atomic(output_dir / "training_args.json", {k: v for k, v in vars(args).items() if k != "hub_token"})
