@@ -1,0 +1,52 @@
+"""The evaluation each paper uses runs through run_image_classification.py for every method."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+import hf_mim
+from hf_mim.hub import save_hub_folder
+
+SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "run_image_classification.py"
+
+
+def run_classification(*args) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), *map(str, args), "--max_train_steps", "2", "--per_device_train_batch_size", "8",
+         "--eval_steps", "2"],
+        capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"), timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+def test_maskdistill_fine_tunes_with_layer_decay(tmp_path):
+    torch.manual_seed(0)
+    save_hub_folder(hf_mim.MaskDistillForMaskedImageModeling(hf_mim.MaskDistillConfig.from_preset("tiny")), tmp_path / "pre")
+    run_classification("--model_name_or_path", tmp_path / "pre", "--mode", "finetune", "--output_dir", tmp_path / "ft")
+    results = json.loads((tmp_path / "ft" / "eval_results.json").read_text())
+    assert 0 <= results["top1"] <= 100
+    assert json.loads((tmp_path / "ft" / "config.json").read_text())["model_type"] == "maskdistill"
+
+
+def test_extrema_momentum_encoder_is_linear_probed(tmp_path):
+    """ExtreMA's evaluation: the momentum encoder, class-attention token, BatchNorm + linear probe."""
+    torch.manual_seed(0)
+    model = hf_mim.ExtremaForMaskedImageModeling(hf_mim.ExtremaConfig.from_preset("tiny"))
+    save_hub_folder(model.momentum_backbone(), tmp_path / "momentum")
+    run_classification("--model_name_or_path", tmp_path / "momentum", "--mode", "linear_probe",
+                       "--output_dir", tmp_path / "probe")
+    from safetensors.torch import load_file
+
+    probe = load_file(tmp_path / "probe" / "model.safetensors")
+    momentum = model.momentum_encoder.state_dict()
+    # the probed backbone is the momentum encoder, unchanged by probing
+    key = "layers.0.attn.qkv.weight"
+    probed = next(value for name, value in probe.items() if name.endswith("encoder." + key))
+    assert torch.equal(probed, momentum[key])
