@@ -64,6 +64,7 @@ from hf_mim.hub.card import write_model_card
 from hf_mim.overrides import parse_overrides
 from hf_mim.registry import family_for
 from hf_mim.training import (
+    stream_batches,
     AccuracyMeter,
     NonFiniteLossError,
     StagedSchedule,
@@ -538,24 +539,6 @@ def resolve_labels(train_raw, label_column: str, val_raw, need_count: bool) -> t
 
 
 # ------------------------------------------------------------------------------------------ loop
-
-
-def stream_batches(dataloader, stream, collator, start_epoch: int, skip_batches: int):
-    """(epoch, index in epoch, batch) forever: each rank cycles through its own shards, so every rank
-    takes the same number of optimizer steps even when shards are uneven."""
-    epoch, skip = start_epoch, skip_batches
-    while True:
-        stream.set_epoch(epoch)
-        collator.set_epoch(epoch)
-        empty = True
-        for index, batch in enumerate(dataloader):
-            empty = False
-            if index < skip:
-                continue
-            yield epoch, index, batch
-        if empty:
-            raise RuntimeError("the training stream yielded no full batch: lower --per_device_train_batch_size")
-        epoch, skip = epoch + 1, 0
 
 
 def set_train_mode(model, args: argparse.Namespace) -> None:

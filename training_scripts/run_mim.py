@@ -48,6 +48,7 @@ from hf_mim.hub.card import write_model_card
 from hf_mim.overrides import parse_overrides
 from hf_mim.registry import family_for
 from hf_mim.training import (
+    stream_batches,
     NonFiniteLossError,
     StagedSchedule,
     build_adamw,
@@ -217,24 +218,6 @@ def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     """The batch entries the model's forward accepts (the rest: ids, counters)."""
     accepted = inspect.signature(model.forward).parameters
     return {key: value for key, value in batch.items() if key in accepted}
-
-
-def stream_batches(dataloader, stream, collator, start_epoch: int, skip_batches: int):
-    """(epoch, index in epoch, batch) forever: each rank cycles through its own shards, so every rank
-    takes the same number of optimizer steps even when shards are uneven."""
-    epoch, skip = start_epoch, skip_batches
-    while True:
-        stream.set_epoch(epoch)
-        collator.set_epoch(epoch)
-        empty = True
-        for index, batch in enumerate(dataloader):
-            empty = False
-            if index < skip:
-                continue
-            yield epoch, index, batch
-        if empty:
-            raise RuntimeError("the training stream yielded no full batch: lower --per_device_train_batch_size")
-        epoch, skip = epoch + 1, 0
 
 
 def save_picture(model, batch: dict, path: Path) -> None:
