@@ -12,6 +12,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 
 
 class MaskIndices(NamedTuple):
@@ -261,3 +262,251 @@ class DisjointMaskGenerator:
         shape = (1, self.num_patches) if self.disjoint else (1, self.num_masks, self.num_patches)
         noise = torch.rand(shape, generator=generator)
         return multi_masking(noise, self.mask_ratio, self.num_masks).bool_masked_pos[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention-driven masking and throwing (AMT): per-image maps, weighted order, three bands
+# --------------------------------------------------------------------------------------------------
+
+
+class ThrowMasks(NamedTuple):
+    """AMT's three kinds of patch, as two (B, N) bool masks in raster order (neither = visible).
+
+    bool_masked_pos: hidden from the encoder and reconstructed (in the loss).
+    bool_thrown_pos: removed everywhere: not seen, not predicted, not in the loss.
+    """
+
+    bool_masked_pos: torch.Tensor
+    bool_thrown_pos: torch.Tensor
+
+
+def amt_counts(num_units: int, mask_ratio: float, throw_ratio: float, rounding: str) -> tuple[int, int]:
+    """(masked, thrown) unit counts as the official code computes them.
+
+    "floor" (mae-AMT): masked = int(N r), masked + thrown = int(N (r + t)).
+    "ceil" (SimMIM-AMT): masked = ceil(N r), thrown = ceil(N t).
+    """
+    if rounding == "floor":
+        masked = int(num_units * mask_ratio)
+        return masked, int(num_units * (mask_ratio + throw_ratio)) - masked
+    if rounding == "ceil":
+        return math.ceil(num_units * mask_ratio), math.ceil(num_units * throw_ratio)
+    raise ValueError(f"rounding must be 'floor' or 'ceil', got {rounding!r}")
+
+
+def weighted_order(weights: torch.Tensor, noise: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """(B, N) weighted random permutation without replacement, highest-priority first, from explicit
+    uniform noise: argsort(log(w + eps) + Gumbel(noise), descending).
+
+    Same distribution as `torch.multinomial(w, N)` (the official call), but reproducible from `noise`;
+    `eps` keeps zero-weight units drawable (multinomial fails when fewer than N weights are positive).
+    """
+    if weights.shape != noise.shape:
+        raise ValueError(f"weights {tuple(weights.shape)} and noise {tuple(noise.shape)} must have the same shape")
+    tiny = torch.finfo(torch.float32).tiny
+    uniform = noise.float().clamp(tiny, 1.0 - 1e-7)
+    gumbel = -torch.log(-torch.log(uniform))
+    keys = torch.log(weights.float().clamp_min(0) + eps) + gumbel
+    return torch.argsort(keys, dim=-1, descending=True)
+
+
+def throw_masks_from_order(order: torch.Tensor, num_masked: int, num_thrown: int) -> ThrowMasks:
+    """First `num_masked` of each row's order masked, the next `num_thrown` thrown, the rest visible."""
+    batch_size, num_units = order.shape
+    masked = torch.zeros(batch_size, num_units, dtype=torch.bool, device=order.device)
+    thrown = torch.zeros_like(masked)
+    masked.scatter_(1, order[:, :num_masked], True)
+    thrown.scatter_(1, order[:, num_masked : num_masked + num_thrown], True)
+    return ThrowMasks(masked, thrown)
+
+
+def units_to_patches(unit_mask: torch.Tensor, unit_grid: int, unit_size: int) -> torch.Tensor:
+    """(B, G*G) mask over mask units of `unit_size` x `unit_size` patches -> (B, (G*unit_size)^2) over patches."""
+    if unit_size == 1:
+        return unit_mask
+    batch_size = unit_mask.shape[0]
+    grid = unit_mask.reshape(batch_size, unit_grid, unit_grid)
+    grid = grid.repeat_interleave(unit_size, dim=1).repeat_interleave(unit_size, dim=2)
+    return grid.reshape(batch_size, -1)
+
+
+def units_from_patches(patch_values: torch.Tensor, patch_grid: int, unit_size: int) -> torch.Tensor:
+    """(B, P*P) per-patch values -> (B, (P/unit_size)^2) sums per mask unit."""
+    if unit_size == 1:
+        return patch_values
+    batch_size = patch_values.shape[0]
+    units = patch_grid // unit_size
+    grid = patch_values.reshape(batch_size, units, unit_size, units, unit_size)
+    return grid.sum(dim=(2, 4)).reshape(batch_size, units * units)
+
+
+def normalized_cls_attention(cls_attention: torch.Tensor, num_prefix_tokens: int, grid: tuple[int, int]) -> torch.Tensor:
+    """AMT's per-image map from the last block's cls attention (B, heads, prefix + N): keys of the
+    patches only, min-max normalised per head over the patches, mean over heads -> (B, rows, columns)."""
+    patches = cls_attention[:, :, num_prefix_tokens:].float()
+    low = patches.amin(dim=-1, keepdim=True)
+    high = patches.amax(dim=-1, keepdim=True)
+    normalized = (patches - low) / (high - low).clamp_min(torch.finfo(torch.float32).tiny)
+    return normalized.mean(dim=1).reshape(-1, *grid)
+
+
+def crop_attention_map(
+    attention_map: torch.Tensor,
+    crop_box: torch.Tensor | None,
+    flipped: bool,
+    output_size: tuple[int, int],
+) -> torch.Tensor:
+    """(rows, cols) map of the whole image -> (H, W) per-pixel weights of one training crop, in [0, 1].
+
+    `crop_box` = (top, left, height, width) as fractions of the original image (None = whole image).
+    The map is sampled bilinearly at the centre of every output pixel (align_corners=False, edges
+    clamped): for the whole image this is `F.interpolate(map, (H, W), mode="bilinear")`, the official
+    resize; for a crop it takes the crop's own part of the map (the paper's intent; the released code
+    always reads the map's top-left cells). Flipped with the image.
+    """
+    out_h, out_w = output_size
+    top, left, height, width = (0.0, 0.0, 1.0, 1.0) if crop_box is None else [float(v) for v in crop_box]
+    dtype = torch.float32
+    rows = top + (torch.arange(out_h, dtype=dtype) + 0.5) / out_h * height
+    cols = left + (torch.arange(out_w, dtype=dtype) + 0.5) / out_w * width
+    if flipped:
+        cols = cols.flip(0)
+    grid = torch.stack(torch.meshgrid(rows * 2 - 1, cols * 2 - 1, indexing="ij")[::-1], dim=-1)
+    source = attention_map.to(dtype)[None, None]
+    sampled = F.grid_sample(source, grid[None].to(source.device), mode="bilinear", padding_mode="border", align_corners=False)
+    return sampled[0, 0].clamp(0, 1)
+
+
+class AttentionMapStore:
+    """One attention map per training example, keyed by its stable example id (not a stream position).
+
+    Held as two tensors (sorted int64 ids, float16 maps) so ImageNet-1K at 14x14 costs ~0.5 GB and a
+    lookup is a binary search. `state_dict` / `load_state_dict` make it part of a training checkpoint
+    (register it with `accelerator.register_for_checkpointing`).
+    """
+
+    def __init__(self) -> None:
+        self.example_ids = torch.zeros(0, dtype=torch.int64)
+        self.maps = torch.zeros(0, 1, 1, dtype=torch.float16)
+        self.num_refreshes = 0
+
+    def __len__(self) -> int:
+        return int(self.example_ids.numel())
+
+    def update(self, example_ids: torch.Tensor, maps: torch.Tensor) -> None:
+        """Insert or replace maps (K, rows, cols) for `example_ids` (K,); the newest map of an id wins."""
+        example_ids = example_ids.detach().to("cpu", torch.int64).reshape(-1)
+        maps = maps.detach().to("cpu", torch.float16)
+        if maps.shape[0] != example_ids.shape[0]:
+            raise ValueError(f"{example_ids.shape[0]} example ids but {maps.shape[0]} maps")
+        if len(self) and maps.shape[1:] != self.maps.shape[1:]:
+            raise ValueError(f"maps of shape {tuple(maps.shape[1:])} differ from the stored {tuple(self.maps.shape[1:])}")
+        ids = torch.cat([self.example_ids, example_ids]) if len(self) else example_ids
+        all_maps = torch.cat([self.maps, maps]) if len(self) else maps
+        # keep the LAST occurrence of every id: stable sort, then take each run's final element
+        order = torch.sort(ids, stable=True).indices
+        sorted_ids = ids[order]
+        last = torch.ones_like(sorted_ids, dtype=torch.bool)
+        last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+        self.example_ids = sorted_ids[last].contiguous()
+        self.maps = all_maps[order[last]].contiguous()
+
+    def get(self, example_id: int) -> torch.Tensor | None:
+        """The float32 map of one example, or None if it has none yet."""
+        if not len(self):
+            return None
+        index = int(torch.searchsorted(self.example_ids, torch.tensor([int(example_id)])).item())
+        if index < len(self) and int(self.example_ids[index]) == int(example_id):
+            return self.maps[index].float()
+        return None
+
+    def state_dict(self) -> dict:
+        return {"example_ids": self.example_ids, "maps": self.maps, "num_refreshes": self.num_refreshes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.example_ids = state["example_ids"].to(torch.int64)
+        self.maps = state["maps"].to(torch.float16)
+        self.num_refreshes = int(state["num_refreshes"])
+
+
+class AttentionMaskGenerator:
+    """AMT's masks for one example: attention-driven masking and throwing once the example has a map,
+    uniform random masking (`warmup_mask_ratio`, nothing thrown) before.
+
+    Called per example as `generator(torch_generator, example_id=..., crop_box=..., flipped=...)` ->
+    ThrowMasks of (N,) bool tensors over patches. The crop box and flip say where the training crop sits
+    in the image the map was computed on. Masks are drawn at the level of mask units
+    (`unit_size` x `unit_size` patches: 1 for MAE, 2 for SimMIM's 32 px units at patch 16).
+    `strategy="random"` is the plain MAE/SimMIM baseline: random masking at `mask_ratio`, no throwing.
+    """
+
+    needs_crop_box = True
+
+    def __init__(
+        self,
+        patch_grid: int,
+        patch_size: int,
+        unit_size: int,
+        mask_ratio: float,
+        throw_ratio: float,
+        warmup_mask_ratio: float,
+        rounding: str,
+        strategy: str = "amt",
+        store: AttentionMapStore | None = None,
+    ):
+        if patch_grid % unit_size:
+            raise ValueError(f"a {patch_grid}x{patch_grid} patch grid cannot be cut into units of {unit_size} patches")
+        self.patch_grid = patch_grid
+        self.patch_size = patch_size
+        self.unit_size = unit_size
+        self.unit_grid = patch_grid // unit_size
+        self.mask_ratio = mask_ratio
+        self.throw_ratio = throw_ratio
+        self.warmup_mask_ratio = warmup_mask_ratio
+        self.rounding = rounding
+        self.strategy = strategy
+        self.store = store if store is not None else AttentionMapStore()
+
+    def random_masks(self, noise: torch.Tensor, mask_ratio: float) -> ThrowMasks:
+        """Uniform random masking of units from noise (B, units): MAE keeps int(N (1 - r)) patches, SimMIM
+        masks ceil(N r) units; nothing thrown."""
+        num_units = noise.shape[-1]
+        if self.rounding == "floor":
+            num_masked = num_units - num_visible_patches(num_units, mask_ratio)
+        else:
+            num_masked = math.ceil(num_units * mask_ratio)
+        order = torch.argsort(noise, dim=-1, descending=True)
+        return self._to_patches(throw_masks_from_order(order, num_masked, 0))
+
+    def guided_masks(self, unit_weights: torch.Tensor, noise: torch.Tensor) -> ThrowMasks:
+        """Attention-driven masking and throwing of units from weights and uniform noise, both (B, units)."""
+        num_masked, num_thrown = amt_counts(unit_weights.shape[-1], self.mask_ratio, self.throw_ratio, self.rounding)
+        return self._to_patches(throw_masks_from_order(weighted_order(unit_weights, noise), num_masked, num_thrown))
+
+    def _to_patches(self, masks: ThrowMasks) -> ThrowMasks:
+        return ThrowMasks(*(units_to_patches(m, self.unit_grid, self.unit_size) for m in masks))
+
+    def patch_weights(self, attention_map: torch.Tensor, crop_box: torch.Tensor | None, flipped: bool) -> torch.Tensor:
+        """(N,) per-patch weights of one crop: the map's per-pixel weights summed over each patch."""
+        side = self.patch_grid * self.patch_size
+        pixels = crop_attention_map(attention_map, crop_box, flipped, (side, side))
+        grid = pixels.reshape(self.patch_grid, self.patch_size, self.patch_grid, self.patch_size)
+        return grid.sum(dim=(1, 3)).reshape(-1)
+
+    def __call__(
+        self,
+        generator: torch.Generator | None = None,
+        example_id: int | None = None,
+        crop_box: torch.Tensor | None = None,
+        flipped: bool = False,
+    ) -> tuple[ThrowMasks, torch.Tensor | None]:
+        """(masks over patches, per-patch weights or None when the example has no map yet)."""
+        noise = torch.rand(1, self.unit_grid * self.unit_grid, generator=generator)
+        if self.strategy == "random":
+            return ThrowMasks(*(m[0] for m in self.random_masks(noise, self.mask_ratio))), None
+        attention_map = self.store.get(example_id) if example_id is not None else None
+        if attention_map is None:
+            return ThrowMasks(*(m[0] for m in self.random_masks(noise, self.warmup_mask_ratio))), None
+        weights = self.patch_weights(attention_map, crop_box, flipped)
+        unit_weights = units_from_patches(weights[None], self.patch_grid, self.unit_size)
+        return ThrowMasks(*(m[0] for m in self.guided_masks(unit_weights, noise))), weights

@@ -116,7 +116,8 @@ class PatchEmbeddings(nn.Module):
 
 
 class VisionEmbeddings(nn.Module):
-    """Patch embedding + optional cls token + position table (fixed sin-cos or learned).
+    """Patch embedding + optional cls token + position table (fixed sin-cos or learned) + optional
+    mask token (SimMIM/BEiT-style: masked patches are replaced by it before positions are added).
 
     `position_embeddings` is always a parameter of shape (1, num_prefix_tokens + N, D) so pretraining
     checkpoints (sin-cos, frozen) and fine-tuning checkpoints (learned) share one layout; whether it
@@ -131,9 +132,11 @@ class VisionEmbeddings(nn.Module):
         embed_dim: int,
         use_cls_token: bool = True,
         use_position_embeddings: bool = True,
+        use_mask_token: bool = False,
     ):
         super().__init__()
         self.patch_embeddings = PatchEmbeddings(image_size, patch_size, num_channels, embed_dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_mask_token else None
         self.num_prefix_tokens = 1 if use_cls_token else 0
         self.embed_dim = embed_dim
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if use_cls_token else None
@@ -146,11 +149,26 @@ class VisionEmbeddings(nn.Module):
         grid = self.patch_embeddings.grid_size
         return sincos_2d_table(self.embed_dim, grid, grid, self.num_prefix_tokens)
 
-    def forward(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
-        """(B, prefix + N, D) tokens with positions added; cls (if any) first."""
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        interpolate_pos_encoding: bool = False,
+        bool_masked_pos: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, prefix + N, D) tokens with positions added; cls (if any) first. `bool_masked_pos` (B, N)
+        replaces those patches by the mask token (needs `use_mask_token`)."""
         grid_h, grid_w = self.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
         patches = self.patch_embeddings(pixel_values)
         batch_size = patches.shape[0]
+        if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("these embeddings have no mask token: build them with use_mask_token=True")
+            if bool_masked_pos.shape != patches.shape[:2]:
+                raise ValueError(
+                    f"bool_masked_pos must have shape {tuple(patches.shape[:2])}, got {tuple(bool_masked_pos.shape)}"
+                )
+            masked = bool_masked_pos.to(device=patches.device, dtype=torch.bool).unsqueeze(-1)
+            patches = torch.where(masked, self.mask_token.to(patches.dtype), patches)
         if self.position_embeddings is not None:
             positions = resize_position_table(self.position_embeddings, self.num_prefix_tokens, grid_h, grid_w)
             patches = patches + positions[:, self.num_prefix_tokens :]
@@ -237,6 +255,16 @@ class Attention(nn.Module):
         output = self.proj(output.reshape(batch_size, length, -1))
         return output, (weights if output_attentions else None)
 
+    def cls_attention_probs(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, heads, L) post-softmax attention of the query at row 0 (the cls token) over all L keys,
+        in float32: only what attention-driven masking reads, without materialising the L x L map."""
+        batch_size, length, _ = hidden_states.shape
+        qkv = self.qkv(hidden_states).reshape(batch_size, length, 3, self.num_heads, self.head_dim)
+        query = qkv[:, :1, 0].transpose(1, 2)  # (B, heads, 1, d)
+        key = qkv[:, :, 1].transpose(1, 2)  # (B, heads, L, d)
+        scores = torch.matmul(query.float(), key.float().transpose(2, 3)) * self.scaling
+        return F.softmax(scores, dim=-1).squeeze(2)
+
 
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden_dim: int):
@@ -288,8 +316,10 @@ class LayerScale(nn.Module):
 class Block(GradientCheckpointingLayer):
     """Pre-norm transformer block: x + DropPath(LS(Attn(LN(x)))), then the same with the MLP.
 
-    `layer_scale_init_value` of 0 or None means no layer scale (plain ViT/MAE); `config` is only read for
-    the attention implementation, so encoder, teacher and decoder blocks of one model share it.
+    `layer_scale_init_value` of 0 or None means no layer scale (plain ViT/MAE); `layer_scale_attention=False`
+    keeps it on the MLP branch only (the released SimMIM-AMT blocks never apply their `gamma_1`).
+    `config` is only read for the attention implementation, so encoder, teacher and decoder blocks of
+    one model share it.
     """
 
     def __init__(
@@ -303,11 +333,13 @@ class Block(GradientCheckpointingLayer):
         drop_path_rate: float = 0.0,
         layer_scale_init_value: float | None = None,
         attention_dropout: float = 0.0,
+        layer_scale_attention: bool = True,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.attn = Attention(config, dim, num_heads, qkv_bias=qkv_bias, attention_dropout=attention_dropout)
-        self.ls1 = LayerScale(dim, layer_scale_init_value) if layer_scale_init_value else nn.Identity()
+        use_ls1 = layer_scale_init_value and layer_scale_attention
+        self.ls1 = LayerScale(dim, layer_scale_init_value) if use_ls1 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.ls2 = LayerScale(dim, layer_scale_init_value) if layer_scale_init_value else nn.Identity()
@@ -346,6 +378,7 @@ def make_blocks(
     layer_norm_eps: float = 1e-6,
     drop_path_rate: float = 0.0,
     layer_scale_init_value: float | None = None,
+    layer_scale_attention: bool = True,
 ) -> nn.ModuleList:
     """`depth` blocks with stochastic depth rising linearly to `drop_path_rate`."""
     return nn.ModuleList(
@@ -358,6 +391,7 @@ def make_blocks(
             layer_norm_eps=layer_norm_eps,
             drop_path_rate=rate,
             layer_scale_init_value=layer_scale_init_value,
+            layer_scale_attention=layer_scale_attention,
         )
         for rate in drop_path_rates(drop_path_rate, depth)
     )
@@ -410,11 +444,16 @@ class ViTEncoder(nn.Module):
         layer_scale_init_value: float | None = None,
         use_cls_token: bool = True,
         use_final_norm: bool = True,
+        use_mask_token: bool = False,
+        layer_scale_attention: bool = True,
     ):
         super().__init__()
-        self.embeddings = VisionEmbeddings(image_size, patch_size, num_channels, dim, use_cls_token=use_cls_token)
+        self.embeddings = VisionEmbeddings(
+            image_size, patch_size, num_channels, dim, use_cls_token=use_cls_token, use_mask_token=use_mask_token
+        )
         self.layers = make_blocks(
-            config, dim, depth, num_heads, mlp_ratio, qkv_bias, layer_norm_eps, drop_path_rate, layer_scale_init_value
+            config, dim, depth, num_heads, mlp_ratio, qkv_bias, layer_norm_eps, drop_path_rate, layer_scale_init_value,
+            layer_scale_attention=layer_scale_attention,
         )
         self.layernorm = nn.LayerNorm(dim, eps=layer_norm_eps) if use_final_norm else None
 
@@ -429,8 +468,13 @@ class ViTEncoder(nn.Module):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        bool_masked_pos: torch.Tensor | None = None,
     ) -> EncoderOutput:
-        tokens = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        """`bool_masked_pos` replaces patches by the mask token (SimMIM); `ids_keep` (B, K) then keeps only
+        those patches, in that order, after the prefix tokens (MAE's visible set, or the unthrown ones)."""
+        tokens = self.embeddings(
+            pixel_values, interpolate_pos_encoding=interpolate_pos_encoding, bool_masked_pos=bool_masked_pos
+        )
         if ids_keep is not None:
             prefix = self.num_prefix_tokens
             tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], ids_keep)], dim=1)
@@ -440,6 +484,81 @@ class ViTEncoder(nn.Module):
         if self.layernorm is not None:
             hidden_states = self.layernorm(hidden_states)
         return EncoderOutput(hidden_states, all_hidden_states, attentions)
+
+
+    @torch.no_grad()
+    def cls_attention(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """(B, heads, prefix + N) post-softmax attention of the cls query in the LAST block, on the full
+        image (no masking): the signal attention-driven masking (AMT) reads."""
+        if self.num_prefix_tokens == 0 or len(self.layers) == 0:
+            raise ValueError("cls attention needs a cls token and at least one block")
+        tokens = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        tokens, _, _ = run_blocks(self.layers[:-1], tokens)
+        last = self.layers[-1]
+        return last.attn.cls_attention_probs(last.norm1(tokens))
+
+
+class MaeDecoder(nn.Module):
+    """MAE's decoder: embed the encoder tokens, fill mask tokens for every removed patch, unshuffle to
+    raster order, add fixed sin-cos positions, optionally drop patches nobody predicts (AMT's thrown
+    patches: positions are added first, then they are removed), blocks, norm, linear head.
+
+    Attribute names follow MAE (`decoder_embed`, `mask_token`, `decoder_norm`, `decoder_pred`); the
+    position table is a non-persistent buffer refilled by `init_vit_weights` (meta-device loading).
+    """
+
+    def __init__(
+        self,
+        config,
+        input_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        output_dim: int,
+        grid_size: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        layer_norm_eps: float = 1e-6,
+        drop_path_rate: float = 0.0,
+    ):
+        super().__init__()
+        self.grid_size = grid_size
+        self.decoder_embed = nn.Linear(input_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("position_embeddings", torch.zeros(1, 1 + grid_size * grid_size, dim), persistent=False)
+        self.layers = make_blocks(config, dim, depth, num_heads, mlp_ratio, qkv_bias, layer_norm_eps, drop_path_rate)
+        self.decoder_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.decoder_pred = nn.Linear(dim, output_dim)
+
+    def sincos_table(self, grid_height: int | None = None, grid_width: int | None = None) -> torch.Tensor:
+        grid_height = grid_height or self.grid_size
+        grid_width = grid_width or self.grid_size
+        return sincos_2d_table(self.mask_token.shape[-1], grid_height, grid_width, num_prefix_tokens=1)
+
+    def forward(
+        self,
+        latent: torch.Tensor,
+        ids_restore: torch.Tensor,
+        grid: tuple[int, int],
+        ids_predict: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """latent (B, 1 + visible, D_enc) -> (B, 1 + N, out) predictions, cls first, patches in raster
+        order; with `ids_predict` (B, K) only those patches (in that order) after the cls row."""
+        tokens = self.decoder_embed(latent)
+        batch_size, num_patches = ids_restore.shape
+        num_removed = num_patches - (tokens.shape[1] - 1)
+        patches = torch.cat([tokens[:, 1:], self.mask_token.to(tokens.dtype).expand(batch_size, num_removed, -1)], dim=1)
+        patches = gather_tokens(patches, ids_restore)
+        tokens = torch.cat([tokens[:, :1], patches], dim=1)
+        if tuple(grid) == (self.grid_size, self.grid_size):
+            positions = self.position_embeddings
+        else:
+            positions = self.sincos_table(*grid).to(device=tokens.device)
+        tokens = tokens + positions.to(tokens.dtype)
+        if ids_predict is not None:
+            tokens = torch.cat([tokens[:, :1], gather_tokens(tokens[:, 1:], ids_predict)], dim=1)
+        tokens, _, _ = run_blocks(self.layers, tokens)
+        return self.decoder_pred(self.decoder_norm(tokens))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,10 +619,47 @@ def init_vit_weights(module: nn.Module, token_std: float = 0.02) -> None:
     elif isinstance(module, VisionEmbeddings):
         if module.cls_token is not None:
             init.normal_(module.cls_token, std=token_std)
+        if module.mask_token is not None:
+            init.normal_(module.mask_token, std=token_std)
         if module.position_embeddings is not None:
             init.copy_(module.position_embeddings, module.sincos_table())
+    elif isinstance(module, MaeDecoder):
+        init.normal_(module.mask_token, std=token_std)
+        init.copy_(module.position_embeddings, module.sincos_table())
     elif isinstance(module, LayerScale):
         init.constant_(module.gamma, module.init_value)
+
+
+@torch.no_grad()
+def init_beit_weights(module: nn.Module, std: float = 0.02) -> None:
+    """BEiT initialisation for one parameter-owning module: trunc-normal(std) linears and convolutions
+    (a module tagged `rescale_layer_id` is drawn with std / sqrt(2 * layer_id): BEiT's fix_init_weight
+    for attn.proj and mlp.fc2), LayerNorm 1/0, layer scale to its value, tokens trunc-normal(std), a
+    learned position table trunc-normal(std). Respects transformers' "already loaded" flags."""
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        layer_id = getattr(module, "rescale_layer_id", None)
+        scale = 1.0 / math.sqrt(2.0 * layer_id) if layer_id else 1.0
+        init.trunc_normal_(module.weight, std=std * scale, a=-2.0 * scale, b=2.0 * scale)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            init.ones_(module.weight)
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, LayerScale):
+        init.constant_(module.gamma, module.init_value)
+    elif isinstance(module, VisionEmbeddings):
+        for token in (module.cls_token, module.mask_token, module.position_embeddings):
+            if token is not None:
+                init.trunc_normal_(token, std=std)
+
+
+def tag_beit_rescaled_layers(layers: nn.ModuleList) -> None:
+    """Mark each block's attn.proj / mlp.fc2 with its 1-based depth for `init_beit_weights`."""
+    for layer_id, layer in enumerate(layers, start=1):
+        layer.attn.proj.rescale_layer_id = layer_id
+        layer.mlp.fc2.rescale_layer_id = layer_id
 
 
 def reinitialize(module: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:

@@ -22,14 +22,11 @@ from .configuration_dbot import DbotConfig
 from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, random_masking
 from .modeling_common import (
     ImageClassificationMixin,
+    MaeDecoder,
     MeanPooler,
     ViTEncoder,
-    gather_tokens,
     init_vit_weights,
-    make_blocks,
     reinitialize,
-    run_blocks,
-    sincos_2d_table,
 )
 from .objectives import normalize_per_token, smooth_l1, weighted_token_mean
 
@@ -76,52 +73,21 @@ def build_vit_encoder(config: DbotConfig, depth: int, use_final_norm: bool, drop
     )
 
 
-class DbotDecoder(nn.Module):
-    """MAE decoder: embed visible tokens, fill mask tokens, unshuffle, add fixed sin-cos positions,
-    blocks, norm, linear head to the teacher width (`decoder_pred`, the official `decoder_predp`)."""
-
-    def __init__(self, config: DbotConfig):
-        super().__init__()
-        num_patches = (config.image_size // config.patch_size) ** 2
-        self.grid_size = config.image_size // config.patch_size
-        self.decoder_embed = nn.Linear(config.hidden_size, config.decoder_hidden_size)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.decoder_hidden_size))
-        # Fixed table, recomputed rather than saved: filled in `_init_weights` (meta-device loading).
-        self.register_buffer(
-            "position_embeddings", torch.zeros(1, 1 + num_patches, config.decoder_hidden_size), persistent=False
-        )
-        self.layers = make_blocks(
-            config,
-            config.decoder_hidden_size,
-            config.decoder_num_hidden_layers,
-            config.decoder_num_attention_heads,
-            mlp_ratio=config.mlp_ratio,
-            qkv_bias=config.qkv_bias,
-            layer_norm_eps=config.layer_norm_eps,
-            drop_path_rate=config.drop_path_rate,
-        )
-        self.decoder_norm = nn.LayerNorm(config.decoder_hidden_size, eps=config.layer_norm_eps)
-        self.decoder_pred = nn.Linear(config.decoder_hidden_size, config.hidden_size)
-
-    def sincos_table(self, grid_height: int | None = None, grid_width: int | None = None) -> torch.Tensor:
-        grid_height = grid_height or self.grid_size
-        grid_width = grid_width or self.grid_size
-        return sincos_2d_table(self.mask_token.shape[-1], grid_height, grid_width, num_prefix_tokens=1)
-
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        tokens = self.decoder_embed(latent)
-        batch_size, num_patches = ids_restore.shape
-        num_masked = num_patches - (tokens.shape[1] - 1)
-        patches = torch.cat([tokens[:, 1:], self.mask_token.expand(batch_size, num_masked, -1)], dim=1)
-        patches = gather_tokens(patches, ids_restore)
-        tokens = torch.cat([tokens[:, :1], patches], dim=1)
-        if grid == (self.grid_size, self.grid_size):
-            positions = self.position_embeddings
-        else:
-            positions = self.sincos_table(*grid).to(device=tokens.device)
-        tokens = tokens + positions.to(tokens.dtype)
-        tokens, _, _ = run_blocks(self.layers, tokens)
-        return self.decoder_pred(self.decoder_norm(tokens))
+def build_decoder(config: DbotConfig) -> MaeDecoder:
+    """MAE's decoder regressing the teacher width (`decoder_pred` is the official `decoder_predp`)."""
+    return MaeDecoder(
+        config,
+        input_dim=config.hidden_size,
+        dim=config.decoder_hidden_size,
+        depth=config.decoder_num_hidden_layers,
+        num_heads=config.decoder_num_attention_heads,
+        output_dim=config.hidden_size,
+        grid_size=config.image_size // config.patch_size,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=config.qkv_bias,
+        layer_norm_eps=config.layer_norm_eps,
+        drop_path_rate=config.drop_path_rate,
+    )
 
 
 class DbotPreTrainedModel(PreTrainedModel):
@@ -139,10 +105,7 @@ class DbotPreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         init_vit_weights(module, token_std=self.config.initializer_range)
-        if isinstance(module, DbotDecoder):
-            init.normal_(module.mask_token, std=self.config.initializer_range)
-            init.copy_(module.position_embeddings, module.sincos_table())
-        elif module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
+        if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=self.config.classifier_init_std)
             init.zeros_(module.bias)
         twin_name = getattr(module, "student_twin", None)
@@ -232,7 +195,7 @@ class DbotForMaskedImageModeling(DbotPreTrainedModel):
         self.dbot = DbotModel(config, add_pooling_layer=False)
         # The student's positions are the fixed sin-cos table during pretraining.
         self.dbot.encoder.embeddings.position_embeddings.requires_grad_(False)
-        self.decoder = DbotDecoder(config)
+        self.decoder = build_decoder(config)
         self.teacher = self._build_teacher(config.teacher_depth)
         self.post_init()
 

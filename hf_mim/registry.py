@@ -17,10 +17,12 @@ from transformers import (
     PreTrainedModel,
 )
 
+from .configuration_amt import AmtConfig
 from .configuration_dbot import DbotConfig
 from .configuration_extrema import ExtremaConfig
 from .configuration_maskdistill import MaskDistillConfig
 from .configuration_revcolv2 import RevColV2Config
+from .modeling_amt import AmtForImageClassification, AmtForMaskedImageModeling, AmtModel
 from .modeling_dbot import DbotForImageClassification, DbotForMaskedImageModeling, DbotModel
 from .modeling_extrema import ExtremaForImageClassification, ExtremaForMaskedImageModeling, ExtremaModel
 from .modeling_maskdistill import (
@@ -50,13 +52,19 @@ class ModelFamily:
     # `two_views` adds a second view with the same crop and independent colour jitter (ExtreMA).
     crop_scale: tuple[float, float] = (0.2, 1.0)
     two_views: bool = False
+    # A method hosted by several pretraining frameworks (AMT: MAE or SimMIM) trains with the host's crop.
+    crop_scale_by_variant: dict[str, tuple[float, float]] | None = None
 
-    def pretraining_transform(self, image_size: int):
+    def pretraining_transform(self, config: PreTrainedConfig):
         """The per-example transform the pretraining collator applies (seeded by the collator)."""
         from .data import MaskedImageTransform, TwoViewTransform
 
         transform_class = TwoViewTransform if self.two_views else MaskedImageTransform
-        return transform_class(image_size, scale=self.crop_scale)
+        scale = self.crop_scale
+        variant = getattr(config, "variant", None)
+        if self.crop_scale_by_variant and variant in self.crop_scale_by_variant:
+            scale = self.crop_scale_by_variant[variant]
+        return transform_class(config.image_size, scale=scale)
 
     def auto_classes(self) -> dict[str, type]:
         """Auto-class name -> class, the full `auto_map` a Hub folder needs."""
@@ -109,6 +117,16 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         # BEiT v2 pipeline (beit2/datasets.py): RandomResizedCrop(min_crop_scale 0.2) + flip; the teacher
         # sees the same crop (the model derives its input from the student's pixel_values)
         crop_scale=(0.2, 1.0),
+    ),
+    "amt": ModelFamily(
+        model_type="amt",
+        config_class=AmtConfig,
+        base_model_class=AmtModel,
+        masked_image_modeling_class=AmtForMaskedImageModeling,
+        image_classification_class=AmtForImageClassification,
+        # the hosts' own pretraining crops: mae-AMT RandomResizedCrop(scale 0.2-1) + flip, SimMIM-AMT
+        # scale 0.67-1 (ratio 3/4-4/3) + flip; the crop box also crops the stored attention map
+        crop_scale_by_variant={"mae": (0.2, 1.0), "simmim": (0.67, 1.0)},
     ),
 }
 

@@ -302,7 +302,7 @@ def train(args: argparse.Namespace) -> int:
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
     )
-    transform = family_for(config.model_type).pretraining_transform(config.image_size)
+    transform = family_for(config.model_type).pretraining_transform(config)
     collator = PretrainingCollator(transform, mask_generator=model.mask_generator(), seed=args.seed)
     dataloader = make_dataloader(
         stream,

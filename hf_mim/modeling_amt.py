@@ -1,0 +1,474 @@
+"""AMT: attention-driven masking and throwing (Liu, Gui, Luo; AAAI 2023), plugged into MAE and SimMIM.
+
+The model being trained is its own guide. Every `amt_interval` of training an extra pass over the data
+reads the LAST block's cls-to-patch attention on each full image (`attention_scores`), one map per
+image. A training crop's map then orders its mask units by weighted sampling without replacement: the
+first r are masked (reconstructed), the next t thrown (seen by nobody, not reconstructed, not in the
+loss), the rest visible. Until the first refresh the masks are uniformly random.
+
+- variant "mae": the encoder sees the visible patches; the decoder fills mask tokens for masked and
+  thrown patches, adds positions, then drops the thrown ones; MSE on the masked patches.
+- variant "simmim": masked patches become the mask token in place, thrown patches are dropped after the
+  position embedding; a per-token linear head (SimMIM's 1x1 conv + pixel shuffle); L1 on masked pixels.
+- `masking_strategy="random"` gives the plain MAE / SimMIM baselines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.utils import ModelOutput
+
+from .configuration_amt import AmtConfig
+from .masking import (
+    AttentionMaskGenerator,
+    ThrowMasks,
+    indices_from_bool_masked_pos,
+    normalized_cls_attention,
+    units_from_patches,
+)
+from .modeling_common import (
+    ImageClassificationMixin,
+    MaeDecoder,
+    MeanPooler,
+    ViTEncoder,
+    gather_tokens,
+    init_beit_weights,
+    init_vit_weights,
+    tag_beit_rescaled_layers,
+)
+from .objectives import masked_mse, normalize_per_token, patchify, unpatchify
+
+# Classifier head init: MAE's fine-tuning (trunc-normal 2e-5) and BEiT/SimMIM's (trunc-normal 0.02).
+CLASSIFIER_INIT_STD = {"mae": 2e-5, "simmim": 0.02}
+# Official mask-count rounding: mae-AMT uses int(), SimMIM-AMT ceil().
+COUNT_ROUNDING = {"mae": "floor", "simmim": "ceil"}
+
+
+@dataclass
+class AmtMaskedImageModelingOutput(ModelOutput):
+    """Output of `AmtForMaskedImageModeling`.
+
+    loss: MAE: MSE over masked patches; SimMIM: L1 over masked pixels.
+    predictions: (B, K, p*p*C) pixel predictions of the K unthrown patches, raster order, patchify layout
+        (per-patch normalised values when `norm_pix_loss`).
+    bool_masked_pos, bool_thrown_pos: (B, N) the masks used (True = masked / thrown).
+    reconstruction: (B, C, H, W) the predictions as an image in the input's normalised pixel space;
+        thrown patches are 0.
+    patch_loss: (B, N) per-patch loss (0 for thrown patches), for pictures.
+    patch_scores: (B, N) the per-patch attention weights the masks were drawn from (None when random).
+    patch_labels: (B, N) 0 visible, 1 masked, 2 thrown.
+    encoder_last_hidden_state: (B, 1 + K', D) the encoder output (cls first).
+    """
+
+    loss: torch.Tensor | None = None
+    predictions: torch.Tensor | None = None
+    bool_masked_pos: torch.Tensor | None = None
+    bool_thrown_pos: torch.Tensor | None = None
+    reconstruction: torch.Tensor | None = None
+    patch_loss: torch.Tensor | None = None
+    patch_scores: torch.Tensor | None = None
+    patch_labels: torch.Tensor | None = None
+    encoder_last_hidden_state: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def build_encoder(config: AmtConfig, use_final_norm: bool, use_mask_token: bool) -> ViTEncoder:
+    """MAE: plain ViT with a sin-cos table. SimMIM: BEiT-style ViT (layer scale, learned absolute
+    positions, a mask token when pretraining; k bias is inert under softmax, so a fused qkv bias equals
+    BEiT's q/v biases)."""
+    simmim = config.variant == "simmim"
+    encoder = ViTEncoder(
+        config,
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.num_channels,
+        dim=config.hidden_size,
+        depth=config.num_hidden_layers,
+        num_heads=config.num_attention_heads,
+        mlp_ratio=config.mlp_ratio,
+        qkv_bias=config.qkv_bias,
+        layer_norm_eps=config.layer_norm_eps,
+        drop_path_rate=config.drop_path_rate,
+        layer_scale_init_value=config.layer_scale_init_value or None,
+        use_final_norm=use_final_norm,
+        use_mask_token=use_mask_token,
+        layer_scale_attention=config.apply_attention_layer_scale,
+    )
+    if simmim:
+        tag_beit_rescaled_layers(encoder.layers)
+    return encoder
+
+
+class AmtPreTrainedModel(PreTrainedModel):
+    config_class = AmtConfig
+    config: AmtConfig
+    base_model_prefix = "amt"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block", "VisionEmbeddings"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """MAE variant: MAE's initialisation (sin-cos positions); SimMIM variant: BEiT's (learned positions)."""
+        std = self.config.initializer_range
+        if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=CLASSIFIER_INIT_STD[self.config.variant])
+            init.zeros_(module.bias)
+        elif self.config.position_embedding_type == "sincos":
+            init_vit_weights(module, token_std=std)
+        else:
+            init_beit_weights(module, std)
+
+
+class AmtModel(AmtPreTrainedModel):
+    """The ViT backbone of an AMT model. Nothing is masked unless masks are given.
+
+    With `add_pooling_layer` and `config.use_mean_pooling` (MAE fine-tuning) the final LayerNorm is
+    replaced by `pooler.fc_norm` on the mean of the patch tokens; otherwise `pooler_output` is the cls
+    token after the final norm (SimMIM fine-tuning). `use_mask_token` (SimMIM pretraining) adds the
+    token masked patches are replaced by; fine-tuning models have none (no unused parameter under DDP).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"embeddings\.mask_token$"]
+
+    def __init__(self, config: AmtConfig, add_pooling_layer: bool = True, use_mask_token: bool = False):
+        super().__init__(config)
+        mean_pooling = add_pooling_layer and config.use_mean_pooling
+        self.encoder = build_encoder(config, use_final_norm=not mean_pooling, use_mask_token=use_mask_token)
+        self.pooler = MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1) if mean_pooling else None
+        self.add_pooling_layer = add_pooling_layer
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.encoder.embeddings.patch_embeddings
+
+    def encode(
+        self,
+        pixel_values: torch.Tensor,
+        masks: ThrowMasks | None,
+        interpolate_pos_encoding: bool = False,
+        output_hidden_states: bool = False,
+        output_attentions: bool = False,
+    ):
+        """The encoder on a masked image, as the variant does it. Returns (EncoderOutput, MAE's
+        index form of the removed patches or None).
+
+        MAE: only the visible patches enter (raster order). SimMIM: masked patches become the mask
+        token before positions are added, thrown patches are dropped after.
+        """
+        if masks is None:
+            encoded = self.encoder(
+                pixel_values,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+            )
+            return encoded, None
+        if self.config.variant == "mae":
+            removed = indices_from_bool_masked_pos(masks.bool_masked_pos | masks.bool_thrown_pos)
+            encoded = self.encoder(
+                pixel_values,
+                ids_keep=removed.ids_keep,
+                interpolate_pos_encoding=interpolate_pos_encoding,
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
+            )
+            return encoded, removed
+        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos).ids_keep if masks.bool_thrown_pos.any() else None
+        encoded = self.encoder(
+            pixel_values,
+            ids_keep=ids_unthrown,
+            bool_masked_pos=masks.bool_masked_pos,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        return encoded, None
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        bool_thrown_pos: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPooling | tuple:
+        r"""
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+            Masked patches: dropped (MAE) or replaced by the mask token (SimMIM).
+        bool_thrown_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+            Thrown patches, dropped from the encoder input. Same counts in every image.
+        """
+        if pixel_values is None:
+            raise ValueError("AmtModel needs pixel_values")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        masks = None
+        if bool_masked_pos is not None or bool_thrown_pos is not None:
+            rows, cols = self.encoder.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+            shape = (pixel_values.shape[0], rows * cols)
+            empty = torch.zeros(shape, dtype=torch.bool, device=pixel_values.device)
+            masks = check_masks(
+                bool_masked_pos.to(pixel_values.device) if bool_masked_pos is not None else empty,
+                bool_thrown_pos.to(pixel_values.device) if bool_thrown_pos is not None else empty,
+                shape,
+            )
+        encoded, _ = self.encode(pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions)
+        hidden_states = encoded.last_hidden_state
+        if self.pooler is not None:
+            pooled = self.pooler(hidden_states)
+        elif self.add_pooling_layer:
+            pooled = hidden_states[:, 0]
+        else:
+            pooled = None
+        output = BaseModelOutputWithPooling(
+            last_hidden_state=hidden_states,
+            pooler_output=pooled,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+def check_masks(bool_masked_pos: torch.Tensor, bool_thrown_pos: torch.Tensor, shape: tuple[int, int]) -> ThrowMasks:
+    """Validate given masks: (B, N) each, disjoint, the same counts in every image."""
+    for name, mask in (("bool_masked_pos", bool_masked_pos), ("bool_thrown_pos", bool_thrown_pos)):
+        if tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
+    masked, thrown = bool_masked_pos.bool(), bool_thrown_pos.bool()
+    if (masked & thrown).any():
+        raise ValueError("a patch cannot be both masked and thrown (bool_masked_pos & bool_thrown_pos overlap)")
+    for name, mask in (("bool_masked_pos", masked), ("bool_thrown_pos", thrown)):
+        counts = mask.sum(dim=1)
+        if (counts != counts[0]).any():
+            raise ValueError(f"{name} must select the same number of patches in every image, got {counts.tolist()}")
+    return ThrowMasks(masked, thrown)
+
+
+class AmtForMaskedImageModeling(AmtPreTrainedModel):
+    """MAE or SimMIM pretraining with attention-driven masking and throwing.
+
+    Training events the generic loop (run_mim.py) calls: `mask_generator()` (per-example masks, holding
+    the attention-map store), `attention_refresh_steps(total_steps)` (when to refresh) and
+    `attention_scores(pixel_values)` (the refresh pass itself).
+    """
+
+    _keys_to_ignore_on_load_unexpected = [r"^amt\.pooler\.", r"^classifier\."]
+
+    def __init__(self, config: AmtConfig):
+        super().__init__(config)
+        self.amt = AmtModel(config, add_pooling_layer=False, use_mask_token=config.variant == "simmim")
+        pixels_per_patch = config.patch_size**2 * config.num_channels
+        if config.variant == "mae":
+            # MAE's positions are the fixed sin-cos table during pretraining
+            self.amt.encoder.embeddings.position_embeddings.requires_grad_(False)
+            self.decoder = MaeDecoder(
+                config,
+                input_dim=config.hidden_size,
+                dim=config.decoder_hidden_size,
+                depth=config.decoder_num_hidden_layers,
+                num_heads=config.decoder_num_attention_heads,
+                output_dim=pixels_per_patch,
+                grid_size=config.image_size // config.patch_size,
+                mlp_ratio=config.mlp_ratio,
+                qkv_bias=config.qkv_bias,
+                layer_norm_eps=config.layer_norm_eps,
+            )
+        else:
+            # SimMIM's 1x1 conv + PixelShuffle is one linear map per token; outputs in patchify order
+            self.decoder = nn.Linear(config.hidden_size, pixels_per_patch)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.amt.get_input_embeddings()
+
+    # ----------------------------------------------------------------------------------- masking
+    def mask_generator(self) -> AttentionMaskGenerator:
+        """How the data pipeline masks each example; it owns the per-example attention-map store."""
+        config = self.config
+        return AttentionMaskGenerator(
+            patch_grid=config.image_size // config.patch_size,
+            patch_size=config.patch_size,
+            unit_size=config.mask_patch_size // config.patch_size,
+            mask_ratio=config.mask_ratio,
+            throw_ratio=config.throw_ratio,
+            warmup_mask_ratio=config.warmup_mask_ratio,
+            rounding=COUNT_ROUNDING[config.variant],
+            strategy=config.masking_strategy,
+        )
+
+    def attention_refresh_steps(self, total_steps: int) -> list[int]:
+        """Optimizer steps after which the attention maps are refreshed: every `amt_interval` of
+        training, none at the very end (mae-AMT: after epochs 40, 80, ..., 360 of 400)."""
+        if self.config.masking_strategy != "amt":
+            return []
+        interval = max(1, round(self.config.amt_interval * total_steps))
+        return list(range(interval, total_steps, interval))
+
+    @torch.no_grad()
+    def attention_scores(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
+        """(B, rows, cols) AMT map per image: the last block's cls-to-patch attention on the full,
+        unmasked image (eval mode), min-max normalised per head, averaged over heads."""
+        was_training = self.training
+        self.eval()
+        try:
+            encoder = self.amt.encoder
+            grid = encoder.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+            cls_attention = encoder.cls_attention(pixel_values, interpolate_pos_encoding)
+            return normalized_cls_attention(cls_attention, encoder.num_prefix_tokens, grid)
+        finally:
+            self.train(was_training)
+
+    def resolve_masks(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None,
+        bool_thrown_pos: torch.Tensor | None,
+        patch_attention: torch.Tensor | None,
+        noise: torch.Tensor | None,
+        num_patches: int,
+    ) -> ThrowMasks:
+        """Given masks win; else AMT masks from `patch_attention`; else random masks (the baseline's
+        `mask_ratio`, or `warmup_mask_ratio` for AMT before any attention exists)."""
+        batch_size = pixel_values.shape[0]
+        if bool_masked_pos is not None:
+            thrown = bool_thrown_pos if bool_thrown_pos is not None else torch.zeros_like(bool_masked_pos, dtype=torch.bool)
+            return check_masks(bool_masked_pos.to(pixel_values.device), thrown.to(pixel_values.device), (batch_size, num_patches))
+        generator = self.mask_generator()
+        num_units = generator.unit_grid**2
+        if generator.unit_grid * generator.unit_size * generator.unit_grid * generator.unit_size != num_patches:
+            raise ValueError("masks for another image size must be passed as bool_masked_pos / bool_thrown_pos")
+        if noise is None:
+            noise = torch.rand(batch_size, num_units, device=pixel_values.device)
+        elif tuple(noise.shape) != (batch_size, num_units):
+            raise ValueError(f"noise must have shape {(batch_size, num_units)} (one value per mask unit), got {tuple(noise.shape)}")
+        if self.config.masking_strategy == "amt" and patch_attention is not None:
+            if tuple(patch_attention.shape) != (batch_size, num_patches):
+                raise ValueError(f"patch_attention must have shape {(batch_size, num_patches)}, got {tuple(patch_attention.shape)}")
+            unit_weights = units_from_patches(patch_attention.float(), generator.patch_grid, generator.unit_size)
+            return generator.guided_masks(unit_weights, noise)
+        ratio = self.config.mask_ratio if self.config.masking_strategy == "random" else self.config.warmup_mask_ratio
+        return generator.random_masks(noise, ratio)
+
+    # ----------------------------------------------------------------------------------- forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        bool_thrown_pos: torch.Tensor | None = None,
+        patch_attention: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        interpolate_pos_encoding: bool = False,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> AmtMaskedImageModelingOutput | tuple:
+        r"""
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+            Patches to reconstruct (True); the same count in every image.
+        bool_thrown_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+            Patches thrown away (True): not seen, not predicted, not in the loss.
+        patch_attention (`torch.FloatTensor` of shape `(batch_size, num_patches)`, *optional*):
+            Per-patch attention weights of each image's crop (AMT). Without given masks, masks are drawn
+            from them; with given masks they are only reported back (`patch_scores`) for pictures.
+        noise (`torch.FloatTensor` of shape `(batch_size, num_mask_units)`, *optional*):
+            Uniform noise driving the mask draw (weighted order for AMT, random order otherwise).
+        """
+        if pixel_values is None:
+            raise ValueError("AmtForMaskedImageModeling needs pixel_values")
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+
+        patch_size = self.config.patch_size
+        grid = self.amt.encoder.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        num_patches = grid[0] * grid[1]
+        masks = self.resolve_masks(pixel_values, bool_masked_pos, bool_thrown_pos, patch_attention, noise, num_patches)
+        # the K unthrown patches, raster order: what is predicted
+        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos).ids_keep
+
+        encoded, removed = self.amt.encode(
+            pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions
+        )
+        if self.config.variant == "mae":
+            predictions = self.decoder(encoded.last_hidden_state, removed.ids_restore, grid, ids_predict=ids_unthrown)[:, 1:]
+        else:
+            predictions = self.decoder(encoded.last_hidden_state[:, 1:])
+
+        raw = patchify(pixel_values.to(predictions.dtype), patch_size)
+        target = normalize_per_token(raw, eps=1e-6) if self.config.norm_pix_loss else raw
+        target = gather_tokens(target, ids_unthrown)
+        weights = torch.gather(masks.bool_masked_pos, 1, ids_unthrown)
+        if self.config.variant == "mae":
+            per_patch = ((predictions.float() - target.float()) ** 2).mean(dim=-1)
+            loss = masked_mse(predictions.float(), target.float(), weights)
+        else:
+            per_patch = (predictions.float() - target.float()).abs().mean(dim=-1)
+            # SimMIM: sum |error| over masked pixels and channels / (masked pixels + 1e-5) / channels
+            masked_pixels = weights.sum() * patch_size**2
+            loss = (per_patch * weights).sum() * target.shape[-1] / (masked_pixels + 1e-5) / self.config.num_channels
+
+        patch_loss = torch.zeros(masks.bool_masked_pos.shape, dtype=torch.float32, device=per_patch.device)
+        patch_loss.scatter_(1, ids_unthrown, per_patch.detach())
+        output = AmtMaskedImageModelingOutput(
+            loss=loss,
+            predictions=predictions,
+            bool_masked_pos=masks.bool_masked_pos,
+            bool_thrown_pos=masks.bool_thrown_pos,
+            reconstruction=self._reconstruction(predictions.detach(), raw, ids_unthrown, grid),
+            patch_loss=patch_loss,
+            patch_scores=patch_attention,
+            patch_labels=masks.bool_masked_pos.long() + 2 * masks.bool_thrown_pos.long(),
+            encoder_last_hidden_state=encoded.last_hidden_state,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _reconstruction(
+        self, predictions: torch.Tensor, raw: torch.Tensor, ids_unthrown: torch.Tensor, grid: tuple[int, int]
+    ) -> torch.Tensor:
+        """Predictions pasted at their patches (thrown patches 0), un-normalised with the true patch
+        statistics when the target was norm-pix (as MAE's visualisations do)."""
+        raw_unthrown = gather_tokens(raw, ids_unthrown).float()
+        pixels = predictions.float()
+        if self.config.norm_pix_loss:
+            mean = raw_unthrown.mean(dim=-1, keepdim=True)
+            var = raw_unthrown.var(dim=-1, keepdim=True)
+            pixels = pixels * torch.sqrt(var + 1e-6) + mean
+        full = torch.zeros_like(raw, dtype=torch.float32)
+        full.scatter_(1, ids_unthrown.unsqueeze(-1).expand(-1, -1, full.shape[-1]), pixels)
+        return unpatchify(full, self.config.patch_size, grid, self.config.num_channels)
+
+
+class AmtForImageClassification(ImageClassificationMixin, AmtPreTrainedModel):
+    """Fine-tuning model: MAE variant = mean of patch tokens -> fc_norm -> linear (global pool); SimMIM
+    variant = final norm -> cls token -> linear. Pretraining-only parts of a checkpoint are ignored."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^amt\.encoder\.layernorm\.", r"embeddings\.mask_token$"]
+
+    def __init__(self, config: AmtConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.amt = AmtModel(config, add_pooling_layer=True)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+
+__all__ = ["AmtPreTrainedModel", "AmtModel", "AmtForMaskedImageModeling", "AmtForImageClassification"]
