@@ -27,7 +27,7 @@ VARIANT_DEFAULTS = {
         mask_ratio=0.45,
         throw_ratio=0.4,
         warmup_mask_ratio=0.75,  # mae-AMT hard-codes random 75 % masking until the first refresh
-        mask_patch_size=None,  # = patch_size: MAE masks single patches
+        patches_per_mask_unit=1,  # MAE masks single patches
         amt_interval=0.1,  # refresh every 40 of 400 epochs
         use_mean_pooling=True,  # fine-tuning: mean of patch tokens + fc_norm (global_pool)
         norm_pix_loss=False,  # off in the AMT README command
@@ -39,7 +39,7 @@ VARIANT_DEFAULTS = {
         mask_ratio=0.44,
         throw_ratio=0.26,
         warmup_mask_ratio=0.44,  # SimMIM-AMT's random masks before the first refresh (MASK_RATIO)
-        mask_patch_size=32,  # SimMIM masks 32 px units
+        patches_per_mask_unit=2,  # SimMIM masks units of 2 x 2 patches (32 px at patch 16)
         amt_interval=0.2,  # refresh every 40 of 200 epochs
         use_mean_pooling=False,  # fine-tuning: final norm + cls token
         norm_pix_loss=False,
@@ -71,7 +71,7 @@ class AmtConfig(PresetConfigMixin, PreTrainedConfig):
         mask_ratio: fraction of mask units masked (reconstructed): MAE 0.45, SimMIM 0.44.
         throw_ratio: fraction thrown away (seen by nobody, not reconstructed): MAE 0.4, SimMIM 0.26.
         warmup_mask_ratio: random masking ratio before the first attention refresh (MAE 0.75, SimMIM 0.44).
-        mask_patch_size: side in pixels of one mask unit (MAE: the patch; SimMIM: 32).
+        mask_patch_size: side in pixels of one mask unit (MAE: the patch; SimMIM: 2 x 2 patches, 32 px).
         amt_interval: fraction of training between attention refreshes (MAE 0.1, SimMIM 0.2); the first
             refresh comes after the first interval, none at the very end.
         crop_aligned_attention: crop the stored attention map with the image's own crop box (the paper).
@@ -93,7 +93,7 @@ class AmtConfig(PresetConfigMixin, PreTrainedConfig):
         # hf_mim's own size for the embedded-data demo (minutes on 2 CPU cores); not from the paper.
         "demo": dict(
             image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
-            decoder_hidden_size=128, decoder_num_hidden_layers=4, decoder_num_attention_heads=4, mask_patch_size=16,
+            decoder_hidden_size=128, decoder_num_hidden_layers=4, decoder_num_attention_heads=4,
         ),
         "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),
         "base": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12),
@@ -159,7 +159,9 @@ class AmtConfig(PresetConfigMixin, PreTrainedConfig):
         self.mask_ratio = defaults["mask_ratio"] if mask_ratio is None else mask_ratio
         self.throw_ratio = defaults["throw_ratio"] if throw_ratio is None else throw_ratio
         self.warmup_mask_ratio = defaults["warmup_mask_ratio"] if warmup_mask_ratio is None else warmup_mask_ratio
-        self.mask_patch_size = (defaults["mask_patch_size"] or patch_size) if mask_patch_size is None else mask_patch_size
+        if mask_patch_size is None:
+            mask_patch_size = defaults["patches_per_mask_unit"] * patch_size
+        self.mask_patch_size = mask_patch_size
         self.amt_interval = defaults["amt_interval"] if amt_interval is None else amt_interval
         self.crop_aligned_attention = crop_aligned_attention
         self.norm_pix_loss = defaults["norm_pix_loss"] if norm_pix_loss is None else norm_pix_loss

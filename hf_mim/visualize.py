@@ -31,6 +31,19 @@ def patch_mask_to_pixels(patch_values: torch.Tensor, grid: tuple[int, int], patc
     return values.repeat(patch_size, axis=1).repeat(patch_size, axis=2)
 
 
+# Outline colours of the kinds of patch (patch_labels): visible green, masked white, thrown blue.
+PATCH_LABEL_COLOURS = {0: np.array([40, 200, 80]), 1: np.array([255, 255, 255]), 2: np.array([40, 40, 160])}
+
+
+def patch_outline(height: int, width: int, patch_size: int) -> np.ndarray:
+    """(H, W) bool: the one-pixel border of every patch."""
+    rows = np.arange(height) % patch_size
+    cols = np.arange(width) % patch_size
+    row_edge = (rows == 0) | (rows == patch_size - 1)
+    col_edge = (cols == 0) | (cols == patch_size - 1)
+    return row_edge[:, None] | col_edge[None, :]
+
+
 def heat_map(values: np.ndarray) -> np.ndarray:
     """(H, W) floats -> (H, W, 3) uint8, black -> red -> yellow -> white (0 = lowest of this image)."""
     low, high = float(values.min()), float(values.max())
@@ -56,8 +69,9 @@ def save_mim_picture(
 ) -> Path:
     """Save a PNG grid; returns the path. Columns depend on what is given:
     input | masked input | [per-patch loss] | [patch scores, e.g. an attention map] | [reconstruction,
-    reconstruction + visible]. `patch_labels` (B, N) ints (0 visible, 1 masked, 2 thrown, ...) tints
-    the masked-input column when a method has more than two kinds of patch.
+    reconstruction + visible]. `patch_labels` (B, N) ints (0 visible, 1 masked, 2 thrown) paint thrown
+    patches blue in the masked-input column and outline every patch of the scores column in the colour
+    of its kind (AMT: the attention map with the masked / thrown / visible patches).
     """
     if bool_masked_pos.ndim == 3:  # several masks per image (ExtreMA): show the first
         bool_masked_pos = bool_masked_pos[:, 0]
@@ -71,16 +85,20 @@ def save_mim_picture(
     masked_input[masked] = (masked_input[masked] * 0.25 + 96).astype(np.uint8)
     if patch_labels is not None:
         labels = patch_mask_to_pixels(patch_labels[:count].float(), grid, patch_size)
-        tints = {2: np.array([40, 40, 160])}
-        for value, colour in tints.items():
-            masked_input[labels == value] = colour
+        masked_input[labels == 2] = PATCH_LABEL_COLOURS[2]
     columns.append(("masked", masked_input))
     if patch_loss is not None:
         loss_pixels = patch_mask_to_pixels(patch_loss[:count], grid, patch_size)
         columns.append(("patch loss", np.stack([heat_map(p) for p in loss_pixels])))
     if patch_scores is not None:
         score_pixels = patch_mask_to_pixels(patch_scores[:count], grid, patch_size)
-        columns.append(("scores", np.stack([heat_map(p) for p in score_pixels])))
+        scores = np.stack([heat_map(p) for p in score_pixels])
+        if patch_labels is not None:  # outline each patch in the colour of its kind
+            labels = patch_mask_to_pixels(patch_labels[:count].float(), grid, patch_size)
+            outline = patch_outline(height, width, patch_size)[None] & np.ones_like(labels, dtype=bool)
+            for value, colour in PATCH_LABEL_COLOURS.items():
+                scores[outline & (labels == value)] = colour
+        columns.append(("attention + kinds" if patch_labels is not None else "scores", scores))
     if reconstruction is not None:
         recon = to_uint8_images(reconstruction[:count], mean, std)
         columns.append(("reconstruction", recon))

@@ -10,7 +10,9 @@ One generic loop. Methods differ only through their config and the event methods
 - `mask_generator()`: how the collator masks each image;
 - `start_new_stage()`: at each stage boundary when `--num_stages` > 1 (dBOT's bootstrapping);
 - `on_train_step_end(progress)`: after every optimizer step, with progress in [0, 1] (momentum teachers);
-- `refresh_masking_state(...)`: periodic passes over the data (attention-driven masking);
+- `attention_refresh_steps(total_steps)` + `attention_scores(pixel_values)`: after those steps, one
+  pass over the data reads the model's attention on every whole image into the mask generator's
+  per-example store (attention-driven masking, AMT); the store is saved with every checkpoint;
 - `momentum_backbone()`: at the end, the momentum encoder is saved as a backbone folder of its own.
 
 Resume is exact: augmentation and masks are a pure function of (seed, epoch, example id), and a
@@ -38,6 +40,7 @@ from transformers import AutoConfig, AutoModelForMaskedImageModeling
 import hf_mim
 from hf_mim.data import (
     PretrainingCollator,
+    ResizeTransform,
     embedded_pretraining_dir,
     load_image_stream,
     make_dataloader,
@@ -55,6 +58,7 @@ from hf_mim.training import (
     check_finite_loss,
     linear_scaled_lr,
     load_checkpoint,
+    refresh_attention_maps,
     resolve_resume_path,
     save_checkpoint,
     weight_decay_param_groups,
@@ -303,7 +307,8 @@ def train(args: argparse.Namespace) -> int:
         world_size=accelerator.num_processes,
     )
     transform = family_for(config.model_type).pretraining_transform(config)
-    collator = PretrainingCollator(transform, mask_generator=model.mask_generator(), seed=args.seed)
+    mask_generator = model.mask_generator()
+    collator = PretrainingCollator(transform, mask_generator=mask_generator, seed=args.seed)
     dataloader = make_dataloader(
         stream,
         collator,
@@ -322,6 +327,24 @@ def train(args: argparse.Namespace) -> int:
         examples = args.num_train_examples or count_stream(raw_stream)
         total_steps = max(args.num_stages, math.ceil(epochs * examples / total_batch))
         logger.info("%d examples x %s epochs / batch %d = %d optimizer steps", examples, epochs, total_batch, total_steps)
+    refresh_steps = set(model.attention_refresh_steps(total_steps)) if hasattr(model, "attention_refresh_steps") else set()
+    attention_store = getattr(mask_generator, "store", None)
+    refresh_loader = None
+    if refresh_steps:
+        # whole images, in stream order, every example once (no shuffle, no dropped last batch)
+        refresh_stream = prepare_stream(
+            raw_stream, image_column, seed=args.seed, buffer_size=0,
+            rank=accelerator.process_index, world_size=accelerator.num_processes,
+        )
+        refresh_loader = make_dataloader(
+            refresh_stream,
+            PretrainingCollator(ResizeTransform(config.image_size), seed=args.seed),
+            batch_size=args.per_device_train_batch_size,
+            num_workers=args.dataloader_num_workers,
+            drop_last=False,
+            pin_memory=accelerator.device.type == "cuda",
+        )
+        logger.info("attention refresh after steps %s", sorted(refresh_steps))
     steps_per_stage = total_steps // args.num_stages
     stage_lengths = [steps_per_stage] * (args.num_stages - 1) + [total_steps - steps_per_stage * (args.num_stages - 1)]
     if args.num_warmup_steps is None:
@@ -342,6 +365,8 @@ def train(args: argparse.Namespace) -> int:
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(schedule)
+    if attention_store is not None:
+        accelerator.register_for_checkpointing(attention_store)  # per-example maps resume with the run
     unwrapped = accelerator.unwrap_model(model)
 
     global_step, start_epoch, skip_batches = 0, 0, 0
@@ -376,6 +401,7 @@ def train(args: argparse.Namespace) -> int:
             logger.info("step %d: stage %d starts (teacher <- student, student re-initialised)", global_step, unwrapped.config.stage)
         epoch, index, batch = next(batches)
         position = {"epoch": epoch, "batches": index + 1}
+        batch = collator.finish(batch, epoch)
         batch = {key: value.to(accelerator.device, non_blocking=True) for key, value in batch.items()}
         skipped_total += int(batch.get("images_skipped", torch.zeros(())).sum())
         converted_total += int(batch.get("images_converted", torch.zeros(())).sum())
@@ -397,6 +423,11 @@ def train(args: argparse.Namespace) -> int:
         progress.update(1)
         if hasattr(unwrapped, "on_train_step_end"):
             unwrapped.on_train_step_end(progress=global_step / total_steps)
+        if global_step in refresh_steps:
+            refresh = refresh_attention_maps(unwrapped, attention_store, refresh_loader, accelerator)
+            logger.info(
+                "step %d: attention maps refreshed (%d images, %.1f s)", global_step, refresh["maps"], refresh["seconds"]
+            )
 
         if global_step % args.logging_steps == 0 or global_step == total_steps:
             elapsed = time.perf_counter() - window_start

@@ -32,6 +32,7 @@ from .transforms import (
     IMAGENET_DEFAULT_STD,
     EvalTransform,
     MaskedImageTransform,
+    ResizeTransform,
     TwoViewTransform,
     random_resized_crop_params,
 )
@@ -45,6 +46,7 @@ __all__ = [
     "DecodeStats",
     "EvalTransform",
     "MaskedImageTransform",
+    "ResizeTransform",
     "TwoViewTransform",
     "PretrainingCollator",
     "decode_image",

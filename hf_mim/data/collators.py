@@ -9,6 +9,8 @@ Batches hold only tensors (Accelerate's batch dispatching broadcasts tensors):
 
 - `pixel_values` (B, 3, H, W) float32
 - `bool_masked_pos` (B, N) bool            (PretrainingCollator with a mask generator)
+- `crop_box` (B, 4) float64, `flipped` (B,) bool   (a mask generator that follows the crop, e.g. AMT's;
+  `finish` then adds `bool_masked_pos`, `bool_thrown_pos` and `patch_attention` in the main process)
 - `labels` (B,) int64                      (when the examples carry "label")
 - `example_id` (B,) int64
 - `images_converted` (B,) int64: 1 where the example's image had to be converted to RGB
@@ -34,15 +36,17 @@ DECODE_COUNT_KEYS = ("images_converted", "images_skipped")
 NON_MODEL_KEYS = ("example_id",) + DECODE_COUNT_KEYS
 
 
-def example_seed(seed: int, epoch: int, example_id: int) -> int:
-    """Non-negative 63-bit seed from (seed, epoch, example_id) via blake2b; identical in every process."""
-    digest = hashlib.blake2b(f"hf_mim:{int(seed)}:{int(epoch)}:{int(example_id)}".encode(), digest_size=8).digest()
+def example_seed(seed: int, epoch: int, example_id: int, stream: str = "") -> int:
+    """Non-negative 63-bit seed from (seed, epoch, example_id[, stream]) via blake2b; identical in every
+    process. `stream` names an independent random stream of the same example (e.g. "mask")."""
+    text = f"hf_mim:{int(seed)}:{int(epoch)}:{int(example_id)}" + (f":{stream}" if stream else "")
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") & ((1 << 63) - 1)
 
 
-def example_generator(seed: int, epoch: int, example_id: int) -> torch.Generator:
+def example_generator(seed: int, epoch: int, example_id: int, stream: str = "") -> torch.Generator:
     generator = torch.Generator()
-    generator.manual_seed(example_seed(seed, epoch, example_id))
+    generator.manual_seed(example_seed(seed, epoch, example_id, stream))
     return generator
 
 
@@ -98,6 +102,12 @@ class PretrainingCollator(_SeededCollator):
     """Transform + mask per example from one generator seeded by (seed, epoch, example_id).
 
     `mask_generator(generator)` must return a (num_patches,) bool tensor (hf_mim.masking generators do).
+
+    A mask generator with `needs_crop_box = True` (AMT's) depends on state that changes during training
+    (per-example attention maps). Its masks are not made here, in a DataLoader worker that holds a copy
+    of that state, but by `finish(batch, epoch)` in the training process: the batch carries each crop
+    box and flip, and the mask draws come from an independent per-example stream ("mask"), so masks
+    are exact on resume whatever the number of workers.
     """
 
     def __init__(
@@ -108,19 +118,53 @@ class PretrainingCollator(_SeededCollator):
     ):
         super().__init__(transform, seed)
         self.mask_generator = mask_generator
+        self.masks_in_finish = bool(getattr(mask_generator, "needs_crop_box", False))
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
         self._check(examples)
         epoch = self.epoch
-        pixel_values, masks = [], []
+        pixel_values, masks, crop_boxes, flips = [], [], [], []
         for example in examples:
             generator = example_generator(self.seed, epoch, example["example_id"])
+            if self.masks_in_finish:
+                tensor, crop_box, flipped = self.transform.transform_with_params(example["image"], generator)
+                pixel_values.append(tensor)
+                crop_boxes.append(crop_box)
+                flips.append(flipped)
+                continue
             pixel_values.append(self.transform(example["image"], generator))
             if self.mask_generator is not None:
                 masks.append(self.mask_generator(generator).to(torch.bool))
         batch = self._common(examples, pixel_values)
         if masks:
             batch["bool_masked_pos"] = torch.stack(masks)
+        if self.masks_in_finish:
+            batch["crop_box"] = torch.stack(crop_boxes)
+            batch["flipped"] = torch.tensor(flips, dtype=torch.bool)
+        return batch
+
+    def finish(self, batch: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
+        """Main-process step after the DataLoader: masks that follow the crop (see the class docstring).
+        A no-op for ordinary mask generators."""
+        if not self.masks_in_finish:
+            return batch
+        masked, thrown, weights = [], [], []
+        num_patches = None
+        for example_id, crop_box, flipped in zip(
+            batch["example_id"].tolist(), batch.pop("crop_box"), batch.pop("flipped").tolist()
+        ):
+            generator = example_generator(self.seed, epoch, example_id, stream="mask")
+            masks, patch_weights = self.mask_generator(generator, example_id=example_id, crop_box=crop_box, flipped=flipped)
+            masked.append(masks.bool_masked_pos)
+            thrown.append(masks.bool_thrown_pos)
+            weights.append(patch_weights)
+            num_patches = masks.bool_masked_pos.numel()
+        batch["bool_masked_pos"] = torch.stack(masked)
+        batch["bool_thrown_pos"] = torch.stack(thrown)
+        # the attention weights behind each mask (zeros before an example has a map), for pictures
+        batch["patch_attention"] = torch.stack(
+            [w if w is not None else torch.zeros(num_patches) for w in weights]
+        ).to(torch.float32)
         return batch
 
 

@@ -98,11 +98,23 @@ class MaskedImageTransform:
         return random_resized_crop_params(height, width, self.scale, self.ratio, generator)
 
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.transform_with_params(image, generator)[0]
+
+    def transform_with_params(
+        self, image: Image.Image, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(tensor, crop box, flipped): the crop box is (top, left, height, width) as fractions of the
+        image, so per-image data computed on the whole image (AMT's attention maps) can follow the crop."""
         top, left, height, width = self.get_params(image, generator)
+        image_width, image_height = image.size
+        crop_box = torch.tensor(
+            [top / image_height, left / image_width, height / image_height, width / image_width], dtype=torch.float64
+        )
         image = F.resized_crop(image, top, left, height, width, list(self.size), self.interpolation, antialias=True)
-        if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
+        flipped = bool(self.hflip and torch.rand(1, generator=generator).item() < 0.5)
+        if flipped:
             image = F.hflip(image)
-        return F.normalize(F.to_tensor(image), self.mean, self.std)
+        return F.normalize(F.to_tensor(image), self.mean, self.std), crop_box, flipped
 
     def __repr__(self) -> str:
         return (
@@ -190,3 +202,30 @@ class EvalTransform:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(size={self.size}, crop_pct={self.crop_pct}, interpolation={self.interpolation.value})"
+
+
+class ResizeTransform:
+    """The whole image resized to image_size x image_size (aspect not kept), ToTensor, Normalize.
+
+    Deterministic. AMT's attention pass reads every image this way (official `Resize((224, 224))`), so
+    a training crop box, given as fractions of the image, points at the same part of the map.
+    """
+
+    def __init__(
+        self,
+        image_size: int | Sequence[int],
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        interpolation: str | InterpolationMode = "bilinear",
+    ):
+        self.size = _pair(image_size)
+        self.mean = list(mean)
+        self.std = list(std)
+        self.interpolation = _interpolation(interpolation)
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
+        image = F.resize(image, list(self.size), self.interpolation, antialias=True)
+        return F.normalize(F.to_tensor(image), self.mean, self.std)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, interpolation={self.interpolation.value})"

@@ -13,6 +13,7 @@ cross-process non-finite-loss guard, and top-k accuracy without the Hub.
     state = load_checkpoint(accelerator, resolve_resume_path("latest", output_dir))
 """
 
+from .attention_refresh import refresh_attention_maps
 from .checkpoint import (
     TRAINER_STATE_NAME,
     atomic_write_bytes,
@@ -85,6 +86,8 @@ __all__ = [
     # metrics
     "AccuracyMeter",
     "topk_correct",
+    # attention-driven masking
+    "refresh_attention_maps",
     # linear probe
     "attach_batchnorm_probe", "fold_batchnorm_probe", "freeze_backbone", "linear_probe_train_mode",
 ]

@@ -1,0 +1,50 @@
+"""The attention refresh pass of attention-driven masking (AMT), for the generic training loop.
+
+Every refresh the model being trained reads each training image whole (`model.attention_scores`), one
+map per image. Each rank passes over its own share of the data; the maps of every rank are then
+gathered into every rank's store, because after reshuffling an example may be read by another rank
+(as the official code, which all-gathers). Maps are keyed by the stable example id, so neither stream
+order, shuffling nor resuming changes which image a map belongs to.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def refresh_attention_maps(model, store, dataloader, accelerator) -> dict[str, float]:
+    """Run `model.attention_scores` over `dataloader` (this rank's examples, whole images), gather the
+    maps of every rank and put them into `store` (an `AttentionMapStore`). Collective: call on every
+    rank. Returns {"maps": maps in the store, "seconds": wall time}."""
+    start = time.perf_counter()
+    ids, maps = [], []
+    for batch in dataloader:
+        pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+        with accelerator.autocast():
+            scores = model.attention_scores(pixel_values)
+        ids.append(batch["example_id"].to(torch.int64))
+        maps.append(scores.to(torch.float16).cpu())
+    grid = model.config.image_size // model.config.patch_size
+    local_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
+    local_maps = torch.cat(maps) if maps else torch.zeros(0, grid, grid, dtype=torch.float16)
+    if accelerator.num_processes > 1:
+        # ranks hold different counts: pad to the largest (id -1 = padding; example ids are >= 0)
+        padded_ids = accelerator.pad_across_processes(local_ids.to(accelerator.device), dim=0, pad_index=-1)
+        padded_maps = accelerator.pad_across_processes(local_maps.to(accelerator.device), dim=0, pad_index=0)
+        all_ids = accelerator.gather(padded_ids).cpu()
+        all_maps = accelerator.gather(padded_maps).cpu()
+        keep = all_ids >= 0
+        local_ids, local_maps = all_ids[keep], all_maps[keep]
+    store.update(local_ids, local_maps)
+    store.num_refreshes += 1
+    seconds = time.perf_counter() - start
+    return {"maps": float(len(store)), "seconds": seconds}
+
+
+__all__ = ["refresh_attention_maps"]
