@@ -33,6 +33,13 @@ from .modeling_maskdistill import (
     MaskDistillModel,
     MaskDistillPreTrainedModel,
 )
+from .configuration_amt import AmtConfig
+from .modeling_amt import (
+    AmtForImageClassification,
+    AmtForMaskedImageModeling,
+    AmtModel,
+    AmtPreTrainedModel,
+)
 from .registry import MODEL_FAMILIES, ModelFamily, register_all
 
 __version__ = "0.1.0"
@@ -61,6 +68,11 @@ __all__ = [
     "MaskDistillPreTrainedModel",
     "MaskDistillForMaskedImageModeling",
     "MaskDistillForImageClassification",
+    "AmtConfig",
+    "AmtModel",
+    "AmtPreTrainedModel",
+    "AmtForMaskedImageModeling",
+    "AmtForImageClassification",
     "MODEL_FAMILIES",
     "ModelFamily",
 ]

@@ -30,6 +30,20 @@ TARGET_NORMALIZATIONS = ("layer_norm", "layer_norm_unbiased", "none")
 LOSSES = ("smooth_l1", "mse", "l1")
 
 
+def teacher_token_width(teacher_config: PreTrainedConfig, layer: str) -> int:
+    """Width of the teacher tokens at `layer`. A timm teacher's config (TimmWrapperConfig) states no width,
+    so its network is built on the meta device (no memory, no weights) to read `num_features`."""
+    if getattr(teacher_config, "model_type", None) == "timm_wrapper":
+        if layer == "projected":
+            raise config_error("teacher_layer", layer, "a timm teacher has no projection (use 'last_hidden_state')")
+        import torch
+        from transformers import AutoModel
+
+        with torch.device("meta"):
+            return AutoModel.from_config(teacher_config).timm_model.num_features
+    return teacher_config.projection_dim if layer == "projected" else teacher_config.hidden_size
+
+
 class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
     r"""Configuration of a MaskDistill student (BEiT-style ViT + linear head) and its frozen teacher.
 
@@ -42,16 +56,20 @@ class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
             per-patch normalised pixels of the student's input, i.e. MAE's norm-pix target in this view).
         teacher_name_or_path: a local folder (or Hub id) of any vision model `AutoModel` loads whose
             output has `last_hidden_state` with a cls token first (e.g. `CLIPVisionModel`, or a full
-            `CLIPModel`, whose `vision_model` is used). Loaded lazily on first use, frozen, in eval mode,
-            never saved with the student. None: no teacher (set one with `set_teacher`).
+            `CLIPModel`, whose `vision_model` is used), or of a timm ViT-style model (`TimmWrapperModel`,
+            e.g. a `timm/...` Hub folder; its `num_prefix_tokens` cls/register tokens are dropped). Loaded
+            lazily on first use, frozen, in eval mode, never saved with the student. None: no teacher (set
+            one with `set_teacher`). Its patch grid must equal the student's.
         teacher_layer: which teacher tokens: "last_hidden_state" (output of the last block, before CLIP's
-            `post_layernorm`; default, as both public re-implementations), "post_layernorm" (after it, the
-            BEiT v2 tokenizer's choice) or "projected" (after `post_layernorm` and `visual_projection`).
+            `post_layernorm` / a timm model's final `norm`; default, as both public re-implementations),
+            "post_layernorm" (after it, the BEiT v2 tokenizer's choice) or "projected" (after
+            `post_layernorm` and `visual_projection`; CLIP only, a timm teacher has no projection).
             The paper does not say which; see the model card.
         teacher_hidden_size: width of the chosen teacher tokens (768 for CLIP-B/16 before projection);
             checked against the teacher when it loads. `MaskDistillConfig.for_teacher(path)` reads it.
         teacher_image_mean, teacher_image_std: the teacher's input normalisation. None: read from the
-            `preprocessor_config.json` in the teacher's folder (CLIP's mean/std for a CLIP teacher).
+            `preprocessor_config.json` in the teacher's folder (CLIP's mean/std for a CLIP teacher), else
+            from a timm teacher's `pretrained_cfg`.
         image_mean, image_std: the student's input normalisation (ImageNet), used to turn the student's
             `pixel_values` back into images before the teacher's normalisation is applied.
 
@@ -189,7 +207,7 @@ class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
         teacher_config = AutoConfig.from_pretrained(teacher_name_or_path)
         teacher_config = getattr(teacher_config, "vision_config", None) or teacher_config
         layer = overrides.get("teacher_layer", "last_hidden_state")
-        width = teacher_config.projection_dim if layer == "projected" else teacher_config.hidden_size
+        width = teacher_token_width(teacher_config, layer)
         overrides = {"teacher_name_or_path": str(teacher_name_or_path), "teacher_hidden_size": width, **overrides}
         return cls.from_preset(preset, **overrides) if preset else cls(**overrides)
 

@@ -1,7 +1,8 @@
 """MaskDistill: masked distillation of a frozen teacher's normalised features ("A Unified View of Masked
 Image Modeling", Peng, Dong, Bao, Wei, Ye; TMLR 2023).
 
-Five parts, each a config field: teacher T (a frozen vision model loaded with `AutoModel`, e.g. CLIP),
+Five parts, each a config field: teacher T (a frozen vision model loaded with `AutoModel`: CLIP, or a timm
+ViT through transformers' `TimmWrapperModel`),
 normalisation N (LayerNorm without affine), student S (BEiT v2 ViT: `[MASK]` token, one shared relative
 position bias, layer scale, no absolute positions), head H (linear to the teacher width) and loss L
 (smooth-L1 on the masked patches). `target="pixels"` swaps the teacher for per-patch normalised pixels.
@@ -15,7 +16,6 @@ BEiT v2 (microsoft/unilm/beit2), which the first author names as its base.
 from __future__ import annotations
 
 import json
-import math
 import os
 from dataclasses import dataclass
 
@@ -31,11 +31,12 @@ from .configuration_maskdistill import MaskDistillConfig
 from .masking import BlockwiseMaskGenerator
 from .modeling_common import (
     ImageClassificationMixin,
-    LayerScale,
     MeanPooler,
     PatchEmbeddings,
     RelativePositionBias,
+    init_beit_weights,
     make_blocks,
+    tag_beit_rescaled_layers,
 )
 from .objectives import normalize_per_token, patchify, smooth_l1, unpatchify, weighted_token_mean
 
@@ -118,10 +119,7 @@ class MaskDistillEncoder(nn.Module):
             drop_path_rate=config.drop_path_rate,
             layer_scale_init_value=config.layer_scale_init_value,
         )
-        for layer_id, layer in enumerate(self.layers, start=1):
-            # BEiT's fix_init_weight: these projections are drawn with std / sqrt(2 * layer_id)
-            layer.attn.proj.rescale_layer_id = layer_id
-            layer.mlp.fc2.rescale_layer_id = layer_id
+        tag_beit_rescaled_layers(self.layers)
         self.per_layer_relative_position_bias = per_layer_relative_position_bias
         if per_layer_relative_position_bias:
             self.rel_pos_bias.requires_grad_(False)
@@ -168,29 +166,15 @@ class MaskDistillPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """BEiT v2 initialisation: trunc-normal(0.02) linears, conv, tokens (fix_init_weight rescaling of
-        attn.proj / mlp.fc2), LayerNorm 1/0, layer scale to its value, relative tables zero (per-layer
-        tables copy the shared one), the classifier scaled by `classifier_init_scale`."""
+        """BEiT v2 initialisation (`init_beit_weights`), the mask and cls tokens trunc-normal, relative
+        tables zero (per-layer tables copy the shared one), the classifier scaled by `classifier_init_scale`."""
         std = self.config.initializer_range
         if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=std * self.config.classifier_init_scale)
             init.zeros_(module.bias)
-        elif isinstance(module, (nn.Linear, nn.Conv2d)):
-            layer_id = getattr(module, "rescale_layer_id", None)
-            scale = 1.0 / math.sqrt(2.0 * layer_id) if layer_id else 1.0
-            init.trunc_normal_(module.weight, std=std * scale, a=-2.0 * scale, b=2.0 * scale)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
-            if module.weight is not None:
-                init.ones_(module.weight)
-            if module.bias is not None:
-                init.zeros_(module.bias)
         elif isinstance(module, MaskDistillEmbeddings):
             init.trunc_normal_(module.cls_token, std=std)
             init.trunc_normal_(module.mask_token, std=std)
-        elif isinstance(module, LayerScale):
-            init.constant_(module.gamma, module.init_value)
         elif isinstance(module, RelativePositionBias):
             if getattr(module, "copy_from_shared", False):
                 shared = self._shared_relative_position_bias()
@@ -198,6 +182,8 @@ class MaskDistillPreTrainedModel(PreTrainedModel):
                     init.copy_(module.relative_position_bias_table, shared.relative_position_bias_table)
                     return
             init.zeros_(module.relative_position_bias_table)
+        else:
+            init_beit_weights(module, std)
 
     def _shared_relative_position_bias(self) -> RelativePositionBias | None:
         backbone = self if isinstance(self, MaskDistillModel) else getattr(self, "maskdistill", None)
@@ -300,11 +286,47 @@ def load_teacher_model(teacher_name_or_path: str) -> nn.Module:
     return model_class.from_pretrained(teacher_name_or_path)
 
 
+def timm_backbone(model: nn.Module) -> nn.Module | None:
+    """The timm network of a teacher (`TimmWrapperModel.timm_model`, or a bare timm model), else None.
+
+    Recognised by what every timm model has (`pretrained_cfg`, `forward_features`): timm is not imported."""
+    inner = getattr(model, "timm_model", model)
+    return inner if hasattr(inner, "pretrained_cfg") and hasattr(inner, "forward_features") else None
+
+
+def timm_normalization(model: nn.Module) -> tuple[list[float], list[float]] | None:
+    """(image_mean, image_std) a timm teacher expects: the `pretrained_cfg` in its transformers config (what a
+    timm Hub folder's config.json carries), else the timm model's own default one (timm's
+    `resolve_data_config` falls back the same way); None for other teachers."""
+    backbone = timm_backbone(model)
+    if backbone is None:
+        return None
+    saved = getattr(getattr(model, "config", None), "pretrained_cfg", None)
+    for pretrained_cfg in (saved, backbone.pretrained_cfg):
+        if pretrained_cfg and pretrained_cfg.get("mean") is not None and pretrained_cfg.get("std") is not None:
+            return list(pretrained_cfg["mean"]), list(pretrained_cfg["std"])
+    return None
+
+
+def _pair(value) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
 class FrozenTeacher:
     """A frozen vision model and how to feed it: its own input normalisation and image size.
 
     Not an `nn.Module` on purpose: it must not enter the student's `state_dict`, parameters, optimizer
     or saved files. It follows the student's device on each call and stays in eval mode.
+
+    Two kinds of teacher give the patch tokens (`layer` = `config.teacher_layer`):
+    - transformers vision models (CLIP-style): the vision tower's `last_hidden_state` (before
+      `post_layernorm`), optionally `post_layernorm` and `visual_projection`; the leading cls token dropped.
+    - timm ViT-style models (`TimmWrapperModel` or a bare timm model): the last block's tokens from timm's
+      `forward_intermediates`, before ("last_hidden_state") or after ("post_layernorm") the final norm, the
+      model's `num_prefix_tokens` (cls, registers) dropped. `TimmWrapperModel.last_hidden_state` is
+      "post_layernorm" here. timm models have no projection, so "projected" is refused.
     """
 
     def __init__(
@@ -318,9 +340,19 @@ class FrozenTeacher:
         model.eval()
         self.model = model
         self.layer = layer
-        self.vision = getattr(model, "vision_model", None) or model
+        self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.image_std = torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.timm = timm_backbone(model)
+        if self.timm is not None:
+            self._init_timm()
+        else:
+            self._init_transformers()
+
+    def _init_transformers(self) -> None:
+        layer = self.layer
+        self.vision = getattr(self.model, "vision_model", None) or self.model
         self.post_layernorm = getattr(self.vision, "post_layernorm", None)
-        self.projection = getattr(model, "visual_projection", None)
+        self.projection = getattr(self.model, "visual_projection", None)
         if layer in ("post_layernorm", "projected") and self.post_layernorm is None:
             raise ValueError(f"teacher_layer={layer!r} needs a teacher with a `post_layernorm` (CLIP-style vision tower)")
         if layer == "projected" and self.projection is None:
@@ -328,56 +360,83 @@ class FrozenTeacher:
                 "teacher_layer='projected' needs a teacher with a `visual_projection` "
                 "(CLIPVisionModelWithProjection or CLIPModel)"
             )
-        self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.image_std = torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1)
-        vision_config = getattr(model.config, "vision_config", None) or model.config
-        self.image_size = getattr(vision_config, "image_size", None)
-        self.patch_size = getattr(vision_config, "patch_size", None)
-
-    @property
-    def width(self) -> int:
         config = getattr(self.model.config, "vision_config", None) or self.model.config
-        return config.projection_dim if self.layer == "projected" else config.hidden_size
+        self.width = config.projection_dim if layer == "projected" else config.hidden_size
+        self.image_size = _pair(getattr(config, "image_size", None))
+        self.patch_size = _pair(getattr(config, "patch_size", None))
+
+    def _init_timm(self) -> None:
+        name = type(self.timm).__name__
+        needed = ("patch_embed", "num_prefix_tokens", "forward_intermediates")
+        missing = [attr for attr in needed if not hasattr(self.timm, attr)]
+        if missing:
+            raise ValueError(
+                f"the timm teacher ({name}) is not a ViT-style token model (no {', '.join(missing)}): MaskDistill "
+                "regresses one teacher token per patch, so use a timm ViT (vit_*, deit_*, eva_*, ...)"
+            )
+        if self.layer == "projected":
+            raise ValueError(
+                f"teacher_layer='projected' cannot be honoured by a timm teacher ({name} has no projection): use "
+                "'last_hidden_state' (last block, before the final norm) or 'post_layernorm' (after it)"
+            )
+        if self.layer == "post_layernorm" and isinstance(getattr(self.timm, "norm", None), (nn.Identity, type(None))):
+            raise ValueError(
+                f"teacher_layer='post_layernorm' cannot be honoured by this timm teacher ({name} has no final norm on "
+                "its tokens, e.g. it normalises the pooled feature with fc_norm): use 'last_hidden_state'"
+            )
+        self.width = self.timm.num_features
+        self.image_size = _pair(self.timm.patch_embed.img_size)
+        self.patch_size = _pair(self.timm.patch_embed.patch_size)
 
     def check_grid(self, grid: int) -> None:
         if self.image_size is None or self.patch_size is None:
             return
-        image_size = self.image_size[0] if isinstance(self.image_size, (tuple, list)) else self.image_size
-        patch_size = self.patch_size[0] if isinstance(self.patch_size, (tuple, list)) else self.patch_size
-        if image_size // patch_size != grid:
+        teacher_grid = tuple(size // patch for size, patch in zip(self.image_size, self.patch_size))
+        if teacher_grid != (grid, grid):
             raise ValueError(
-                f"the teacher's patch grid ({image_size}/{patch_size} = {image_size // patch_size} per side) does not "
-                f"match the student's ({grid} per side): choose a teacher (or teacher image size) with the same grid, "
+                f"the teacher's patch grid ({self.image_size[0]}x{self.image_size[1]} / {self.patch_size[0]}x"
+                f"{self.patch_size[1]} = {teacher_grid[0]}x{teacher_grid[1]}) does not match the student's "
+                f"({grid}x{grid}): choose a teacher (or teacher image size) with the same grid, "
                 "e.g. CLIP-B/16 at 224 for a /16 student at 224"
             )
 
     @torch.no_grad()
     def tokens(self, images: torch.Tensor, num_patches: int) -> torch.Tensor:
-        """(B, N, D) patch tokens of the chosen layer for images in [0, 1] (B, C, H, W); cls dropped."""
+        """(B, N, D) patch tokens of the chosen layer for images in [0, 1] (B, C, H, W); prefix tokens dropped."""
         parameter = next(self.model.parameters())
         if parameter.device != images.device:
             self.model.to(images.device)
             parameter = next(self.model.parameters())
         self.model.eval()
         images = images.to(torch.float32)
-        if self.image_size is not None:
-            size = self.image_size if isinstance(self.image_size, (tuple, list)) else (self.image_size, self.image_size)
-            if tuple(images.shape[-2:]) != tuple(size):
-                images = F.interpolate(images, size=tuple(size), mode="bicubic", align_corners=False)
+        if self.image_size is not None and tuple(images.shape[-2:]) != self.image_size:
+            images = F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False)
         pixel_values = (images - self.image_mean.to(images.device)) / self.image_std.to(images.device)
-        output = self.vision(pixel_values=pixel_values.to(parameter.dtype))
-        tokens = output.last_hidden_state
-        if self.layer in ("post_layernorm", "projected"):
-            tokens = self.post_layernorm(tokens)
-        if self.layer == "projected":
-            tokens = self.projection(tokens)
+        pixel_values = pixel_values.to(parameter.dtype)
+        tokens = self._timm_tokens(pixel_values) if self.timm is not None else self._transformers_tokens(pixel_values)
         num_prefix = tokens.shape[1] - num_patches
-        if not 0 <= num_prefix <= 8:
+        max_prefix = 0 if self.timm is not None else 8  # timm has dropped its prefix tokens already
+        if not 0 <= num_prefix <= max_prefix:
             raise ValueError(
                 f"the teacher returned {tokens.shape[1]} tokens for {num_patches} student patches: "
                 "its patch grid must match the student's"
             )
         return tokens[:, num_prefix:]
+
+    def _transformers_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        tokens = self.vision(pixel_values=pixel_values).last_hidden_state
+        if self.layer in ("post_layernorm", "projected"):
+            tokens = self.post_layernorm(tokens)
+        if self.layer == "projected":
+            tokens = self.projection(tokens)
+        return tokens
+
+    def _timm_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The last block's patch tokens; timm drops the `num_prefix_tokens` itself."""
+        (tokens,) = self.timm.forward_intermediates(
+            pixel_values, indices=1, norm=self.layer == "post_layernorm", output_fmt="NLC", intermediates_only=True
+        )
+        return tokens
 
 
 class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
@@ -410,30 +469,39 @@ class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
             except (OSError, ValueError) as error:
                 raise OSError(
                     f"could not load the MaskDistill teacher from config.teacher_name_or_path={path!r}: {error}\n"
-                    "Point teacher_name_or_path at a local vision-model folder (e.g. a saved CLIPVisionModel), "
-                    "call model.set_teacher(...), or pass return_loss=False for predictions only."
+                    "Point teacher_name_or_path at a local vision-model folder (e.g. a saved CLIPVisionModel or "
+                    "TimmWrapperModel), call model.set_teacher(...), or pass return_loss=False for predictions only."
                 ) from error
-            mean, std = self.config.teacher_image_mean, self.config.teacher_image_std
-            if mean is None or std is None:
-                found = read_teacher_normalization(path)
-                if found is None:
-                    raise ValueError(
-                        f"no preprocessor_config.json with image_mean/image_std in {path!r}: set "
-                        "config.teacher_image_mean and config.teacher_image_std to the teacher's input normalisation"
-                    )
-                mean, std = (mean or found[0]), (std or found[1])
+            mean, std = self._teacher_normalization(model, path=path)
             self._attach(FrozenTeacher(model, mean, std, self.config.teacher_layer))
         return self._frozen_teacher
 
     def set_teacher(
         self, model: nn.Module, image_mean: list[float] | None = None, image_std: list[float] | None = None
     ) -> None:
-        """Use an in-memory teacher (frozen here). Its normalisation: the arguments, else the config's."""
+        """Use an in-memory teacher (frozen here), normalised as `_teacher_normalization` says."""
+        mean, std = self._teacher_normalization(model, image_mean, image_std)
+        self._attach(FrozenTeacher(model, mean, std, self.config.teacher_layer))
+
+    def _teacher_normalization(
+        self, model: nn.Module, image_mean=None, image_std=None, path: str | None = None
+    ) -> tuple[list[float], list[float]]:
+        """The teacher's own input normalisation (never the student's): the given values, else the config's
+        teacher_image_mean/std, else the teacher folder's preprocessor_config.json, else a timm teacher's
+        pretrained_cfg."""
         mean = image_mean if image_mean is not None else self.config.teacher_image_mean
         std = image_std if image_std is not None else self.config.teacher_image_std
         if mean is None or std is None:
-            raise ValueError("set_teacher needs the teacher's image_mean and image_std (or config.teacher_image_mean/std)")
-        self._attach(FrozenTeacher(model, mean, std, self.config.teacher_layer))
+            found = (read_teacher_normalization(path) if path else None) or timm_normalization(model)
+            if found is None:
+                where = f" in {path!r}" if path else ""
+                raise ValueError(
+                    f"no teacher input normalisation found{where} (preprocessor_config.json or timm pretrained_cfg): "
+                    "set config.teacher_image_mean and config.teacher_image_std (or pass them to set_teacher)"
+                )
+            mean = mean if mean is not None else found[0]
+            std = std if std is not None else found[1]
+        return list(mean), list(std)
 
     def _attach(self, frozen: FrozenTeacher) -> None:
         frozen.check_grid(self.config.grid_size)
@@ -458,8 +526,8 @@ class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
         if frozen is None:
             raise ValueError(
                 "MaskDistill needs a teacher for target='teacher': set config.teacher_name_or_path to a local "
-                "vision-model folder (e.g. a saved CLIPVisionModel), call set_teacher(model, mean, std), or use "
-                "target='pixels'"
+                "vision-model folder (e.g. a saved CLIPVisionModel or TimmWrapperModel), call "
+                "set_teacher(model, mean, std), or use target='pixels'"
             )
         num_patches = (pixel_values.shape[-2] // self.config.patch_size) * (pixel_values.shape[-1] // self.config.patch_size)
         return frozen.tokens(self.images_from_pixel_values(pixel_values), num_patches)

@@ -283,3 +283,137 @@ def test_run_mim_pretrains_with_a_local_teacher(tmp_path):
     from safetensors.torch import load_file
 
     assert not any(key.startswith("teacher") for key in load_file(out / "model.safetensors"))
+
+
+# ---- a tiny timm ViT teacher (transformers' TimmWrapperModel) saved by the test and loaded offline ---------
+
+TIMM_MEAN, TIMM_STD = [0.3, 0.4, 0.5], [0.2, 0.25, 0.3]  # neither ImageNet's nor CLIP's: must come from the folder
+
+
+def tiny_timm(tmp_path, patch_size=8, image_size=32, name="timm", **model_args):
+    """A random timm ViT (cls + 2 register tokens) built with pretrained=False, saved as a transformers folder
+    whose config.json carries timm's pretrained_cfg (mean/std), as timm Hub folders do."""
+    from transformers import TimmWrapperConfig, TimmWrapperModel
+
+    torch.manual_seed(2)
+    config = TimmWrapperConfig(
+        architecture="vit_tiny_patch16_224",
+        model_args={"img_size": image_size, "patch_size": patch_size, "embed_dim": 24, "depth": 2, "num_heads": 2,
+                    "reg_tokens": 2, **model_args},
+        pretrained_cfg={"input_size": [3, image_size, image_size], "mean": TIMM_MEAN, "std": TIMM_STD},
+    )
+    folder = tmp_path / name
+    TimmWrapperModel(config).eval().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any socket connection fails: the timm teacher must load from its folder alone."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise OSError("network access in an offline test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
+def timm_pair(tmp_path, no_network):
+    folder = tiny_timm(tmp_path)
+    config = MaskDistillConfig.for_teacher(folder, preset="tiny")
+    assert config.teacher_hidden_size == 24  # read from the timm network (built on the meta device)
+    torch.manual_seed(0)
+    return MaskDistillForMaskedImageModeling(config), folder
+
+
+def test_tiny_timm_teacher_loads_offline_and_gets_no_gradients(timm_pair):
+    from transformers import TimmWrapperModel
+
+    model, folder = timm_pair
+    assert isinstance(AutoModel.from_pretrained(folder), TimmWrapperModel)
+    assert not (folder / "preprocessor_config.json").exists()  # normalisation comes from config.json's pretrained_cfg
+    model.train()
+    out = model(torch.randn(2, 3, 32, 32))
+    out.loss.backward()
+    teacher = model.teacher
+    assert isinstance(teacher, TimmWrapperModel) and not teacher.training
+    assert teacher.timm_model.num_prefix_tokens == 3 and out.targets.shape == (2, 16, 24)
+    assert all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert not {id(p) for p in teacher.parameters()} & {id(p) for p in model.parameters()}
+    assert all(p.grad is not None for n, p in model.named_parameters() if "ls" in n or "lm_head" in n)
+    assert torch.equal(model._frozen_teacher.image_mean.flatten(), torch.tensor(TIMM_MEAN))
+
+
+@pytest.mark.parametrize("layer", ["last_hidden_state", "post_layernorm"])
+def test_timm_teacher_targets_match_a_hand_computation(tmp_path, layer):
+    folder = tiny_timm(tmp_path)
+    model = MaskDistillForMaskedImageModeling(MaskDistillConfig.for_teacher(folder, preset="tiny", teacher_layer=layer))
+    model.eval()
+    pixel_values, mask = torch.randn(2, 3, 32, 32), torch.arange(16).repeat(2, 1) % 3 == 0
+    out = model(pixel_values, bool_masked_pos=mask)
+    # by hand: student ImageNet pixel_values -> image in [0, 1] -> the timm teacher's own mean/std
+    timm_model = AutoModel.from_pretrained(folder).eval().timm_model
+    images = pixel_values * torch.tensor(model.config.image_std).view(1, 3, 1, 1) + torch.tensor(
+        model.config.image_mean
+    ).view(1, 3, 1, 1)
+    teacher_input = (images - torch.tensor(TIMM_MEAN).view(1, 3, 1, 1)) / torch.tensor(TIMM_STD).view(1, 3, 1, 1)
+    before_norm = []
+    hook = timm_model.norm.register_forward_hook(lambda module, inputs, output: before_norm.append(inputs[0]))
+    with torch.no_grad():
+        after_norm = timm_model.forward_features(teacher_input)
+        on_student_input = timm_model.forward_features(pixel_values)
+    hook.remove()
+    tokens = {"last_hidden_state": before_norm[0], "post_layernorm": after_norm}[layer][:, 3:]  # cls + 2 registers
+    assert max_abs_diff(model.teacher_features(pixel_values), tokens) <= 1e-6
+    assert max_abs_diff(on_student_input[:, 3:], after_norm[:, 3:]) > 1e-2  # the normalisation matters
+    target = F.layer_norm(tokens, (24,), eps=1e-6)
+    assert max_abs_diff(out.targets, target) <= 1e-5
+    hand = F.smooth_l1_loss(out.predictions[mask], target[mask], beta=1.0)
+    assert max_abs_diff(out.loss, hand) <= 1e-6
+    # a bare timm model given with set_teacher is used the same way
+    bare = MaskDistillForMaskedImageModeling(model.config).eval()
+    bare.set_teacher(timm_model, image_mean=TIMM_MEAN, image_std=TIMM_STD)
+    assert max_abs_diff(bare.teacher_features(pixel_values), tokens) <= 1e-6
+
+
+def test_timm_teacher_mismatches_are_clear_errors(tmp_path):
+    from transformers import TimmWrapperConfig, TimmWrapperModel
+
+    folder = tiny_timm(tmp_path, patch_size=4, name="timm_p4")  # 8x8 grid, the tiny student has 4x4
+    model = MaskDistillForMaskedImageModeling(MaskDistillConfig.for_teacher(folder, preset="tiny"))
+    with pytest.raises(ValueError, match=r"patch grid \(32x32 / 4x4 = 8x8\) does not match the student's \(4x4\)"):
+        model(torch.randn(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="teacher_layer"):  # timm models have no projection
+        MaskDistillConfig.for_teacher(tiny_timm(tmp_path), preset="tiny", teacher_layer="projected")
+    projected = MaskDistillForMaskedImageModeling(
+        MaskDistillConfig.from_preset("tiny", teacher_layer="projected", teacher_hidden_size=24)
+    )
+    with pytest.raises(ValueError, match="teacher_layer='projected' cannot be honoured by a timm teacher"):
+        projected.set_teacher(AutoModel.from_pretrained(tmp_path / "timm"))
+    pooled = TimmWrapperModel(TimmWrapperConfig(  # mean pooling + fc_norm: no final norm on the tokens
+        architecture="vit_tiny_patch16_224",
+        model_args={"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 1, "num_heads": 2, "global_pool": "avg"},
+    ))
+    post = MaskDistillForMaskedImageModeling(
+        MaskDistillConfig.from_preset("tiny", teacher_layer="post_layernorm", teacher_hidden_size=24)
+    )
+    with pytest.raises(ValueError, match="teacher_layer='post_layernorm' cannot be honoured"):
+        post.set_teacher(pooled, TIMM_MEAN, TIMM_STD)
+
+
+def test_timm_teacher_is_not_saved_with_the_student(timm_pair, tmp_path):
+    model, folder = timm_pair
+    model.eval()
+    pixel_values, mask = torch.randn(2, 3, 32, 32), torch.arange(16).repeat(2, 1) % 2 == 0
+    before = model(pixel_values, bool_masked_pos=mask)
+    assert model.teacher is not None
+    assert not any("teacher" in key or "timm_model" in key for key in model.state_dict())
+    model.save_pretrained(tmp_path / "student")
+    saved = load_file(str(tmp_path / "student" / "model.safetensors"))
+    assert set(saved) == set(model.state_dict())
+    loaded = MaskDistillForMaskedImageModeling.from_pretrained(tmp_path / "student").eval()
+    assert loaded.config.teacher_name_or_path == str(folder) and loaded._frozen_teacher is None
+    after = loaded(pixel_values, bool_masked_pos=mask)
+    assert torch.equal(before.targets, after.targets) and torch.equal(before.loss, after.loss)

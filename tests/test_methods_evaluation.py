@@ -50,3 +50,20 @@ def test_extrema_momentum_encoder_is_linear_probed(tmp_path):
     key = "layers.0.attn.qkv.weight"
     probed = next(value for name, value in probe.items() if name.endswith("encoder." + key))
     assert torch.equal(probed, momentum[key])
+
+
+def test_amt_both_hosts_fine_tune_from_their_pretraining_checkpoint(tmp_path):
+    """MAE host: mean pool + fc_norm; SimMIM host: final norm + cls; the decoder and SimMIM's mask token
+    are pretraining-only."""
+    from safetensors.torch import load_file
+
+    for variant in ("mae", "simmim"):
+        torch.manual_seed(0)
+        pretrained = hf_mim.AmtForMaskedImageModeling(hf_mim.AmtConfig.from_preset("tiny", variant=variant))
+        save_hub_folder(pretrained, tmp_path / f"pre-{variant}")
+        run_classification("--model_name_or_path", tmp_path / f"pre-{variant}", "--mode", "finetune",
+                           "--layer_decay", "0.75", "--output_dir", tmp_path / f"ft-{variant}")
+        weights = load_file(tmp_path / f"ft-{variant}" / "model.safetensors")
+        assert not any(name.startswith("decoder.") or name.endswith("mask_token") for name in weights)
+        assert ("amt.pooler.fc_norm.weight" in weights) == (variant == "mae")
+        assert ("amt.encoder.layernorm.weight" in weights) == (variant == "simmim")
