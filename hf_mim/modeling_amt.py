@@ -64,6 +64,7 @@ class AmtMaskedImageModelingOutput(ModelOutput):
     patch_scores: (B, N) the per-patch attention weights the masks were drawn from (None when random).
     patch_labels: (B, N) 0 visible, 1 masked, 2 thrown.
     encoder_last_hidden_state: (B, 1 + K', D) the encoder output (cls first).
+    attention_map: (B, rows, cols) only with `attention_scores_only=True`: `attention_scores(pixel_values)`.
     """
 
     loss: torch.Tensor | None = None
@@ -77,6 +78,7 @@ class AmtMaskedImageModelingOutput(ModelOutput):
     encoder_last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    attention_map: torch.Tensor | None = None
 
 
 def build_encoder(config: AmtConfig, use_final_norm: bool, use_mask_token: bool) -> ViTEncoder:
@@ -377,6 +379,7 @@ class AmtForMaskedImageModeling(AmtPreTrainedModel):
         output_attentions: bool | None = None,
         interpolate_pos_encoding: bool = False,
         return_dict: bool | None = None,
+        attention_scores_only: bool = False,
         **kwargs,
     ) -> AmtMaskedImageModelingOutput | tuple:
         r"""
@@ -389,9 +392,15 @@ class AmtForMaskedImageModeling(AmtPreTrainedModel):
             from them; with given masks they are only reported back (`patch_scores`) for pictures.
         noise (`torch.FloatTensor` of shape `(batch_size, num_mask_units)`, *optional*):
             Uniform noise driving the mask draw (weighted order for AMT, random order otherwise).
+        attention_scores_only (`bool`, *optional*):
+            Return only `attention_map` = `attention_scores(pixel_values)`. The refresh pass goes through
+            `forward` so that DDP / FSDP / DeepSpeed wrappers gather sharded weights as for a training step.
         """
         if pixel_values is None:
             raise ValueError("AmtForMaskedImageModeling needs pixel_values")
+        if attention_scores_only:
+            output = AmtMaskedImageModelingOutput(attention_map=self.attention_scores(pixel_values, interpolate_pos_encoding))
+            return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
         output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         return_dict = return_dict if return_dict is not None else self.config.return_dict

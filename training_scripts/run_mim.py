@@ -424,7 +424,7 @@ def train(args: argparse.Namespace) -> int:
         if hasattr(unwrapped, "on_train_step_end"):
             unwrapped.on_train_step_end(progress=global_step / total_steps)
         if global_step in refresh_steps:
-            refresh = refresh_attention_maps(unwrapped, attention_store, refresh_loader, accelerator)
+            refresh = refresh_attention_maps(model, attention_store, refresh_loader, accelerator)
             logger.info(
                 "step %d: attention maps refreshed (%d images, %.1f s)", global_step, refresh["maps"], refresh["seconds"]
             )

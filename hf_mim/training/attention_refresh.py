@@ -19,18 +19,21 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def refresh_attention_maps(model, store, dataloader, accelerator) -> dict[str, float]:
-    """Run `model.attention_scores` over `dataloader` (this rank's examples, whole images), gather the
-    maps of every rank and put them into `store` (an `AttentionMapStore`). Collective: call on every
-    rank. Returns {"maps": maps in the store, "seconds": wall time}."""
+    """Run the model's `attention_scores` over `dataloader` (this rank's examples, whole images), gather
+    the maps of every rank and put them into `store` (an `AttentionMapStore`). Collective: call on every
+    rank. `model` may be the prepared (DDP / FSDP / DeepSpeed) model: the pass goes through its forward
+    (`attention_scores_only=True`), so sharded weights are gathered as in training.
+    Returns {"maps": maps in the store, "seconds": wall time}."""
     start = time.perf_counter()
     ids, maps = [], []
     for batch in dataloader:
         pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
-            scores = model.attention_scores(pixel_values)
+            scores = model(pixel_values=pixel_values, attention_scores_only=True, return_dict=True).attention_map
         ids.append(batch["example_id"].to(torch.int64))
         maps.append(scores.to(torch.float16).cpu())
-    grid = model.config.image_size // model.config.patch_size
+    config = accelerator.unwrap_model(model).config
+    grid = config.image_size // config.patch_size
     local_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
     local_maps = torch.cat(maps) if maps else torch.zeros(0, grid, grid, dtype=torch.float16)
     if accelerator.num_processes > 1:
