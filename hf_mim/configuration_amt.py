@@ -199,7 +199,7 @@ class AmtConfig(PresetConfigMixin, PreTrainedConfig):
             raise config_error("mask_patch_size", self.mask_patch_size, f"must divide image_size={self.image_size}")
         for field in ("mask_ratio", "throw_ratio", "warmup_mask_ratio", "drop_path_rate"):
             check_fraction(field, getattr(self, field))
-        if self.mask_ratio + self.throw_ratio >= 1:
+        if self.masking_strategy == "amt" and self.mask_ratio + self.throw_ratio >= 1:
             raise config_error(
                 "throw_ratio", self.throw_ratio, f"mask_ratio + throw_ratio must stay below 1 (mask_ratio={self.mask_ratio})"
             )

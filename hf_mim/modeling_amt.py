@@ -37,6 +37,7 @@ from .modeling_common import (
     MaeDecoder,
     MeanPooler,
     ViTEncoder,
+    VisionEmbeddings,
     gather_tokens,
     init_beit_weights,
     init_vit_weights,
@@ -122,15 +123,22 @@ class AmtPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """MAE variant: MAE's initialisation (sin-cos positions); SimMIM variant: BEiT's (learned positions)."""
+        """MAE variant: MAE's initialisation; SimMIM variant: BEiT's. The position table is the sin-cos
+        table or trunc-normal, as `position_embedding_type` says."""
         std = self.config.initializer_range
         if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=CLASSIFIER_INIT_STD[self.config.variant])
             init.zeros_(module.bias)
-        elif self.config.position_embedding_type == "sincos":
+            return
+        if self.config.variant == "mae":
             init_vit_weights(module, token_std=std)
         else:
             init_beit_weights(module, std)
+        if isinstance(module, VisionEmbeddings):
+            if self.config.position_embedding_type == "sincos":
+                init.copy_(module.position_embeddings, module.sincos_table())
+            else:
+                init.trunc_normal_(module.position_embeddings, std=std)
 
 
 class AmtModel(AmtPreTrainedModel):
@@ -276,9 +284,10 @@ class AmtForMaskedImageModeling(AmtPreTrainedModel):
         super().__init__(config)
         self.amt = AmtModel(config, add_pooling_layer=False, use_mask_token=config.variant == "simmim")
         pixels_per_patch = config.patch_size**2 * config.num_channels
-        if config.variant == "mae":
-            # MAE's positions are the fixed sin-cos table during pretraining
+        if config.position_embedding_type == "sincos":
+            # a fixed sin-cos table during pretraining (MAE); learnable again when fine-tuning
             self.amt.encoder.embeddings.position_embeddings.requires_grad_(False)
+        if config.variant == "mae":
             self.decoder = MaeDecoder(
                 config,
                 input_dim=config.hidden_size,

@@ -26,7 +26,6 @@ import inspect
 import json
 import logging
 import math
-import os
 import sys
 import time
 from pathlib import Path

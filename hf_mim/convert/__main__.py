@@ -13,6 +13,16 @@ from ..overrides import parse_overrides
 from .common import CheckpointFormatError, load_official_state_dict
 
 
+def convert_amt(args: argparse.Namespace):
+    """mae-AMT or SimMIM-AMT, pretraining or fine-tuned: the layout is read off the keys. Heads default to
+    the official width table (768 -> 12); SimMIM's mask unit (mask_patch_size) to 2 patches."""
+    from .amt import convert_amt_checkpoint
+
+    if args.teacher_checkpoint:
+        raise ValueError("AMT has no teacher: --teacher_checkpoint is not used")
+    return convert_amt_checkpoint(load_official_state_dict(args.checkpoint), parse_overrides(args.config_overrides))
+
+
 def convert_dbot(args: argparse.Namespace):
     from .dbot import convert_dbot_checkpoint
 
@@ -46,7 +56,7 @@ def convert_maskdistill(args: argparse.Namespace):
     return model, report
 
 
-CONVERTERS = {"dbot": convert_dbot, "extrema": convert_extrema, "maskdistill": convert_maskdistill}
+CONVERTERS = {"amt": convert_amt, "dbot": convert_dbot, "extrema": convert_extrema, "maskdistill": convert_maskdistill}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -110,3 +110,20 @@ def count_indexed(state: Mapping[str, torch.Tensor], prefix: str) -> int:
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     indices = {int(m.group(1)) for key in state if (m := pattern.match(key))}
     return max(indices) + 1 if indices else 0
+
+
+def merge_qkv_bias(state: Mapping[str, torch.Tensor], layers_prefix: str) -> dict[str, torch.Tensor]:
+    """BEiT's separate q_bias / v_bias (k has none) -> one fused qkv bias [q; 0; v] per block, under
+    `{layers_prefix}{i}.attn.qkv.bias`. A zero k bias is exact: it shifts every score of a query by the
+    same amount, which softmax ignores."""
+    merged = {}
+    for key, q_bias in state.items():
+        match = re.fullmatch(r"blocks\.(\d+)\.attn\.q_bias", key)
+        if match:
+            v_key = f"blocks.{match.group(1)}.attn.v_bias"
+            if v_key not in state:
+                raise CheckpointFormatError(f"{key} without {v_key}")
+            merged[f"{layers_prefix}{match.group(1)}.attn.qkv.bias"] = torch.cat(
+                [q_bias, torch.zeros_like(q_bias), state[v_key]]
+            )
+    return merged

@@ -14,7 +14,6 @@ And the teacher: an OpenAI CLIP image tower (`visual.*` keys) -> a `CLIPVisionMo
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import torch
 from ..configuration_maskdistill import MaskDistillConfig
 from ..modeling_common import relative_position_index
 from ..modeling_maskdistill import MaskDistillForImageClassification, MaskDistillForMaskedImageModeling
-from .common import CheckpointFormatError, ConversionReport, count_indexed, rename_keys
+from .common import CheckpointFormatError, ConversionReport, count_indexed, merge_qkv_bias, rename_keys
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -98,17 +97,6 @@ def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, obje
     return MaskDistillConfig(**kwargs)
 
 
-def merge_qkv_bias(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """BEiT's q_bias / v_bias (k has none) -> one fused qkv bias [q; 0; v]."""
-    merged = {}
-    for key, q_bias in state.items():
-        match = re.fullmatch(r"blocks\.(\d+)\.attn\.q_bias", key)
-        if match:
-            v_bias = state[f"blocks.{match.group(1)}.attn.v_bias"]
-            merged[f"{P}layers.{match.group(1)}.attn.qkv.bias"] = torch.cat([q_bias, torch.zeros_like(q_bias), v_bias])
-    return merged
-
-
 def check_index(state: Mapping[str, torch.Tensor], grid: int) -> None:
     expected = relative_position_index(grid, grid)
     for key, value in state.items():
@@ -125,7 +113,7 @@ def convert_maskdistill_checkpoint(
     check_index(state, config.grid_size)
     report = ConversionReport()
     converted = rename_keys(state, STUDENT_RULES, DROP, report)
-    converted.update(merge_qkv_bias(state))
+    converted.update(merge_qkv_bias(state, P + "layers."))
     if is_classifier_state(state):
         model: MaskDistillForMaskedImageModeling | MaskDistillForImageClassification = MaskDistillForImageClassification(config)
         shared = P + "rel_pos_bias.relative_position_bias_table"
