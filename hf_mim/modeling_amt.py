@@ -38,6 +38,7 @@ from .modeling_common import (
     MeanPooler,
     ViTEncoder,
     VisionEmbeddings,
+    backbone_output,
     gather_tokens,
     init_beit_weights,
     init_vit_weights,
@@ -239,20 +240,9 @@ class AmtModel(AmtPreTrainedModel):
                 shape,
             )
         encoded, _ = self.encode(pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions)
-        hidden_states = encoded.last_hidden_state
-        if self.pooler is not None:
-            pooled = self.pooler(hidden_states)
-        elif self.add_pooling_layer:
-            pooled = hidden_states[:, 0]
-        else:
-            pooled = None
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=hidden_states,
-            pooler_output=pooled,
-            hidden_states=encoded.hidden_states,
-            attentions=encoded.attentions,
+        return backbone_output(
+            encoded.last_hidden_state, self.pooler, self.add_pooling_layer, encoded.hidden_states, encoded.attentions, return_dict
         )
-        return output if return_dict else output.to_tuple()
 
 
 def check_masks(bool_masked_pos: torch.Tensor, bool_thrown_pos: torch.Tensor, shape: tuple[int, int]) -> ThrowMasks:

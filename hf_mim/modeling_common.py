@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import ImageClassifierOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
@@ -581,6 +581,28 @@ class MeanPooler(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.fc_norm(hidden_states[:, self.num_prefix_tokens :].mean(dim=1))
+
+
+def backbone_output(
+    hidden_states: torch.Tensor,
+    pooler: nn.Module | None,
+    add_pooling_layer: bool,
+    all_hidden_states: tuple[torch.Tensor, ...] | None,
+    attentions: tuple[torch.Tensor, ...] | None,
+    return_dict: bool,
+) -> BaseModelOutputWithPooling | tuple:
+    """A ViT backbone's output: `pooler_output` is `pooler(hidden_states)` (mean + fc_norm) when there
+    is a pooler, else the cls token when pooling was asked for, else None."""
+    if pooler is not None:
+        pooled = pooler(hidden_states)
+    elif add_pooling_layer:
+        pooled = hidden_states[:, 0]
+    else:
+        pooled = None
+    output = BaseModelOutputWithPooling(
+        last_hidden_state=hidden_states, pooler_output=pooled, hidden_states=all_hidden_states, attentions=attentions
+    )
+    return output if return_dict else output.to_tuple()
 
 
 # --------------------------------------------------------------------------------------------------

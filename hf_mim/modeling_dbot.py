@@ -25,6 +25,7 @@ from .modeling_common import (
     MaeDecoder,
     MeanPooler,
     ViTEncoder,
+    backbone_output,
     init_vit_weights,
     reinitialize,
 )
@@ -169,20 +170,9 @@ class DbotModel(DbotPreTrainedModel):
             output_hidden_states=output_hidden_states,
             output_attentions=output_attentions,
         )
-        hidden_states = encoded.last_hidden_state
-        if self.pooler is not None:
-            pooled = self.pooler(hidden_states)
-        elif self.add_pooling_layer:
-            pooled = hidden_states[:, 0]
-        else:
-            pooled = None
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=hidden_states,
-            pooler_output=pooled,
-            hidden_states=encoded.hidden_states,
-            attentions=encoded.attentions,
+        return backbone_output(
+            encoded.last_hidden_state, self.pooler, self.add_pooling_layer, encoded.hidden_states, encoded.attentions, return_dict
         )
-        return output if return_dict else output.to_tuple()
 
 
 class DbotForMaskedImageModeling(DbotPreTrainedModel):

@@ -34,6 +34,7 @@ from .modeling_common import (
     MeanPooler,
     PatchEmbeddings,
     RelativePositionBias,
+    backbone_output,
     init_beit_weights,
     make_blocks,
     tag_beit_rescaled_layers,
@@ -238,16 +239,7 @@ class MaskDistillModel(MaskDistillPreTrainedModel):
         hidden_states, all_hidden_states, attentions = self.encoder(
             pixel_values, bool_masked_pos, interpolate_pos_encoding, output_hidden_states, output_attentions
         )
-        if self.pooler is not None:
-            pooled = self.pooler(hidden_states)
-        elif self.add_pooling_layer:
-            pooled = hidden_states[:, 0]
-        else:
-            pooled = None
-        output = BaseModelOutputWithPooling(
-            last_hidden_state=hidden_states, pooler_output=pooled, hidden_states=all_hidden_states, attentions=attentions
-        )
-        return output if return_dict else output.to_tuple()
+        return backbone_output(hidden_states, self.pooler, self.add_pooling_layer, all_hidden_states, attentions, return_dict)
 
 
 # --------------------------------------------------------------------------------------------------
