@@ -45,8 +45,7 @@ from hf_mim.data import (
     make_dataloader,
     prepare_stream,
 )
-from hf_mim.hub import HubPushError, build_image_processor, push_folder_to_hub, save_hub_folder
-from hf_mim.hub.card import write_model_card
+from hf_mim.hub import HubPushError, build_image_processor, finish_run_folder, save_hub_folder
 from hf_mim.overrides import parse_overrides
 from hf_mim.registry import family_for
 from hf_mim.training import (
@@ -61,7 +60,6 @@ from hf_mim.training import (
     resolve_resume_path,
     save_checkpoint,
     weight_decay_param_groups,
-    write_json_atomic,
 )
 from hf_mim.visualize import save_mim_picture
 
@@ -494,24 +492,8 @@ def write_outputs(args, accelerator, model, batch, output_dir: Path, total_batch
         logger.info("wrote the momentum encoder (linear-probe backbone) to %s", momentum_dir)
     if batch is not None:
         save_picture(model, batch, output_dir / "mim_picture.png")
-    write_json_atomic(output_dir / "training_args.json", {k: v for k, v in vars(args).items() if k != "hub_token"})
     summary = run_summary(args, model.config, total_batch, lr, total_steps, elapsed, world)
-    repo_id = args.hub_model_id or f"{model.config.model_type}-{output_dir.name}"
-    write_model_card(
-        output_dir,
-        model,
-        repo_id,
-        run=summary,
-        datasets=[args.dataset_name] if args.dataset_name else None,
-        base_model=args.model_name_or_path if args.model_name_or_path and not Path(args.model_name_or_path).exists() else None,
-        license=args.license,
-        is_demo=uses_embedded_data(args),
-    )
-    logger.info("wrote the Hub-ready folder %s", output_dir)
-    if args.push_to_hub:
-        url = push_folder_to_hub(output_dir, args.hub_model_id, token=args.hub_token, private=args.hub_private_repo or None)
-        logger.info("pushed to %s", url)
-
+    finish_run_folder(output_dir, model, args, run=summary, is_demo=uses_embedded_data(args))
 
 if __name__ == "__main__":
     sys.exit(main())
