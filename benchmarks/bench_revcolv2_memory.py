@@ -6,8 +6,13 @@ A *training step* of `RevColV2ForMaskedImageModeling` (75 % masking, norm-pix MS
 backward + AdamW step + zero_grad(set_to_none=True), train mode, drop path 0.1, fp32. The network has
 n columns, n/2 bottom-up (on the 25 % visible patches) + n/2 top-down (on every patch), 4 levels of
 `--blocks` ViT blocks each; every column count has the same width, heads and geometry. The reversible
-engine (`use_reversible=True`) keeps only each column's level outputs and recomputes levels in backward;
-plain autograd (`use_reversible=False`) keeps every activation.
+engine (`use_reversible=True`) keeps the level outputs of the last column of each stack and, for every
+earlier column, a bfloat16 residual of its inversion (`hf_mim.reversible`, "hand-off"), and recomputes
+levels in backward; plain autograd (`use_reversible=False`) keeps every activation.
+
+The "step" peak (the targets' measure) counts the parameter gradients alive at that moment, which
+grow with the columns in any engine; "grads" is that part of the peak, so that "step - grads"
+(activations, recomputation and temporaries) can be read apart from it.
 
 Memory (a FRESH subprocess per (columns, engine), one warm-up step first, which creates the AdamW state)
 ------
@@ -16,6 +21,8 @@ Memory (a FRESH subprocess per (columns, engine), one warm-up step first, which 
   on any device with a `TorchDispatchMode` that sees every aten op's output storage and a weakref that
   sees it freed (storages that existed before the step, parameters and AdamW state, are excluded).
   It ignores allocator slack, which is what makes it precise.
+- "grads": the bytes, among those live at the step peak, of storages that end up as a parameter's
+  `.grad` after backward.
 - "total" = step + what is held between steps: parameters and the AdamW state (exp_avg, exp_avg_sq).
 - "RSS": the CPU cross-check the brief asked for, process resident-set high-water mark during one
   (untracked) step above the RSS before the model was built (`malloc_trim(0)` first, VmHWM reset via
@@ -91,7 +98,11 @@ def _trim() -> None:
 
 
 def live_tensor_tracker(known_storages: set[int]):
-    """A TorchDispatchMode counting the bytes of live storages created under it (and their peak)."""
+    """A TorchDispatchMode counting the bytes of live storages created under it (and their peak).
+
+    Each storage gets a serial number (addresses are reused); `peak_live` maps the serials live at the
+    peak to their bytes, `serial_of` names the storage of a live tensor.
+    """
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
@@ -103,10 +114,18 @@ def live_tensor_tracker(known_storages: set[int]):
             self.live = 0
             self.peak = 0
             self.seen = set(known_storages)
+            self.serials: dict[int, tuple[int, int]] = {}  # storage address -> (serial, bytes)
+            self.count = 0
+            self.peak_live: dict[int, int] = {}
 
         def _free(self, key: int, nbytes: int) -> None:
             self.seen.discard(key)
+            self.serials.pop(key, None)
             self.live -= nbytes
+
+        def serial_of(self, tensor: torch.Tensor) -> int | None:
+            entry = self.serials.get(tensor.untyped_storage().data_ptr())
+            return entry[0] if entry else None
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
@@ -118,8 +137,12 @@ def live_tensor_tracker(known_storages: set[int]):
                 if nbytes == 0 or key in self.seen:
                     continue  # a view, an in-place result, or a tensor from before the step
                 self.seen.add(key)
+                self.count += 1
+                self.serials[key] = (self.count, nbytes)
                 self.live += nbytes
-                self.peak = max(self.peak, self.live)
+                if self.live > self.peak:
+                    self.peak = self.live
+                    self.peak_live = dict(self.serials.values())
                 weakref.finalize(storage, self._free, key, nbytes)
             return out
 
@@ -156,9 +179,11 @@ def make_step(args: argparse.Namespace, model, optimizer, seed: int = 0):
     pixel_values = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=generator).to(args.device)
     num_patches = (args.image_size // args.patch_size) ** 2
 
-    def step() -> None:
+    def step(after_backward=None) -> None:
         noise = torch.rand(args.batch, num_patches, generator=generator).to(args.device)
         model(pixel_values, noise=noise).loss.backward()
+        if after_backward is not None:
+            after_backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         if args.device != "cpu":
@@ -202,13 +227,19 @@ def memory_worker(args: argparse.Namespace, columns: int, engine: str) -> dict:
     known = {t.untyped_storage().data_ptr() for t in held_tensors}
     held = sum(t.untyped_storage().nbytes() for t in held_tensors if t is not pixel_values)
     tracker = live_tensor_tracker(known)
+    grad_serials: set[int | None] = set()
+
+    def note_grads() -> None:
+        grad_serials.update(tracker.serial_of(p.grad) for p in model.parameters() if p.grad is not None)
+
     with tracker:
-        step()
+        step(after_backward=note_grads)
     return {
         "columns": columns,
         "engine": engine,
         "parameters": sum(p.numel() for p in model.parameters()),
         "step_peak": tracker.peak,
+        "grads_at_peak": sum(nbytes for serial, nbytes in tracker.peak_live.items() if serial in grad_serials),
         "held": held,
         "process_peak": max(process_peak, 0),
         "process_method": "cuda" if cuda else ("vmhwm" if hwm_ok else "ru_maxrss"),
@@ -293,17 +324,18 @@ def report(args: argparse.Namespace, memory: dict, times: dict) -> str:
         f"  {args.image_size} px, patch {args.patch_size}: {grid * grid} tokens ({grid * grid // 4} visible), batch "
         f"{args.batch}, width {args.width}, {args.heads} heads, 4 levels x {args.blocks} block(s); n columns = n/2 "
         "bottom-up + n/2 top-down; drop path 0.1",
-        "  step = peak live tensor bytes created during the step (exact); total = step + params + AdamW state;",
+        "  step = peak live tensor bytes created during the step (exact); grads = the parameter gradients among",
+        "  them; total = step + params + AdamW state;",
         f"  process = {method} during a step above the process before the model was built (cross-check)",
         "",
-        "columns  engine      params M   step MiB  total MiB  process MiB   cpu s   wall s",
+        "columns  engine      params M   step MiB  grads MiB  total MiB  process MiB   cpu s   wall s",
     ]
     for columns in COLUMNS:
         for engine in ENGINES:
             m, t = memory[(columns, engine)], times[columns]
             lines.append(
                 f"{columns:>7}  {engine:<10}  {m['parameters'] / 1e6:8.3f}  {mib(m['step_peak'])}  "
-                f"{mib(m['step_peak'] + m['held'])}  {mib(m['process_peak'])}    {t['cpu_' + engine]:6.3f}  {t['wall_' + engine]:7.3f}"
+                f"{mib(m['grads_at_peak'])}  {mib(m['step_peak'] + m['held'])}  {mib(m['process_peak'])}    {t['cpu_' + engine]:6.3f}  {t['wall_' + engine]:7.3f}"
             )
 
     def total(columns, engine):
@@ -313,12 +345,14 @@ def report(args: argparse.Namespace, memory: dict, times: dict) -> str:
     def ratio_row(label, a, b, key):
         values = {
             "step": a["step_peak"] / b["step_peak"],
+            "step - grads": (a["step_peak"] - a["grads_at_peak"]) / (b["step_peak"] - b["grads_at_peak"]),
             "total": (a["step_peak"] + a["held"]) / (b["step_peak"] + b["held"]),
             "process": a["process_peak"] / max(b["process_peak"], 1),
         }
-        return f"  {label:<44} {values['step']:6.2f}x  {values['total']:8.2f}x  {values['process']:9.2f}x"
+        return (f"  {label:<44} {values['step']:6.2f}x  {values['step - grads']:11.2f}x  {values['total']:8.2f}x  "
+                f"{values['process']:9.2f}x")
 
-    lines += ["", f"  {'ratio':<44} {'step':>7}  {'total':>9}  {'process':>10}"]
+    lines += ["", f"  {'ratio':<44} {'step':>7}  {'step - grads':>12}  {'total':>9}  {'process':>10}"]
     for columns in COLUMNS:
         lines.append(ratio_row(f"plain / reversible, {columns} columns", memory[(columns, "plain")],
                                memory[(columns, "reversible")], None))
@@ -338,7 +372,9 @@ def report(args: argparse.Namespace, memory: dict, times: dict) -> str:
     lines += [
         "",
         "targets: reversible 8 / 2 columns <= 1.25x: "
-        f"step {r8['step_peak'] / r2['step_peak']:.2f}x, total {total(8, 'reversible') / total(2, 'reversible'):.2f}x; "
+        f"step {r8['step_peak'] / r2['step_peak']:.2f}x "
+        f"(step - grads {(r8['step_peak'] - r8['grads_at_peak']) / (r2['step_peak'] - r2['grads_at_peak']):.2f}x), "
+        f"total {total(8, 'reversible') / total(2, 'reversible'):.2f}x; "
         f"plain / reversible at 8 columns >= 3x: step {p8['step_peak'] / r8['step_peak']:.2f}x, "
         f"total {total(8, 'plain') / total(8, 'reversible'):.2f}x; "
         f"reversible / plain time <= 1.4x: {t8['cpu_reversible'] / t8['cpu_plain']:.2f}x cpu (8 columns)",

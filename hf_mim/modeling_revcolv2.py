@@ -189,9 +189,10 @@ class RevColV2Column(nn.Module):
         return [alpha[k].view(1, 1, -1) for k in range(alpha.shape[0])]
 
     def forward(
-        self, x: torch.Tensor, prev_states: list[torch.Tensor] | None, reversible: bool
+        self, x: torch.Tensor, prev_states: list[torch.Tensor] | None, reversible: bool, hand_off: bool = False
     ) -> list[torch.Tensor]:
-        """States in processing order."""
+        """States in processing order. `hand_off`: the next column of the same stack takes these states
+        (it then keeps a compact residual of them instead; see `hf_mim.reversible`)."""
         if (prev_states is None) != (self.alpha is None):
             raise ValueError("a first column takes no previous states; every other column needs them")
         return run_column(
@@ -201,6 +202,7 @@ class RevColV2Column(nn.Module):
             self.effective_alphas(),
             level_params=[list(level.parameters()) for level in self.levels],
             reversible=reversible,
+            hand_off=hand_off,
         )
 
 
@@ -344,15 +346,15 @@ class RevColV2Model(RevColV2PreTrainedModel):
             tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], mask.ids_keep)], dim=1)
         reversible = self.config.use_reversible
         states = None
-        for column in self.bottom_up:
-            states = column(tokens, states, reversible)
+        for index, column in enumerate(self.bottom_up):  # every column but the last hands its states on
+            states = column(tokens, states, reversible, hand_off=index < len(self.bottom_up) - 1)
         if mask is not None:
             positions = resize_position_table(self.embeddings.position_embeddings, prefix, grid_h, grid_w)[:, prefix:]
             states = [self.mask_tokens.fill(state, level, mask, positions, prefix) for level, state in enumerate(states)]
         states = states[::-1]  # top-down processing order: the top level first
         top = states[0]
-        for column in self.top_down:
-            states = column(top, states, reversible)
+        for index, column in enumerate(self.top_down):
+            states = column(top, states, reversible, hand_off=index < len(self.top_down) - 1)
         return RevColV2ColumnsOutput(levels=tuple(states[::-1]), embeddings=tokens)
 
     def forward(
