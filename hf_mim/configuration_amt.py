@@ -170,11 +170,6 @@ class AmtConfig(PresetConfigMixin, PreTrainedConfig):
         super().__init__(**kwargs)
         self.validate()
 
-    @property
-    def mask_grid_size(self) -> int:
-        """Mask units per side (MAE: patches per side; SimMIM: 32 px units per side)."""
-        return self.image_size // self.mask_patch_size
-
     def validate(self) -> None:
         """Raise a ValueError naming the first invalid field."""
         check_choice("masking_strategy", self.masking_strategy, MASKING_STRATEGIES)

@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
@@ -33,6 +32,7 @@ from .masking import (
     units_from_patches,
 )
 from .modeling_common import (
+    MIMPreTrainedModel,
     ImageClassificationMixin,
     MaeDecoder,
     MeanPooler,
@@ -110,17 +110,10 @@ def build_encoder(config: AmtConfig, use_final_norm: bool, use_mask_token: bool)
     return encoder
 
 
-class AmtPreTrainedModel(PreTrainedModel):
+class AmtPreTrainedModel(MIMPreTrainedModel):
     config_class = AmtConfig
     config: AmtConfig
     base_model_prefix = "amt"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["Block", "VisionEmbeddings"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -226,9 +219,9 @@ class AmtModel(AmtPreTrainedModel):
         """
         if pixel_values is None:
             raise ValueError("AmtModel needs pixel_values")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, output_attentions, return_dict = self.output_flags(
+            output_hidden_states, output_attentions, return_dict
+        )
         masks = None
         if bool_masked_pos is not None or bool_thrown_pos is not None:
             rows, cols = self.encoder.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
@@ -400,9 +393,9 @@ class AmtForMaskedImageModeling(AmtPreTrainedModel):
         if attention_scores_only:
             output = AmtMaskedImageModelingOutput(attention_map=self.attention_scores(pixel_values, interpolate_pos_encoding))
             return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, output_attentions, return_dict = self.output_flags(
+            output_hidden_states, output_attentions, return_dict
+        )
 
         patch_size = self.config.patch_size
         grid = self.amt.encoder.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)

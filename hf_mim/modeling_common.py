@@ -14,10 +14,36 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+
+class MIMPreTrainedModel(PreTrainedModel):
+    """What every hf_mim model shares: image input, gradient checkpointing, attention kernels from
+    transformers' interface (eager / sdpa / flash / flex), per-call output switches defaulting to the
+    config. Each method's `<M>PreTrainedModel` adds its config class, prefix and initialisation."""
+
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["Block", "VisionEmbeddings"]
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+
+    def output_flags(
+        self, output_hidden_states: bool | None, output_attentions: bool | None, return_dict: bool | None
+    ) -> tuple[bool, bool, bool]:
+        """(output_hidden_states, output_attentions, return_dict), each the config's value when None."""
+        config = self.config
+        return (
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            config.output_attentions if output_attentions is None else output_attentions,
+            config.return_dict if return_dict is None else return_dict,
+        )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
@@ -21,6 +20,7 @@ from transformers.utils import ModelOutput
 from .configuration_dbot import DbotConfig
 from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, random_masking
 from .modeling_common import (
+    MIMPreTrainedModel,
     ImageClassificationMixin,
     MaeDecoder,
     MeanPooler,
@@ -91,17 +91,10 @@ def build_decoder(config: DbotConfig) -> MaeDecoder:
     )
 
 
-class DbotPreTrainedModel(PreTrainedModel):
+class DbotPreTrainedModel(MIMPreTrainedModel):
     config_class = DbotConfig
     config: DbotConfig
     base_model_prefix = "dbot"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
-    _no_split_modules = ["Block", "VisionEmbeddings"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -157,9 +150,9 @@ class DbotModel(DbotPreTrainedModel):
         """
         if pixel_values is None:
             raise ValueError("DbotModel needs pixel_values")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, output_attentions, return_dict = self.output_flags(
+            output_hidden_states, output_attentions, return_dict
+        )
         ids_keep = None
         if bool_masked_pos is not None:
             ids_keep = indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device)).ids_keep
@@ -252,9 +245,9 @@ class DbotForMaskedImageModeling(DbotPreTrainedModel):
         """
         if pixel_values is None:
             raise ValueError("DbotForMaskedImageModeling needs pixel_values")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, output_attentions, return_dict = self.output_flags(
+            output_hidden_states, output_attentions, return_dict
+        )
 
         patch_embeddings = self.dbot.encoder.embeddings.patch_embeddings
         grid = patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)

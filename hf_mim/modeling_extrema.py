@@ -21,7 +21,6 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
@@ -34,6 +33,7 @@ from .masking import (
     multi_masking,
 )
 from .modeling_common import (
+    MIMPreTrainedModel,
     ImageClassificationMixin,
     ClassAttentionBlock,
     MeanPooler,
@@ -220,17 +220,11 @@ def build_predictor(config: ExtremaConfig) -> ExtremaMLP:
     )
 
 
-class ExtremaPreTrainedModel(PreTrainedModel):
+class ExtremaPreTrainedModel(MIMPreTrainedModel):
     config_class = ExtremaConfig
     config: ExtremaConfig
     base_model_prefix = "extrema"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["Block", "ClassAttentionBlock", "VisionEmbeddings"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -309,9 +303,9 @@ class ExtremaModel(ExtremaPreTrainedModel):
         """
         if pixel_values is None:
             raise ValueError("ExtremaModel needs pixel_values")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, output_attentions, return_dict = self.output_flags(
+            output_hidden_states, output_attentions, return_dict
+        )
         ids_keep = None
         if bool_masked_pos is not None:
             if bool_masked_pos.ndim != 2:
@@ -535,9 +529,9 @@ class ExtremaForMaskedImageModeling(ExtremaPreTrainedModel):
             raise ValueError(
                 f"pixel_values_2 {tuple(pixel_values_2.shape)} must have the shape of pixel_values {tuple(pixel_values.shape)}"
             )
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, output_attentions, return_dict = self.output_flags(
+            output_hidden_states, output_attentions, return_dict
+        )
 
         patch_embeddings = self.extrema.encoder.embeddings.patch_embeddings
         grid = patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
@@ -30,6 +29,7 @@ from transformers.utils import ModelOutput
 from .configuration_maskdistill import MaskDistillConfig
 from .masking import BlockwiseMaskGenerator
 from .modeling_common import (
+    MIMPreTrainedModel,
     ImageClassificationMixin,
     MeanPooler,
     PatchEmbeddings,
@@ -153,15 +153,11 @@ class MaskDistillEncoder(nn.Module):
         return hidden_states, all_hidden_states, all_attentions
 
 
-class MaskDistillPreTrainedModel(PreTrainedModel):
+class MaskDistillPreTrainedModel(MIMPreTrainedModel):
     config_class = MaskDistillConfig
     config: MaskDistillConfig
     base_model_prefix = "maskdistill"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["Block", "MaskDistillEmbeddings"]
-    _supports_sdpa = True
     _supports_flash_attn = False  # an additive attention bias is not supported by flash attention
     _supports_flex_attn = False
 
@@ -233,9 +229,9 @@ class MaskDistillModel(MaskDistillPreTrainedModel):
         """
         if pixel_values is None:
             raise ValueError("MaskDistillModel needs pixel_values")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, output_attentions, return_dict = self.output_flags(
+            output_hidden_states, output_attentions, return_dict
+        )
         hidden_states, all_hidden_states, attentions = self.encoder(
             pixel_values, bool_masked_pos, interpolate_pos_encoding, output_hidden_states, output_attentions
         )

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling
@@ -37,6 +36,7 @@ from transformers.utils import ModelOutput
 from .configuration_revcolv2 import RevColV2Config
 from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, random_masking
 from .modeling_common import (
+    MIMPreTrainedModel,
     ImageClassificationMixin,
     Block,
     MeanPooler,
@@ -234,17 +234,11 @@ class RevColV2MaskTokens(nn.Module):
 # --------------------------------------------------------------------------------------------------
 
 
-class RevColV2PreTrainedModel(PreTrainedModel):
+class RevColV2PreTrainedModel(MIMPreTrainedModel):
     config_class = RevColV2Config
     config: RevColV2Config
     base_model_prefix = "revcolv2"
-    main_input_name = "pixel_values"
-    input_modalities = ("image",)
-    supports_gradient_checkpointing = True
     _no_split_modules = ["RevColV2Column", "VisionEmbeddings"]
-    _supports_sdpa = True
-    _supports_flash_attn = True
-    _supports_flex_attn = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -376,8 +370,7 @@ class RevColV2Model(RevColV2PreTrainedModel):
             raise ValueError("RevColV2Model needs pixel_values")
         if output_attentions:
             raise ValueError("RevColV2 does not return attention maps (the reversible columns do not keep them)")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, _, return_dict = self.output_flags(output_hidden_states, None, return_dict)
         mask = None
         if bool_masked_pos is not None:
             mask = indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device))
@@ -470,8 +463,7 @@ class RevColV2ForMaskedImageModeling(RevColV2PreTrainedModel):
         """
         if pixel_values is None:
             raise ValueError("RevColV2ForMaskedImageModeling needs pixel_values")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, _, return_dict = self.output_flags(output_hidden_states, None, return_dict)
 
         grid = self.revcolv2.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
         mask = self.mask_indices(pixel_values, bool_masked_pos, noise, grid[0] * grid[1])
@@ -586,8 +578,7 @@ class RevColV2Backbone(BackboneMixin, RevColV2PreTrainedModel):
         """
         if output_attentions:
             raise ValueError("RevColV2 does not return attention maps")
-        output_hidden_states = output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_hidden_states, _, return_dict = self.output_flags(output_hidden_states, None, return_dict)
         grid_h, grid_w = self.revcolv2.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
         columns = self.revcolv2.run_columns(pixel_values, None, interpolate_pos_encoding)
         stages = (columns.embeddings, *columns.levels)
