@@ -27,14 +27,19 @@ import torch
 
 from ..configuration_amt import AmtConfig
 from ..modeling_amt import AmtForImageClassification, AmtForMaskedImageModeling
-from ..modeling_common import sincos_2d_table
-from .common import CheckpointFormatError, ConversionReport, count_indexed, merge_qkv_bias, rename_keys
+from .common import (
+    CheckpointFormatError,
+    ConversionReport,
+    MAE_DECODER_HEADS,
+    VIT_BLOCK_PARTS,
+    VIT_HEADS_BY_WIDTH,
+    check_decoder_sincos_table,
+    count_indexed,
+    merge_qkv_bias,
+    rename_keys,
+)
 
-# Heads cannot be read off the weights; the official sizes fix them by width (the code supports ViT-B/16).
-HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 16}
-OFFICIAL_DECODER_HEADS = 16  # MAE's decoder (512-d, 8 blocks, 16 heads)
 
-_BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
 P = "amt.encoder."
 
 GAMMA_1_UNUSED = (
@@ -48,7 +53,7 @@ def encoder_rules(variant: str, apply_attention_layer_scale: bool) -> list[tuple
         (r"cls_token", P + "embeddings.cls_token"),
         (r"pos_embed", P + "embeddings.position_embeddings"),
         (r"patch_embed\.proj\.(weight|bias)", P + r"embeddings.patch_embeddings.projection.\1"),
-        (rf"blocks\.(\d+)\.{_BLOCK_PARTS}", P + r"layers.\1.\2.\3"),
+        (rf"blocks\.(\d+)\.{VIT_BLOCK_PARTS}", P + r"layers.\1.\2.\3"),
         (r"blocks\.(\d+)\.gamma_2", P + r"layers.\1.ls2.gamma"),
         (r"norm\.(weight|bias)", P + r"layernorm.\1"),
         (r"fc_norm\.(weight|bias)", r"amt.pooler.fc_norm.\1"),
@@ -65,7 +70,7 @@ def encoder_rules(variant: str, apply_attention_layer_scale: bool) -> list[tuple
 MAE_DECODER_RULES = [
     (r"decoder_embed\.(weight|bias)", r"decoder.decoder_embed.\1"),
     (r"mask_token", r"decoder.mask_token"),
-    (rf"decoder_blocks\.(\d+)\.{_BLOCK_PARTS}", r"decoder.layers.\1.\2.\3"),
+    (rf"decoder_blocks\.(\d+)\.{VIT_BLOCK_PARTS}", r"decoder.layers.\1.\2.\3"),
     (r"decoder_norm\.(weight|bias)", r"decoder.decoder_norm.\1"),
     (r"decoder_pred\.(weight|bias)", r"decoder.decoder_pred.\1"),
 ]
@@ -131,7 +136,7 @@ def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, obje
         num_channels=patch_weight.shape[1],
         hidden_size=hidden,
         num_hidden_layers=depth,
-        num_attention_heads=HEADS_BY_WIDTH.get(hidden),
+        num_attention_heads=VIT_HEADS_BY_WIDTH.get(hidden),
         mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden if "blocks.0.mlp.fc1.weight" in state else 4.0,
         qkv_bias=qkv_bias,
     )
@@ -141,7 +146,7 @@ def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, obje
             kwargs.update(
                 decoder_hidden_size=state["decoder_embed.weight"].shape[0],
                 decoder_num_hidden_layers=count_indexed(state, "decoder_blocks."),
-                decoder_num_attention_heads=OFFICIAL_DECODER_HEADS,
+                decoder_num_attention_heads=MAE_DECODER_HEADS,
             )
     else:
         kwargs["layer_scale_init_value"] = 0.1 if "blocks.0.gamma_2" in state else 0.0  # the value is loaded
@@ -177,18 +182,6 @@ def simmim_head(weight: torch.Tensor, bias: torch.Tensor, patch_size: int) -> tu
     return linear.contiguous(), bias.reshape(channels, pixels).transpose(0, 1).reshape(-1).contiguous()
 
 
-def check_fixed_table(state: Mapping[str, torch.Tensor], config: AmtConfig) -> None:
-    """The decoder's sin-cos table is recomputed, so it must be the standard table."""
-    if "decoder_pos_embed" not in state:
-        return
-    grid = config.image_size // config.patch_size
-    expected = sincos_2d_table(config.decoder_hidden_size, grid, grid)
-    if state["decoder_pos_embed"].shape != expected.shape or not torch.allclose(
-        state["decoder_pos_embed"].float(), expected, atol=1e-5
-    ):
-        raise CheckpointFormatError("decoder_pos_embed is not the fixed 2-D sin-cos table hf_mim recomputes")
-
-
 def convert_amt_checkpoint(
     state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None
 ) -> tuple[AmtForMaskedImageModeling | AmtForImageClassification, ConversionReport]:
@@ -205,7 +198,7 @@ def convert_amt_checkpoint(
     if config.variant == "mae" and not classifier:
         if "decoder_pred.weight" not in state:
             raise CheckpointFormatError("not an mae-AMT pretraining checkpoint: `decoder_pred` is missing")
-        check_fixed_table(state, config)
+        check_decoder_sincos_table(state, config)
         rules = MAE_DECODER_RULES + rules
     if config.variant == "simmim" and not classifier and "decoder.0.weight" not in state:
         raise CheckpointFormatError("not a SimMIM-AMT pretraining checkpoint: the head `decoder.0` is missing")

@@ -9,6 +9,13 @@ from pathlib import Path
 
 import torch
 
+# Heads cannot be read off the weights; the official ViT sizes fix them by width (S, B, L, H).
+VIT_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 16}
+# MAE's decoder (512 wide, 8 blocks): 16 heads in every official MAE-style repository.
+MAE_DECODER_HEADS = 16
+# The parameters of a timm ViT block that map one-to-one onto hf_mim's Block (same names).
+VIT_BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
+
 
 class CheckpointFormatError(ValueError):
     """The file is not an official checkpoint of the expected layout."""
@@ -127,3 +134,18 @@ def merge_qkv_bias(state: Mapping[str, torch.Tensor], layers_prefix: str) -> dic
                 [q_bias, torch.zeros_like(q_bias), state[v_key]]
             )
     return merged
+
+
+def check_decoder_sincos_table(state: Mapping[str, torch.Tensor], config) -> None:
+    """MAE's decoder sin-cos table (`decoder_pos_embed`) is recomputed by hf_mim, not loaded: refuse a
+    checkpoint whose table is not the standard one for the config's grid and decoder width."""
+    if "decoder_pos_embed" not in state:
+        return
+    from ..modeling_common import sincos_2d_table
+
+    grid = config.image_size // config.patch_size
+    expected = sincos_2d_table(config.decoder_hidden_size, grid, grid)
+    if state["decoder_pos_embed"].shape != expected.shape or not torch.allclose(
+        state["decoder_pos_embed"].float(), expected, atol=1e-5
+    ):
+        raise CheckpointFormatError("decoder_pos_embed is not the fixed 2-D sin-cos table hf_mim recomputes")

@@ -15,13 +15,16 @@ import torch
 
 from ..configuration_dbot import DbotConfig
 from ..modeling_dbot import DbotForImageClassification, DbotForMaskedImageModeling
-from .common import CheckpointFormatError, ConversionReport, count_indexed, rename_keys
-
-# Heads cannot be read off the weights; the official sizes fix them by width.
-HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 16}
-OFFICIAL_DECODER_HEADS = 16
-
-_BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
+from .common import (
+    CheckpointFormatError,
+    ConversionReport,
+    MAE_DECODER_HEADS,
+    VIT_BLOCK_PARTS,
+    VIT_HEADS_BY_WIDTH,
+    check_decoder_sincos_table,
+    count_indexed,
+    rename_keys,
+)
 
 
 def encoder_rules(prefix: str) -> list[tuple[str, str]]:
@@ -29,7 +32,7 @@ def encoder_rules(prefix: str) -> list[tuple[str, str]]:
         (r"cls_token", f"{prefix}embeddings.cls_token"),
         (r"pos_embed", f"{prefix}embeddings.position_embeddings"),
         (r"patch_embed\.proj\.(weight|bias)", rf"{prefix}embeddings.patch_embeddings.projection.\1"),
-        (rf"blocks\.(\d+)\.{_BLOCK_PARTS}", rf"{prefix}layers.\1.\2.\3"),
+        (rf"blocks\.(\d+)\.{VIT_BLOCK_PARTS}", rf"{prefix}layers.\1.\2.\3"),
         (r"norm\.(weight|bias)", rf"{prefix}layernorm.\1"),
     ]
 
@@ -37,7 +40,7 @@ def encoder_rules(prefix: str) -> list[tuple[str, str]]:
 DECODER_RULES = [
     (r"decoder_embed\.(weight|bias)", r"decoder.decoder_embed.\1"),
     (r"mask_token", r"decoder.mask_token"),
-    (rf"decoder_blocks\.(\d+)\.{_BLOCK_PARTS}", r"decoder.layers.\1.\2.\3"),
+    (rf"decoder_blocks\.(\d+)\.{VIT_BLOCK_PARTS}", r"decoder.layers.\1.\2.\3"),
     (r"decoder_norm\.(weight|bias)", r"decoder.decoder_norm.\1"),
     (r"decoder_predp\.(weight|bias)", r"decoder.decoder_pred.\1"),
 ]
@@ -75,7 +78,7 @@ def infer_config(
         num_channels=patch_weight.shape[1],
         hidden_size=hidden,
         num_hidden_layers=count_indexed(state, "blocks."),
-        num_attention_heads=HEADS_BY_WIDTH.get(hidden),
+        num_attention_heads=VIT_HEADS_BY_WIDTH.get(hidden),
         mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden if "blocks.0.mlp.fc1.weight" in state else 4.0,
         qkv_bias="blocks.0.attn.qkv.bias" in state or count_indexed(state, "blocks.") == 0,
     )
@@ -83,7 +86,7 @@ def infer_config(
         kwargs.update(
             decoder_hidden_size=state["decoder_embed.weight"].shape[0],
             decoder_num_hidden_layers=count_indexed(state, "decoder_blocks."),
-            decoder_num_attention_heads=OFFICIAL_DECODER_HEADS,
+            decoder_num_attention_heads=MAE_DECODER_HEADS,
         )
     kwargs["teacher_depth"] = (
         count_indexed(teacher_state, "blocks.") if teacher_state is not None else kwargs["num_hidden_layers"]
@@ -116,7 +119,7 @@ def convert_dbot_checkpoint(
             raise CheckpointFormatError(
                 "not a dBOT pretraining checkpoint: `decoder_predp` is missing (a MAE pixel decoder has `decoder_pred`)"
             )
-        check_fixed_table(state, config)
+        check_decoder_sincos_table(state, config)
         converted = rename_keys(state, encoder_rules("dbot.encoder.") + DECODER_RULES, FIXED_TABLE, report)
         if teacher_state is not None:
             teacher_drop = {} if config.teacher_use_final_norm else {
@@ -139,17 +142,3 @@ def convert_dbot_checkpoint(
     if missing:
         raise CheckpointFormatError(f"the official checkpoint lacks weights for: {missing[:10]}")
     return model, report
-
-
-def check_fixed_table(state: Mapping[str, torch.Tensor], config: DbotConfig) -> None:
-    """The decoder's sin-cos table is recomputed, so it must be the standard table."""
-    if "decoder_pos_embed" not in state:
-        return
-    from ..modeling_common import sincos_2d_table
-
-    grid = config.image_size // config.patch_size
-    expected = sincos_2d_table(config.decoder_hidden_size, grid, grid)
-    if state["decoder_pos_embed"].shape != expected.shape or not torch.allclose(
-        state["decoder_pos_embed"].float(), expected, atol=1e-5
-    ):
-        raise CheckpointFormatError("decoder_pos_embed is not the fixed 2-D sin-cos table hf_mim recomputes")

@@ -21,12 +21,17 @@ import torch
 
 from ..configuration_extrema import ExtremaConfig
 from ..modeling_extrema import ExtremaForImageClassification, ExtremaForMaskedImageModeling
-from .common import CheckpointFormatError, ConversionReport, count_indexed, load_official_state_dict, rename_keys
+from .common import (
+    CheckpointFormatError,
+    ConversionReport,
+    VIT_BLOCK_PARTS,
+    VIT_HEADS_BY_WIDTH,
+    count_indexed,
+    load_official_state_dict,
+    rename_keys,
+)
 
-# Heads cannot be read off the weights; the official sizes (vits.py) fix them by width.
-HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16}
 
-_BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
 _CA_PARTS = r"(norm1|norm2|attn\.q|attn\.k|attn\.v|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
 
 
@@ -36,7 +41,7 @@ def vit_rules(source: str, target: str) -> list[tuple[str, str]]:
     return [
         (rf"{s}pos_embed", f"{target}embeddings.position_embeddings"),
         (rf"{s}patch_embed\.proj\.(weight|bias)", rf"{target}embeddings.patch_embeddings.projection.\1"),
-        (rf"{s}blocks\.(\d+)\.{_BLOCK_PARTS}", rf"{target}layers.\1.\2.\3"),
+        (rf"{s}blocks\.(\d+)\.{VIT_BLOCK_PARTS}", rf"{target}layers.\1.\2.\3"),
     ]
 
 
@@ -102,7 +107,7 @@ def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, obje
         num_channels=patch_weight.shape[1],
         hidden_size=hidden,
         num_hidden_layers=depth,
-        num_attention_heads=HEADS_BY_WIDTH.get(hidden),
+        num_attention_heads=VIT_HEADS_BY_WIDTH.get(hidden),
         mlp_ratio=fc1.shape[0] / hidden if fc1 is not None else 4.0,
         qkv_bias=prefix + "blocks.0.attn.qkv.bias" in state or depth == 0,
     )

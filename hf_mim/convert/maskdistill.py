@@ -22,12 +22,18 @@ import torch
 from ..configuration_maskdistill import MaskDistillConfig
 from ..modeling_common import relative_position_index
 from ..modeling_maskdistill import MaskDistillForImageClassification, MaskDistillForMaskedImageModeling
-from .common import CheckpointFormatError, ConversionReport, count_indexed, merge_qkv_bias, rename_keys
+from .common import (
+    CheckpointFormatError,
+    ConversionReport,
+    VIT_BLOCK_PARTS,
+    count_indexed,
+    merge_qkv_bias,
+    rename_keys,
+)
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
-_BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
 P = "maskdistill.encoder."
 
 STUDENT_RULES = [
@@ -35,7 +41,7 @@ STUDENT_RULES = [
     (r"mask_token", P + "embeddings.mask_token"),
     (r"patch_embed\.proj\.(weight|bias)", P + r"embeddings.patch_embeddings.projection.\1"),
     (r"rel_pos_bias\.relative_position_bias_table", P + "rel_pos_bias.relative_position_bias_table"),
-    (rf"blocks\.(\d+)\.{_BLOCK_PARTS}", P + r"layers.\1.\2.\3"),
+    (rf"blocks\.(\d+)\.{VIT_BLOCK_PARTS}", P + r"layers.\1.\2.\3"),
     (r"blocks\.(\d+)\.gamma_1", P + r"layers.\1.ls1.gamma"),
     (r"blocks\.(\d+)\.gamma_2", P + r"layers.\1.ls2.gamma"),
     (r"blocks\.(\d+)\.attn\.relative_position_bias_table", P + r"layers.\1.rel_pos_bias.relative_position_bias_table"),
