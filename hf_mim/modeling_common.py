@@ -848,8 +848,9 @@ class RelativePositionBias(nn.Module):
 
     One instance can be shared by every block (BEiT v2 / MaskDistill pretraining) or owned per block
     (BEiT fine-tuning); pass its output to `Block(..., attention_bias=...)`. The index is computed, not
-    stored (no buffer to restore after meta-device loading), and cached per grid and device. The table is
-    zero-initialised (as BEiT); initialise it from the model's `_init_weights` (this module owns it).
+    stored (no buffer to restore after meta-device loading), and cached per grid and device. Another
+    patch grid gets a bilinearly resized table. The table is zero-initialised (as BEiT); initialise it
+    from the model's `_init_weights` (this module owns it).
     """
 
     def __init__(self, grid_size: int | tuple[int, int], num_heads: int):
@@ -860,22 +861,36 @@ class RelativePositionBias(nn.Module):
         self.relative_position_bias_table = nn.Parameter(torch.zeros(num_distances + 3, num_heads))
         self._index_cache: dict[tuple[int, int, str], torch.Tensor] = {}
 
-    def index(self, device: torch.device) -> torch.Tensor:
-        key = (*self.grid_size, str(device))
+    def index(self, device: torch.device, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        grid = tuple(grid) if grid is not None else self.grid_size
+        key = (*grid, str(device))
         if key not in self._index_cache:
             with torch.device("cpu"):
-                self._index_cache[key] = relative_position_index(*self.grid_size).to(device)
+                self._index_cache[key] = relative_position_index(*grid).to(device)
         return self._index_cache[key]
 
-    def forward(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
-        if grid is not None and tuple(grid) != self.grid_size:
-            raise ValueError(
-                f"relative position bias was built for a {self.grid_size[0]}x{self.grid_size[1]} patch grid, "
-                f"got {grid[0]}x{grid[1]}; interpolating relative position tables is not supported"
-            )
+    def table_for(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The table for another patch grid: the (2H-1) x (2W-1) distance part resized bilinearly per
+        head (as transformers' BEiT does for `interpolate_pos_encoding`), the three cls rows kept."""
         table = self.relative_position_bias_table
-        length = self.grid_size[0] * self.grid_size[1] + 1
-        bias = table[self.index(table.device).reshape(-1)].reshape(length, length, self.num_heads)
+        if tuple(grid) == self.grid_size:
+            return table
+        height, width = self.grid_size
+        num_distances = (2 * height - 1) * (2 * width - 1)
+        distances = table[:num_distances].reshape(1, 2 * height - 1, 2 * width - 1, self.num_heads).permute(0, 3, 1, 2)
+        resized = F.interpolate(
+            distances.float(), size=(2 * grid[0] - 1, 2 * grid[1] - 1), mode="bilinear", align_corners=False
+        ).to(table.dtype)
+        resized = resized.permute(0, 2, 3, 1).reshape(-1, self.num_heads)
+        return torch.cat([resized, table[num_distances:]], dim=0)
+
+    def forward(self, grid: tuple[int, int] | None = None) -> torch.Tensor:
+        """(1, heads, 1 + h*w, 1 + h*w) bias for the built grid, or for `grid` with the table resized
+        (fine-tuning or inference at another resolution with `interpolate_pos_encoding=True`)."""
+        grid = tuple(grid) if grid is not None else self.grid_size
+        table = self.table_for(grid)
+        length = grid[0] * grid[1] + 1
+        bias = table[self.index(table.device, grid).reshape(-1)].reshape(length, length, self.num_heads)
         return bias.permute(2, 0, 1).unsqueeze(0).contiguous()
 
     def extra_repr(self) -> str:

@@ -888,3 +888,45 @@ def test_config_round_trip(tmp_path):
     config.save_pretrained(tmp_path)
     loaded = DbotConfig.from_pretrained(tmp_path)
     assert loaded.mask_ratio == 0.5 and loaded.teacher_depth == 1 and loaded.hidden_size == 32
+
+
+def test_relative_position_bias_resizes_for_another_grid():
+    """Same grid: the table itself. Another grid: the distance part resized bilinearly per head (a table
+    linear in the row distance stays linear in it, an exact property of bilinear resizing with
+    align_corners=False on the half-pixel grid), the three cls rows kept, the index of the new grid."""
+    from hf_mim.modeling_common import RelativePositionBias, relative_position_index
+
+    bias = RelativePositionBias((3, 3), num_heads=2)
+    with torch.no_grad():
+        bias.relative_position_bias_table.copy_(torch.randn_like(bias.relative_position_bias_table))
+    assert bias.table_for((3, 3)) is bias.relative_position_bias_table
+    same = bias((3, 3))
+    table, index = bias.relative_position_bias_table, relative_position_index(3, 3)
+    assert torch.equal(same[0, 1], table[index.reshape(-1), 1].reshape(10, 10))
+
+    with torch.no_grad():  # head 0: constant 2.0; head 1: 0.5 per step of row distance
+        rows = torch.arange(5, dtype=torch.float32).repeat_interleave(5)  # (2*3-1) x (2*3-1) distances
+        table[:25, 0] = 2.0
+        table[:25, 1] = 0.5 * rows
+        table[25:] = torch.tensor([[7.0, 8.0], [9.0, 10.0], [11.0, 12.0]])
+    resized = bias.table_for((5, 4))
+    assert resized.shape == ((2 * 5 - 1) * (2 * 4 - 1) + 3, 2)
+    torch.testing.assert_close(resized[:-3, 0], torch.full((63,), 2.0))
+    assert torch.equal(resized[-3:], table[25:])
+    row_values = resized[:-3, 1].reshape(9, 7)[:, 0]
+    steps = row_values[1:-1].diff()  # away from the clamped borders the slope is the rescaled one
+    torch.testing.assert_close(steps, torch.full_like(steps, 0.5 * 5 / 9))
+    out = bias((5, 4))
+    assert out.shape == (1, 2, 21, 21)
+    assert torch.equal(out[0, 0, 0, 1:], torch.full((20,), 7.0))  # cls -> token row of head 0
+    assert out[0, 0, 0, 0] == 11.0  # cls -> cls
+
+
+def test_maskdistill_classifies_at_another_resolution_with_interpolation():
+    import hf_mim
+
+    torch.manual_seed(0)
+    model = hf_mim.MaskDistillForImageClassification(hf_mim.MaskDistillConfig.from_preset("tiny", num_labels=3)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model(pixels, interpolate_pos_encoding=True).logits, model(pixels).logits, rtol=0, atol=0)
+    assert model(torch.randn(2, 3, 48, 40), interpolate_pos_encoding=True).logits.shape == (2, 3)
