@@ -434,8 +434,10 @@ class AttentionMaskGenerator:
     uniform random masking (`warmup_mask_ratio`, nothing thrown) before.
 
     Called per example as `generator(torch_generator, example_id=..., crop_box=..., flipped=...)` ->
-    ThrowMasks of (N,) bool tensors over patches. The crop box and flip say where the training crop sits
-    in the image the map was computed on. Masks are drawn at the level of mask units
+    (ThrowMasks of (N,) bool tensors over patches, (N,) per-patch weights or None before the example
+    has a map). The crop box and flip say where the training crop sits in the image the map was
+    computed on. `needs_crop_box` tells `PretrainingCollator` to draw these masks in the training
+    process (`finish`), where the store is current, not in DataLoader workers. Masks are drawn at the level of mask units
     (`unit_size` x `unit_size` patches: 1 for MAE, 2 for SimMIM's 32 px units at patch 16).
     `strategy="random"` is the plain MAE/SimMIM baseline: random masking at `mask_ratio`, no throwing.
     """
