@@ -350,31 +350,50 @@ def normalized_cls_attention(cls_attention: torch.Tensor, num_prefix_tokens: int
     return normalized.mean(dim=1).reshape(-1, *grid)
 
 
-def crop_attention_map(
-    attention_map: torch.Tensor,
-    crop_box: torch.Tensor | None,
-    flipped: bool,
+def crop_attention_maps(
+    attention_maps: torch.Tensor,
+    crop_boxes: torch.Tensor | None,
+    flipped: torch.Tensor | None,
     output_size: tuple[int, int],
 ) -> torch.Tensor:
-    """(rows, cols) map of the whole image -> (H, W) per-pixel weights of one training crop, in [0, 1].
+    """(B, rows, cols) maps of whole images -> (B, H, W) per-pixel weights of each training crop, in [0, 1].
 
-    `crop_box` = (top, left, height, width) as fractions of the original image (None = whole image).
-    The map is sampled bilinearly at the centre of every output pixel (align_corners=False, edges
-    clamped): for the whole image this is `F.interpolate(map, (H, W), mode="bilinear")`, the official
-    resize; for a crop it takes the crop's own part of the map (the paper's intent; the released code
-    always reads the map's top-left cells). Flipped with the image.
+    `crop_boxes` (B, 4) = (top, left, height, width) as fractions of the original image (None = whole
+    images); `flipped` (B,) bool (None = none). Each map is sampled bilinearly at the centre of every
+    output pixel (align_corners=False, edges clamped): for a whole image this is
+    `F.interpolate(map, (H, W), mode="bilinear")`, the official resize; for a crop it reads the crop's own
+    part of the map (the paper's intent; the released code always reads the map's top-left cells).
+    Flipped with the image. One `grid_sample` for the whole batch.
     """
+    batch_size = attention_maps.shape[0]
     out_h, out_w = output_size
-    top, left, height, width = (0.0, 0.0, 1.0, 1.0) if crop_box is None else [float(v) for v in crop_box]
     dtype = torch.float32
-    rows = top + (torch.arange(out_h, dtype=dtype) + 0.5) / out_h * height
-    cols = left + (torch.arange(out_w, dtype=dtype) + 0.5) / out_w * width
-    if flipped:
-        cols = cols.flip(0)
-    grid = torch.stack(torch.meshgrid(rows * 2 - 1, cols * 2 - 1, indexing="ij")[::-1], dim=-1)
-    source = attention_map.to(dtype)[None, None]
-    sampled = F.grid_sample(source, grid[None].to(source.device), mode="bilinear", padding_mode="border", align_corners=False)
-    return sampled[0, 0].clamp(0, 1)
+    device = attention_maps.device
+    if crop_boxes is None:
+        crop_boxes = torch.tensor([[0.0, 0.0, 1.0, 1.0]], dtype=dtype, device=device).expand(batch_size, 4)
+    boxes = crop_boxes.to(device=device, dtype=dtype)
+    top, left, height, width = boxes.unbind(dim=1)
+    row_steps = (torch.arange(out_h, dtype=dtype, device=device) + 0.5) / out_h
+    col_steps = (torch.arange(out_w, dtype=dtype, device=device) + 0.5) / out_w
+    if flipped is not None:
+        col_steps = torch.where(flipped.to(device).bool()[:, None], col_steps.flip(0), col_steps)  # (B, W)
+    rows = top[:, None] + row_steps[None] * height[:, None]  # (B, H) fractions of the image
+    cols = left[:, None] + col_steps * width[:, None]  # (B, W)
+    grid = torch.stack(
+        [(cols * 2 - 1)[:, None, :].expand(-1, out_h, -1), (rows * 2 - 1)[:, :, None].expand(-1, -1, out_w)], dim=-1
+    )
+    sampled = F.grid_sample(
+        attention_maps.to(dtype)[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False
+    )
+    return sampled[:, 0].clamp(0, 1)
+
+
+def crop_attention_map(
+    attention_map: torch.Tensor, crop_box: torch.Tensor | None, flipped: bool, output_size: tuple[int, int]
+) -> torch.Tensor:
+    """One map: `crop_attention_maps` for a batch of one, (rows, cols) -> (H, W)."""
+    boxes = None if crop_box is None else torch.as_tensor(crop_box).reshape(1, 4)
+    return crop_attention_maps(attention_map[None], boxes, torch.tensor([bool(flipped)]), output_size)[0]
 
 
 class AttentionMapStore:
@@ -430,16 +449,19 @@ class AttentionMapStore:
 
 
 class AttentionMaskGenerator:
-    """AMT's masks for one example: attention-driven masking and throwing once the example has a map,
-    uniform random masking (`warmup_mask_ratio`, nothing thrown) before.
+    """AMT's masks: attention-driven masking and throwing once the store holds maps, uniform random
+    masking (`warmup_mask_ratio`, nothing thrown) before the first refresh.
 
-    Called per example as `generator(torch_generator, example_id=..., crop_box=..., flipped=...)` ->
-    (ThrowMasks of (N,) bool tensors over patches, (N,) per-patch weights or None before the example
-    has a map). The crop box and flip say where the training crop sits in the image the map was
-    computed on. `needs_crop_box` tells `PretrainingCollator` to draw these masks in the training
-    process (`finish`), where the store is current, not in DataLoader workers. Masks are drawn at the level of mask units
-    (`unit_size` x `unit_size` patches: 1 for MAE, 2 for SimMIM's 32 px units at patch 16).
+    Called per example as `generator(torch_generator, example_id=..., crop_box=..., flipped=...)`, or for
+    a batch with `draw(noise, example_ids, crop_boxes, flipped)`: masks over patches and the per-patch
+    weights they were drawn from (None before any map exists). The crop box and flip say where the
+    training crop sits in the image the map was computed on. Once the store holds maps, an example
+    without one (data added after the last refresh) is masked with a uniform map, as the official
+    code's all-ones initial maps, so a batch never mixes mask counts. Masks are drawn at the level of
+    mask units (`unit_size` x `unit_size` patches: 1 for MAE, 2 for SimMIM's 32 px units at patch 16).
     `strategy="random"` is the plain MAE/SimMIM baseline: random masking at `mask_ratio`, no throwing.
+    `needs_crop_box` tells `PretrainingCollator` to draw these masks in the training process
+    (`finish`), where the store is current, not in DataLoader workers.
     """
 
     needs_crop_box = True
@@ -468,17 +490,38 @@ class AttentionMaskGenerator:
         self.rounding = rounding
         self.strategy = strategy
         self.store = store if store is not None else AttentionMapStore()
+        self._check_counts()
+
+    @property
+    def num_units(self) -> int:
+        return self.unit_grid * self.unit_grid
+
+    def _random_count(self, mask_ratio: float) -> int:
+        """Masked units of random masking: MAE keeps int(N (1 - r)) patches, SimMIM masks ceil(N r) units."""
+        if self.rounding == "floor":
+            return self.num_units - num_visible_patches(self.num_units, mask_ratio)
+        return math.ceil(self.num_units * mask_ratio)
+
+    def _check_counts(self) -> None:
+        """Every way of masking must leave the encoder at least one visible unit."""
+        settings = [("mask_ratio", self._random_count(self.mask_ratio), 0)]
+        if self.strategy == "amt":
+            settings = [
+                ("warmup_mask_ratio", self._random_count(self.warmup_mask_ratio), 0),
+                ("mask_ratio / throw_ratio", *amt_counts(self.num_units, self.mask_ratio, self.throw_ratio, self.rounding)),
+            ]
+        for field, masked, thrown in settings:
+            if masked + thrown >= self.num_units:
+                raise ValueError(
+                    f"{field}: masking {masked} and throwing {thrown} of {self.num_units} mask units leaves no "
+                    f"visible unit (mask_ratio={self.mask_ratio}, throw_ratio={self.throw_ratio}, "
+                    f"warmup_mask_ratio={self.warmup_mask_ratio}, {self.unit_size}x{self.unit_size} patches per unit)"
+                )
 
     def random_masks(self, noise: torch.Tensor, mask_ratio: float) -> ThrowMasks:
-        """Uniform random masking of units from noise (B, units): MAE keeps int(N (1 - r)) patches, SimMIM
-        masks ceil(N r) units; nothing thrown."""
-        num_units = noise.shape[-1]
-        if self.rounding == "floor":
-            num_masked = num_units - num_visible_patches(num_units, mask_ratio)
-        else:
-            num_masked = math.ceil(num_units * mask_ratio)
+        """Uniform random masking of units from noise (B, units); nothing thrown."""
         order = torch.argsort(noise, dim=-1, descending=True)
-        return self._to_patches(throw_masks_from_order(order, num_masked, 0))
+        return self._to_patches(throw_masks_from_order(order, self._random_count(mask_ratio), 0))
 
     def guided_masks(self, unit_weights: torch.Tensor, noise: torch.Tensor) -> ThrowMasks:
         """Attention-driven masking and throwing of units from weights and uniform noise, both (B, units)."""
@@ -488,12 +531,38 @@ class AttentionMaskGenerator:
     def _to_patches(self, masks: ThrowMasks) -> ThrowMasks:
         return ThrowMasks(*(units_to_patches(m, self.unit_grid, self.unit_size) for m in masks))
 
-    def patch_weights(self, attention_map: torch.Tensor, crop_box: torch.Tensor | None, flipped: bool) -> torch.Tensor:
-        """(N,) per-patch weights of one crop: the map's per-pixel weights summed over each patch."""
+    def batch_patch_weights(
+        self, attention_maps: torch.Tensor, crop_boxes: torch.Tensor | None, flipped: torch.Tensor | None
+    ) -> torch.Tensor:
+        """(B, N) per-patch weights of each crop: the map's per-pixel weights summed over each patch."""
         side = self.patch_grid * self.patch_size
-        pixels = crop_attention_map(attention_map, crop_box, flipped, (side, side))
-        grid = pixels.reshape(self.patch_grid, self.patch_size, self.patch_grid, self.patch_size)
-        return grid.sum(dim=(1, 3)).reshape(-1)
+        pixels = crop_attention_maps(attention_maps, crop_boxes, flipped, (side, side))
+        grid = pixels.reshape(-1, self.patch_grid, self.patch_size, self.patch_grid, self.patch_size)
+        return grid.sum(dim=(2, 4)).reshape(pixels.shape[0], -1)
+
+    def patch_weights(self, attention_map: torch.Tensor, crop_box: torch.Tensor | None, flipped: bool) -> torch.Tensor:
+        """(N,) per-patch weights of one crop of one (rows, cols) map."""
+        boxes = None if crop_box is None else torch.as_tensor(crop_box).reshape(1, 4)
+        return self.batch_patch_weights(attention_map[None], boxes, torch.tensor([bool(flipped)]))[0]
+
+    def draw(
+        self,
+        noise: torch.Tensor,
+        example_ids: list[int] | None = None,
+        crop_boxes: torch.Tensor | None = None,
+        flipped: torch.Tensor | None = None,
+    ) -> tuple[ThrowMasks, torch.Tensor | None]:
+        """Masks for a batch from uniform noise (B, units): (ThrowMasks (B, N), weights (B, N) or None)."""
+        if self.strategy == "random":
+            return self.random_masks(noise, self.mask_ratio), None
+        if example_ids is None or not len(self.store):
+            return self.random_masks(noise, self.warmup_mask_ratio), None
+        uniform = torch.ones(self.patch_grid, self.patch_grid)
+        maps = [self.store.get(example_id) for example_id in example_ids]
+        maps = torch.stack([uniform if found is None else found for found in maps])
+        weights = self.batch_patch_weights(maps, crop_boxes, flipped)
+        unit_weights = units_from_patches(weights, self.patch_grid, self.unit_size)
+        return self.guided_masks(unit_weights, noise), weights
 
     def __call__(
         self,
@@ -502,13 +571,10 @@ class AttentionMaskGenerator:
         crop_box: torch.Tensor | None = None,
         flipped: bool = False,
     ) -> tuple[ThrowMasks, torch.Tensor | None]:
-        """(masks over patches, per-patch weights or None when the example has no map yet)."""
-        noise = torch.rand(1, self.unit_grid * self.unit_grid, generator=generator)
-        if self.strategy == "random":
-            return ThrowMasks(*(m[0] for m in self.random_masks(noise, self.mask_ratio))), None
-        attention_map = self.store.get(example_id) if example_id is not None else None
-        if attention_map is None:
-            return ThrowMasks(*(m[0] for m in self.random_masks(noise, self.warmup_mask_ratio))), None
-        weights = self.patch_weights(attention_map, crop_box, flipped)
-        unit_weights = units_from_patches(weights[None], self.patch_grid, self.unit_size)
-        return ThrowMasks(*(m[0] for m in self.guided_masks(unit_weights, noise))), weights
+        """One example: (masks over patches (N,), per-patch weights (N,) or None)."""
+        noise = torch.rand(1, self.num_units, generator=generator)
+        boxes = None if crop_box is None else torch.as_tensor(crop_box).reshape(1, 4)
+        masks, weights = self.draw(
+            noise, None if example_id is None else [example_id], boxes, torch.tensor([bool(flipped)])
+        )
+        return ThrowMasks(*(m[0] for m in masks)), (None if weights is None else weights[0])

@@ -286,6 +286,7 @@ class AmtForMaskedImageModeling(AmtPreTrainedModel):
         else:
             # SimMIM's 1x1 conv + PixelShuffle is one linear map per token; outputs in patchify order
             self.decoder = nn.Linear(config.hidden_size, pixels_per_patch)
+        self.mask_generator()  # fails now, naming the fields, if the ratios leave no visible unit
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -340,12 +341,14 @@ class AmtForMaskedImageModeling(AmtPreTrainedModel):
         """Given masks win; else AMT masks from `patch_attention`; else random masks (the baseline's
         `mask_ratio`, or `warmup_mask_ratio` for AMT before any attention exists)."""
         batch_size = pixel_values.shape[0]
+        if bool_thrown_pos is not None and bool_masked_pos is None:
+            raise ValueError("bool_thrown_pos needs bool_masked_pos: give both masks, or neither to draw them")
         if bool_masked_pos is not None:
             thrown = bool_thrown_pos if bool_thrown_pos is not None else torch.zeros_like(bool_masked_pos, dtype=torch.bool)
             return check_masks(bool_masked_pos.to(pixel_values.device), thrown.to(pixel_values.device), (batch_size, num_patches))
         generator = self.mask_generator()
-        num_units = generator.unit_grid**2
-        if generator.unit_grid * generator.unit_size * generator.unit_grid * generator.unit_size != num_patches:
+        num_units = generator.num_units
+        if generator.patch_grid**2 != num_patches:
             raise ValueError("masks for another image size must be passed as bool_masked_pos / bool_thrown_pos")
         if noise is None:
             noise = torch.rand(batch_size, num_units, device=pixel_values.device)
@@ -412,7 +415,7 @@ class AmtForMaskedImageModeling(AmtPreTrainedModel):
         else:
             predictions = self.decoder(encoded.last_hidden_state[:, 1:])
 
-        raw = patchify(pixel_values.to(predictions.dtype), patch_size)
+        raw = patchify(pixel_values.float(), patch_size)  # targets in float32 under autocast too
         target = normalize_per_token(raw, eps=1e-6) if self.config.norm_pix_loss else raw
         target = gather_tokens(target, ids_unthrown)
         weights = torch.gather(masks.bool_masked_pos, 1, ids_unthrown)

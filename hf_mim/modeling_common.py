@@ -377,7 +377,13 @@ class Block(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         output_attentions: bool = False,
         attention_bias: torch.Tensor | None = None,
+        cls_attention_only: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(new hidden states, attention weights or None). `cls_attention_only`: instead, (the cls query's
+        post-softmax attention (B, heads, L), None) — through the block's own call, so FSDP's per-block
+        hooks gather its weights."""
+        if cls_attention_only:
+            return self.attn.cls_attention_probs(self.norm1(hidden_states)), None
         attended, weights = self.attn(
             self.norm1(hidden_states), attention_mask, output_attentions=output_attentions, attention_bias=attention_bias
         )
@@ -520,8 +526,8 @@ class ViTEncoder(nn.Module):
             raise ValueError("cls attention needs a cls token and at least one block")
         tokens = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         tokens, _, _ = run_blocks(self.layers[:-1], tokens)
-        last = self.layers[-1]
-        return last.attn.cls_attention_probs(last.norm1(tokens))
+        cls_attention, _ = self.layers[-1](tokens, cls_attention_only=True)
+        return cls_attention
 
 
 class MaeDecoder(nn.Module):

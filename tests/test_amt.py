@@ -373,12 +373,17 @@ def test_most_attended_patches_are_masked_and_least_attended_stay_visible():
     mean_weight = [(weights * m.float()).sum(1).mean() / m.sum(1).float().mean() for m in
                    (masks.bool_masked_pos, masks.bool_thrown_pos, ~(masks.bool_masked_pos | masks.bool_thrown_pos))]
     assert mean_weight[0] > mean_weight[1] > mean_weight[2]
-    # per example through the store: a map gives AMT masks and the weights, none gives warm-up masks
+    # per example through the store: a map gives AMT masks and the weights; once the store holds maps,
+    # an example without one gets a uniform map (official all-ones init), so a batch never mixes counts
     generator.store.update(torch.tensor([7]), peaked[None])
     masks, patch_weights = generator(torch.Generator().manual_seed(1), example_id=7)
     assert masks.bool_masked_pos.sum() == 88 and masks.bool_thrown_pos.sum() == 78
     assert rel_diff(patch_weights, generator.patch_weights(peaked.half().float(), None, False)) <= 1e-6
     masks, patch_weights = generator(torch.Generator().manual_seed(1), example_id=8)
+    assert torch.equal(patch_weights, torch.full((196,), 256.0))  # 16 x 16 pixels of weight 1
+    assert masks.bool_masked_pos.sum() == 88 and masks.bool_thrown_pos.sum() == 78
+    empty = AttentionMaskGenerator(14, 16, 1, 0.45, 0.4, 0.75, "floor")  # before any refresh: warm-up masks
+    masks, patch_weights = empty(torch.Generator().manual_seed(1), example_id=8)
     assert patch_weights is None and masks.bool_masked_pos.sum() == 196 - 49 and not masks.bool_thrown_pos.any()
 
 
@@ -413,6 +418,9 @@ def test_attention_map_store_update_get_replace_and_state_dict():
 def tiny(variant: str, **overrides) -> AmtConfig:
     if variant == "simmim":
         overrides.setdefault("mask_patch_size", 16)  # 2 x 2 units of 2 x 2 patches
+        # SimMIM's 0.44 / 0.26 would mask 2 and throw 2 of 4 units (ceil): nothing visible
+        overrides.setdefault("mask_ratio", 0.25)
+        overrides.setdefault("throw_ratio", 0.25)
     return AmtConfig.from_preset("tiny", variant=variant, **overrides)
 
 

@@ -60,6 +60,45 @@ def test_collator_defers_amt_masks_to_the_training_process():
     assert torch.equal(output.patch_labels, guided["bool_masked_pos"].long() + 2 * guided["bool_thrown_pos"].long())
 
 
+def test_a_batch_never_mixes_mask_counts_once_maps_exist():
+    """Examples added after the last refresh get a uniform map (the official all-ones init), so a batch
+    with and without stored maps keeps one mask count (the encoder batch must be rectangular)."""
+    generator = tiny_amt().mask_generator()
+    collator = PretrainingCollator(MaskedImageTransform(32), mask_generator=generator, seed=5)
+    generator.store.update(torch.tensor([1000, 1001]), torch.rand(2, 4, 4))
+    batch = collator.finish(collator(examples(3)), epoch=0)  # example 1002 has no map
+    assert batch["bool_masked_pos"].sum(1).tolist() == [7, 7, 7]
+    assert batch["bool_thrown_pos"].sum(1).tolist() == [6, 6, 6]
+    assert torch.equal(batch["patch_attention"][2], torch.full((16,), 64.0))  # 8 x 8 pixels of weight 1
+
+
+def test_crop_box_and_flip_describe_the_pixels_the_transform_produced():
+    """The box and flip the transform reports, applied to a map of the image, must point at the pixels it
+    actually cropped: the image is bright in its right half only, so the crop's per-patch map weights
+    must track the per-patch brightness of the transformed pixels, over many crops and flips."""
+    import numpy as np
+
+    array = np.zeros((60, 80, 3), dtype=np.uint8)
+    array[:, 40:] = 255
+    image = Image.fromarray(array)
+    bright_right = torch.zeros(6, 8)
+    bright_right[:, 4:] = 1.0  # the same image as a map (any grid: fractions of the image)
+    generator = tiny_amt().mask_generator()
+    transform = MaskedImageTransform(32, scale=(0.1, 0.5))
+    checked = flips = 0
+    for seed in range(40):
+        pixels, crop_box, flipped = transform.transform_with_params(image, torch.Generator().manual_seed(seed))
+        brightness = pixels.mean(0).reshape(4, 8, 4, 8).mean(dim=(1, 3)).reshape(-1)
+        weights = generator.patch_weights(bright_right, crop_box, flipped)
+        if brightness.max() - brightness.min() < 1.0:  # the crop lies on one side: nothing to compare
+            continue
+        correlation = torch.corrcoef(torch.stack([brightness, weights]))[0, 1]
+        assert correlation > 0.9, (seed, crop_box, flipped)
+        checked += 1
+        flips += flipped
+    assert checked >= 10 and 0 < flips < checked
+
+
 def test_masks_follow_the_crop_of_the_stored_map():
     """A map hot only in the image's right half: a crop of the right half gets high weights everywhere,
     a crop of the left half none (the released code would read the map's top-left cells for both)."""
@@ -108,6 +147,11 @@ def test_run_mim_refreshes_and_resumes_exactly_across_a_refresh(tmp_path):
     log = run_mim(*common, "--output_dir", full)
     assert "attention refresh after steps [3]" in log.stderr
     assert "step 3: attention maps refreshed (22 images" in log.stderr
+    logged = [line.split("run_mim: step ", 1)[1] for line in log.stderr.splitlines() if "run_mim: step " in line]
+    thrown = {int(entry.split(" ", 1)[0]): json.loads(entry.split(" ", 1)[1])["patches_thrown_per_image"]
+              for entry in logged if "patches_thrown_per_image" in entry}
+    # the refreshed store is the one masks are drawn from: 6 of 16 patches thrown after step 3, none before
+    assert [thrown[step] for step in range(1, 7)] == [0.0, 0.0, 0.0, 6.0, 6.0, 6.0]
     store = torch.load(full / "checkpoint-3" / "custom_checkpoint_1.pkl", weights_only=True)
     assert store["maps"].shape == (22, 4, 4) and store["num_refreshes"] == 1
 
@@ -131,19 +175,44 @@ def test_baseline_strategy_never_refreshes(tmp_path):
     assert config["masking_strategy"] == "random" and config["variant"] == "simmim"
 
 
+def write_uneven_shards(folder, sizes=(5, 12)) -> None:
+    """Parquet shards of random images with different lengths: ranks get different batch counts."""
+    import io
+
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True)
+    for shard, size in enumerate(sizes):
+        images = []
+        for _ in range(size):
+            buffer = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buffer, format="PNG")
+            images.append({"bytes": buffer.getvalue(), "path": None})
+        table = pa.table({"image": images, "__key__": [f"{shard}-{i}" for i in range(size)]})
+        pq.write_table(table, folder / f"train-{shard}.parquet")
+
+
 @pytest.mark.slow
 def test_two_ranks_share_their_attention_maps(tmp_path):
-    """Each rank reads half of the 4 shards in the refresh pass; after the gather both hold all 22 maps."""
+    """Rank 0 reads a 5-image shard, rank 1 a 12-image shard: in the refresh pass rank 0 runs out of
+    batches first (2 vs 3 batches of 4) and steps along with a throw-away batch, so the collective
+    forwards stay in lockstep; after the gather both ranks hold all 17 maps."""
+    data = tmp_path / "data"
+    write_uneven_shards(data)
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     out = tmp_path / "ddp"
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29537",
-         str(SCRIPT), *TINY, "--model_type", "amt", "--max_train_steps", "4", "--checkpointing_steps", "4",
-         "--config_overrides", "amt_interval=0.5", "--output_dir", str(out)],
+         str(SCRIPT), *TINY, "--model_type", "amt", "--train_dir", str(data), "--shuffle_buffer_size", "4",
+         "--max_train_steps", "4", "--checkpointing_steps", "4", "--config_overrides", "amt_interval=0.5",
+         "--output_dir", str(out)],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-5000:]
-    assert "attention maps refreshed (22 images" in result.stderr
+    assert "attention maps refreshed (17 images" in result.stderr
     store = torch.load(out / "checkpoint-4" / "custom_checkpoint_1.pkl", weights_only=True)
-    assert store["maps"].shape[0] == 22 and store["num_refreshes"] == 1
+    assert store["maps"].shape[0] == 17 and store["num_refreshes"] == 1

@@ -437,6 +437,8 @@ def train(args: argparse.Namespace) -> int:
                 "images_skipped": skipped_total,
                 "images_converted": converted_total,
             }
+            if "bool_thrown_pos" in batch:  # attention-driven masking: 0 until the first refresh
+                logs["patches_thrown_per_image"] = float(batch["bool_thrown_pos"].sum(dim=1).float().mean())
             progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}")
             if args.with_tracking:
                 accelerator.log(logs, step=global_step)

@@ -143,27 +143,32 @@ class PretrainingCollator(_SeededCollator):
             batch["flipped"] = torch.tensor(flips, dtype=torch.bool)
         return batch
 
+    def __getstate__(self) -> dict:
+        """DataLoader workers get a copy without a deferred mask generator: its per-example store can be
+        large (~0.5 GB for ImageNet) and workers never read it."""
+        state = self.__dict__.copy()
+        if self.masks_in_finish:
+            state["mask_generator"] = None
+        return state
+
     def finish(self, batch: dict[str, torch.Tensor], epoch: int) -> dict[str, torch.Tensor]:
         """Main-process step after the DataLoader: masks that follow the crop (see the class docstring).
         A no-op for ordinary mask generators."""
         if not self.masks_in_finish:
             return batch
-        masked, thrown, weights = [], [], []
-        num_patches = None
-        for example_id, crop_box, flipped in zip(
-            batch["example_id"].tolist(), batch.pop("crop_box"), batch.pop("flipped").tolist()
-        ):
-            generator = example_generator(self.seed, epoch, example_id, stream="mask")
-            masks, patch_weights = self.mask_generator(generator, example_id=example_id, crop_box=crop_box, flipped=flipped)
-            masked.append(masks.bool_masked_pos)
-            thrown.append(masks.bool_thrown_pos)
-            weights.append(patch_weights)
-            num_patches = masks.bool_masked_pos.numel()
-        batch["bool_masked_pos"] = torch.stack(masked)
-        batch["bool_thrown_pos"] = torch.stack(thrown)
-        # the attention weights behind each mask (zeros before an example has a map), for pictures
-        batch["patch_attention"] = torch.stack(
-            [w if w is not None else torch.zeros(num_patches) for w in weights]
+        example_ids = batch["example_id"].tolist()
+        noise = torch.cat(
+            [
+                torch.rand(1, self.mask_generator.num_units, generator=example_generator(self.seed, epoch, example_id, stream="mask"))
+                for example_id in example_ids
+            ]
+        )
+        masks, weights = self.mask_generator.draw(noise, example_ids, batch.pop("crop_box"), batch.pop("flipped"))
+        batch["bool_masked_pos"] = masks.bool_masked_pos
+        batch["bool_thrown_pos"] = masks.bool_thrown_pos
+        # the attention weights behind the masks (zeros before the first refresh), for pictures
+        batch["patch_attention"] = (
+            weights if weights is not None else torch.zeros(masks.bool_masked_pos.shape)
         ).to(torch.float32)
         return batch
 

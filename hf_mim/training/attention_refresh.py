@@ -25,14 +25,28 @@ def refresh_attention_maps(model, store, dataloader, accelerator) -> dict[str, f
     (`attention_scores_only=True`), so sharded weights are gathered as in training.
     Returns {"maps": maps in the store, "seconds": wall time}."""
     start = time.perf_counter()
+    config = accelerator.unwrap_model(model).config
     ids, maps = [], []
-    for batch in dataloader:
-        pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+    batches = iter(dataloader)
+    while True:
+        batch = next(batches, None)
+        # ranks hold different numbers of batches; under FSDP / ZeRO-3 every forward is collective, so
+        # all ranks step together and a rank that is done runs a throw-away batch until all are done
+        if accelerator.num_processes > 1:
+            busy = torch.tensor([0 if batch is None else 1], device=accelerator.device)
+            if int(accelerator.gather(busy).sum()) == 0:
+                break
+        elif batch is None:
+            break
+        if batch is None:
+            pixel_values = torch.zeros(1, config.num_channels, config.image_size, config.image_size, device=accelerator.device)
+        else:
+            pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
         with accelerator.autocast():
             scores = model(pixel_values=pixel_values, attention_scores_only=True, return_dict=True).attention_map
-        ids.append(batch["example_id"].to(torch.int64))
-        maps.append(scores.to(torch.float16).cpu())
-    config = accelerator.unwrap_model(model).config
+        if batch is not None:
+            ids.append(batch["example_id"].to(torch.int64))
+            maps.append(scores.to(torch.float16).cpu())
     grid = config.image_size // config.patch_size
     local_ids = torch.cat(ids) if ids else torch.zeros(0, dtype=torch.int64)
     local_maps = torch.cat(maps) if maps else torch.zeros(0, grid, grid, dtype=torch.float16)
