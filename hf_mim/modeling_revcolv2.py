@@ -472,14 +472,15 @@ class RevColV2ForMaskedImageModeling(RevColV2PreTrainedModel):
         predictions = self.decoder(columns.levels[0][:, prefix:])
 
         patch_size = self.config.patch_size
-        raw = patchify(pixel_values.to(predictions.dtype), patch_size)
-        target = pixel_targets(pixel_values.to(predictions.dtype), patch_size, self.config.norm_pix_loss, self.config.norm_pix_eps)
+        # targets (and their per-patch statistics) in float32, also under bf16/fp16 autocast
+        raw = patchify(pixel_values.float(), patch_size)
+        target = pixel_targets(pixel_values.float(), patch_size, self.config.norm_pix_loss, self.config.norm_pix_eps)
         weights = mask.bool_masked_pos
         loss = masked_mse(predictions.float(), target.float(), weights)
         patch_loss = ((predictions.detach().float() - target.float()) ** 2).mean(dim=-1)
 
         with torch.no_grad():
-            pixels = predictions.detach()
+            pixels = predictions.detach().float()
             if self.config.norm_pix_loss:
                 mean = raw.mean(dim=-1, keepdim=True)
                 std = torch.sqrt(raw.var(dim=-1, keepdim=True) + self.config.norm_pix_eps)

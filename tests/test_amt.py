@@ -530,3 +530,21 @@ def test_throw_ratio_only_constrains_the_amt_strategy():
         AmtConfig(variant="beit")
     with pytest.raises(ValueError, match="mask_patch_size"):
         AmtConfig(mask_patch_size=24)
+
+
+def test_pixel_targets_stay_float32_under_bf16_autocast():
+    """Under autocast the predictions are bfloat16, but the norm-pix targets and their statistics are
+    computed in float32 (as the official code): the loss equals a float32 hand computation from them."""
+    from hf_mim.objectives import normalize_per_token, patchify
+
+    torch.manual_seed(0)
+    model = AmtForMaskedImageModeling(tiny("mae", norm_pix_loss=True)).train()
+    pixel_values = torch.randn(2, 3, 32, 32) * 3 + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(pixel_values, patch_attention=torch.rand(2, 16), noise=torch.rand(2, 16))
+    assert out.predictions.dtype == torch.bfloat16
+    keep = (~out.bool_thrown_pos).nonzero()[:, 1].reshape(2, -1)
+    target = torch.gather(normalize_per_token(patchify(pixel_values, 8)), 1, keep[..., None].expand(-1, -1, 192))
+    masked = torch.gather(out.bool_masked_pos, 1, keep).float()
+    expected = (((out.predictions.float() - target) ** 2).mean(-1) * masked).sum() / masked.sum()
+    assert abs(out.loss.item() - expected.item()) <= 1e-6 * expected.item()
