@@ -216,3 +216,39 @@ def test_two_ranks_share_their_attention_maps(tmp_path):
     assert "attention maps refreshed (17 images" in result.stderr
     store = torch.load(out / "checkpoint-4" / "custom_checkpoint_1.pkl", weights_only=True)
     assert store["maps"].shape[0] == 17 and store["num_refreshes"] == 1
+
+
+FSDP_SCRIPT = """
+import torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from hf_mim.configuration_amt import AmtConfig
+from hf_mim.modeling_amt import AmtForMaskedImageModeling
+dist.init_process_group("gloo")
+mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+torch.manual_seed(0)
+model = AmtForMaskedImageModeling(AmtConfig.from_preset("tiny"))
+pixel_values = torch.randn(2, 3, 32, 32)
+reference = model.attention_scores(pixel_values)
+for layer in model.amt.encoder.layers:  # each Block its own FSDP unit, as auto-wrapping does
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+maps = model(pixel_values=pixel_values, attention_scores_only=True).attention_map
+print("max diff", float((maps - reference).abs().max()))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_refresh_forward_gathers_sharded_weights_under_fsdp2(tmp_path):
+    """The refresh reads the last block through the block's own call, so FSDP's per-block hooks gather
+    its sharded weights (reading norm1/attn directly failed with mixed Tensor/DTensor)."""
+    script = tmp_path / "fsdp_refresh.py"
+    script.write_text(FSDP_SCRIPT)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563", str(script)],
+        capture_output=True, text=True, env=env, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert result.stdout.count("max diff 0.0") == 2
