@@ -98,7 +98,7 @@ def save_mim_picture(
             outline = patch_outline(height, width, patch_size)[None] & np.ones_like(labels, dtype=bool)
             for value, colour in PATCH_LABEL_COLOURS.items():
                 scores[outline & (labels == value)] = colour
-        columns.append(("attention + kinds" if patch_labels is not None else "scores", scores))
+        columns.append(("attention" if patch_labels is not None else "scores", scores))
     if reconstruction is not None:
         recon = to_uint8_images(reconstruction[:count], mean, std)
         columns.append(("reconstruction", recon))

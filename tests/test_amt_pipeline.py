@@ -163,7 +163,7 @@ def test_run_mim_refreshes_and_resumes_exactly_across_a_refresh(tmp_path):
     for key in reference:
         assert torch.equal(reference[key], restarted[key]), key
     with Image.open(full / "mim_picture.png") as picture:
-        assert picture.width > 5 * 32  # input, masked, patch loss, attention + kinds, reconstruction, recon + visible
+        assert picture.width > 5 * 32  # input, masked, patch loss, attention with patch kinds, reconstruction, recon + visible
 
 
 def test_baseline_strategy_never_refreshes(tmp_path):
