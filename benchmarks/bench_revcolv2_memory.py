@@ -47,8 +47,6 @@ Usage:  python benchmarks/bench_revcolv2_memory.py [--device cuda] [--image-size
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import gc
 import json
 import os
@@ -59,6 +57,10 @@ import sys
 import time
 import weakref
 
+# /proc readings (VmRSS, VmHWM and its reset) and libc's malloc_trim, as the pretraining benchmark takes them
+from bench_pretrain import _LIBC, _proc_status_kib
+from bench_pretrain import _can_reset_hwm as _reset_hwm
+
 COLUMNS = (2, 4, 8)
 ENGINES = ("reversible", "plain")
 
@@ -66,29 +68,6 @@ ENGINES = ("reversible", "plain")
 # --------------------------------------------------------------------------------------------------
 # Memory measurement helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def _proc_status_kib(key: str) -> int | None:
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_hwm() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as handle:
-            handle.write("5")
-        return _proc_status_kib("VmHWM") is not None
-    except OSError:
-        return False
-
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if ctypes.util.find_library("c") else None
 
 
 def _trim() -> None:
