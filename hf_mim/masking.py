@@ -69,6 +69,29 @@ def indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor) -> MaskIndices:
     return MaskIndices(ids_shuffle[:, :len_keep], ids_restore, bool_masked_pos)
 
 
+def mae_mask_indices(
+    bool_masked_pos: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    batch_size: int,
+    num_patches: int,
+    mask_ratio: float,
+    device: torch.device,
+) -> MaskIndices:
+    """An MAE-style student's mask for one forward: the given `bool_masked_pos` (visible patches in
+    raster order), else random masking from `noise` (drawn with torch.rand when None). Shapes are
+    checked against (batch_size, num_patches) with errors naming the argument."""
+    shape = (batch_size, num_patches)
+    if bool_masked_pos is not None:
+        if tuple(bool_masked_pos.shape) != shape:
+            raise ValueError(f"bool_masked_pos must have shape {shape}, got {tuple(bool_masked_pos.shape)}")
+        return indices_from_bool_masked_pos(bool_masked_pos.to(device))
+    if noise is None:
+        noise = torch.rand(shape, device=device)
+    elif tuple(noise.shape) != shape:
+        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
+    return random_masking(noise.to(device), mask_ratio)
+
+
 def _uniform(generator: torch.Generator | None, low: float, high: float) -> float:
     return low + (high - low) * torch.rand((), generator=generator).item()
 

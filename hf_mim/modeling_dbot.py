@@ -18,7 +18,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .configuration_dbot import DbotConfig
-from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, random_masking
+from .masking import RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices
 from .modeling_common import (
     MIMPreTrainedModel,
     ImageClassificationMixin,
@@ -201,21 +201,6 @@ class DbotForMaskedImageModeling(DbotPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.dbot.get_input_embeddings()
 
-    def mask_indices(
-        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None, noise: torch.Tensor | None, num_patches: int
-    ) -> MaskIndices:
-        if bool_masked_pos is not None:
-            if bool_masked_pos.shape != (pixel_values.shape[0], num_patches):
-                raise ValueError(
-                    f"bool_masked_pos must have shape {(pixel_values.shape[0], num_patches)}, got {tuple(bool_masked_pos.shape)}"
-                )
-            return indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device))
-        if noise is None:
-            noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device)
-        elif noise.shape != (pixel_values.shape[0], num_patches):
-            raise ValueError(f"noise must have shape {(pixel_values.shape[0], num_patches)}, got {tuple(noise.shape)}")
-        return random_masking(noise.to(pixel_values.device), self.config.mask_ratio)
-
     def mask_generator(self) -> RandomMaskGenerator:
         """How the data pipeline masks an image for this model: MAE uniform random masking at mask_ratio."""
         return RandomMaskGenerator(self.config.image_size // self.config.patch_size, self.config.mask_ratio)
@@ -251,7 +236,9 @@ class DbotForMaskedImageModeling(DbotPreTrainedModel):
 
         patch_embeddings = self.dbot.encoder.embeddings.patch_embeddings
         grid = patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        mask = self.mask_indices(pixel_values, bool_masked_pos, noise, grid[0] * grid[1])
+        mask = mae_mask_indices(
+            bool_masked_pos, noise, pixel_values.shape[0], grid[0] * grid[1], self.config.mask_ratio, pixel_values.device
+        )
 
         encoded = self.dbot.encoder(
             pixel_values,

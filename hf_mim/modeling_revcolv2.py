@@ -34,7 +34,7 @@ from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPoo
 from transformers.utils import ModelOutput
 
 from .configuration_revcolv2 import RevColV2Config
-from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, random_masking
+from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices
 from .modeling_common import (
     MIMPreTrainedModel,
     ImageClassificationMixin,
@@ -425,21 +425,6 @@ class RevColV2ForMaskedImageModeling(RevColV2PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.revcolv2.get_input_embeddings()
 
-    def mask_indices(
-        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None, noise: torch.Tensor | None, num_patches: int
-    ) -> MaskIndices:
-        if bool_masked_pos is not None:
-            if bool_masked_pos.shape != (pixel_values.shape[0], num_patches):
-                raise ValueError(
-                    f"bool_masked_pos must have shape {(pixel_values.shape[0], num_patches)}, got {tuple(bool_masked_pos.shape)}"
-                )
-            return indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device))
-        if noise is None:
-            noise = torch.rand(pixel_values.shape[0], num_patches, device=pixel_values.device)
-        elif noise.shape != (pixel_values.shape[0], num_patches):
-            raise ValueError(f"noise must have shape {(pixel_values.shape[0], num_patches)}, got {tuple(noise.shape)}")
-        return random_masking(noise.to(pixel_values.device), self.config.mask_ratio)
-
     def mask_generator(self) -> RandomMaskGenerator:
         """How the data pipeline masks an image for this model: uniform random masking at mask_ratio."""
         return RandomMaskGenerator(self.config.image_size // self.config.patch_size, self.config.mask_ratio)
@@ -466,7 +451,9 @@ class RevColV2ForMaskedImageModeling(RevColV2PreTrainedModel):
         output_hidden_states, _, return_dict = self.output_flags(output_hidden_states, None, return_dict)
 
         grid = self.revcolv2.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        mask = self.mask_indices(pixel_values, bool_masked_pos, noise, grid[0] * grid[1])
+        mask = mae_mask_indices(
+            bool_masked_pos, noise, pixel_values.shape[0], grid[0] * grid[1], self.config.mask_ratio, pixel_values.device
+        )
         columns = self.revcolv2.run_columns(pixel_values, mask, interpolate_pos_encoding)
         prefix = self.revcolv2.num_prefix_tokens
         predictions = self.decoder(columns.levels[0][:, prefix:])
