@@ -231,6 +231,15 @@ def eager_attention_forward(
     return output, weights
 
 
+def attention_kernel(config, output_attentions: bool) -> Callable:
+    """The attention function `config._attn_implementation` names ("eager", "sdpa", "flash_attention_2",
+    ...) from transformers' interface; eager when weights are asked for, since only eager returns them."""
+    implementation = config._attn_implementation or "eager"
+    if output_attentions or implementation == "eager":
+        return eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with a fused qkv projection (rows [q; k; v], as timm and the official repos).
 
@@ -263,11 +272,7 @@ class Attention(nn.Module):
         query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         if attention_bias is not None:
             attention_mask = attention_bias if attention_mask is None else attention_mask + attention_bias
-        implementation = self.config._attn_implementation or "eager"
-        if output_attentions or implementation == "eager":
-            attention_fn: Callable = eager_attention_forward
-        else:
-            attention_fn = ALL_ATTENTION_FUNCTIONS[implementation]
+        attention_fn = attention_kernel(self.config, output_attentions)
         output, weights = attention_fn(
             self,
             query,
@@ -762,11 +767,7 @@ class ClassAttention(nn.Module):
         query = self.q(hidden_states[:, :1]).reshape(batch_size, 1, self.num_heads, self.head_dim).transpose(1, 2)
         key = self.k(hidden_states).reshape(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
         value = self.v(hidden_states).reshape(batch_size, length, self.num_heads, self.head_dim).transpose(1, 2)
-        implementation = self.config._attn_implementation or "eager"
-        if output_attentions or implementation == "eager":
-            attention_fn: Callable = eager_attention_forward
-        else:
-            attention_fn = ALL_ATTENTION_FUNCTIONS[implementation]
+        attention_fn = attention_kernel(self.config, output_attentions)
         output, weights = attention_fn(
             self,
             query,
