@@ -40,8 +40,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForImageClassification
 
@@ -76,6 +75,8 @@ from hf_mim.training import (
     linear_probe_train_mode,
     linear_scaled_lr,
     load_checkpoint,
+    make_accelerator,
+    read_trainer_state,
     resolve_resume_path,
     save_checkpoint,
     weight_decay_param_groups,
@@ -592,15 +593,7 @@ def train(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise SystemExit(f"run_image_classification.py: error: {error}") from None
 
-    accelerator = Accelerator(
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
-        log_with=args.report_to if args.with_tracking else None,
-        # tensorboard logs in output_dir/runs, uploaded with the model (the Hub's training-metrics tab)
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
-    )
+    accelerator = make_accelerator(args, output_dir)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(args.seed)
@@ -608,7 +601,7 @@ def train(args: argparse.Namespace) -> int:
     total_batch = args.per_device_train_batch_size * world * args.gradient_accumulation_steps
 
     resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
-    saved_state = json.loads((resume_path / "trainer_state.json").read_text()) if resume_path else None
+    saved_state = read_trainer_state(resume_path) if resume_path else None
     if saved_state is not None and {int(k): v for k, v in saved_state["id2label"].items()} != id2label:
         raise SystemExit(f"run_image_classification.py: error: {resume_path} was trained on other labels")
     if accelerator.is_main_process:

@@ -31,8 +31,7 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, GradientAccumulationPlugin, ProjectConfiguration, set_seed
+from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForMaskedImageModeling
 
@@ -56,6 +55,8 @@ from hf_mim.training import (
     check_finite_loss,
     linear_scaled_lr,
     load_checkpoint,
+    make_accelerator,
+    read_trainer_state,
     refresh_attention_maps,
     resolve_resume_path,
     save_checkpoint,
@@ -268,22 +269,14 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_plugin=GradientAccumulationPlugin(
-            num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
-        ),
-        dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
-        log_with=args.report_to if args.with_tracking else None,
-        # tensorboard logs in output_dir/runs, uploaded with the model (the Hub's training-metrics tab)
-        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
-    )
+    accelerator = make_accelerator(args, output_dir)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
     set_seed(args.seed)
 
     # --- resume bookkeeping first: the checkpoint's config decides the model's shape ---
     resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
-    saved_state = json.loads((resume_path / "trainer_state.json").read_text()) if resume_path else None
+    saved_state = read_trainer_state(resume_path) if resume_path else None
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -30,7 +30,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .guards import NonFiniteLossError, check_finite_loss
-from .loop import stream_batches
+from .loop import make_accelerator, stream_batches
 from .linear_probe import attach_batchnorm_probe, fold_batchnorm_probe, freeze_backbone, linear_probe_train_mode
 from .metrics import AccuracyMeter, topk_correct
 from .optim import (
@@ -81,6 +81,7 @@ __all__ = [
     "write_json_atomic",
     # guards
     "NonFiniteLossError",
+    "make_accelerator",
     "stream_batches",
     "check_finite_loss",
     # metrics
