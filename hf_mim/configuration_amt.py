@@ -12,6 +12,7 @@ from .configuration_common import (
     check_heads_divide,
     check_non_negative_int,
     check_patch_grid,
+    check_positive_numbers,
     config_error,
 )
 
@@ -202,9 +203,7 @@ class AmtConfig(PresetConfigMixin, PreTrainedConfig):
             raise config_error("amt_interval", self.amt_interval, "expected a fraction of training in (0, 1]")
         if self.layer_scale_init_value < 0:
             raise config_error("layer_scale_init_value", self.layer_scale_init_value, "expected a number >= 0")
-        if self.mlp_ratio <= 0 or self.layer_norm_eps <= 0:
-            field = "mlp_ratio" if self.mlp_ratio <= 0 else "layer_norm_eps"
-            raise config_error(field, getattr(self, field), "expected a positive number")
+        check_positive_numbers(self, "mlp_ratio", "layer_norm_eps")
 
 
 __all__ = ["AmtConfig"]

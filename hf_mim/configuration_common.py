@@ -34,6 +34,14 @@ def check_fraction(field: str, value: Any, *, allow_one: bool = False) -> None:
         raise config_error(field, value, f"expected a number in {interval}")
 
 
+def check_positive_numbers(config: Any, *fields: str) -> None:
+    """Each named field of `config` must be a number > 0 (the first that is not is named)."""
+    for field in fields:
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise config_error(field, value, "expected a positive number")
+
+
 def check_choice(field: str, value: Any, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise config_error(field, value, f"expected one of {', '.join(map(repr, choices))}")

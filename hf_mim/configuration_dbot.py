@@ -10,6 +10,7 @@ from .configuration_common import (
     check_heads_divide,
     check_non_negative_int,
     check_patch_grid,
+    check_positive_numbers,
     config_error,
 )
 
@@ -145,13 +146,7 @@ class DbotConfig(PresetConfigMixin, PreTrainedConfig):
         if int(num_patches * (1 - self.mask_ratio)) < 1:
             raise config_error("mask_ratio", self.mask_ratio, f"leaves no visible patch out of {num_patches}")
         check_fraction("drop_path_rate", self.drop_path_rate)
-        if self.smooth_l1_beta <= 0:
-            raise config_error("smooth_l1_beta", self.smooth_l1_beta, "expected a positive number")
-        if self.mlp_ratio <= 0:
-            raise config_error("mlp_ratio", self.mlp_ratio, "expected a positive number")
-        if self.layer_norm_eps <= 0 or self.target_norm_eps <= 0:
-            field = "layer_norm_eps" if self.layer_norm_eps <= 0 else "target_norm_eps"
-            raise config_error(field, getattr(self, field), "expected a positive number")
+        check_positive_numbers(self, "smooth_l1_beta", "mlp_ratio", "layer_norm_eps", "target_norm_eps")
 
 
 __all__ = ["DbotConfig"]

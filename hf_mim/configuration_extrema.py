@@ -12,6 +12,7 @@ from .configuration_common import (
     check_heads_divide,
     check_non_negative_int,
     check_patch_grid,
+    check_positive_numbers,
     check_positive_int,
     config_error,
 )
@@ -174,10 +175,9 @@ class ExtremaConfig(PresetConfigMixin, PreTrainedConfig):
         check_choice("pooling", self.pooling, POOLING_CHOICES)
         check_fraction("drop_path_rate", self.drop_path_rate)
         check_fraction("attention_dropout", self.attention_dropout)
-        for field in ("mlp_ratio", "layer_norm_eps", "projector_layer_norm_eps", "initializer_range", "classifier_init_std"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise config_error(field, value, "expected a positive number")
+        check_positive_numbers(
+            self, "mlp_ratio", "layer_norm_eps", "projector_layer_norm_eps", "initializer_range", "classifier_init_std"
+        )
         value = self.layer_scale_init_value
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
             raise config_error("layer_scale_init_value", value, "expected a number >= 0 (0 = no layer scale)")

@@ -17,6 +17,7 @@ from .configuration_common import (
     check_heads_divide,
     check_non_negative_int,
     check_patch_grid,
+    check_positive_numbers,
     check_positive_int,
     config_error,
 )
@@ -237,9 +238,7 @@ class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
         if not 0 < self.mask_min_aspect <= 1:
             raise config_error("mask_min_aspect", self.mask_min_aspect, "expected a number in (0, 1]")
         check_fraction("drop_path_rate", self.drop_path_rate)
-        for field in ("mlp_ratio", "layer_norm_eps", "target_norm_eps", "smooth_l1_beta", "initializer_range"):
-            if getattr(self, field) <= 0:
-                raise config_error(field, getattr(self, field), "expected a positive number")
+        check_positive_numbers(self, "mlp_ratio", "layer_norm_eps", "target_norm_eps", "smooth_l1_beta", "initializer_range")
         if self.layer_scale_init_value is not None and self.layer_scale_init_value < 0:
             raise config_error("layer_scale_init_value", self.layer_scale_init_value, "expected >= 0 (0 = no layer scale)")
 

@@ -17,6 +17,7 @@ from .configuration_common import (
     check_fraction,
     check_heads_divide,
     check_patch_grid,
+    check_positive_numbers,
     check_positive_int,
     config_error,
 )
@@ -192,10 +193,7 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         check_choice("backbone_pyramid", self.backbone_pyramid, PYRAMID_TYPES)
         if self.classifier_pooling == "cls" and not self.use_cls_token:
             raise config_error("classifier_pooling", self.classifier_pooling, "needs use_cls_token=True")
-        for field in ("alpha_init", "alpha_min", "mlp_ratio", "layer_norm_eps", "norm_pix_eps"):
-            value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise config_error(field, value, "expected a positive number")
+        check_positive_numbers(self, "alpha_init", "alpha_min", "mlp_ratio", "layer_norm_eps", "norm_pix_eps")
         if abs(self.alpha_init) < self.alpha_min:
             raise config_error("alpha_init", self.alpha_init, f"must be at least alpha_min={self.alpha_min} in magnitude")
         if isinstance(self.layer_scale_init_value, bool) or not isinstance(self.layer_scale_init_value, (int, float)) or (
