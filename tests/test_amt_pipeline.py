@@ -234,7 +234,7 @@ for layer in model.amt.encoder.layers:  # each Block its own FSDP unit, as auto-
     fully_shard(layer, mesh=mesh)
 fully_shard(model, mesh=mesh)
 maps = model(pixel_values=pixel_values, attention_scores_only=True).attention_map
-print("max diff", float((maps - reference).abs().max()))
+print(f"max diff {float((maps - reference).abs().max())}", flush=True)  # one write: ranks share stdout
 dist.destroy_process_group()
 """
 
