@@ -168,6 +168,7 @@ def resolve_image_column(ds: IterableDataset, image_column_name: str | None = No
                 f"image column {image_column_name!r} not found in the dataset; available columns: {names}. "
                 "Pass the right one with --image_column_name."
             )
+        check_holds_images(ds, image_column_name, features.get(image_column_name))
         return image_column_name
     for name in names:
         if _feature_kind(features.get(name)) == "image":
@@ -179,6 +180,22 @@ def resolve_image_column(ds: IterableDataset, image_column_name: str | None = No
     raise ValueError(
         f"could not find an image column (no column of type datasets.Image and none named {IMAGE_COLUMN_CANDIDATES}); "
         f"available columns: {names}. Pass one with --image_column_name."
+    )
+
+
+def check_holds_images(ds: IterableDataset, column: str, feature: Any) -> None:
+    """A column named by the user must hold images (an Image feature, encoded bytes, or image file paths):
+    a text or number column would otherwise make every row "undecodable"."""
+    if _feature_kind(feature) == "image":
+        return
+    first = next(iter(ds.select_columns([column]).take(1)), {}).get(column)
+    data, path = _raw_bytes_and_path(first) if isinstance(first, (dict, bytes)) else (None, None)
+    is_image_path = isinstance(first, str) and first.lower().endswith(IMAGE_EXTENSIONS)
+    if first is None or data is not None or path is not None or is_image_path or hasattr(first, "getpixel"):
+        return
+    raise ValueError(
+        f"--image_column_name {column!r} does not hold images (its first value is {type(first).__name__} "
+        f"{repr(first)[:60]}); give the column with the encoded images or image file paths"
     )
 
 
