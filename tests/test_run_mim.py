@@ -79,10 +79,12 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path):
     assert result.returncode == 1
     assert "non-finite" in result.stderr.lower() or "not finite" in result.stderr.lower()
     assert "checkpoint-" in result.stderr
-    from hf_mim.training import find_latest_checkpoint
+    from hf_mim.training import checkpoint_step, list_checkpoints
 
-    latest = find_latest_checkpoint(out)
-    assert latest is not None and str(latest.name) in result.stderr
+    # the newest checkpoint saved before the failing step (one saved at it holds the diverged weights)
+    failed_at = int(result.stderr.split("non-finite training loss", 1)[1].split(" at step ", 1)[1].split(".", 1)[0])
+    good = [path for path in list_checkpoints(out) if checkpoint_step(path) < failed_at]
+    assert good and f"--resume_from_checkpoint {good[-1]}," in result.stderr
 
 
 def write_parquet_with_bad_images(folder: Path) -> None:
@@ -186,11 +188,13 @@ def test_two_cpu_ranks_train_with_gloo_on_different_shards(tmp_path):
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
-         str(SCRIPT), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(out)],
+         str(SCRIPT), *TINY, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(out),
+         "--resume_from_checkpoint", "latest"],
         capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-5000:]
     assert "2 processes" in result.stderr
+    assert "no checkpoint in" in result.stderr  # 'latest' on a first launch: both ranks start from scratch
     state = json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())
     assert len(state["positions"]) == 2
     assert (out / "model.safetensors").is_file()

@@ -65,10 +65,16 @@ from hf_mim.training import (
     stream_batches,
     AccuracyMeter,
     NonFiniteLossError,
+    RunHyperparameters,
     StagedSchedule,
+    UserInputError,
+    apply_this_runs_hyperparameters,
     attach_batchnorm_probe,
     build_adamw,
     check_finite_loss,
+    check_local_path,
+    check_positive_flags,
+    claim_output_dir,
     fold_batchnorm_probe,
     freeze_backbone,
     layer_decay_param_groups,
@@ -76,9 +82,11 @@ from hf_mim.training import (
     linear_scaled_lr,
     load_checkpoint,
     make_accelerator,
+    optimizer_hyperparameters,
     read_trainer_state,
-    resolve_resume_path,
+    report_user_errors,
     save_checkpoint,
+    tracker_config,
     weight_decay_param_groups,
     write_json_atomic,
 )
@@ -145,9 +153,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     run = parser.add_argument_group("outputs")
     run.add_argument("--output_dir", default="outputs/run_image_classification")
+    run.add_argument("--overwrite_output_dir", action="store_true", help="delete the checkpoints, logs and pictures of an earlier run in --output_dir")
     run.add_argument("--checkpointing_steps", type=int, help="save a resumable checkpoint every N steps")
     run.add_argument("--checkpoints_total_limit", type=int, default=2)
-    run.add_argument("--resume_from_checkpoint", help="a checkpoint folder or 'latest'")
+    run.add_argument(
+        "--resume_from_checkpoint",
+        help="a checkpoint folder, or 'latest' (the newest in --output_dir; none yet: start from scratch). "
+        "This run's lr, schedule, warm-up, weight decay and length apply after the resume",
+    )
     run.add_argument("--eval_steps", type=int, help="evaluate every N steps (always at the end)")
     run.add_argument("--logging_steps", type=int, default=10)
     run.add_argument("--with_tracking", action="store_true")
@@ -248,11 +261,18 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("--model_size is for a random-init baseline: not with --model_name_or_path")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        parser.error("--max_train_steps must be >= 1")
+    check_positive_flags(
+        parser, args,
+        at_least_one=("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                      "max_train_steps", "logging_steps", "checkpointing_steps", "eval_steps", "num_train_examples"),
+        positive=("learning_rate", "base_learning_rate", "num_train_epochs", "max_grad_norm"),
+        non_negative=("weight_decay", "num_warmup_steps", "warmup_epochs", "shuffle_buffer_size", "dataloader_num_workers",
+                      "checkpoints_total_limit", "min_lr_ratio", "mixup", "cutmix", "reprob", "drop_path_rate"),
+        fractions=("adam_beta1", "adam_beta2"),
+    )
+    for name in ("min_lr_ratio", "mixup_prob", "mixup_switch_prob", "reprob"):
+        if not 0 <= getattr(args, name) <= 1:
+            parser.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if not 0.0 < args.layer_decay <= 1.0:
         parser.error("--layer_decay must be in (0, 1]")
     if not 0.0 <= args.label_smoothing < 1.0:
@@ -274,6 +294,7 @@ def base_config(args: argparse.Namespace):
     """The config the run starts from (image size, depth), before labels are known."""
     overrides = parse_overrides(args.config_overrides)
     if args.model_name_or_path:
+        check_local_path("--model_name_or_path", args.model_name_or_path)
         return AutoConfig.from_pretrained(args.model_name_or_path, **overrides)
     return family_for(args.model_type or "dbot").config_class.from_preset(args.model_size or "base", **overrides)
 
@@ -567,14 +588,16 @@ def evaluate(model, dataloader, accelerator) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        return train(parse_args(argv))
+        with report_user_errors("run_image_classification.py") as phase:
+            return train(args, phase)
     except NonFiniteLossError as error:
         logger.error("%s", error)
         return 1
 
 
-def train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace, phase=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
 
@@ -591,7 +614,7 @@ def train(args: argparse.Namespace) -> int:
         val_raw = load_validation_stream(args, image_size, label_column)
         id2label, counted = resolve_labels(train_raw, label_column, val_raw, need_count)
     except ValueError as error:
-        raise SystemExit(f"run_image_classification.py: error: {error}") from None
+        raise UserInputError(str(error)) from None
 
     accelerator = make_accelerator(args, output_dir)
     if not accelerator.is_main_process:
@@ -600,12 +623,10 @@ def train(args: argparse.Namespace) -> int:
     world = accelerator.num_processes
     total_batch = args.per_device_train_batch_size * world * args.gradient_accumulation_steps
 
-    resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    resume_path, run_id = claim_output_dir(args, accelerator, output_dir)
     saved_state = read_trainer_state(resume_path) if resume_path else None
     if saved_state is not None and {int(k): v for k, v in saved_state["id2label"].items()} != id2label:
-        raise SystemExit(f"run_image_classification.py: error: {resume_path} was trained on other labels")
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
+        raise UserInputError(f"{resume_path} was trained on other labels")
 
     # --- model ---
     model = build_model(args, id2label)
@@ -691,7 +712,13 @@ def train(args: argparse.Namespace) -> int:
     else:
         criterion = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
 
+    hyperparameters = RunHyperparameters(
+        learning_rate=lr, weight_decay=args.weight_decay, lr_scheduler_type="cosine",
+        num_warmup_steps=args.num_warmup_steps, min_lr_ratio=args.min_lr_ratio, total_steps=total_steps,
+        max_grad_norm=args.max_grad_norm, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
+    fresh_groups = optimizer_hyperparameters(optimizer)
     accelerator.register_for_checkpointing(schedule)
     unwrapped = accelerator.unwrap_model(model)
 
@@ -704,11 +731,12 @@ def train(args: argparse.Namespace) -> int:
         start_epoch, skip_batches = position["epoch"], position["batches"]
         eval_history = trainer_state.get("eval_history", [])
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, global_step, start_epoch, skip_batches)
+        apply_this_runs_hyperparameters(
+            optimizer, schedule, fresh_groups, trainer_state.get("hyperparameters"), hyperparameters, global_step
+        )
 
     if args.with_tracking:
-        accelerator.init_trackers(
-            "run_image_classification", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))}
-        )
+        accelerator.init_trackers("run_image_classification", config=tracker_config(args))
 
     logger.info(
         "%s %s (%s, %d labels) for %d steps, batch %d (%d per device x %d processes x %d accumulation), lr %.3g, %s",
@@ -725,6 +753,8 @@ def train(args: argparse.Namespace) -> int:
     set_train_mode(unwrapped, args)
     batches = stream_batches(dataloader, stream, collator, start_epoch, skip_batches)
     position = {"epoch": start_epoch, "batches": skip_batches}
+    if phase is not None:
+        phase.training_started()
     while global_step < total_steps:
         epoch, index, batch = next(batches)
         position = {"epoch": epoch, "batches": index + 1}
@@ -739,7 +769,7 @@ def train(args: argparse.Namespace) -> int:
         with accelerator.accumulate(model):
             logits = model(pixel_values=pixel_values).logits
             loss = criterion(logits.float(), targets)
-            check_finite_loss(loss, global_step, last_checkpoint, accelerator=accelerator)
+            check_finite_loss(loss, global_step, last_checkpoint, accelerator=accelerator, inputs=pixel_values)
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], args.max_grad_norm)
@@ -774,7 +804,8 @@ def train(args: argparse.Namespace) -> int:
             log_eval(accelerator, args, global_step, results)
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
             last_checkpoint = save_training_checkpoint(
-                accelerator, output_dir, global_step, position, id2label, eval_history, args
+                accelerator, output_dir, global_step, position, id2label, eval_history, args,
+                run_id=run_id, hyperparameters=hyperparameters.to_dict(),
             )
     progress.close()
     accelerator.wait_for_everyone()
@@ -815,7 +846,8 @@ def log_eval(accelerator, args, step: int, results: dict) -> None:
         accelerator.log({f"eval_{key}": value for key, value in results.items()}, step=step)
 
 
-def save_training_checkpoint(accelerator, output_dir: Path, step: int, position: dict, id2label, eval_history, args) -> Path:
+def save_training_checkpoint(accelerator, output_dir: Path, step: int, position: dict, id2label, eval_history, args, **run) -> Path:
+    """`run`: the run's identity and hyper-parameters (`run_id`, `hyperparameters`), recorded for resumes."""
     positions = gather_positions(accelerator, position)
     trainer_state = {
         "global_step": step,
@@ -823,6 +855,7 @@ def save_training_checkpoint(accelerator, output_dir: Path, step: int, position:
         "mode": args.mode,
         "id2label": {str(k): v for k, v in id2label.items()},
         "eval_history": eval_history,
+        **run,
     }
     return save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=args.checkpoints_total_limit)
 

@@ -50,16 +50,24 @@ from hf_mim.registry import family_for
 from hf_mim.training import (
     stream_batches,
     NonFiniteLossError,
+    RunHyperparameters,
     StagedSchedule,
+    UserInputError,
+    apply_this_runs_hyperparameters,
     build_adamw,
     check_finite_loss,
+    check_local_path,
+    check_positive_flags,
+    claim_output_dir,
     linear_scaled_lr,
     load_checkpoint,
     make_accelerator,
+    optimizer_hyperparameters,
     read_trainer_state,
     refresh_attention_maps,
-    resolve_resume_path,
+    report_user_errors,
     save_checkpoint,
+    tracker_config,
     weight_decay_param_groups,
 )
 from hf_mim.visualize import save_mim_picture
@@ -83,6 +91,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--model_type", default="dbot", help="an hf_mim method")
     model.add_argument("--model_size", help="a named size of the method (tiny, demo, small, base, large, huge)")
     model.add_argument("--model_name_or_path", help="start from these weights (hf_mim folder or Hub id)")
+    model.add_argument(
+        "--ignore_missing_weights", action="store_true",
+        help="with --model_name_or_path: start the parts its weights lack (e.g. the decoder or teacher of a "
+        "classifier checkpoint) from random initialisation instead of refusing",
+    )
     model.add_argument("--config_name_or_path", help="start from this config, random weights")
     model.add_argument("--config_overrides", help="e.g. 'drop_path_rate=0.1,teacher_depth=0'")
     model.add_argument("--image_size", type=int)
@@ -112,10 +125,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
     run = parser.add_argument_group("outputs")
     run.add_argument("--output_dir", default="outputs/run_mim")
-    run.add_argument("--overwrite_output_dir", action="store_true")
+    run.add_argument("--overwrite_output_dir", action="store_true", help="delete the checkpoints, logs and pictures of an earlier run in --output_dir")
     run.add_argument("--checkpointing_steps", type=int, help="save a resumable checkpoint every N steps")
     run.add_argument("--checkpoints_total_limit", type=int, default=2)
-    run.add_argument("--resume_from_checkpoint", help="a checkpoint folder or 'latest'")
+    run.add_argument(
+        "--resume_from_checkpoint",
+        help="a checkpoint folder, or 'latest' (the newest in --output_dir; none yet: start from scratch). "
+        "This run's lr, schedule, warm-up, weight decay and length apply after the resume",
+    )
     run.add_argument("--logging_steps", type=int, default=10)
     run.add_argument("--picture_steps", type=int, help="save a picture of the model's work every N steps")
     run.add_argument("--with_tracking", action="store_true")
@@ -157,9 +174,17 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("give either --model_name_or_path or --config_name_or_path, not both")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
-    for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "num_stages"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be >= 1")
+    check_positive_flags(
+        parser, args,
+        at_least_one=("per_device_train_batch_size", "gradient_accumulation_steps", "num_stages", "logging_steps",
+                      "checkpointing_steps", "picture_steps", "max_train_steps", "num_train_examples", "image_size"),
+        positive=("learning_rate", "base_learning_rate", "num_train_epochs", "max_grad_norm"),
+        non_negative=("weight_decay", "num_warmup_steps", "shuffle_buffer_size", "dataloader_num_workers",
+                      "checkpoints_total_limit", "min_lr_ratio"),
+        fractions=("mask_ratio", "adam_beta1", "adam_beta2"),
+    )
+    if args.min_lr_ratio > 1:
+        parser.error(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}")
     if args.max_train_steps is not None and args.max_train_steps < args.num_stages:
         parser.error("--max_train_steps must be at least --num_stages")
 
@@ -181,13 +206,17 @@ def build_model(args: argparse.Namespace, saved_config: dict | None = None):
     known_fields = set(family.config_class().to_dict())
     unknown = sorted(name for name in overrides if name not in known_fields)
     if unknown:
-        raise SystemExit(f"{family.config_class.__name__} has no field(s) {', '.join(unknown)} (set on the command line)")
+        raise UserInputError(f"{family.config_class.__name__} has no field(s) {', '.join(unknown)} (set on the command line)")
     kwargs = {"attn_implementation": args.attn_implementation}
     if saved_config is not None:  # resuming: the checkpoint's config (e.g. after a dBOT stage change)
         config = family.config_class.from_dict(saved_config)
         return family.masked_image_modeling_class(config), config
     if args.model_name_or_path:
-        model = AutoModelForMaskedImageModeling.from_pretrained(args.model_name_or_path, **overrides, **kwargs)
+        check_local_path("--model_name_or_path", args.model_name_or_path)
+        model, loading = AutoModelForMaskedImageModeling.from_pretrained(
+            args.model_name_or_path, output_loading_info=True, **overrides, **kwargs
+        )
+        check_pretraining_weights(args, loading["missing_keys"])
         return model, model.config
     if args.config_name_or_path:
         config = AutoConfig.from_pretrained(args.config_name_or_path, **overrides)
@@ -197,6 +226,22 @@ def build_model(args: argparse.Namespace, saved_config: dict | None = None):
     config._attn_implementation = args.attn_implementation
     model = family.masked_image_modeling_class(config)
     return model, config
+
+
+def check_pretraining_weights(args: argparse.Namespace, missing_keys) -> None:
+    """Refuse weights that lack parts of the pretraining model (a classifier checkpoint has no decoder,
+    teacher or predictor): they would silently train from random initialisation."""
+    if not missing_keys or args.ignore_missing_weights:
+        if missing_keys:
+            logger.warning("--ignore_missing_weights: %d tensors start from random initialisation", len(missing_keys))
+        return
+    parts = sorted({".".join(key.split(".")[:2]) for key in missing_keys})
+    shown = ", ".join(f"{part}.*" for part in parts[:8]) + (f" and {len(parts) - 8} more" if len(parts) > 8 else "")
+    raise UserInputError(
+        f"--model_name_or_path {args.model_name_or_path} lacks {len(missing_keys)} tensors of the pretraining model "
+        f"({shown}): it is not a pretraining checkpoint (a classifier?). Pass --ignore_missing_weights to start "
+        "those parts from random initialisation"
+    )
 
 
 def load_stream(args: argparse.Namespace):
@@ -259,14 +304,16 @@ def run_summary(args, config, total_batch: int, lr: float, total_steps: int, ela
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        return train(parse_args(argv))
+        with report_user_errors("run_mim.py") as phase:
+            return train(args, phase)
     except NonFiniteLossError as error:
         logger.error("%s", error)
         return 1
 
 
-def train(args: argparse.Namespace) -> int:
+def train(args: argparse.Namespace, phase=None) -> int:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     output_dir = Path(args.output_dir)
     accelerator = make_accelerator(args, output_dir)
@@ -275,16 +322,14 @@ def train(args: argparse.Namespace) -> int:
     set_seed(args.seed)
 
     # --- resume bookkeeping first: the checkpoint's config decides the model's shape ---
-    resume_path = resolve_resume_path(args.resume_from_checkpoint, output_dir) if args.resume_from_checkpoint else None
+    resume_path, run_id = claim_output_dir(args, accelerator, output_dir)
     saved_state = read_trainer_state(resume_path) if resume_path else None
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
 
     model, config = build_model(args, saved_state["model_config"] if saved_state else None)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if args.num_stages > 1 and not hasattr(model, "start_new_stage"):
-        raise SystemExit(f"--num_stages {args.num_stages}: {type(model).__name__} has no training stages")
+        raise UserInputError(f"--num_stages {args.num_stages}: {type(model).__name__} has no training stages")
 
     # --- data ---
     raw_stream, image_column, _ = load_stream(args)
@@ -353,7 +398,13 @@ def train(args: argparse.Namespace) -> int:
         min_lr_ratio=args.min_lr_ratio,
         kind=args.lr_scheduler_type,
     )
+    hyperparameters = RunHyperparameters(
+        learning_rate=lr, weight_decay=args.weight_decay, lr_scheduler_type=args.lr_scheduler_type,
+        num_warmup_steps=args.num_warmup_steps, min_lr_ratio=args.min_lr_ratio, total_steps=total_steps,
+        max_grad_norm=args.max_grad_norm, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+    )
     model, optimizer = accelerator.prepare(model, optimizer)
+    fresh_groups = optimizer_hyperparameters(optimizer)
     accelerator.register_for_checkpointing(schedule)
     if attention_store is not None:
         accelerator.register_for_checkpointing(attention_store)  # per-example maps resume with the run
@@ -366,9 +417,12 @@ def train(args: argparse.Namespace) -> int:
         position = trainer_state["positions"][accelerator.process_index]
         start_epoch, skip_batches = position["epoch"], position["batches"]
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, global_step, start_epoch, skip_batches)
+        apply_this_runs_hyperparameters(
+            optimizer, schedule, fresh_groups, trainer_state.get("hyperparameters"), hyperparameters, global_step
+        )
 
     if args.with_tracking:
-        accelerator.init_trackers("run_mim", config={k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool))})
+        accelerator.init_trackers("run_mim", config=tracker_config(args))
 
     logger.info(
         "training %s (%s) for %d steps, batch %d (%d per device x %d processes x %d accumulation), lr %.3g",
@@ -385,6 +439,8 @@ def train(args: argparse.Namespace) -> int:
     model.train()
     batches = stream_batches(dataloader, stream, collator, start_epoch, skip_batches)
     position = {"epoch": start_epoch, "batches": skip_batches}
+    if phase is not None:
+        phase.training_started()
     while global_step < total_steps:
         if micro_step == 0 and schedule.is_stage_boundary(global_step):
             unwrapped.start_new_stage()
@@ -398,7 +454,7 @@ def train(args: argparse.Namespace) -> int:
         with accelerator.accumulate(model):
             output = model(**model_inputs(unwrapped, batch))
             loss = output.loss
-            check_finite_loss(loss, global_step, last_checkpoint, accelerator=accelerator)
+            check_finite_loss(loss, global_step, last_checkpoint, accelerator=accelerator, inputs=batch["pixel_values"])
             accelerator.backward(loss)
             if accelerator.sync_gradients and args.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
@@ -441,7 +497,8 @@ def train(args: argparse.Namespace) -> int:
             save_picture(unwrapped, batch, output_dir / "pictures" / f"step-{global_step:07d}.png")
         if args.checkpointing_steps and global_step % args.checkpointing_steps == 0:
             last_checkpoint = save_training_checkpoint(
-                accelerator, output_dir, global_step, position, unwrapped, args.checkpoints_total_limit
+                accelerator, output_dir, global_step, position, unwrapped, args.checkpoints_total_limit,
+                run_id=run_id, hyperparameters=hyperparameters.to_dict(),
             )
     progress.close()
     accelerator.wait_for_everyone()
@@ -461,12 +518,14 @@ def train(args: argparse.Namespace) -> int:
     return status
 
 
-def save_training_checkpoint(accelerator, output_dir: Path, step: int, position: dict, model, total_limit) -> Path:
+def save_training_checkpoint(accelerator, output_dir: Path, step: int, position: dict, model, total_limit, **run) -> Path:
+    """`run`: the run's identity and hyper-parameters (`run_id`, `hyperparameters`), recorded for resumes."""
     positions = gather_positions(accelerator, position)
     trainer_state = {
         "global_step": step,
         "positions": positions,
         "model_config": model.config.to_dict(),
+        **run,
     }
     return save_checkpoint(accelerator, output_dir, step, trainer_state, total_limit=total_limit)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from ..training.checkpoint import write_json_atomic
+from ..training.run_setup import public_args
 from .card import write_model_card
 from .push import push_folder_to_hub
 
@@ -24,12 +25,12 @@ def finish_run_folder(
     results: Sequence | None = None,
     is_demo: bool = False,
 ) -> str | None:
-    """Write `training_args.json` (without the token) and the model card into a saved Hub folder, then
+    """Write `training_args.json` (without credentials: `public_args`) and the model card into a saved Hub folder, then
     push it when `args.push_to_hub`. `args` carries the scripts' shared Hub flags (hub_model_id,
     hub_token, hub_private_repo, push_to_hub, license, dataset_name, model_name_or_path). Returns the
     pushed URL or None; a failed push raises `HubPushError` with the folder left intact."""
     output_dir = Path(output_dir)
-    write_json_atomic(output_dir / "training_args.json", {k: v for k, v in vars(args).items() if k != "hub_token"})
+    write_json_atomic(output_dir / "training_args.json", public_args(args))
     repo_id = args.hub_model_id or f"{model.config.model_type}-{output_dir.name}"
     remote_base = args.model_name_or_path if args.model_name_or_path and not Path(args.model_name_or_path).exists() else None
     write_model_card(

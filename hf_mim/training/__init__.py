@@ -29,7 +29,19 @@ from .checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from .guards import NonFiniteLossError, check_finite_loss
+from .guards import NonFiniteInputError, NonFiniteLossError, check_finite_loss
+from .run_setup import (
+    RunHyperparameters,
+    UserInputError,
+    apply_this_runs_hyperparameters,
+    check_local_path,
+    check_positive_flags,
+    claim_output_dir,
+    optimizer_hyperparameters,
+    public_args,
+    report_user_errors,
+    tracker_config,
+)
 from .loop import make_accelerator, stream_batches
 from .linear_probe import attach_batchnorm_probe, fold_batchnorm_probe, freeze_backbone, linear_probe_train_mode
 from .metrics import AccuracyMeter, topk_correct
@@ -81,9 +93,21 @@ __all__ = [
     "write_json_atomic",
     # guards
     "NonFiniteLossError",
+    "NonFiniteInputError",
     "make_accelerator",
     "stream_batches",
     "check_finite_loss",
+    # run setup: secrets, output folder, resume hyper-parameters, user errors
+    "RunHyperparameters",
+    "UserInputError",
+    "apply_this_runs_hyperparameters",
+    "check_local_path",
+    "check_positive_flags",
+    "claim_output_dir",
+    "optimizer_hyperparameters",
+    "public_args",
+    "report_user_errors",
+    "tracker_config",
     # metrics
     "AccuracyMeter",
     "topk_correct",

@@ -92,8 +92,8 @@ class StagedSchedule(LRScheduler):
         base_lr: if given, the base lr of every group (otherwise each group's lr at construction).
 
     The stage layout (steps_per_stage, warmup_steps, min_lr_ratio, kind) comes from the constructor;
-    `load_state_dict` restores the progress (step counter, base lrs) and warns if the saved layout differs,
-    so a resumed run can be given a longer schedule.
+    `load_state_dict` restores the progress (the step counter) and logs where the saved layout or base lrs
+    differ: a resumed run follows this run's learning rate and length.
     """
 
     _LAYOUT_KEYS = ("steps_per_stage", "num_stages", "warmup_steps", "min_lr_ratio", "kind", "stage_starts")
@@ -174,15 +174,25 @@ class StagedSchedule(LRScheduler):
         ]
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore the progress (the step counter) only: the layout and the base lrs stay this run's, so a
+        resumed run can be given another learning rate or length (call `apply_lr` once the optimizer's
+        own state is loaded, to set the resumed step's lr at once)."""
         state = dict(state_dict)
         saved = {key: state.pop(key) for key in self._LAYOUT_KEYS if key in state}
+        saved["base_lrs"] = state.pop("base_lrs", self.base_lrs)
         current = {key: getattr(self, key) for key in saved}
         if saved != current:
-            logger.warning(
+            logger.info(
                 "%s: the checkpoint's schedule %s differs from this run's %s; continuing at step %s with this run's",
                 type(self).__name__, saved, current, state.get("last_epoch"),
             )
         super().load_state_dict(state)
+
+    def apply_lr(self) -> None:
+        """Set every group's lr for the current step (after a resume, before the next optimizer step)."""
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
 class WarmupCosineSchedule(StagedSchedule):
