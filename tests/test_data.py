@@ -121,7 +121,8 @@ def test_decode_rejects_bad_data():
     assert decode_image(encode(photo(3, (40, 7)), "PNG"), stats=stats) is None
     assert decode_image(encode(photo(3, (40, 7)), "PNG"), min_size=4) is not None
     assert stats.as_dict() == {
-        "ok": 0, "converted": 0, "skipped_undecodable": 2, "skipped_truncated": 2, "skipped_too_small": 2,
+        "ok": 0, "converted": 0, "reduced": 0, "skipped_undecodable": 2, "skipped_truncated": 2,
+        "skipped_too_small": 2, "skipped_too_large": 0,
     }
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
@@ -331,7 +332,8 @@ def test_bad_images_are_dropped_and_counted_across_workers(tmp_path):
     kept = list(prepare_stream(ds, image_column, seed=0, buffer_size=0, label_column=label_column, stats=stats))
     assert len(kept) == 8 and all(ex["image"].mode == "RGB" for ex in kept)
     assert stats.as_dict() == {
-        "ok": 6, "converted": 2, "skipped_undecodable": 2, "skipped_truncated": 2, "skipped_too_small": 2,
+        "ok": 6, "converted": 2, "reduced": 0, "skipped_undecodable": 2, "skipped_truncated": 2,
+        "skipped_too_small": 2, "skipped_too_large": 0,
     }
 
     collator = PretrainingCollator(MaskedImageTransform(16), RandomMaskGenerator(4, 0.5), seed=0)

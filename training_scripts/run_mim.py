@@ -37,11 +37,13 @@ from transformers import AutoConfig, AutoModelForMaskedImageModeling
 
 import hf_mim
 from hf_mim.data import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     PretrainingCollator,
     ResizeTransform,
     embedded_pretraining_dir,
     load_image_stream,
     make_dataloader,
+    max_pixels_argument,
     prepare_stream,
 )
 from hf_mim.hub import HubPushError, build_image_processor, finish_run_folder, save_hub_folder
@@ -78,6 +80,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--shuffle_buffer_size", type=int, default=1000)
     data.add_argument("--num_train_examples", type=int, help="stream length, when epochs are asked for and unknown")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument(
+        "--max_image_pixels", type=max_pixels_argument, default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="decode budget per image: larger JPEGs are decoded at 1/2-1/8 scale, other larger images skipped "
+        "and counted ('none': no budget)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_type", default="dbot", help="an hf_mim method")
@@ -295,6 +302,7 @@ def train(args: argparse.Namespace) -> int:
         buffer_size=args.shuffle_buffer_size,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        max_image_pixels=args.max_image_pixels,
     )
     transform = family_for(config.model_type).pretraining_transform(config)
     mask_generator = model.mask_generator()
@@ -325,6 +333,7 @@ def train(args: argparse.Namespace) -> int:
         refresh_stream = prepare_stream(
             raw_stream, image_column, seed=args.seed, buffer_size=0,
             rank=accelerator.process_index, world_size=accelerator.num_processes,
+            max_image_pixels=args.max_image_pixels,
         )
         refresh_loader = make_dataloader(
             refresh_stream,
@@ -450,7 +459,7 @@ def train(args: argparse.Namespace) -> int:
     status = 0
     if accelerator.is_main_process:
         if skipped_total or converted_total:
-            logger.warning("images skipped (undecodable/truncated/tiny): %d, converted to RGB: %d", skipped_total, converted_total)
+            logger.warning("images skipped (undecodable/truncated/tiny/over --max_image_pixels): %d, converted to RGB or reduced: %d", skipped_total, converted_total)
         try:
             write_outputs(args, accelerator, unwrapped, batch, output_dir, total_batch, lr, total_steps, elapsed, world)
         except HubPushError as error:

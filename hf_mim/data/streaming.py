@@ -10,8 +10,8 @@ images, and keeps only `image` (PIL RGB), `example_id`, `label` (if asked) and t
 How decode counts reach the training loop with num_workers > 0: the decoding map is a small stateful
 callable (`_DecodeExamples`). Each DataLoader worker holds its own copy and counts the bad images it
 drops; the next good image that worker yields carries that count in `images_skipped` (and
-`images_converted` = 1 if its own image needed a mode conversion). The collator turns both into (B,)
-int64 tensors, so summing them over batches (and ranks) gives the totals, whatever the number of
+`images_converted` = 1 if its own image needed a mode conversion or a reduced-scale decode). The
+collator turns both into (B,) int64 tensors, so summing them over batches (and ranks) gives the totals, whatever the number of
 workers. Bad images after a worker's last good image of an epoch are not reported (at most a handful).
 The optional `stats` object is updated in the process that runs the map: the caller's process only
 when num_workers == 0; with workers, use the batch counters.
@@ -34,7 +34,18 @@ from datasets.distributed import split_dataset_by_node
 from datasets import ClassLabel, Features, IterableDataset, Value
 from datasets import Image as ImageFeature
 
-from .images import CONVERTED, DecodeStats, _raw_bytes_and_path, decode_image_with_status, example_id, read_path_bytes
+from .images import (
+    CONVERTED,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    REDUCED,
+    TOO_LARGE,
+    DecodeStats,
+    _raw_bytes_and_path,
+    check_max_pixels,
+    decode_image_with_status,
+    example_id,
+    read_path_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -304,10 +315,13 @@ class _DecodeExamples:
     """The map of `prepare_stream`. Stateful on purpose: `pending_skipped` counts bad images since the
     last good one in this process (a DataLoader worker has its own copy)."""
 
-    def __init__(self, image_column: str, label_column: str | None, min_size: int, stats: DecodeStats | None):
+    def __init__(
+        self, image_column: str, label_column: str | None, min_size: int, stats: DecodeStats | None, max_pixels: int | None
+    ):
         self.image_column = image_column
         self.label_column = label_column
         self.min_size = min_size
+        self.max_pixels = max_pixels
         self.stats = stats
         self.pending_skipped = 0
         self.bad_seen = 0
@@ -329,7 +343,7 @@ class _DecodeExamples:
                 data = read_path_bytes(path)
             except OSError:
                 data = None
-        image, status = decode_image_with_status(data if data is not None else value, self.min_size)
+        image, status = decode_image_with_status(data if data is not None else value, self.min_size, self.max_pixels)
         if self.stats is not None:
             self.stats.record(status)
         label = None
@@ -338,6 +352,8 @@ class _DecodeExamples:
             if label is None or int(label) < 0:  # -1 is datasets' "no label" for ClassLabel
                 image, status = None, "unlabelled"
         if image is None:
+            if status == TOO_LARGE:
+                status = f"{status} (over max_image_pixels={self.max_pixels}, not a JPEG that decodes under it at 1/8 scale)"
             self._log_bad(example, status)
             self.pending_skipped += 1
             out = {"image": None, "example_id": -1, "images_converted": 0, "images_skipped": 0}
@@ -350,7 +366,7 @@ class _DecodeExamples:
         out = {
             "image": image,
             "example_id": example_id(id_source, self.image_column),
-            "images_converted": int(status == CONVERTED),
+            "images_converted": int(status in (CONVERTED, REDUCED)),
             "images_skipped": self.pending_skipped,
         }
         self.pending_skipped = 0
@@ -375,13 +391,16 @@ def prepare_stream(
     stats: DecodeStats | None = None,
     min_size: int = 8,
     max_buffer_input_shards: int | None = 1,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> IterableDataset:
     """Split by node (world_size > 1), shuffle, decode + id, drop bad images.
 
     Output examples: {"image": PIL RGB, "example_id": int, "images_converted": 0/1, "images_skipped": int,
     ["label": int]}. `buffer_size=0` skips shuffling (evaluation streams). Call `ds.set_epoch(epoch)` on
     the result every epoch (it reshuffles shards and buffer). Unlabelled examples (label None or -1) are
-    dropped and counted as skipped when `label_column` is given.
+    dropped and counted as skipped when `label_column` is given. `max_image_pixels` bounds what one
+    decode may allocate (see `hf_mim.data.images`): larger JPEGs are decoded at reduced scale (counted
+    in `images_converted`), other larger images are skipped (counted in `images_skipped`).
 
     `max_buffer_input_shards` goes to `IterableDataset.shuffle`. The default here, 1, fills the buffer
     from one shard at a time (shard order is still reshuffled every epoch). datasets' own default (10,
@@ -391,6 +410,7 @@ def prepare_stream(
     embedded one, and (b) makes `StatefulDataLoader.load_state_dict` fail with an IndexError when
     num_workers > 0.
     """
+    check_max_pixels(max_image_pixels)
     keep = [image_column] + ([label_column] if label_column else [])
     if ds.column_names is not None:
         missing = [c for c in keep if c not in ds.column_names]
@@ -409,7 +429,7 @@ def prepare_stream(
     if buffer_size and buffer_size > 0:
         shuffle_kwargs = {} if max_buffer_input_shards is None else {"max_buffer_input_shards": max_buffer_input_shards}
         ds = ds.shuffle(seed=seed, buffer_size=buffer_size, **shuffle_kwargs)
-    decode = _DecodeExamples(image_column, label_column, min_size, stats)
+    decode = _DecodeExamples(image_column, label_column, min_size, stats, max_image_pixels)
     ds = ds.map(decode, remove_columns=ds.column_names)
     return ds.filter(_keep)
 
