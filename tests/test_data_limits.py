@@ -158,6 +158,7 @@ def test_exif_orientation_is_applied_as_datasets_does():
     assert status == "reduced" and small.size == (20, 32)
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # Pillow's, at open; expected here
 def test_stream_skips_and_counts_too_large_images_from_folder_and_parquet(huge_png, tmp_path):
     """Through prepare_stream and the DataLoader: the huge PNG is skipped and counted in images_skipped,
     a large JPEG is reduced and counted in images_converted, in an image folder and in parquet."""
@@ -205,3 +206,140 @@ def test_max_image_pixels_flag_of_both_scripts(capsys):
             with pytest.raises(SystemExit):
                 module.parse_args([*base, "--max_image_pixels", bad])
             assert "argument --max_image_pixels: must be a positive integer" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- stream length
+
+
+def forbid_decoding_and_streaming(patch: pytest.MonkeyPatch) -> None:
+    """Counting must not decode an image nor iterate a stream: both raise under `patch`."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("counting decoded an image or read the stream")
+
+    patch.setattr(Image, "open", refuse)
+    patch.setattr(datasets, "load_dataset", refuse)
+
+
+def write_tar(path, members: list[tuple[str, bytes]]) -> None:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def stream_rows(**source) -> int:
+    return sum(1 for _ in load_image_stream(**source)[0])
+
+
+def test_count_parquet_from_footers(tmp_path, monkeypatch):
+    from hf_mim.data import count_examples
+
+    features = datasets.Features({"image": datasets.Image(), "__key__": datasets.Value("string")})
+    image = encode(photo(0))
+    for shard, rows in enumerate((5, 7)):
+        table = {"image": [{"bytes": image, "path": None}] * rows, "__key__": [f"{shard}-{i}" for i in range(rows)]}
+        datasets.Dataset.from_dict(table, features=features).to_parquet(str(tmp_path / f"train-{shard}.parquet"))
+    files = sorted(str(p) for p in tmp_path.glob("*.parquet"))
+    assert stream_rows(train_dir=tmp_path) == 12
+    with monkeypatch.context() as patch:
+        forbid_decoding_and_streaming(patch)
+        assert count_examples(train_dir=tmp_path) == 12
+        assert count_examples(dataset_name=str(tmp_path)) == 12
+        assert count_examples(data_files=files[:1]) == 5
+        # remote files: the footer is read through datasets' xopen (range reads), not the whole file
+        assert count_examples(data_files=[f"file://{files[1]}"]) == 7
+
+
+def test_count_tar_shards_from_headers_or_an_index(tmp_path, monkeypatch, capsys):
+    """Examples grouped as datasets' webdataset builder groups them (hidden and `__` files skipped,
+    several files per key), counted from the tar headers; a sizes.json or <shard>_stats.json beside the
+    shards is used instead of scanning, and does not disturb loading."""
+    from hf_mim.data import count_examples
+
+    image = encode(photo(0), "JPEG")
+    write_tar(tmp_path / "train-0000.tar", [("a.jpg", image), ("a.cls", b"1"), (".hidden.jpg", image),
+                                           ("b.jpg", image), ("__meta__.cls", b"0"), ("b.cls", b"0"),
+                                           ("dir/c.jpg", image), ("dir/c.cls", b"2"), ("noextension", b"")])
+    write_tar(tmp_path / "train-0001.tar", [(f"{i:04d}.{ext}", data) for i in range(4)
+                                           for ext, data in (("jpg", image), ("cls", b"1"))])
+    assert stream_rows(train_dir=tmp_path) == 7
+    with monkeypatch.context() as patch:
+        forbid_decoding_and_streaming(patch)
+        assert count_examples(train_dir=tmp_path) == 7
+        (tmp_path / "train-0001_stats.json").write_text('{"successes": 40, "count": 50}')  # img2dataset
+        assert count_examples(train_dir=tmp_path) == 43
+        (tmp_path / "sizes.json").write_text('{"train-0000.tar": 300, "train-0001.tar": 400}')  # OpenCLIP
+        assert count_examples(train_dir=tmp_path) == 700
+    assert stream_rows(train_dir=tmp_path) == 7  # the index files are not read as shards
+
+
+def test_count_image_folder_by_listing(tmp_path, monkeypatch):
+    from hf_mim.data import count_examples
+
+    for split, n in (("train", 5), ("validation", 2)):
+        for cls in ("cat", "dog"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(n):
+                (tmp_path / split / cls / f"{i}.png").write_bytes(encode(photo(i)))
+    (tmp_path / "train" / "notes.txt").write_text("not an image")
+    with monkeypatch.context() as patch:
+        forbid_decoding_and_streaming(patch)
+        assert count_examples(train_dir=tmp_path) == 10
+        assert count_examples(train_dir=tmp_path, split="validation") == 4
+        with pytest.raises(ValueError, match="split 'test' not found"):
+            count_examples(train_dir=tmp_path, split="test")
+    assert stream_rows(train_dir=tmp_path) == 10
+
+
+def test_count_uses_the_split_sizes_datasets_knows(tmp_path, monkeypatch):
+    """A dataset whose card records its split sizes (as Hub datasets do) is not read at all: the
+    recorded 123 wins over the 3 rows actually stored."""
+    from hf_mim.data import count_examples
+
+    (tmp_path / "data").mkdir()
+    datasets.Dataset.from_dict({"image": [{"bytes": encode(photo(0)), "path": None}] * 3},
+                               features=datasets.Features({"image": datasets.Image()})).to_parquet(
+        str(tmp_path / "data" / "train-0.parquet"))
+    (tmp_path / "README.md").write_text(textwrap.dedent(
+        """\
+        ---
+        dataset_info:
+          features:
+          - name: image
+            dtype: image
+          splits:
+          - name: train
+            num_bytes: 1000
+            num_examples: 123
+        ---
+        """
+    ))
+    import hf_mim.data.streaming as streaming
+
+    monkeypatch.setattr(streaming, "_parquet_rows", lambda path: pytest.fail("read a parquet footer"))
+    assert count_examples(dataset_name=str(tmp_path)) == 123
+
+
+def test_count_refuses_to_download_a_remote_dataset(monkeypatch):
+    """Remote tar shards without an index (and remote data of other formats) would have to be
+    downloaded to be counted: one clear error asking for --num_train_examples."""
+    from types import SimpleNamespace
+
+    from hf_mim.data import count_examples
+
+    def fake_builder(kind, files):
+        return lambda **source: SimpleNamespace(
+            name=kind, info=datasets.DatasetInfo(), config=SimpleNamespace(data_files={"train": files})
+        )
+
+    shards = [f"hf://datasets/someone/web-scale@main/train/{i:05d}.tar" for i in range(3)]
+    monkeypatch.setattr(datasets, "load_dataset_builder", fake_builder("webdataset", shards))
+    with pytest.raises(ValueError, match=r"would mean downloading its 3 tar shards .*pass --num_train_examples"):
+        count_examples(dataset_name="someone/web-scale")
+    monkeypatch.setattr(datasets, "load_dataset_builder", fake_builder("json", ["hf://datasets/someone/x@main/a.jsonl"]))
+    with pytest.raises(ValueError, match=r"would mean downloading it .*pass --num_train_examples"):
+        count_examples(dataset_name="someone/x")

@@ -135,6 +135,28 @@ def test_bad_images_are_skipped_or_converted_and_counted(tmp_path):
     assert "too_large (over max_image_pixels=1000000" in result.stderr
 
 
+def test_epochs_are_counted_from_the_shard_index_without_reading_the_stream(tmp_path):
+    """--num_train_epochs without --num_train_examples: the length comes from the sizes.json beside the
+    WebDataset shards (it says 10; the shards hold 6, which reading them would have found)."""
+    import io
+    import tarfile
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    for shard in range(2):
+        with tarfile.open(data / f"train-{shard}.tar", "w") as tar:
+            for i in range(3):
+                buffer = io.BytesIO()
+                Image.new("RGB", (40, 40), (60 * i, 90, 30 * shard)).save(buffer, format="PNG")
+                info = tarfile.TarInfo(f"{i:03d}.png")
+                info.size = len(buffer.getvalue())
+                tar.addfile(info, io.BytesIO(buffer.getvalue()))
+    (data / "sizes.json").write_text(json.dumps({"train-0.tar": 5, "train-1.tar": 5}))
+    result = run_mim(*TINY, "--train_dir", data, "--num_train_epochs", 2, "--output_dir", tmp_path / "out",
+                     "--shuffle_buffer_size", 2)
+    assert "10 examples x 2.0 epochs / batch 4 = 5 optimizer steps" in result.stderr
+
+
 def test_push_without_network_fails_clearly_and_keeps_the_folder(tmp_path):
     out = tmp_path / "push"
     result = run_mim(*TINY, "--max_train_steps", 1, "--output_dir", out, "--push_to_hub",

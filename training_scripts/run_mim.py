@@ -40,6 +40,7 @@ from hf_mim.data import (
     DEFAULT_MAX_IMAGE_PIXELS,
     PretrainingCollator,
     ResizeTransform,
+    count_examples,
     embedded_pretraining_dir,
     load_image_stream,
     make_dataloader,
@@ -206,21 +207,30 @@ def build_model(args: argparse.Namespace, saved_config: dict | None = None):
     return model, config
 
 
+def data_source(args: argparse.Namespace) -> dict:
+    """The training data's source: keywords of load_image_stream and count_examples."""
+    if uses_embedded_data(args):
+        return {"train_dir": str(embedded_pretraining_dir()), "split": "train"}
+    return {
+        "dataset_name": args.dataset_name,
+        "dataset_config_name": args.dataset_config_name,
+        "train_dir": args.train_dir,
+        "split": args.train_split,
+    }
+
+
 def load_stream(args: argparse.Namespace):
     if uses_embedded_data(args):
-        return load_image_stream(train_dir=str(embedded_pretraining_dir()), split="train")
-    return load_image_stream(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_dir=args.train_dir,
-        split=args.train_split,
-        image_column_name=args.image_column_name,
-    )
+        return load_image_stream(**data_source(args))
+    return load_image_stream(**data_source(args), image_column_name=args.image_column_name)
 
 
-def count_stream(raw_stream) -> int:
-    """Number of examples in a stream (one pass over the raw records, no decoding)."""
-    return sum(1 for _ in raw_stream)
+def count_stream(args: argparse.Namespace, progress: bool) -> int:
+    """Number of training examples, from what the source records (hf_mim.data.count_examples)."""
+    try:
+        return count_examples(**data_source(args), progress=progress)
+    except ValueError as error:
+        raise SystemExit(f"run_mim.py: error: {error}") from None
 
 
 def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -322,7 +332,7 @@ def train(args: argparse.Namespace) -> int:
         total_steps = args.max_train_steps
     else:
         epochs = args.num_train_epochs if args.num_train_epochs is not None else 1
-        examples = args.num_train_examples or count_stream(raw_stream)
+        examples = args.num_train_examples or count_stream(args, progress=accelerator.is_local_main_process)
         total_steps = max(args.num_stages, math.ceil(epochs * examples / total_batch))
         logger.info("%d examples x %s epochs / batch %d = %d optimizer steps", examples, epochs, total_batch, total_steps)
     refresh_steps = set(model.attention_refresh_steps(total_steps)) if hasattr(model, "attention_refresh_steps") else set()

@@ -28,6 +28,7 @@ from .images import (
     max_pixels_argument,
 )
 from .streaming import (
+    count_examples,
     label_names,
     load_image_stream,
     make_dataloader,
@@ -59,6 +60,7 @@ __all__ = [
     "TwoViewTransform",
     "PretrainingCollator",
     "check_max_pixels",
+    "count_examples",
     "decode_image",
     "decode_image_with_status",
     "default_cache_dir",
