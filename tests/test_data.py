@@ -26,6 +26,7 @@ from hf_mim.data import (
     decode_image,
     embedded_digits_dir,
     embedded_pretraining_dir,
+    example_generator,
     example_id,
     label_names,
     load_image_stream,
@@ -404,6 +405,32 @@ def test_masked_image_transform():
         assert ours == tuple(RandomResizedCrop.get_params(Image.new("RGB", (250, 90)), [0.2, 1.0], [3 / 4, 4 / 3]))
     # fallback: an extreme aspect ratio gets a central crop clamped to the ratio range
     assert random_resized_crop_params(10, 1000, (0.9, 1.0), (3 / 4, 4 / 3), generator) == (0, 493, 10, 13)
+
+
+def test_masked_image_transform_matches_the_pillow_pipeline():
+    """The uint8 torch resize is Pillow's filter within one intensity level, the batched normalisation
+    is bitwise torchvision's per-image ToTensor + Normalize, and the collator's batch is bitwise the
+    per-image transform."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    transform = MaskedImageTransform(64)
+    image = photo(4, (300, 200))
+    for seed in range(8):
+        pixels, crop_box, flipped = transform.crop_flip(image, torch.Generator().manual_seed(seed))
+        top, left, height, width = transform.get_params(image, torch.Generator().manual_seed(seed))
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64)
+        assert crop_box.tolist() == [top / 200, left / 300, height / 200, width / 300]
+        reference = F.resized_crop(image, top, left, height, width, [64, 64], InterpolationMode.BICUBIC, antialias=True)
+        reference = F.hflip(reference) if flipped else reference
+        reference_pixels = torch.from_numpy(np.array(reference)).permute(2, 0, 1)
+        assert (pixels.int() - reference_pixels.int()).abs().max() <= 1
+        as_torchvision = F.normalize(F.to_tensor(F.to_pil_image(pixels)), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        assert torch.equal(transform.normalize(pixels), as_torchvision)
+    examples = [{"image": photo(i, (90, 70)), "example_id": i} for i in range(3)]
+    batch = PretrainingCollator(transform, seed=3)(examples)["pixel_values"]
+    singles = [transform(ex["image"], example_generator(3, 0, ex["example_id"])) for ex in examples]
+    assert torch.equal(batch, torch.stack(singles))
 
 
 def test_eval_transform():
