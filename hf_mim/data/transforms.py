@@ -129,9 +129,9 @@ class MaskedImageTransform:
             [top / image_height, left / image_width, height / image_height, width / image_width], dtype=torch.float64
         )
         if self.interpolation in (InterpolationMode.BICUBIC, InterpolationMode.BILINEAR):
-            crop = uint8_pixels(image)[None, :, top : top + height, left : left + width]
+            crop = uint8_pixels(image.crop((left, top, left + width, top + height)))  # copies the crop only
             pixels = torch.nn.functional.interpolate(
-                crop, size=self.size, mode=self.interpolation.value, antialias=True, align_corners=False
+                crop[None], size=self.size, mode=self.interpolation.value, antialias=True, align_corners=False
             )[0]
         else:  # other filters: Pillow's, as torchvision applies them to PIL images
             resized = F.resized_crop(image, top, left, height, width, list(self.size), self.interpolation, antialias=True)
