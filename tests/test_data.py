@@ -26,6 +26,7 @@ from hf_mim.data import (
     decode_image,
     embedded_digits_dir,
     embedded_pretraining_dir,
+    example_generator,
     example_id,
     label_names,
     load_image_stream,
@@ -121,7 +122,8 @@ def test_decode_rejects_bad_data():
     assert decode_image(encode(photo(3, (40, 7)), "PNG"), stats=stats) is None
     assert decode_image(encode(photo(3, (40, 7)), "PNG"), min_size=4) is not None
     assert stats.as_dict() == {
-        "ok": 0, "converted": 0, "skipped_undecodable": 2, "skipped_truncated": 2, "skipped_too_small": 2,
+        "ok": 0, "converted": 0, "reduced": 0, "skipped_undecodable": 2, "skipped_truncated": 2,
+        "skipped_too_small": 2, "skipped_too_large": 0,
     }
     assert ImageFile.LOAD_TRUNCATED_IMAGES is False
 
@@ -331,7 +333,8 @@ def test_bad_images_are_dropped_and_counted_across_workers(tmp_path):
     kept = list(prepare_stream(ds, image_column, seed=0, buffer_size=0, label_column=label_column, stats=stats))
     assert len(kept) == 8 and all(ex["image"].mode == "RGB" for ex in kept)
     assert stats.as_dict() == {
-        "ok": 6, "converted": 2, "skipped_undecodable": 2, "skipped_truncated": 2, "skipped_too_small": 2,
+        "ok": 6, "converted": 2, "reduced": 0, "skipped_undecodable": 2, "skipped_truncated": 2,
+        "skipped_too_small": 2, "skipped_too_large": 0,
     }
 
     collator = PretrainingCollator(MaskedImageTransform(16), RandomMaskGenerator(4, 0.5), seed=0)
@@ -402,6 +405,32 @@ def test_masked_image_transform():
         assert ours == tuple(RandomResizedCrop.get_params(Image.new("RGB", (250, 90)), [0.2, 1.0], [3 / 4, 4 / 3]))
     # fallback: an extreme aspect ratio gets a central crop clamped to the ratio range
     assert random_resized_crop_params(10, 1000, (0.9, 1.0), (3 / 4, 4 / 3), generator) == (0, 493, 10, 13)
+
+
+def test_masked_image_transform_matches_the_pillow_pipeline():
+    """The uint8 torch resize is Pillow's filter within one intensity level, the batched normalisation
+    is bitwise torchvision's per-image ToTensor + Normalize, and the collator's batch is bitwise the
+    per-image transform."""
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as F
+
+    transform = MaskedImageTransform(64)
+    image = photo(4, (300, 200))
+    for seed in range(8):
+        pixels, crop_box, flipped = transform.crop_flip(image, torch.Generator().manual_seed(seed))
+        top, left, height, width = transform.get_params(image, torch.Generator().manual_seed(seed))
+        assert pixels.dtype == torch.uint8 and pixels.shape == (3, 64, 64)
+        assert crop_box.tolist() == [top / 200, left / 300, height / 200, width / 300]
+        reference = F.resized_crop(image, top, left, height, width, [64, 64], InterpolationMode.BICUBIC, antialias=True)
+        reference = F.hflip(reference) if flipped else reference
+        reference_pixels = torch.from_numpy(np.array(reference)).permute(2, 0, 1)
+        assert (pixels.int() - reference_pixels.int()).abs().max() <= 1
+        as_torchvision = F.normalize(F.to_tensor(F.to_pil_image(pixels)), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+        assert torch.equal(transform.normalize(pixels), as_torchvision)
+    examples = [{"image": photo(i, (90, 70)), "example_id": i} for i in range(3)]
+    batch = PretrainingCollator(transform, seed=3)(examples)["pixel_values"]
+    singles = [transform(ex["image"], example_generator(3, 0, ex["example_id"])) for ex in examples]
+    assert torch.equal(batch, torch.stack(singles))
 
 
 def test_eval_transform():

@@ -107,11 +107,13 @@ def write_parquet_with_bad_images(folder: Path) -> None:
         b"not an image at all",
         jpeg[: len(jpeg) // 2],  # truncated
         encode(Image.fromarray(rng.integers(0, 255, (4, 4, 3), dtype=np.uint8))),  # tiny
+        encode(Image.new("L", (1500, 1500))),  # over --max_image_pixels 1000000, not a JPEG
     ]
     converted = [
         encode(Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8))),  # grayscale
         encode(Image.fromarray(rng.integers(0, 255, (40, 40, 4), dtype=np.uint8))),  # RGBA
         encode(Image.fromarray(rng.integers(0, 65535, (40, 40), dtype=np.uint16))),  # 16-bit
+        encode(Image.new("RGB", (1600, 1200), (90, 30, 200)), "JPEG"),  # decoded at 1/2 scale
     ]
     images = good[:6] + bad + converted + good[6:]
     folder.mkdir(parents=True)
@@ -128,10 +130,33 @@ def test_bad_images_are_skipped_or_converted_and_counted(tmp_path):
     data = tmp_path / "data"
     write_parquet_with_bad_images(data)
     result = run_mim(*TINY, "--train_dir", data, "--max_train_steps", 6, "--output_dir", tmp_path / "out",
-                     "--shuffle_buffer_size", 4)
+                     "--shuffle_buffer_size", 4, "--max_image_pixels", 1_000_000)
     counts = [json.loads(line.split("step ", 1)[1].split(" ", 1)[1]) for line in result.stderr.splitlines()
               if "run_mim: step " in line]
-    assert counts[-1]["images_skipped"] >= 3 and counts[-1]["images_converted"] >= 3
+    assert counts[-1]["images_skipped"] >= 4 and counts[-1]["images_converted"] >= 4
+    assert "too_large (over max_image_pixels=1000000" in result.stderr
+
+
+def test_epochs_are_counted_from_the_shard_index_without_reading_the_stream(tmp_path):
+    """--num_train_epochs without --num_train_examples: the length comes from the sizes.json beside the
+    WebDataset shards (it says 10; the shards hold 6, which reading them would have found)."""
+    import io
+    import tarfile
+
+    data = tmp_path / "shards"
+    data.mkdir()
+    for shard in range(2):
+        with tarfile.open(data / f"train-{shard}.tar", "w") as tar:
+            for i in range(3):
+                buffer = io.BytesIO()
+                Image.new("RGB", (40, 40), (60 * i, 90, 30 * shard)).save(buffer, format="PNG")
+                info = tarfile.TarInfo(f"{i:03d}.png")
+                info.size = len(buffer.getvalue())
+                tar.addfile(info, io.BytesIO(buffer.getvalue()))
+    (data / "sizes.json").write_text(json.dumps({"train-0.tar": 5, "train-1.tar": 5}))
+    result = run_mim(*TINY, "--train_dir", data, "--num_train_epochs", 2, "--output_dir", tmp_path / "out",
+                     "--shuffle_buffer_size", 2)
+    assert "10 examples x 2.0 epochs / batch 4 = 5 optimizer steps" in result.stderr
 
 
 def test_push_without_network_fails_clearly_and_keeps_the_folder(tmp_path):

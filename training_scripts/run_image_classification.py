@@ -46,6 +46,7 @@ from transformers import AutoConfig, AutoModelForImageClassification
 
 import hf_mim  # noqa: F401  (registers every hf_mim model with the Auto classes)
 from hf_mim.data import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
     ClassificationCollator,
@@ -56,6 +57,7 @@ from hf_mim.data import (
     label_names,
     load_image_stream,
     make_dataloader,
+    max_pixels_argument,
     prepare_stream,
 )
 from hf_mim.hub import HubPushError, build_image_processor, finish_run_folder, save_hub_folder
@@ -111,6 +113,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--shuffle_buffer_size", type=int, default=1000)
     data.add_argument("--num_train_examples", type=int, help="stream length, when epochs are asked for and unknown")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument(
+        "--max_image_pixels", type=max_pixels_argument, default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="decode budget per image: larger JPEGs are decoded at 1/2-1/8 scale, other larger images skipped "
+        "and counted ('none': no budget)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_name_or_path", help="hf_mim weights: a pretraining, converted or classifier folder, or a Hub id")
@@ -646,6 +653,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
         rank=accelerator.process_index,
         world_size=world,
         label_column=label_column,
+        max_image_pixels=args.max_image_pixels,
     )
     transform = train_transform(args, config.image_size)
     collator = ClassificationCollator(transform, seed=args.seed)
@@ -660,7 +668,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
     if val_raw is not None:
         val_stream = prepare_stream(
             val_raw[0], val_raw[1], seed=args.seed, buffer_size=0, rank=accelerator.process_index,
-            world_size=world, label_column=val_raw[2],
+            world_size=world, label_column=val_raw[2], max_image_pixels=args.max_image_pixels,
         )
         eval_dataloader = make_dataloader(
             val_stream,
@@ -822,7 +830,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
     status = 0
     if accelerator.is_main_process:
         if skipped_total:
-            logger.warning("images skipped (undecodable/truncated/tiny/unlabelled): %d", skipped_total)
+            logger.warning("images skipped (undecodable/truncated/tiny/over --max_image_pixels/unlabelled): %d", skipped_total)
         try:
             write_outputs(args, unwrapped, output_dir, results, eval_history, total_batch, lr, total_steps, elapsed, world)
         except HubPushError as error:

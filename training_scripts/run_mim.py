@@ -37,11 +37,14 @@ from transformers import AutoConfig, AutoModelForMaskedImageModeling
 
 import hf_mim
 from hf_mim.data import (
+    DEFAULT_MAX_IMAGE_PIXELS,
     PretrainingCollator,
     ResizeTransform,
+    count_examples,
     embedded_pretraining_dir,
     load_image_stream,
     make_dataloader,
+    max_pixels_argument,
     prepare_stream,
 )
 from hf_mim.hub import HubPushError, build_image_processor, finish_run_folder, save_hub_folder
@@ -86,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--shuffle_buffer_size", type=int, default=1000)
     data.add_argument("--num_train_examples", type=int, help="stream length, when epochs are asked for and unknown")
     data.add_argument("--dataloader_num_workers", type=int, default=0)
+    data.add_argument(
+        "--max_image_pixels", type=max_pixels_argument, default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="decode budget per image: larger JPEGs are decoded at 1/2-1/8 scale, other larger images skipped "
+        "and counted ('none': no budget)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument("--model_type", default="dbot", help="an hf_mim method")
@@ -244,21 +252,30 @@ def check_pretraining_weights(args: argparse.Namespace, missing_keys) -> None:
     )
 
 
+def data_source(args: argparse.Namespace) -> dict:
+    """The training data's source: keywords of load_image_stream and count_examples."""
+    if uses_embedded_data(args):
+        return {"train_dir": str(embedded_pretraining_dir()), "split": "train"}
+    return {
+        "dataset_name": args.dataset_name,
+        "dataset_config_name": args.dataset_config_name,
+        "train_dir": args.train_dir,
+        "split": args.train_split,
+    }
+
+
 def load_stream(args: argparse.Namespace):
     if uses_embedded_data(args):
-        return load_image_stream(train_dir=str(embedded_pretraining_dir()), split="train")
-    return load_image_stream(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_dir=args.train_dir,
-        split=args.train_split,
-        image_column_name=args.image_column_name,
-    )
+        return load_image_stream(**data_source(args))
+    return load_image_stream(**data_source(args), image_column_name=args.image_column_name)
 
 
-def count_stream(raw_stream) -> int:
-    """Number of examples in a stream (one pass over the raw records, no decoding)."""
-    return sum(1 for _ in raw_stream)
+def count_stream(args: argparse.Namespace, progress: bool) -> int:
+    """Number of training examples, from what the source records (hf_mim.data.count_examples)."""
+    try:
+        return count_examples(**data_source(args), progress=progress)
+    except ValueError as error:
+        raise SystemExit(f"run_mim.py: error: {error}") from None
 
 
 def model_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -340,6 +357,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
         buffer_size=args.shuffle_buffer_size,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        max_image_pixels=args.max_image_pixels,
     )
     transform = family_for(config.model_type).pretraining_transform(config)
     mask_generator = model.mask_generator()
@@ -359,7 +377,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
         total_steps = args.max_train_steps
     else:
         epochs = args.num_train_epochs if args.num_train_epochs is not None else 1
-        examples = args.num_train_examples or count_stream(raw_stream)
+        examples = args.num_train_examples or count_stream(args, progress=accelerator.is_local_main_process)
         total_steps = max(args.num_stages, math.ceil(epochs * examples / total_batch))
         logger.info("%d examples x %s epochs / batch %d = %d optimizer steps", examples, epochs, total_batch, total_steps)
     refresh_steps = set(model.attention_refresh_steps(total_steps)) if hasattr(model, "attention_refresh_steps") else set()
@@ -370,6 +388,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
         refresh_stream = prepare_stream(
             raw_stream, image_column, seed=args.seed, buffer_size=0,
             rank=accelerator.process_index, world_size=accelerator.num_processes,
+            max_image_pixels=args.max_image_pixels,
         )
         refresh_loader = make_dataloader(
             refresh_stream,
@@ -507,7 +526,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
     status = 0
     if accelerator.is_main_process:
         if skipped_total or converted_total:
-            logger.warning("images skipped (undecodable/truncated/tiny): %d, converted to RGB: %d", skipped_total, converted_total)
+            logger.warning("images skipped (undecodable/truncated/tiny/over --max_image_pixels): %d, converted to RGB or reduced: %d", skipped_total, converted_total)
         try:
             write_outputs(args, accelerator, unwrapped, batch, output_dir, total_batch, lr, total_steps, elapsed, world)
         except HubPushError as error:

