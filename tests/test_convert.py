@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -377,7 +378,9 @@ def torchscript_archive(state: dict[str, torch.Tensor], path) -> None:
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x
 
-    torch.jit.save(torch.jit.script(Archive()), str(path))
+    with warnings.catch_warnings():  # TorchScript is deprecated in torch, but it is what OpenAI released
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.save(torch.jit.script(Archive()), str(path))
 
 
 @pytest.fixture(scope="module")
@@ -490,3 +493,13 @@ def test_zoo_lists_every_official_release_and_the_readme_carries_it():
     assert code == 0 and stdout.strip() == table.strip()
     assert "| 86.6 M |" in table and "| 632.0 M |" in table  # ViT-B / ViT-H classifiers (timm: 86.6 M / 632.0 M)
     assert table in (REPO_ROOT / "README.md").read_text()
+
+
+def test_a_relative_teacher_path_follows_the_student_folder_or_hub_repo(tmp_path):
+    from hf_mim.modeling_maskdistill import resolve_teacher_path
+
+    (tmp_path / "student" / "teacher").mkdir(parents=True)
+    assert resolve_teacher_path("./teacher", str(tmp_path / "student")) == (str(tmp_path / "student" / "teacher"), "")
+    assert resolve_teacher_path("./teacher", "me/maskdistill-base") == ("me/maskdistill-base", "teacher")  # Hub subfolder
+    assert resolve_teacher_path("openai/clip-vit-base-patch16", str(tmp_path / "student")) == ("openai/clip-vit-base-patch16", "")
+    assert resolve_teacher_path("/abs/teacher", "me/x") == ("/abs/teacher", "")

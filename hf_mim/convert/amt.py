@@ -1,6 +1,8 @@
 """Official AMT checkpoints (github.com/guijiejie/AMT) -> hf_mim Amt models.
 
-Layouts handled (state under "model" or a raw state dict; a DDP `module.` prefix is stripped by the loader):
+Layouts handled (state under "model" or a raw state dict; a DDP `module.` prefix is stripped by the loader;
+the settings the weights cannot tell come from the file's `args` (mae-AMT `misc.save_model`) or yacs `config`
+(SimMIM-AMT `utils.save_checkpoint`)):
 - mae-AMT pretraining (`models_mae.MaskedAutoencoderViT`, MAE layout: `cls_token`, `pos_embed`, `blocks.*`,
   `norm`, `decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks.*`, `decoder_norm`,
   `decoder_pred`) -> `AmtForMaskedImageModeling(variant="mae")`;

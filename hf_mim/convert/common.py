@@ -1,4 +1,5 @@
-"""Shared pieces of the official-checkpoint converters: safe loading, key renaming, reporting."""
+"""Shared pieces of the official-checkpoint converters: settings with their sources, key renaming, reporting
+(safe file reading is in `files`)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Official dBOT checkpoints (github.com/liuxingbin/dbot) -> hf_mim Dbot models.
 
-Layouts handled (state under the top-level "model" key, no `module.` prefix):
+Layouts handled (state under the top-level "model" key, no `module.` prefix; `misc.save_model` also saves
+the run's `args`, which give the heads, mask ratio and target settings):
 - pretraining student `checkpoint-*.pth` / `*_dbot_*_pre.pth`: encoder + decoder (`decoder_predp`);
 - teacher `checkpoint-teacher-*.pth`: encoder keys only (its final `norm` is unused, tlayernorm=0);
 - fine-tuned `*_finetune.pth`: timm ViT with `fc_norm` + `head` (global pooling), no final `norm`.
