@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -475,6 +476,17 @@ class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
             mean, std = self._teacher_normalization(model, path=path, subfolder=subfolder)
             self._attach(FrozenTeacher(model, mean, std, self.config.teacher_layer))
         return self._frozen_teacher
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also copy a teacher that the config names relative to the student ("./teacher") from the folder the
+        student was loaded from, so the saved folder (and a push) still finds it."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        name = self.config.teacher_name_or_path
+        if name and name.startswith("./"):
+            source, subfolder = resolve_teacher_path(name, self.config.name_or_path)
+            target = os.path.join(save_directory, name[2:])
+            if not subfolder and os.path.isdir(source) and not os.path.exists(target):
+                shutil.copytree(source, target)
 
     def set_teacher(
         self, model: nn.Module, image_mean: list[float] | None = None, image_std: list[float] | None = None

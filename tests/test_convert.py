@@ -9,7 +9,6 @@ import contextlib
 import io
 import json
 import shutil
-import subprocess
 import sys
 import types
 import warnings
@@ -296,7 +295,7 @@ def simmim_config(CfgNode):
     return config
 
 
-def test_simmim_amt_yacs_checkpoint_converts_in_a_fresh_process_without_yacs(amt_simmim, tmp_path, monkeypatch):
+def test_simmim_amt_yacs_checkpoint_converts_without_yacs(amt_simmim, tmp_path, monkeypatch):
     state = amt_simmim["official_state_dict"]
     CfgNode = yacs_cfgnode_class(monkeypatch)
     # utils.save_checkpoint: model, optimizer, lr_scheduler, max_accuracy, epoch, config (+ amp: AMP_OPT_LEVEL "")
@@ -305,14 +304,13 @@ def test_simmim_amt_yacs_checkpoint_converts_in_a_fresh_process_without_yacs(amt
          "max_accuracy": 0.0, "epoch": 41, "config": simmim_config(CfgNode), "amp": {"loss_scaler0": {"loss_scale": 65536.0}}},
         tmp_path / "ckpt_epoch_41.pth",
     )
+    for name in ("yacs.config", "yacs"):  # read without yacs: the node is never imported, only allow-listed by name
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if not (Path(p) / "yacs").is_dir()])
     out = tmp_path / "simmim"
-    result = subprocess.run(  # a fresh interpreter: no yacs module anywhere, heads from the file's config
-        [sys.executable, "-m", "hf_mim.convert", "amt", "--checkpoint", str(tmp_path / "ckpt_epoch_41.pth"),
-         "--output", str(out)],
-        capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 0, result.stderr
-    report = result.stdout
+    code, report, err = run_cli("amt", "--checkpoint", str(tmp_path / "ckpt_epoch_41.pth"), "--output", str(out))
+    assert code == 0, err
+    assert "yacs" not in sys.modules
     assert "layout: {'model', 'optimizer', 'lr_scheduler', 'max_accuracy', 'epoch', 'config', 'amp'}" in report
     assert setting_line(report, "num_attention_heads").endswith("<- file: config.MODEL.VIT.NUM_HEADS=12")
     assert setting_line(report, "mask_patch_size").endswith("<- file: config.DATA.MASK_PATCH_SIZE=16")
@@ -503,3 +501,15 @@ def test_a_relative_teacher_path_follows_the_student_folder_or_hub_repo(tmp_path
     assert resolve_teacher_path("./teacher", "me/maskdistill-base") == ("me/maskdistill-base", "teacher")  # Hub subfolder
     assert resolve_teacher_path("openai/clip-vit-base-patch16", str(tmp_path / "student")) == ("openai/clip-vit-base-patch16", "")
     assert resolve_teacher_path("/abs/teacher", "me/x") == ("/abs/teacher", "")
+
+
+def test_saving_a_converted_student_elsewhere_takes_its_teacher_along(maskdistill, maskdistill_student, tmp_path):
+    """Further pretraining starts from the converted folder and saves to a new one: "./teacher" must still resolve."""
+    torch.save(maskdistill["official_teacher_state_dict"], tmp_path / "clip_visual.pth")
+    code, _, err = run_cli("maskdistill", "--checkpoint", str(maskdistill_student), "--teacher_checkpoint",
+                           str(tmp_path / "clip_visual.pth"), "--output", str(tmp_path / "converted"),
+                           "--teacher_num_attention_heads", "4")
+    assert code == 0, err
+    MaskDistillForMaskedImageModeling.from_pretrained(tmp_path / "converted").save_pretrained(tmp_path / "trained")
+    assert (tmp_path / "trained" / "teacher" / "model.safetensors").is_file()
+    check_maskdistill_folder(tmp_path / "trained", maskdistill)
