@@ -60,7 +60,8 @@ class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
             `CLIPModel`, whose `vision_model` is used), or of a timm ViT-style model (`TimmWrapperModel`,
             e.g. a `timm/...` Hub folder; its `num_prefix_tokens` cls/register tokens are dropped). Loaded
             lazily on first use, frozen, in eval mode, never saved with the student. None: no teacher (set
-            one with `set_teacher`). Its patch grid must equal the student's.
+            one with `set_teacher`). Its patch grid must equal the student's. "./name" is relative to the
+            student's own folder or Hub repo (converted students carry their teacher in "./teacher").
         teacher_layer: which teacher tokens: "last_hidden_state" (output of the last block, before CLIP's
             `post_layernorm` / a timm model's final `norm`; default, as both public re-implementations),
             "post_layernorm" (after it, the BEiT v2 tokenizer's choice) or "projected" (after

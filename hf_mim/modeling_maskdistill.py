@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 
 import torch
@@ -243,14 +244,26 @@ class MaskDistillModel(MaskDistillPreTrainedModel):
 # --------------------------------------------------------------------------------------------------
 
 
-def read_teacher_normalization(teacher_name_or_path: str) -> tuple[list[float], list[float]] | None:
+def resolve_teacher_path(teacher_name_or_path: str, student_name_or_path: str | None) -> tuple[str, str]:
+    """(folder or Hub id, subfolder) of the teacher. A path starting with "./" is relative to the student's
+    own folder or Hub repo (a converted student carries its teacher in `./teacher`), so the folder can be
+    moved or pushed and still finds it; anything else is used as given."""
+    if not teacher_name_or_path.startswith("./") or not student_name_or_path:
+        return teacher_name_or_path, ""
+    inner = teacher_name_or_path[2:]
+    if os.path.isdir(student_name_or_path):
+        return os.path.join(student_name_or_path, inner), ""
+    return student_name_or_path, inner  # a Hub repo: the teacher is its subfolder
+
+
+def read_teacher_normalization(teacher_name_or_path: str, subfolder: str = "") -> tuple[list[float], list[float]] | None:
     """(image_mean, image_std) from the teacher folder's preprocessor_config.json, or None if absent."""
-    path = os.path.join(teacher_name_or_path, "preprocessor_config.json")
+    path = os.path.join(teacher_name_or_path, subfolder, "preprocessor_config.json")
     if not os.path.isfile(path):
         try:
             from huggingface_hub import hf_hub_download
 
-            path = hf_hub_download(teacher_name_or_path, "preprocessor_config.json")
+            path = hf_hub_download(teacher_name_or_path, "preprocessor_config.json", subfolder=subfolder or None)
         except Exception:
             return None
     with open(path, encoding="utf-8") as handle:
@@ -260,18 +273,18 @@ def read_teacher_normalization(teacher_name_or_path: str) -> tuple[list[float], 
     return list(processor["image_mean"]), list(processor["image_std"])
 
 
-def load_teacher_model(teacher_name_or_path: str) -> nn.Module:
+def load_teacher_model(teacher_name_or_path: str, subfolder: str = "") -> nn.Module:
     """The teacher as saved: the transformers class named in its config's `architectures` (so a
     `CLIPVisionModelWithProjection` keeps its projection), else whatever `AutoModel` builds."""
     import transformers
     from transformers import AutoConfig, AutoModel
 
-    config = AutoConfig.from_pretrained(teacher_name_or_path)
+    config = AutoConfig.from_pretrained(teacher_name_or_path, subfolder=subfolder)
     architectures = getattr(config, "architectures", None) or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
     if model_class is None or not hasattr(model_class, "from_pretrained"):
         model_class = AutoModel
-    return model_class.from_pretrained(teacher_name_or_path)
+    return model_class.from_pretrained(teacher_name_or_path, subfolder=subfolder)
 
 
 def timm_backbone(model: nn.Module) -> nn.Module | None:
@@ -451,18 +464,29 @@ class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
 
     def load_teacher(self) -> FrozenTeacher | None:
         if self._frozen_teacher is None and self.config.target == "teacher" and self.config.teacher_name_or_path:
-            path = self.config.teacher_name_or_path
+            path, subfolder = resolve_teacher_path(self.config.teacher_name_or_path, self.config.name_or_path)
             try:
-                model = load_teacher_model(path)
+                model = load_teacher_model(path, subfolder)
             except (OSError, ValueError) as error:
                 raise OSError(
                     f"could not load the MaskDistill teacher from config.teacher_name_or_path={path!r}: {error}\n"
                     "Point teacher_name_or_path at a local vision-model folder (e.g. a saved CLIPVisionModel or "
                     "TimmWrapperModel), call model.set_teacher(...), or pass return_loss=False for predictions only."
                 ) from error
-            mean, std = self._teacher_normalization(model, path=path)
+            mean, std = self._teacher_normalization(model, path=path, subfolder=subfolder)
             self._attach(FrozenTeacher(model, mean, std, self.config.teacher_layer))
         return self._frozen_teacher
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also copy a teacher that the config names relative to the student ("./teacher") from the folder the
+        student was loaded from, so the saved folder (and a push) still finds it."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        name = self.config.teacher_name_or_path
+        if name and name.startswith("./"):
+            source, subfolder = resolve_teacher_path(name, self.config.name_or_path)
+            target = os.path.join(save_directory, name[2:])
+            if not subfolder and os.path.isdir(source) and not os.path.exists(target):
+                shutil.copytree(source, target)
 
     def set_teacher(
         self, model: nn.Module, image_mean: list[float] | None = None, image_std: list[float] | None = None
@@ -472,7 +496,7 @@ class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
         self._attach(FrozenTeacher(model, mean, std, self.config.teacher_layer))
 
     def _teacher_normalization(
-        self, model: nn.Module, image_mean=None, image_std=None, path: str | None = None
+        self, model: nn.Module, image_mean=None, image_std=None, path: str | None = None, subfolder: str = ""
     ) -> tuple[list[float], list[float]]:
         """The teacher's own input normalisation (never the student's): the given values, else the config's
         teacher_image_mean/std, else the teacher folder's preprocessor_config.json, else a timm teacher's
@@ -480,7 +504,7 @@ class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
         mean = image_mean if image_mean is not None else self.config.teacher_image_mean
         std = image_std if image_std is not None else self.config.teacher_image_std
         if mean is None or std is None:
-            found = (read_teacher_normalization(path) if path else None) or timm_normalization(model)
+            found = (read_teacher_normalization(path, subfolder) if path else None) or timm_normalization(model)
             if found is None:
                 where = f" in {path!r}" if path else ""
                 raise ValueError(

@@ -1,6 +1,8 @@
 """Official AMT checkpoints (github.com/guijiejie/AMT) -> hf_mim Amt models.
 
-Layouts handled (state under "model" or a raw state dict; a DDP `module.` prefix is stripped by the loader):
+Layouts handled (state under "model" or a raw state dict; a DDP `module.` prefix is stripped by the loader;
+the settings the weights cannot tell come from the file's `args` (mae-AMT `misc.save_model`) or yacs `config`
+(SimMIM-AMT `utils.save_checkpoint`)):
 - mae-AMT pretraining (`models_mae.MaskedAutoencoderViT`, MAE layout: `cls_token`, `pos_embed`, `blocks.*`,
   `norm`, `decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks.*`, `decoder_norm`,
   `decoder_pred`) -> `AmtForMaskedImageModeling(variant="mae")`;
@@ -30,9 +32,9 @@ from ..modeling_amt import AmtForImageClassification, AmtForMaskedImageModeling
 from .common import (
     CheckpointFormatError,
     ConversionReport,
-    MAE_DECODER_HEADS,
+    OfficialFile,
+    Settings,
     VIT_BLOCK_PARTS,
-    VIT_HEADS_BY_WIDTH,
     check_decoder_sincos_table,
     count_indexed,
     merge_qkv_bias,
@@ -105,8 +107,16 @@ def unprefix_simmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
     return {key[len("encoder.") :] if key.startswith("encoder.") else key: value for key, value in state.items()}
 
 
-def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None) -> AmtConfig:
-    """Every dimension the weights determine; heads from the official size table (or the overrides)."""
+# SimMIM-AMT refreshes the attention maps every 40 epochs (hard-coded in main_simmim.py).
+SIMMIM_AMT_REFRESH_EPOCHS = 40
+
+
+def infer_config(
+    state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None, official: OfficialFile | None = None
+) -> tuple[AmtConfig, Settings]:
+    """Dimensions from the weights; heads and the AMT settings (mask / throw ratios, norm_pix_loss, mask unit,
+    refresh interval) from the file's own `args` (mae-AMT) or yacs `config` (SimMIM-AMT), else the
+    variant's official defaults (printed as such) or required flags."""
     overrides = dict(overrides or {})
     for key in ("cls_token", "patch_embed.proj.weight"):
         if key not in state:
@@ -116,7 +126,9 @@ def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, obje
             "no absolute position embedding (`pos_embed`): only SimMIM-AMT's USE_APE=True layout (the released "
             "config) is supported, not relative position biases"
         )
-    variant = overrides.pop("variant", None) or detect_variant(state)
+    settings = Settings(official, overrides)
+    variant = overrides.get("variant") or detect_variant(state)
+    settings.weights("variant", variant, "BEiT-style q/v biases or SimMIM keys" if variant == "simmim" else "MAE/timm keys")
     hidden = state["cls_token"].shape[-1]
     patch_weight = state["patch_embed.proj.weight"]
     patch_size = patch_weight.shape[-1]
@@ -125,43 +137,57 @@ def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, obje
     if grid * grid != num_patches:
         raise CheckpointFormatError(f"pos_embed has {num_patches} patch rows, not a square grid")
     depth = count_indexed(state, "blocks.")
-    if variant == "simmim":
-        qkv_bias = "blocks.0.attn.q_bias" in state or depth == 0
-    else:
-        qkv_bias = "blocks.0.attn.qkv.bias" in state or depth == 0
-    kwargs: dict[str, object] = dict(
-        variant=variant,
-        image_size=grid * patch_size,
-        patch_size=patch_size,
-        num_channels=patch_weight.shape[1],
-        hidden_size=hidden,
-        num_hidden_layers=depth,
-        num_attention_heads=VIT_HEADS_BY_WIDTH.get(hidden),
-        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden if "blocks.0.mlp.fc1.weight" in state else 4.0,
-        qkv_bias=qkv_bias,
-    )
+    qkv_bias = ("blocks.0.attn.q_bias" if variant == "simmim" else "blocks.0.attn.qkv.bias") in state or depth == 0
+    settings.weights("image_size", grid * patch_size, f"pos_embed {grid}x{grid} patches")
+    settings.weights("patch_size", patch_size, "patch_embed.proj kernel")
+    settings.weights("num_channels", patch_weight.shape[1], "patch_embed.proj input channels")
+    settings.weights("hidden_size", hidden, "cls_token width")
+    settings.weights("num_hidden_layers", depth, "blocks.*")
+    if "blocks.0.mlp.fc1.weight" in state:
+        settings.weights("mlp_ratio", state["blocks.0.mlp.fc1.weight"].shape[0] / hidden, "blocks.0.mlp.fc1 width / hidden")
+    settings.weights("qkv_bias", qkv_bias, "q/v or qkv bias present")
+    layer_scale = 0.1 if "blocks.0.gamma_2" in state else 0.0  # the init value only; trained gammas are loaded
+    settings.weights("layer_scale_init_value", layer_scale, "blocks.0.gamma_2 present" if layer_scale else "no gamma_2")
+    classifier = is_classifier_state(state)
+    if classifier:
+        settings.weights("num_labels", state["head.weight"].shape[0], "head rows")
+        settings.weights("use_mean_pooling", "fc_norm.weight" in state, "fc_norm present" if "fc_norm.weight" in state else "no fc_norm")
     if variant == "mae":
-        kwargs["layer_scale_init_value"] = 0.1 if "blocks.0.gamma_2" in state else 0.0
+        settings.encoder_heads(hidden, "args.model")
         if "decoder_embed.weight" in state:
-            kwargs.update(
-                decoder_hidden_size=state["decoder_embed.weight"].shape[0],
-                decoder_num_hidden_layers=count_indexed(state, "decoder_blocks."),
-                decoder_num_attention_heads=MAE_DECODER_HEADS,
-            )
+            decoder_width, decoder_depth = state["decoder_embed.weight"].shape[0], count_indexed(state, "decoder_blocks.")
+            settings.weights("decoder_hidden_size", decoder_width, "decoder_embed width")
+            settings.weights("decoder_num_hidden_layers", decoder_depth, "decoder_blocks.*")
+            settings.mae_decoder_heads(hidden, decoder_width, decoder_depth, "args.model")
+        if classifier:
+            settings.from_file("drop_path_rate", "args.drop_path")
+        else:
+            settings.from_file("mask_ratio", "args.mask_ratio")
+            settings.from_file("throw_ratio", "args.throw_ratio")
+            settings.from_file("norm_pix_loss", "args.norm_pix_loss")
+            epochs = official.setting("args.epochs") if official else None
+            if epochs:
+                settings.from_file(
+                    "amt_interval", "args.loc_interval", transform=lambda every: every / epochs, why=f"of args.epochs={epochs}"
+                )
     else:
-        kwargs["layer_scale_init_value"] = 0.1 if "blocks.0.gamma_2" in state else 0.0  # the value is loaded
-        kwargs["apply_attention_layer_scale"] = False  # gamma_1 exists but the released blocks never apply it
-        # SimMIM-AMT masks 32 px units with ViT-B/16: 2 x 2 patches. The weights do not record it.
-        kwargs["mask_patch_size"] = 2 * patch_size
-    if is_classifier_state(state):
-        kwargs["num_labels"] = state["head.weight"].shape[0]
-        kwargs["use_mean_pooling"] = "fc_norm.weight" in state
-    kwargs.update(overrides)
-    if kwargs["num_attention_heads"] is None:
-        raise CheckpointFormatError(
-            f"hidden size {hidden} is not an official ViT width; pass num_attention_heads=... in --config_overrides"
+        if not settings.from_file("num_attention_heads", "config.MODEL.VIT.NUM_HEADS"):
+            settings.encoder_heads(hidden, "config.MODEL.NAME")
+        settings.set(
+            "apply_attention_layer_scale", False, "official code: released SimMIM-AMT blocks never apply gamma_1"
         )
-    return AmtConfig(**kwargs)
+        settings.from_file("drop_path_rate", "config.MODEL.DROP_PATH_RATE")
+        if not classifier:
+            settings.from_file("mask_ratio", "config.DATA.MASK_RATIO")
+            settings.from_file("warmup_mask_ratio", "config.DATA.MASK_RATIO", why="random masks before the first refresh")
+            settings.from_file("throw_ratio", "config.DATA.THROW_RATIO")
+            if not settings.from_file("mask_patch_size", "config.DATA.MASK_PATCH_SIZE"):
+                settings.default("mask_patch_size", 2 * patch_size, "SimMIM-AMT masks 2 x 2 patches (32 px at patch 16)")
+            settings.from_file(
+                "amt_interval", "config.TRAIN.EPOCHS", transform=lambda epochs: SIMMIM_AMT_REFRESH_EPOCHS / epochs,
+                why=f"refresh every {SIMMIM_AMT_REFRESH_EPOCHS} epochs, hard-coded",
+            )
+    return AmtConfig(**settings.finish()), settings
 
 
 def simmim_head(weight: torch.Tensor, bias: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -183,13 +209,15 @@ def simmim_head(weight: torch.Tensor, bias: torch.Tensor, patch_size: int) -> tu
 
 
 def convert_amt_checkpoint(
-    state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None
+    state: Mapping[str, torch.Tensor] | OfficialFile, overrides: Mapping[str, object] | None = None
 ) -> tuple[AmtForMaskedImageModeling | AmtForImageClassification, ConversionReport]:
-    """Build the hf_mim model holding the official weights; fine-tuned files give the classifier."""
-    overrides = dict(overrides or {})
-    state = unprefix_simmim(state)
-    config = infer_config(state, overrides)
-    report = ConversionReport()
+    """Build the hf_mim model holding the official weights; fine-tuned files give the classifier.
+    `state` may be an `OfficialFile`, whose args / yacs config then set what the weights cannot."""
+    official = state if isinstance(state, OfficialFile) else None
+    state = unprefix_simmim(official.state if official else state)
+    config, settings = infer_config(state, overrides, official)
+    report = ConversionReport(source=official)
+    report.record_config(config, settings)
     classifier = is_classifier_state(state)
     if config.variant == "simmim" and "decoder.0.weight" in state:
         weight, bias = simmim_head(state["decoder.0.weight"], state["decoder.0.bias"], config.patch_size)
@@ -204,11 +232,6 @@ def convert_amt_checkpoint(
         raise CheckpointFormatError("not a SimMIM-AMT pretraining checkpoint: the head `decoder.0` is missing")
     converted = rename_keys(state, rules, drop_rules(config.apply_attention_layer_scale), report)
     converted.update(merge_qkv_bias(state, P + "layers."))
-    if config.variant == "simmim" and not classifier and "mask_patch_size" not in overrides:
-        report.dropped["<mask_patch_size>"] = (
-            f"not stored in the weights: set to 2 patches ({config.mask_patch_size} px), SimMIM-AMT's 32 px units "
-            "at patch 16; override with mask_patch_size=..."
-        )
     model: AmtForMaskedImageModeling | AmtForImageClassification = (
         AmtForImageClassification(config) if classifier else AmtForMaskedImageModeling(config)
     )

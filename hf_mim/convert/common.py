@@ -1,13 +1,16 @@
-"""Shared pieces of the official-checkpoint converters: safe loading, key renaming, reporting."""
+"""Shared pieces of the official-checkpoint converters: settings with their sources, key renaming, reporting
+(safe file reading is in `files`)."""
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
+
+from .files import CheckpointFormatError, OfficialFile, load_official_state_dict, read_official_file  # noqa: F401
 
 # Heads cannot be read off the weights; the official ViT sizes fix them by width (S, B, L, H).
 VIT_HEADS_BY_WIDTH = {384: 6, 768: 12, 1024: 16, 1280: 16}
@@ -17,60 +20,134 @@ MAE_DECODER_HEADS = 16
 VIT_BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
 
 
-class CheckpointFormatError(ValueError):
-    """The file is not an official checkpoint of the expected layout."""
+# Official model names (MAE / timm / BEiT / ExtreMA `--model`, `-a`) -> (width, heads) of the ViT they build.
+VIT_SIZES = {"small": (384, 6), "base": (768, 12), "large": (1024, 16), "huge": (1280, 16)}
+MODEL_NAME_SIZE = re.compile(r"(?:^|_)(?:vit|beit)_(small|base|large|huge)(?:_|$)")
 
 
-def load_official_state_dict(path: str | Path, state_key: str | None = "model") -> dict[str, torch.Tensor]:
-    """Load an official `.pth` (or `.safetensors`) file safely and return its weights.
+class Settings:
+    """The config values a converter decides, each with where it came from: the weights, the file's own
+    args/config, the command line, or a default (official table or hf_mim's). Command-line values win;
+    a value still unknown after them is an error naming the flag."""
 
-    `.pth` files are read with `torch.load(weights_only=True)`: pickled Python objects (e.g. the
-    `argparse.Namespace` some official scripts save under "args") are refused with an error that says
-    how to proceed, instead of executing arbitrary pickle code. The weights are taken from
-    `checkpoint[state_key]` when present (official layout: {"model": ..., "optimizer": ..., ...}), and a
-    DDP `module.` prefix is stripped.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    def __init__(self, official: OfficialFile | None = None, overrides: Mapping[str, object] | None = None):
+        self.official = official
+        self.overrides = dict(overrides or {})
+        self.values: dict[str, object] = {}
+        self.sources: dict[str, str] = {}
+        self.required: dict[str, str] = {}
 
-        checkpoint: object = load_file(str(path))
-    else:
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises UnpicklingError (or RuntimeError) for unsafe pickles
-            raise CheckpointFormatError(
-                f"{path} could not be loaded with torch.load(weights_only=True): {error}\n"
-                "The file contains pickled Python objects besides tensors (official training scripts save "
-                "their argparse arguments and optimizer). If you trust the file, extract the weights "
-                "yourself, e.g. `sd = torch.load(path, weights_only=False)['model']; "
-                "torch.save(sd, 'weights.pth')`, and convert 'weights.pth'."
-            ) from error
-    if not isinstance(checkpoint, Mapping):
-        raise CheckpointFormatError(f"{path} holds a {type(checkpoint).__name__}, expected a dict of tensors")
-    if state_key is not None and state_key in checkpoint and isinstance(checkpoint[state_key], Mapping):
-        checkpoint = checkpoint[state_key]
-    state = {}
-    for key, value in checkpoint.items():
-        if not isinstance(value, torch.Tensor):
-            continue
-        state[key[len("module.") :] if key.startswith("module.") else key] = value
-    if not state:
-        raise CheckpointFormatError(f"{path} contains no tensors (looked under {state_key!r} and at the top level)")
-    return state
+    def set(self, name: str, value, source: str) -> None:
+        self.values[name] = value
+        self.sources[name] = source
+
+    def weights(self, name: str, value, why: str) -> None:
+        self.set(name, value, f"weights: {why}")
+
+    def default(self, name: str, value, why: str) -> None:
+        self.set(name, value, f"default: {why}")
+
+    def from_file(self, name: str, *keys: str, transform=None, why: str = "") -> bool:
+        """Take `name` from the first of `keys` (`args.x`, `config.A.B`) the file holds; False if none."""
+        if self.official is None:
+            return False
+        for key in keys:
+            value = self.official.setting(key)
+            if value is not None:
+                self.set(name, transform(value) if transform else value, f"file: {key}={value!r}" + (f" ({why})" if why else ""))
+                return True
+        return False
+
+    def need(self, name: str, message: str) -> None:
+        """`name` must be known once the command line is applied, else `message` is the error."""
+        self.required[name] = message
+
+    def finish(self) -> dict[str, object]:
+        """Apply the command line, check the required values, return the config kwargs."""
+        for name, value in self.overrides.items():
+            self.set(name, value, "command line")
+        for name, message in self.required.items():
+            if self.values.get(name) is None:
+                raise CheckpointFormatError(message)
+        return dict(self.values)
+
+    def model_name_heads(self, name: str, width: int, *keys: str) -> bool:
+        """Heads from an official model name in the file (`args.model=mae_vit_base_patch16`), if it names a
+        ViT of this width."""
+        for key in keys:
+            model = self.official.setting(key) if self.official is not None else None
+            match = MODEL_NAME_SIZE.search(model) if isinstance(model, str) else None
+            if match and VIT_SIZES[match.group(1)][0] == width:
+                self.set(name, VIT_SIZES[match.group(1)][1], f"file: {key}={model!r} (ViT-{match.group(1)[0].upper()})")
+                return True
+        return False
+
+    def encoder_heads(self, width: int, *keys: str, flag: str = "--num_attention_heads") -> None:
+        """Heads: the file's model name, else the official width table (a default, printed as such),
+        else a required flag."""
+        if self.model_name_heads("num_attention_heads", width, *keys):
+            return
+        if width in VIT_HEADS_BY_WIDTH:
+            self.default("num_attention_heads", VIT_HEADS_BY_WIDTH[width], f"official ViT of width {width}")
+            return
+        self.need(
+            "num_attention_heads",
+            f"the number of attention heads cannot be read from the weights (width {width} is no official ViT size) "
+            f"and the file names no official model: pass {flag} N",
+        )
+
+    def mae_decoder_heads(self, width: int, decoder_width: int, decoder_depth: int, *keys: str) -> None:
+        """MAE decoders: every official `mae_vit_*` model has 16 decoder heads; without such a name only the
+        official 512-wide, 8-block decoder is known, anything else is a required flag."""
+        for key in keys:
+            model = self.official.setting(key) if self.official is not None else None
+            if isinstance(model, str) and model.startswith("mae_") and MODEL_NAME_SIZE.search(model) and (
+                decoder_width, decoder_depth) == (512, 8):
+                self.set("decoder_num_attention_heads", MAE_DECODER_HEADS, f"file: {key}={model!r} (MAE decoder)")
+                return
+        if (decoder_width, decoder_depth) == (512, 8):
+            self.default("decoder_num_attention_heads", MAE_DECODER_HEADS, "official MAE decoder (512 wide, 8 blocks)")
+            return
+        self.need(
+            "decoder_num_attention_heads",
+            f"the decoder's number of attention heads cannot be read from the weights (decoder {decoder_width} wide, "
+            f"{decoder_depth} blocks is no official MAE decoder) and the file names no official model: pass "
+            "--decoder_num_attention_heads N",
+        )
 
 
 @dataclass
 class ConversionReport:
-    """What a conversion did with each official key, for the user to check."""
+    """What a conversion did: the source file, every config value with its source, each official key."""
 
     converted: list[str] = field(default_factory=list)
     dropped: dict[str, str] = field(default_factory=dict)  # key -> why
+    settings: list[tuple[str, object, str]] = field(default_factory=list)  # (field, value, source)
+    source: OfficialFile | None = None
+    teacher_source: OfficialFile | None = None  # dBOT's teacher file, MaskDistill's CLIP file
+
+    def record_config(self, config, settings: Settings | None) -> None:
+        """Every field of `config` with its source (fields no one set are hf_mim's defaults)."""
+        sources = settings.sources if settings is not None else {}
+        names = [name for name in inspect.signature(type(config).__init__).parameters if name not in ("self", "kwargs")]
+        names += [name for name in sources if name not in names]
+        own_default = f"default: hf_mim {type(config).__name__}"
+        self.settings = [(name, getattr(config, name, None), sources.get(name, own_default)) for name in names]
 
     def summary(self) -> str:
-        lines = [f"converted {len(self.converted)} tensors"]
+        lines = []
+        if self.source is not None:
+            lines.append(f"source: {self.source.name} (sha256 {self.source.sha256})")
+            lines.append(f"  layout: {self.source.layout}")
+        if self.teacher_source is not None:
+            lines.append(f"teacher source: {self.teacher_source.name} (sha256 {self.teacher_source.sha256})")
+            lines.append(f"  layout: {self.teacher_source.layout}")
+        if self.settings:
+            lines.append("settings:")
+            width = max(len(f"{name} = {value!r}") for name, value, _ in self.settings)
+            for name, value, source in self.settings:
+                lines.append(f"  {f'{name} = {value!r}':<{width}}  <- {source}")
+        lines.append(f"converted {len(self.converted)} tensors")
         for key, why in sorted(self.dropped.items()):
             lines.append(f"  dropped {key}: {why}")
         return "\n".join(lines)

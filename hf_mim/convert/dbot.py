@@ -1,6 +1,7 @@
 """Official dBOT checkpoints (github.com/liuxingbin/dbot) -> hf_mim Dbot models.
 
-Layouts handled (state under the top-level "model" key, no `module.` prefix):
+Layouts handled (state under the top-level "model" key, no `module.` prefix; `misc.save_model` also saves
+the run's `args`, which give the heads, mask ratio and target settings):
 - pretraining student `checkpoint-*.pth` / `*_dbot_*_pre.pth`: encoder + decoder (`decoder_predp`);
 - teacher `checkpoint-teacher-*.pth`: encoder keys only (its final `norm` is unused, tlayernorm=0);
 - fine-tuned `*_finetune.pth`: timm ViT with `fc_norm` + `head` (global pooling), no final `norm`.
@@ -18,9 +19,9 @@ from ..modeling_dbot import DbotForImageClassification, DbotForMaskedImageModeli
 from .common import (
     CheckpointFormatError,
     ConversionReport,
-    MAE_DECODER_HEADS,
+    OfficialFile,
+    Settings,
     VIT_BLOCK_PARTS,
-    VIT_HEADS_BY_WIDTH,
     check_decoder_sincos_table,
     count_indexed,
     rename_keys,
@@ -61,54 +62,64 @@ def infer_config(
     state: Mapping[str, torch.Tensor],
     teacher_state: Mapping[str, torch.Tensor] | None = None,
     overrides: Mapping[str, object] | None = None,
-) -> DbotConfig:
-    """Read every dimension the weights determine; heads come from the official size table."""
+    official: OfficialFile | None = None,
+) -> tuple[DbotConfig, Settings]:
+    """Dimensions from the weights; heads, mask ratio and the target settings from the file's `args`
+    (main_pretrain.py / main_finetune.py), else official defaults (printed as such) or required flags."""
     for key in ("cls_token", "pos_embed", "patch_embed.proj.weight"):
         if key not in state:
             raise CheckpointFormatError(f"not a dBOT/MAE ViT checkpoint: key {key!r} is missing")
+    settings = Settings(official, overrides)
     hidden = state["cls_token"].shape[-1]
     patch_weight = state["patch_embed.proj.weight"]
     num_patches = state["pos_embed"].shape[1] - 1
     grid = math.isqrt(num_patches)
     if grid * grid != num_patches:
         raise CheckpointFormatError(f"pos_embed has {num_patches} patch rows, not a square grid")
-    kwargs: dict[str, object] = dict(
-        image_size=grid * patch_weight.shape[-1],
-        patch_size=patch_weight.shape[-1],
-        num_channels=patch_weight.shape[1],
-        hidden_size=hidden,
-        num_hidden_layers=count_indexed(state, "blocks."),
-        num_attention_heads=VIT_HEADS_BY_WIDTH.get(hidden),
-        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden if "blocks.0.mlp.fc1.weight" in state else 4.0,
-        qkv_bias="blocks.0.attn.qkv.bias" in state or count_indexed(state, "blocks.") == 0,
-    )
+    depth = count_indexed(state, "blocks.")
+    settings.weights("image_size", grid * patch_weight.shape[-1], f"pos_embed {grid}x{grid} patches")
+    settings.weights("patch_size", patch_weight.shape[-1], "patch_embed.proj kernel")
+    settings.weights("num_channels", patch_weight.shape[1], "patch_embed.proj input channels")
+    settings.weights("hidden_size", hidden, "cls_token width")
+    settings.weights("num_hidden_layers", depth, "blocks.*")
+    if "blocks.0.mlp.fc1.weight" in state:
+        settings.weights("mlp_ratio", state["blocks.0.mlp.fc1.weight"].shape[0] / hidden, "blocks.0.mlp.fc1 width / hidden")
+    settings.weights("qkv_bias", "blocks.0.attn.qkv.bias" in state or depth == 0, "blocks.0.attn.qkv.bias present")
+    settings.encoder_heads(hidden, "args.model")
     if "decoder_embed.weight" in state:
-        kwargs.update(
-            decoder_hidden_size=state["decoder_embed.weight"].shape[0],
-            decoder_num_hidden_layers=count_indexed(state, "decoder_blocks."),
-            decoder_num_attention_heads=MAE_DECODER_HEADS,
-        )
-    kwargs["teacher_depth"] = (
-        count_indexed(teacher_state, "blocks.") if teacher_state is not None else kwargs["num_hidden_layers"]
-    )
+        decoder_width, decoder_depth = state["decoder_embed.weight"].shape[0], count_indexed(state, "decoder_blocks.")
+        settings.weights("decoder_hidden_size", decoder_width, "decoder_embed width")
+        settings.weights("decoder_num_hidden_layers", decoder_depth, "decoder_blocks.*")
+        settings.mae_decoder_heads(hidden, decoder_width, decoder_depth, "args.model")
+    if teacher_state is not None:
+        settings.weights("teacher_depth", count_indexed(teacher_state, "blocks."), "teacher file blocks.*")
+    else:
+        settings.set("teacher_depth", depth, "no teacher file: the student's depth (teacher = copy of the student)")
     if is_classifier_state(state):
-        kwargs["num_labels"] = state["head.weight"].shape[0]
-    kwargs.update(overrides or {})
-    if kwargs["num_attention_heads"] is None:
-        raise CheckpointFormatError(
-            f"hidden size {hidden} is not an official dBOT width; pass num_attention_heads=... in --config_overrides"
-        )
-    return DbotConfig(**kwargs)
+        settings.weights("num_labels", state["head.weight"].shape[0], "head rows")
+        settings.from_file("drop_path_rate", "args.drop_path")
+    else:
+        settings.from_file("mask_ratio", "args.mask_ratio")
+        settings.from_file("normalize_targets", "args.norm_feature_loss")
+        settings.from_file("teacher_use_final_norm", "args.tlayernorm", transform=bool)
+        settings.from_file("drop_path_rate", "args.sdpr")
+    return DbotConfig(**settings.finish()), settings
 
 
 def convert_dbot_checkpoint(
-    state: Mapping[str, torch.Tensor],
-    teacher_state: Mapping[str, torch.Tensor] | None = None,
+    state: Mapping[str, torch.Tensor] | OfficialFile,
+    teacher_state: Mapping[str, torch.Tensor] | OfficialFile | None = None,
     overrides: Mapping[str, object] | None = None,
 ) -> tuple[DbotForMaskedImageModeling | DbotForImageClassification, ConversionReport]:
-    """Build the hf_mim model holding the official weights; fine-tuned files give the classifier."""
-    config = infer_config(state, teacher_state, overrides)
-    report = ConversionReport()
+    """Build the hf_mim model holding the official weights; fine-tuned files give the classifier.
+    `state` may be an `OfficialFile` (`read_official_file`), whose `args` then set what the weights cannot."""
+    official = state if isinstance(state, OfficialFile) else None
+    state = official.state if official else state
+    teacher_file = teacher_state if isinstance(teacher_state, OfficialFile) else None
+    teacher_state = teacher_file.state if teacher_file else teacher_state
+    config, settings = infer_config(state, teacher_state, overrides, official)
+    report = ConversionReport(source=official, teacher_source=teacher_file)
+    report.record_config(config, settings)
     if is_classifier_state(state):
         if teacher_state is not None:
             raise CheckpointFormatError("a fine-tuned (classifier) checkpoint takes no teacher checkpoint")

@@ -15,6 +15,7 @@ converted pretraining model.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 
 import torch
@@ -24,10 +25,11 @@ from ..modeling_extrema import ExtremaForImageClassification, ExtremaForMaskedIm
 from .common import (
     CheckpointFormatError,
     ConversionReport,
+    OfficialFile,
+    Settings,
     VIT_BLOCK_PARTS,
-    VIT_HEADS_BY_WIDTH,
     count_indexed,
-    load_official_state_dict,
+    read_official_file,
     rename_keys,
 )
 
@@ -84,9 +86,17 @@ def is_classifier_state(state: Mapping[str, torch.Tensor]) -> bool:
     return "head.weight" in state and "fc_norm.weight" in state
 
 
-def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None) -> ExtremaConfig:
-    """Read every dimension the weights determine; heads come from the official size table, the masking
-    settings (not in the weights) default to the released 80 % x 5 (override for 90 % x 8)."""
+# The released pretraining files name their masking in the file name (no args are saved): 80%x5, 90%x8.
+RELEASE_MASKING = re.compile(r"extrema_mask0?(\d)x(\d+)")
+
+
+def infer_config(
+    state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None, official: OfficialFile | None = None
+) -> tuple[ExtremaConfig, Settings]:
+    """Dimensions from the weights; heads from the file's `arch` / `args.model`, else the official width table;
+    mask ratio and number of masks from a released file's name (`extrema_mask09x8_...`), else the README's
+    80 % x 5 (printed as a default)."""
+    settings = Settings(official, overrides)
     prefix = "base_encoder." if is_pretraining_state(state) else ""
     for key in ("pos_embed", "patch_embed.proj.weight"):
         if prefix + key not in state:
@@ -101,44 +111,49 @@ def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, obje
         )
     depth = count_indexed(state, prefix + "blocks.")
     fc1 = state.get(prefix + "blocks.0.mlp.fc1.weight")
-    kwargs: dict[str, object] = dict(
-        image_size=grid * patch_weight.shape[-1],
-        patch_size=patch_weight.shape[-1],
-        num_channels=patch_weight.shape[1],
-        hidden_size=hidden,
-        num_hidden_layers=depth,
-        num_attention_heads=VIT_HEADS_BY_WIDTH.get(hidden),
-        mlp_ratio=fc1.shape[0] / hidden if fc1 is not None else 4.0,
-        qkv_bias=prefix + "blocks.0.attn.qkv.bias" in state or depth == 0,
-    )
+    settings.weights("image_size", grid * patch_weight.shape[-1], f"pos_embed {grid}x{grid} patches")
+    settings.weights("patch_size", patch_weight.shape[-1], "patch_embed.proj kernel")
+    settings.weights("num_channels", patch_weight.shape[1], "patch_embed.proj input channels")
+    settings.weights("hidden_size", hidden, "patch_embed.proj width")
+    settings.weights("num_hidden_layers", depth, "blocks.*")
+    if fc1 is not None:
+        settings.weights("mlp_ratio", fc1.shape[0] / hidden, "blocks.0.mlp.fc1 width / hidden")
+    settings.weights("qkv_bias", prefix + "blocks.0.attn.qkv.bias" in state or depth == 0, "blocks.0.attn.qkv.bias present")
+    settings.encoder_heads(hidden, "extra.arch", "args.model")
     if prefix:
-        kwargs["num_class_attention_layers"] = count_indexed(state, prefix + "blocks_token.")
+        settings.weights("num_class_attention_layers", count_indexed(state, prefix + "blocks_token."), "blocks_token.*")
         if prefix + "blocks_token.0.gamma_1" not in state:
-            kwargs["layer_scale_init_value"] = 0.0
+            settings.weights("layer_scale_init_value", 0.0, "no blocks_token.0.gamma_1")
         elif hidden == 1024:
-            kwargs["layer_scale_init_value"] = 1e-5  # official help text for Large (only the init differs)
-        kwargs["projector_hidden_size"] = state[prefix + "head.0.weight"].shape[0]
-        kwargs["projection_dim"] = state[prefix + "head.6.weight"].shape[0]
+            settings.default("layer_scale_init_value", 1e-5, "official help text for ViT-L (only the init differs)")
+        settings.weights("projector_hidden_size", state[prefix + "head.0.weight"].shape[0], "head.0 width")
+        settings.weights("projection_dim", state[prefix + "head.6.weight"].shape[0], "head.6 width")
+        release = RELEASE_MASKING.search(official.name) if official is not None else None
+        if release:
+            ratio, masks = int(release.group(1)) / 10, int(release.group(2))
+            settings.set("mask_ratio", ratio, f"file name {official.name!r} (official release)")
+            settings.set("num_masks", masks, f"file name {official.name!r} (official release)")
+        else:
+            settings.default("mask_ratio", 0.8, "the README's pretraining command (not stored in the file)")
+            settings.default("num_masks", 5, "the README's pretraining command (not stored in the file)")
     else:
-        kwargs["num_labels"] = state["head.weight"].shape[0]
-        kwargs["pooling"] = "mean"
-    kwargs.update(overrides or {})
-    if kwargs["num_attention_heads"] is None:
-        raise CheckpointFormatError(
-            f"hidden size {hidden} is not an official ExtreMA width; pass num_attention_heads=... in --config_overrides"
-        )
-    return ExtremaConfig(**kwargs)
+        settings.weights("num_labels", state["head.weight"].shape[0], "head rows")
+        settings.weights("pooling", "mean", "fc_norm present (mean pooling)")
+        settings.from_file("drop_path_rate", "args.drop_path")
+    return ExtremaConfig(**settings.finish()), settings
 
 
 def convert_extrema_checkpoint(
-    state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None
+    state: Mapping[str, torch.Tensor] | OfficialFile, overrides: Mapping[str, object] | None = None
 ) -> tuple[ExtremaForMaskedImageModeling | ExtremaForImageClassification, ConversionReport]:
     """Build the hf_mim model holding the official weights: pretraining files give
     `ExtremaForMaskedImageModeling`, fine-tuned files `ExtremaForImageClassification`."""
+    official = state if isinstance(state, OfficialFile) else None
+    state = official.state if official else state
     state = {key[len("module.") :] if key.startswith("module.") else key: value for key, value in state.items()}
-    report = ConversionReport()
+    report = ConversionReport(source=official)
     if is_pretraining_state(state):
-        config = infer_config(state, overrides)
+        config, settings = infer_config(state, overrides, official)
         converted = rename_keys(state, PRETRAINING_RULES, report=report)
         model: ExtremaForMaskedImageModeling | ExtremaForImageClassification = ExtremaForMaskedImageModeling(config)
     elif is_classifier_state(state):
@@ -147,7 +162,7 @@ def convert_extrema_checkpoint(
                 "fine-tuned checkpoint with a final `norm` (use_mean_pooling=False) is not an official ExtreMA "
                 "fine-tuning layout; hf_mim's classifier mean-pools the patch tokens"
             )
-        config = infer_config(state, overrides)
+        config, settings = infer_config(state, overrides, official)
         converted = rename_keys(state, CLASSIFIER_RULES, CLASSIFIER_DROP, report)
         model = ExtremaForImageClassification(config)
     else:
@@ -155,6 +170,7 @@ def convert_extrema_checkpoint(
             "not an ExtreMA checkpoint: expected `module.base_encoder.*` keys (pretraining, under 'state_dict') "
             "or `fc_norm` + `head` (fine-tuned classifier, under 'model')"
         )
+    report.record_config(config, settings)
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if unexpected:
         raise CheckpointFormatError(f"converted keys unknown to {type(model).__name__}: {unexpected[:10]}")
@@ -170,12 +186,7 @@ def convert_extrema_checkpoint(
     return model, report
 
 
-def load_extrema_checkpoint(path) -> dict[str, torch.Tensor]:
-    """Weights of an official file: pretraining checkpoints keep them under "state_dict", fine-tuned
-    ones under "model"; a plain state dict (.pth or .safetensors) works too."""
-    try:
-        return load_official_state_dict(path, state_key="state_dict")
-    except CheckpointFormatError as error:
-        if "contains no tensors" not in str(error):
-            raise
-        return load_official_state_dict(path, state_key="model")
+def load_extrema_checkpoint(path) -> OfficialFile:
+    """An official file: pretraining checkpoints keep the weights under "state_dict" (with "arch"),
+    fine-tuned ones under "model" (with "args"); a plain state dict (.pth or .safetensors) works too."""
+    return read_official_file(path, ("state_dict", "model"))

@@ -25,6 +25,8 @@ from ..modeling_maskdistill import MaskDistillForImageClassification, MaskDistil
 from .common import (
     CheckpointFormatError,
     ConversionReport,
+    OfficialFile,
+    Settings,
     VIT_BLOCK_PARTS,
     count_indexed,
     merge_qkv_bias,
@@ -69,14 +71,27 @@ def strip_prefix(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return dict(state)
 
 
-def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None) -> MaskDistillConfig:
-    """Every dimension from the weights; heads from the relative position table's width."""
+def mask_ratio_for(count: int, num_patches: int) -> float:
+    """The ratio whose `int(ratio * num_patches)` is exactly `count` (BEiT's --num_mask_patches)."""
+    ratio = count / num_patches
+    return ratio if int(ratio * num_patches) == count else (count + 0.5) / num_patches
+
+
+def infer_config(
+    state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None, official: OfficialFile | None = None
+) -> tuple[MaskDistillConfig, Settings]:
+    """Every dimension from the weights (heads from the relative position table's width); masking, drop
+    path and layer scale from the file's BEiT v2 `args` where it has them."""
     for key in ("cls_token", "patch_embed.proj.weight"):
         if key not in state:
             raise CheckpointFormatError(f"not a BEiT v2 / MaskDistill ViT checkpoint: key {key!r} is missing")
-    table = state.get("rel_pos_bias.relative_position_bias_table", state.get("blocks.0.attn.relative_position_bias_table"))
-    if table is None:
+    settings = Settings(official, overrides)
+    table_key = next(
+        (key for key in ("rel_pos_bias.relative_position_bias_table", "blocks.0.attn.relative_position_bias_table") if key in state), None
+    )
+    if table_key is None:
         raise CheckpointFormatError("no relative position bias table: not a BEiT v2 / MaskDistill checkpoint")
+    table = state[table_key]
     side = math.isqrt(table.shape[0] - 3)
     if side * side != table.shape[0] - 3 or side % 2 == 0:
         raise CheckpointFormatError(f"relative position table with {table.shape[0]} rows is not for a square grid")
@@ -85,22 +100,28 @@ def infer_config(state: Mapping[str, torch.Tensor], overrides: Mapping[str, obje
         raise CheckpointFormatError("absolute position embeddings are not part of the MaskDistill student layout")
     hidden = state["cls_token"].shape[-1]
     patch_weight = state["patch_embed.proj.weight"]
-    kwargs: dict[str, object] = dict(
-        image_size=grid * patch_weight.shape[-1],
-        patch_size=patch_weight.shape[-1],
-        num_channels=patch_weight.shape[1],
-        hidden_size=hidden,
-        num_hidden_layers=count_indexed(state, "blocks."),
-        num_attention_heads=table.shape[1],
-        mlp_ratio=state["blocks.0.mlp.fc1.weight"].shape[0] / hidden if "blocks.0.mlp.fc1.weight" in state else 4.0,
-    )
+    settings.weights("image_size", grid * patch_weight.shape[-1], f"{table_key} rows ({grid}x{grid} grid)")
+    settings.weights("patch_size", patch_weight.shape[-1], "patch_embed.proj kernel")
+    settings.weights("num_channels", patch_weight.shape[1], "patch_embed.proj input channels")
+    settings.weights("hidden_size", hidden, "cls_token width")
+    settings.weights("num_hidden_layers", count_indexed(state, "blocks."), "blocks.*")
+    settings.weights("num_attention_heads", table.shape[1], f"{table_key} columns")
+    if "blocks.0.mlp.fc1.weight" in state:
+        settings.weights("mlp_ratio", state["blocks.0.mlp.fc1.weight"].shape[0] / hidden, "blocks.0.mlp.fc1 width / hidden")
     if "lm_head.weight" in state:
-        kwargs["teacher_hidden_size"] = state["lm_head.weight"].shape[0]
+        settings.weights("teacher_hidden_size", state["lm_head.weight"].shape[0], "lm_head rows")
     if is_classifier_state(state):
-        kwargs["num_labels"] = state["head.weight"].shape[0]
-        kwargs["use_mean_pooling"] = "fc_norm.weight" in state
-    kwargs.update(overrides or {})
-    return MaskDistillConfig(**kwargs)
+        settings.weights("num_labels", state["head.weight"].shape[0], "head rows")
+        settings.weights("use_mean_pooling", "fc_norm.weight" in state, "fc_norm present" if "fc_norm.weight" in state else "no fc_norm")
+    else:
+        settings.from_file(
+            "mask_ratio", "args.num_mask_patches", transform=lambda count: mask_ratio_for(count, grid * grid),
+            why=f"of {grid * grid} patches",
+        )
+        settings.from_file("mask_min_num_patches", "args.min_mask_patches_per_block")
+    settings.from_file("drop_path_rate", "args.drop_path")
+    settings.from_file("layer_scale_init_value", "args.layer_scale_init_value")
+    return MaskDistillConfig(**settings.finish()), settings
 
 
 def check_index(state: Mapping[str, torch.Tensor], grid: int) -> None:
@@ -111,13 +132,15 @@ def check_index(state: Mapping[str, torch.Tensor], grid: int) -> None:
 
 
 def convert_maskdistill_checkpoint(
-    state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None
+    state: Mapping[str, torch.Tensor] | OfficialFile, overrides: Mapping[str, object] | None = None
 ) -> tuple[MaskDistillForMaskedImageModeling | MaskDistillForImageClassification, ConversionReport]:
     """Build the hf_mim model holding the weights; a fine-tuning state dict gives the classifier."""
-    state = strip_prefix(state)
-    config = infer_config(state, overrides)
+    official = state if isinstance(state, OfficialFile) else None
+    state = strip_prefix(official.state if official else state)
+    config, settings = infer_config(state, overrides, official)
     check_index(state, config.grid_size)
-    report = ConversionReport()
+    report = ConversionReport(source=official)
+    report.record_config(config, settings)
     converted = rename_keys(state, STUDENT_RULES, DROP, report)
     converted.update(merge_qkv_bias(state, P + "layers."))
     if is_classifier_state(state):
@@ -146,18 +169,35 @@ def convert_maskdistill_checkpoint(
 # --------------------------------------------------------------------------------------------------
 
 
-def convert_openai_clip_visual(state: Mapping[str, torch.Tensor], num_attention_heads: int | None = None):
-    """An OpenAI CLIP state dict (image tower, `visual.` prefix optional) -> CLIPVisionModelWithProjection.
+def convert_openai_clip_visual(
+    state: Mapping[str, torch.Tensor], num_attention_heads: int | None = None, report: ConversionReport | None = None
+):
+    """An OpenAI CLIP state dict -> CLIPVisionModelWithProjection (the image tower only).
 
-    Heads default to width // 64 (OpenAI's `build_model`); pass them for non-standard towers.
+    Takes a full CLIP state dict (image + text towers, as in OpenAI's `.pt` files; only `visual.*` is
+    used, the rest is reported as dropped) or the image tower alone (`visual.` prefix optional). Heads
+    default to width // 64 (OpenAI's `build_model`); a tower whose width is no multiple of 64 needs them.
     """
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    state = {key[len("visual.") :] if key.startswith("visual.") else key: value for key, value in state.items()}
+    if any(key.startswith("visual.") for key in state):
+        others = sorted(key for key in state if not key.startswith("visual."))
+        if others and report is not None:
+            report.dropped["<teacher text tower>"] = (
+                f"{len(others)} tensors outside visual.* (text tower, logit_scale, ...) are not used by MaskDistill"
+            )
+        state = {key[len("visual.") :]: value for key, value in state.items() if key.startswith("visual.")}
     for key in ("conv1.weight", "class_embedding", "positional_embedding", "proj"):
         if key not in state:
             raise CheckpointFormatError(f"not an OpenAI CLIP image tower: key {key!r} is missing")
     width = state["class_embedding"].shape[0]
+    if num_attention_heads is None:
+        if width % 64:
+            raise CheckpointFormatError(
+                f"the CLIP image tower is {width} wide, not a multiple of 64 (OpenAI's heads = width // 64): "
+                "pass --teacher_num_attention_heads N"
+            )
+        num_attention_heads = width // 64
     patch = state["conv1.weight"].shape[-1]
     grid = math.isqrt(state["positional_embedding"].shape[0] - 1)
     layers = count_indexed(state, "transformer.resblocks.")
@@ -165,7 +205,7 @@ def convert_openai_clip_visual(state: Mapping[str, torch.Tensor], num_attention_
         hidden_size=width,
         intermediate_size=state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
         num_hidden_layers=layers,
-        num_attention_heads=num_attention_heads or width // 64,
+        num_attention_heads=num_attention_heads,
         image_size=grid * patch,
         patch_size=patch,
         num_channels=state["conv1.weight"].shape[1],
@@ -200,6 +240,8 @@ def convert_openai_clip_visual(state: Mapping[str, torch.Tensor], num_attention_
     missing = [key for key in missing if not key.endswith("position_ids")]
     if missing or unexpected:
         raise CheckpointFormatError(f"CLIP conversion mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if report is not None:
+        report.converted += [f"teacher:visual.{key}" for key in state]
     return model
 
 
