@@ -432,7 +432,8 @@ class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
     masked patches with smooth-L1. The teacher is frozen and not saved (see the module docstring)."""
 
     _keys_to_ignore_on_load_unexpected = [r"^maskdistill\.pooler\.", r"^classifier\.", r"layers\.\d+\.rel_pos_bias\."]
-    _keys_to_ignore_on_save = [r"^teacher\."]  # belt and braces: the teacher is not a submodule anyway
+    # no `_keys_to_ignore_on_save`: transformers matches exact names there, and the teacher is not a
+    # submodule, so it has no key to drop
 
     def __init__(self, config: MaskDistillConfig):
         super().__init__(config)
