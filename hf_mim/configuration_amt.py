@@ -39,7 +39,7 @@ VARIANT_DEFAULTS = {
         drop_path_rate=0.1,
         mask_ratio=0.44,
         throw_ratio=0.26,
-        warmup_mask_ratio=0.44,  # SimMIM-AMT's random masks before the first refresh (MASK_RATIO)
+        warmup_mask_ratio=None,  # SimMIM-AMT draws its warm-up masks at MASK_RATIO: follow mask_ratio
         patches_per_mask_unit=2,  # SimMIM masks units of 2 x 2 patches (32 px at patch 16)
         amt_interval=0.2,  # refresh every 40 of 200 epochs
         use_mean_pooling=False,  # fine-tuning: final norm + cls token
@@ -71,7 +71,9 @@ class AmtConfig(PresetConfigMixin, PreTrainedConfig):
             (512 / 8 / 16); unused by SimMIM.
         mask_ratio: fraction of mask units masked (reconstructed): MAE 0.45, SimMIM 0.44.
         throw_ratio: fraction thrown away (seen by nobody, not reconstructed): MAE 0.4, SimMIM 0.26.
-        warmup_mask_ratio: random masking ratio before the first attention refresh (MAE 0.75, SimMIM 0.44).
+        warmup_mask_ratio: random masking ratio before the first attention refresh. Unset: MAE 0.75 (mae-AMT
+            hard-codes it), SimMIM None = follow `mask_ratio` (SimMIM-AMT draws warm-up masks at MASK_RATIO),
+            resolved when masks are drawn so a later `mask_ratio` change carries over.
         mask_patch_size: side in pixels of one mask unit (MAE: the patch; SimMIM: 2 x 2 patches, 32 px).
         amt_interval: fraction of training between attention refreshes (MAE 0.1, SimMIM 0.2); the first
             refresh comes after the first interval, none at the very end.
@@ -171,6 +173,11 @@ class AmtConfig(PresetConfigMixin, PreTrainedConfig):
         super().__init__(**kwargs)
         self.validate()
 
+    @property
+    def effective_warmup_mask_ratio(self) -> float:
+        """The warm-up (random-phase) mask ratio: `warmup_mask_ratio`, or `mask_ratio` when it is None."""
+        return self.mask_ratio if self.warmup_mask_ratio is None else self.warmup_mask_ratio
+
     def validate(self) -> None:
         """Raise a ValueError naming the first invalid field."""
         check_choice("masking_strategy", self.masking_strategy, MASKING_STRATEGIES)
@@ -194,7 +201,8 @@ class AmtConfig(PresetConfigMixin, PreTrainedConfig):
         if self.image_size % self.mask_patch_size:
             raise config_error("mask_patch_size", self.mask_patch_size, f"must divide image_size={self.image_size}")
         for field in ("mask_ratio", "throw_ratio", "warmup_mask_ratio", "drop_path_rate"):
-            check_fraction(field, getattr(self, field))
+            if field != "warmup_mask_ratio" or self.warmup_mask_ratio is not None:
+                check_fraction(field, getattr(self, field))
         if self.masking_strategy == "amt" and self.mask_ratio + self.throw_ratio >= 1:
             raise config_error(
                 "throw_ratio", self.throw_ratio, f"mask_ratio + throw_ratio must stay below 1 (mask_ratio={self.mask_ratio})"

@@ -45,6 +45,11 @@ def teacher_token_width(teacher_config: PreTrainedConfig, layer: str) -> int:
     return teacher_config.projection_dim if layer == "projected" else teacher_config.hidden_size
 
 
+def as_list(value):
+    """A tuple of per-channel values as a list (JSON round trip); anything else as given, for `validate`."""
+    return list(value) if isinstance(value, tuple) else value
+
+
 class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
     r"""Configuration of a MaskDistill student (BEiT-style ViT + linear head) and its frozen teacher.
 
@@ -165,10 +170,10 @@ class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
         self.teacher_name_or_path = teacher_name_or_path
         self.teacher_layer = teacher_layer
         self.teacher_hidden_size = teacher_hidden_size
-        self.teacher_image_mean = list(teacher_image_mean) if teacher_image_mean is not None else None
-        self.teacher_image_std = list(teacher_image_std) if teacher_image_std is not None else None
-        self.image_mean = list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
-        self.image_std = list(image_std) if image_std is not None else list(IMAGENET_STD)
+        self.teacher_image_mean = as_list(teacher_image_mean)
+        self.teacher_image_std = as_list(teacher_image_std)
+        self.image_mean = as_list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
+        self.image_std = as_list(image_std) if image_std is not None else list(IMAGENET_STD)
         self.target_normalization = target_normalization
         self.target_norm_eps = target_norm_eps
         self.loss = loss
@@ -228,6 +233,10 @@ class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
             raise config_error("teacher_name_or_path", self.teacher_name_or_path, "expected a path/name or None")
         for field in ("teacher_image_mean", "teacher_image_std", "image_mean", "image_std"):
             value = getattr(self, field)
+            if value is not None and (
+                not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            ):
+                raise config_error(field, value, f"expected a list of {self.num_channels} numbers (one per channel)")
             if value is not None and len(value) != self.num_channels:
                 raise config_error(field, value, f"expected {self.num_channels} values (one per channel)")
         for field in ("teacher_image_std", "image_std"):

@@ -8,6 +8,8 @@ choices.
 
 from __future__ import annotations
 
+import re
+
 from transformers import PreTrainedConfig
 from transformers.backbone_utils import BackboneConfigMixin
 
@@ -67,7 +69,8 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         backbone_pyramid: how `RevColV2Backbone` turns the last top-down column's levels into feature
             maps: "simple" resamples level l by 4 / 2**l (strides 4, 8, 16, 32 at patch 16: ViTDet/BEiT
             style, deconvolutions up, max-pool down), "none" keeps every level at the patch stride.
-        out_features / out_indices: backbone stages among `stage_names` = ["stem", "level0", ...];
+        out_features / out_indices: backbone stages among `stage_names` = ["stem", "stage1", ...] (the
+            names transformers' backbones use; stage k is level k-1; the old "level0".. names still load);
             default all levels.
         initializer_range: std of the cls and mask tokens; classifier_init_std: the head's (2e-5, the
             effective MAE / RevCol v1 fine-tuning head init).
@@ -159,7 +162,11 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         kwargs.pop("stage_names", None)
         super().__init__(**kwargs)
         self.validate()
-        self.stage_names = ["stem"] + [f"level{level}" for level in range(self.num_levels)]
+        self.stage_names = ["stem"] + [f"stage{level + 1}" for level in range(self.num_levels)]
+        if out_features is not None:  # configs saved before the transformers names: "level{k}" = "stage{k+1}"
+            out_features = [
+                f"stage{int(name[5:]) + 1}" if re.fullmatch(r"level\d+", str(name)) else name for name in out_features
+            ]
         if out_features is None and out_indices is None:
             out_features = self.stage_names[1:]
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)

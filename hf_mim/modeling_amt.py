@@ -302,7 +302,7 @@ class AmtForMaskedImageModeling(AmtPreTrainedModel):
             unit_size=config.mask_patch_size // config.patch_size,
             mask_ratio=config.mask_ratio,
             throw_ratio=config.throw_ratio,
-            warmup_mask_ratio=config.warmup_mask_ratio,
+            warmup_mask_ratio=config.effective_warmup_mask_ratio,
             rounding=COUNT_ROUNDING[config.variant],
             strategy=config.masking_strategy,
         )
@@ -359,7 +359,7 @@ class AmtForMaskedImageModeling(AmtPreTrainedModel):
                 raise ValueError(f"patch_attention must have shape {(batch_size, num_patches)}, got {tuple(patch_attention.shape)}")
             unit_weights = units_from_patches(patch_attention.float(), generator.patch_grid, generator.unit_size)
             return generator.guided_masks(unit_weights, noise)
-        ratio = self.config.mask_ratio if self.config.masking_strategy == "random" else self.config.warmup_mask_ratio
+        ratio = self.config.mask_ratio if self.config.masking_strategy == "random" else self.config.effective_warmup_mask_ratio
         return generator.random_masks(noise, ratio)
 
     # ----------------------------------------------------------------------------------- forward

@@ -225,7 +225,8 @@ def eager_attention_forward(
     weights = torch.matmul(query, key.transpose(2, 3)) * scaling
     if attention_mask is not None:
         weights = weights + attention_mask
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    # float32 softmax for half precision (as transformers' eager kernels); float64 stays float64 (exact)
+    weights = F.softmax(weights, dim=-1, dtype=torch.promote_types(query.dtype, torch.float32)).to(query.dtype)
     weights = F.dropout(weights, p=dropout, training=module.training)
     output = torch.matmul(weights, value).transpose(1, 2).contiguous()
     return output, weights
@@ -541,7 +542,7 @@ class MaeDecoder(nn.Module):
     patches: positions are added first, then they are removed), blocks, norm, linear head.
 
     Attribute names follow MAE (`decoder_embed`, `mask_token`, `decoder_norm`, `decoder_pred`); the
-    position table is a non-persistent buffer refilled by `init_vit_weights` (meta-device loading).
+    position table is a non-persistent buffer, filled at construction and by `init_vit_weights`.
     """
 
     def __init__(
@@ -562,7 +563,10 @@ class MaeDecoder(nn.Module):
         self.grid_size = grid_size
         self.decoder_embed = nn.Linear(input_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("position_embeddings", torch.zeros(1, 1 + grid_size * grid_size, dim), persistent=False)
+        # filled here (a model built with initialisation skipped has it) and again in `init_vit_weights`
+        # (a model built on the meta device, as `from_pretrained` does)
+        table = sincos_2d_table(dim, grid_size, grid_size, num_prefix_tokens=1)
+        self.register_buffer("position_embeddings", table, persistent=False)
         self.layers = make_blocks(config, dim, depth, num_heads, mlp_ratio, qkv_bias, layer_norm_eps, drop_path_rate)
         self.decoder_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
         self.decoder_pred = nn.Linear(dim, output_dim)

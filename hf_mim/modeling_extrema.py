@@ -69,8 +69,10 @@ class ExtremaMaskedImageModelingOutput(ModelOutput):
     encoder_last_hidden_state: (B, K, 1 + n, D) online encoder after the final norm: the instance token
         (class attention) first, then the visible patch tokens in the order they entered.
     target_last_hidden_state: (B, 1 + N, D) momentum encoder after the final norm, every patch in raster order.
-    hidden_states / attentions: of the online encoder, each (B, K, ...): embeddings + every
-        self-attention block output; self-attention maps then class-attention maps.
+    hidden_states / attentions: of the online encoder, the very tensors the loss is computed from (so
+        `retain_grad()` works), rows mask-major as the official code (row i * B + b = mask i of image b;
+        `.unflatten(0, (K, B))`): embeddings + every self-attention block output / the self-attention maps.
+    class_attentions: the class-attention maps, each (K * B, heads, 1, 1 + n), same rows.
     """
 
     loss: torch.Tensor | None = None
@@ -83,6 +85,15 @@ class ExtremaMaskedImageModelingOutput(ModelOutput):
     target_last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    class_attentions: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class ExtremaModelOutput(BaseModelOutputWithPooling):
+    """`BaseModelOutputWithPooling` + `class_attentions`: the class-attention maps (B, heads, 1, 1 + N),
+    kept apart from `attentions` (one (B, heads, N, N) map per self-attention block) so each stacks."""
+
+    class_attentions: tuple[torch.Tensor, ...] | None = None
 
 
 class ExtremaEncoderOutput(NamedTuple):
@@ -90,11 +101,16 @@ class ExtremaEncoderOutput(NamedTuple):
     patch_tokens: torch.Tensor  # (B', n, D): output of the self-attention stack (no final norm)
     cls_token: torch.Tensor | None  # (B', D): class-attention output before the final norm
     hidden_states: tuple[torch.Tensor, ...] | None
-    attentions: tuple[torch.Tensor, ...] | None
+    attentions: tuple[torch.Tensor, ...] | None  # self-attention maps
+    class_attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class ExtremaClassAttention(nn.Module):
-    """The cls query (official `cls_token`, never part of the self-attention stack) and the class-attention
+class ExtremaClassTokenBlocks(nn.Module):
+    """(Not named "...Attention": transformers reads a model file with an `*Attention*(nn.Module)` class
+    that does not call the attention interface itself as one whose kernel cannot be switched; the
+    kernels here come from `modeling_common.attention_kernel`, read at every call.)
+
+    The cls query (official `cls_token`, never part of the self-attention stack) and the class-attention
     blocks (official `blocks_token`) that turn the patch tokens into one instance vector."""
 
     def __init__(self, config: ExtremaConfig):
@@ -153,7 +169,7 @@ class ExtremaEncoder(nn.Module):
         if config.attention_dropout:
             for layer in self.layers:
                 layer.attn.attention_dropout = config.attention_dropout
-        self.class_attention = ExtremaClassAttention(config) if use_class_attention else None
+        self.class_attention = ExtremaClassTokenBlocks(config) if use_class_attention else None
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None
 
     def forward(
@@ -176,17 +192,15 @@ class ExtremaEncoder(nn.Module):
         patch_tokens, hidden_states, attentions = run_blocks(
             self.layers, tokens, output_hidden_states, output_attentions
         )
-        cls_token = None
+        cls_token, class_attentions = None, None
         sequence = patch_tokens
         if self.class_attention is not None:
             cls_token, class_attentions = self.class_attention(patch_tokens, output_attentions)
             sequence = torch.cat([cls_token, patch_tokens], dim=1)
             cls_token = cls_token[:, 0]
-            if output_attentions:
-                attentions = attentions + class_attentions
         if self.layernorm is not None:
             sequence = self.layernorm(sequence)
-        return ExtremaEncoderOutput(sequence, patch_tokens, cls_token, hidden_states, attentions)
+        return ExtremaEncoderOutput(sequence, patch_tokens, cls_token, hidden_states, attentions, class_attentions)
 
 
 class ExtremaMLP(nn.Sequential):
@@ -229,7 +243,7 @@ class ExtremaPreTrainedModel(MIMPreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         init_vit_weights(module, token_std=self.config.initializer_range)
-        if isinstance(module, ExtremaClassAttention):
+        if isinstance(module, ExtremaClassTokenBlocks):
             init.normal_(module.cls_token, std=self.config.initializer_range)
         elif module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
             # official fine-tuning: trunc_normal(0.02) then x init_scale (0.001); bias 0
@@ -327,11 +341,12 @@ class ExtremaModel(ExtremaPreTrainedModel):
             pooled = encoded.cls_token
         else:
             pooled = None
-        output = BaseModelOutputWithPooling(
+        output = ExtremaModelOutput(
             last_hidden_state=encoded.last_hidden_state,
             pooler_output=pooled,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
+            class_attentions=encoded.class_attentions,
         )
         return output if return_dict else output.to_tuple()
 
@@ -568,8 +583,9 @@ class ExtremaForMaskedImageModeling(ExtremaPreTrainedModel):
             projections=batch_major(projections),
             encoder_last_hidden_state=batch_major(encoded.last_hidden_state),
             target_last_hidden_state=target_hidden,
-            hidden_states=tuple(map(batch_major, encoded.hidden_states)) if encoded.hidden_states else None,
-            attentions=tuple(map(batch_major, encoded.attentions)) if encoded.attentions else None,
+            hidden_states=encoded.hidden_states,
+            attentions=encoded.attentions,
+            class_attentions=encoded.class_attentions,
         )
         return output if return_dict else output.to_tuple()
 

@@ -73,11 +73,12 @@ class MaskDistillMaskedImageModelingOutput(ModelOutput):
 class MaskDistillEmbeddings(nn.Module):
     """Patch embedding; masked patches replaced by `mask_token`; cls prepended. No absolute positions."""
 
-    def __init__(self, config: MaskDistillConfig):
+    def __init__(self, config: MaskDistillConfig, use_mask_token: bool = True):
         super().__init__()
         self.patch_embeddings = PatchEmbeddings(config.image_size, config.patch_size, config.num_channels, config.hidden_size)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size))
+        # the classifier never masks: no trainable parameter without a gradient (DDP would stop on it)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, config.hidden_size)) if use_mask_token else None
 
     def forward(
         self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None, interpolate_pos_encoding: bool = False
@@ -86,6 +87,8 @@ class MaskDistillEmbeddings(nn.Module):
         patches = self.patch_embeddings(pixel_values)
         batch_size, num_patches, _ = patches.shape
         if bool_masked_pos is not None:
+            if self.mask_token is None:
+                raise ValueError("this model has no mask token (the classifier never masks): bool_masked_pos is not accepted")
             if bool_masked_pos.shape != (batch_size, num_patches):
                 raise ValueError(
                     f"bool_masked_pos must have shape {(batch_size, num_patches)}, got {tuple(bool_masked_pos.shape)}"
@@ -105,10 +108,16 @@ class MaskDistillEncoder(nn.Module):
     into every block (BEiT's fine-tuning checkpoint loading).
     """
 
-    def __init__(self, config: MaskDistillConfig, use_final_norm: bool = True, per_layer_relative_position_bias: bool = False):
+    def __init__(
+        self,
+        config: MaskDistillConfig,
+        use_final_norm: bool = True,
+        per_layer_relative_position_bias: bool = False,
+        use_mask_token: bool = True,
+    ):
         super().__init__()
         grid = config.image_size // config.patch_size
-        self.embeddings = MaskDistillEmbeddings(config)
+        self.embeddings = MaskDistillEmbeddings(config, use_mask_token)
         self.rel_pos_bias = RelativePositionBias(grid, config.num_attention_heads)
         self.layers = make_blocks(
             config,
@@ -172,7 +181,8 @@ class MaskDistillPreTrainedModel(MIMPreTrainedModel):
             init.zeros_(module.bias)
         elif isinstance(module, MaskDistillEmbeddings):
             init.trunc_normal_(module.cls_token, std=std)
-            init.trunc_normal_(module.mask_token, std=std)
+            if module.mask_token is not None:
+                init.trunc_normal_(module.mask_token, std=std)
         elif isinstance(module, RelativePositionBias):
             if getattr(module, "copy_from_shared", False):
                 shared = self._shared_relative_position_bias()
@@ -200,12 +210,19 @@ class MaskDistillModel(MaskDistillPreTrainedModel):
     _keys_to_ignore_on_load_unexpected = [r"lm_head\.", r"classifier\.", r"encoder\.layernorm\.", r"layers\.\d+\.rel_pos_bias\."]
 
     def __init__(
-        self, config: MaskDistillConfig, add_pooling_layer: bool = True, per_layer_relative_position_bias: bool = False
+        self,
+        config: MaskDistillConfig,
+        add_pooling_layer: bool = True,
+        per_layer_relative_position_bias: bool = False,
+        use_mask_token: bool = True,
     ):
         super().__init__(config)
         mean_pooling = add_pooling_layer and config.use_mean_pooling
         self.encoder = MaskDistillEncoder(
-            config, use_final_norm=not mean_pooling, per_layer_relative_position_bias=per_layer_relative_position_bias
+            config,
+            use_final_norm=not mean_pooling,
+            per_layer_relative_position_bias=per_layer_relative_position_bias,
+            use_mask_token=use_mask_token,
         )
         self.pooler = MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1) if mean_pooling else None
         self.add_pooling_layer = add_pooling_layer
@@ -445,7 +462,8 @@ class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
     masked patches with smooth-L1. The teacher is frozen and not saved (see the module docstring)."""
 
     _keys_to_ignore_on_load_unexpected = [r"^maskdistill\.pooler\.", r"^classifier\.", r"layers\.\d+\.rel_pos_bias\."]
-    _keys_to_ignore_on_save = [r"^teacher\."]  # belt and braces: the teacher is not a submodule anyway
+    # no `_keys_to_ignore_on_save`: transformers matches exact names there, and the teacher is not a
+    # submodule, so it has no key to drop
 
     def __init__(self, config: MaskDistillConfig):
         super().__init__(config)
@@ -664,14 +682,19 @@ class MaskDistillForImageClassification(ImageClassificationMixin, MaskDistillPre
     """BEiT v2-style fine-tuning: per-layer relative position tables (copied from the shared pretraining
     table on load), mean of the patch tokens -> fc_norm -> linear head (`use_mean_pooling`)."""
 
-    _keys_to_ignore_on_load_unexpected = [r"^lm_head\.", r"^maskdistill\.encoder\.layernorm\."]
+    # a pretraining checkpoint's head, final norm and mask token (the classifier never masks)
+    _keys_to_ignore_on_load_unexpected = [
+        r"^lm_head\.", r"^maskdistill\.encoder\.layernorm\.", r"^maskdistill\.encoder\.embeddings\.mask_token$"
+    ]
     # not reported as missing: _init_weights copies the (loaded) shared pretraining table into each block
     _keys_to_ignore_on_load_missing = [r"layers\.\d+\.rel_pos_bias\."]
 
     def __init__(self, config: MaskDistillConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.maskdistill = MaskDistillModel(config, add_pooling_layer=True, per_layer_relative_position_bias=True)
+        self.maskdistill = MaskDistillModel(
+            config, add_pooling_layer=True, per_layer_relative_position_bias=True, use_mask_token=False
+        )
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 

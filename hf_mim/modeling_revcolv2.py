@@ -31,7 +31,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_revcolv2 import RevColV2Config
 from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices
@@ -47,6 +47,8 @@ from .modeling_common import (
 )
 from .objectives import masked_mse, patchify, pixel_targets, unpatchify
 from .reversible import clamp_alpha, run_column
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -138,11 +140,22 @@ class RevColV2Level(nn.Module):
             for rate in rates[:num_blocks]
         )
 
+    # set by the column: the reversible engine recomputes this level in backward already
+    engine_recomputes = False
+
     def forward(self, c_down: torch.Tensor, c_up: torch.Tensor | None = None) -> torch.Tensor:
         hidden_states = self.fusion(c_down, c_up)
         for block in self.blocks:
-            hidden_states = block(hidden_states)[0]
+            if self.engine_recomputes and block.gradient_checkpointing:
+                # gradient checkpointing is a no-op here: run the block's own forward, not the checkpointed one
+                hidden_states = _BLOCK_FORWARD(block, hidden_states)[0]
+            else:
+                hidden_states = block(hidden_states)[0]
         return hidden_states
+
+
+# Block.forward without GradientCheckpointingLayer's checkpointing wrapper (functools.wraps keeps it).
+_BLOCK_FORWARD = getattr(Block.forward, "__wrapped__", Block.forward)
 
 
 def _drop_path_ramp(max_rate: float, depth: int) -> list[float]:
@@ -195,6 +208,8 @@ class RevColV2Column(nn.Module):
         (it then keeps a compact residual of them instead; see `hf_mim.reversible`)."""
         if (prev_states is None) != (self.alpha is None):
             raise ValueError("a first column takes no previous states; every other column needs them")
+        for level in self.levels:
+            level.engine_recomputes = reversible
         return run_column(
             list(self.levels),
             x,
@@ -280,11 +295,13 @@ class RevColV2PreTrainedModel(MIMPreTrainedModel):
         return config.num_hidden_layers + 1
 
     def _set_gradient_checkpointing(self, enable: bool = True, **kwargs):
-        """Reached by `activation_checkpointing_enable` and `gradient_checkpointing_enable`."""
+        """Reached by `activation_checkpointing_enable` and `gradient_checkpointing_enable` (so also by
+        `TrainingArguments(gradient_checkpointing=True)`). Accepted in every mode: with
+        use_reversible=True the engine already recomputes every level in backward, so it changes nothing."""
         if enable and self.config.use_reversible:
-            raise ValueError(
-                "RevColV2 with use_reversible=True already recomputes every level in backward; gradient "
-                "checkpointing on top of it only costs time. Set config.use_reversible=False to use it."
+            logger.warning_once(
+                "RevColV2 with use_reversible=True already recomputes every level in backward: gradient "
+                "checkpointing changes nothing (set use_reversible=False to checkpoint plain columns instead)."
             )
         return super()._set_gradient_checkpointing(enable=enable, **kwargs)
 
@@ -301,7 +318,7 @@ class RevColV2Model(RevColV2PreTrainedModel):
     `last_hidden_state` (B, P + N, C) = the top level of the last top-down column; `pooler_output` =
     LayerNorm of the mean of its patch tokens (or of its cls token, `classifier_pooling="cls"`);
     `hidden_states` (when asked) = (embedding output, level 0, ..., level L-1 of the last top-down
-    column): the backbone's stages "stem", "level0", ... Attention maps are not returned.
+    column): the backbone's stages "stem", "stage1", ... Attention maps are not returned.
     """
 
     def __init__(self, config: RevColV2Config, add_pooling_layer: bool = True):
@@ -531,7 +548,7 @@ def _resampler(config: RevColV2Config, level: int) -> nn.Module:
 class RevColV2Backbone(BackboneMixin, RevColV2PreTrainedModel):
     """Multi-level feature maps for dense heads (UperNet, Mask2Former, ... through `AutoBackbone`).
 
-    Stages: "stem" (the patch embedding) and "level0" .. "level{L-1}", the levels of the last top-down
+    Stages: "stem" (the patch embedding) and "stage1" .. "stage{L}", the levels of the last top-down
     column, each LayerNorm-ed and reshaped to (B, C, h, w); with `backbone_pyramid="simple"` level l is
     resampled by 4 / 2**l (strides 4, 8, 16, 32 at patch 16 for 4 levels). The whole autoencoder body
     runs; weights load from pretraining and classification checkpoints (`revcolv2.` prefix).

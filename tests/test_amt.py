@@ -544,3 +544,21 @@ def test_pixel_targets_stay_float32_under_bf16_autocast():
     masked = torch.gather(out.bool_masked_pos, 1, keep).float()
     expected = (((out.predictions.float() - target) ** 2).mean(-1) * masked).sum() / masked.sum()
     assert abs(out.loss.item() - expected.item()) <= 1e-6 * expected.item()
+
+
+def test_simmim_warmup_masks_follow_mask_ratio_unless_set(tmp_path):
+    """SimMIM-AMT draws its warm-up (random-phase) masks at MASK_RATIO, the ratio of the attention-driven
+    phase; mae-AMT hard-codes 75 %. An explicit warmup_mask_ratio wins; a later mask_ratio change
+    (e.g. `from_pretrained(..., mask_ratio=...)`) carries over."""
+    simmim = tiny("simmim", mask_ratio=0.2, throw_ratio=0.2)
+    assert simmim.warmup_mask_ratio is None and simmim.effective_warmup_mask_ratio == 0.2
+    model = AmtForMaskedImageModeling(simmim).eval()
+    warmup = model(torch.randn(2, 3, 32, 32), noise=torch.rand(2, 4))
+    assert warmup.bool_masked_pos.sum(1).eq(4).all()  # ceil(4 units * 0.2) = 1 unit of 2x2 patches (0.44 gave 2)
+    masks, _ = model.mask_generator()(torch.Generator().manual_seed(0), example_id=0)
+    assert masks.bool_masked_pos.sum() == 4
+    assert tiny("simmim", mask_ratio=0.2, throw_ratio=0.2, warmup_mask_ratio=0.25).effective_warmup_mask_ratio == 0.25
+    assert tiny("mae", mask_ratio=0.3).effective_warmup_mask_ratio == 0.75
+    model.save_pretrained(tmp_path)
+    reloaded = AmtForMaskedImageModeling.from_pretrained(tmp_path, mask_ratio=0.3)
+    assert reloaded.config.effective_warmup_mask_ratio == 0.3

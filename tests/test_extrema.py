@@ -65,7 +65,7 @@ def hf_mim_outputs(fixture, converted, attn: str) -> dict[str, torch.Tensor]:
     ours["teacher_projection"] = out.targets
     ours["teacher_last_hidden_state"] = out.target_last_hidden_state
     ours["student_last_hidden_state"] = out.encoder_last_hidden_state
-    ours["student_patch_tokens_after_blocks"] = out.hidden_states[-1]
+    ours["student_patch_tokens_after_blocks"] = out.hidden_states[-1].unflatten(0, (-1, 2)).transpose(0, 1)
     ours["student_projection"] = out.projections
     ours["student_prediction"] = out.predictions
     # The official forward updates the momentum encoder (m = ema_momentum) before its teacher pass.
@@ -132,7 +132,7 @@ def test_bool_masked_pos_gives_the_official_loss(fixture, converted):
     official = mask_major_to_batch_major(expected["student_patch_tokens_after_blocks"])
     order = torch.argsort(inputs["mask_indices"].transpose(0, 1), dim=-1)  # official order -> raster order
     official_raster = torch.gather(official, 2, order.unsqueeze(-1).expand(-1, -1, -1, official.shape[-1]))
-    assert max_abs_diff(out.hidden_states[-1], official_raster) <= TOL
+    assert max_abs_diff(out.hidden_states[-1].unflatten(0, (-1, 2)).transpose(0, 1), official_raster) <= TOL
 
 
 def test_on_train_step_end_is_the_official_in_forward_update(fixture, converted):
@@ -372,7 +372,10 @@ def test_backbone_features_and_auto_classes():
     assert out.last_hidden_state.shape == (2, 17, 32)  # instance token + 16 patches, after the final norm
     expected_pool = F.layer_norm(out.hidden_states[-1].mean(1), (32,), eps=1e-6)  # fc_norm starts at 1/0
     assert max_abs_diff(out.pooler_output, expected_pool) <= 1e-6
-    assert len(out.attentions) == 2 + 2 and out.attentions[-1].shape == (2, 2, 1, 17)
+    # self-attention maps (one per block, stackable) apart from the class-attention maps
+    assert [a.shape for a in out.attentions] == [(2, 2, 16, 16)] * 2
+    assert [a.shape for a in out.class_attentions] == [(2, 2, 1, 17)] * 2
+    assert len(out.hidden_states) == config.num_hidden_layers + 1
     masked = model(pixel_values, bool_masked_pos=torch.arange(16).repeat(2, 1) % 4 != 0)
     assert masked.last_hidden_state.shape == (2, 5, 32)
     with pytest.raises(ValueError, match="image_size=32"):
@@ -460,3 +463,21 @@ def test_model_card_renders_for_every_head():
     ).content
     assert "pipeline_tag: image-classification" in probe
     assert "official linear probe" in probe and "No training run is recorded" in probe
+
+
+def test_pretraining_outputs_are_on_the_loss_graph_and_attention_is_switchable():
+    """hidden_states / attentions of the pretraining head are the tensors the loss is computed from, so
+    gradient attribution (`retain_grad`) sees them; `set_attn_implementation` really switches kernels."""
+    torch.manual_seed(0)
+    model = ExtremaForMaskedImageModeling(ExtremaConfig.from_preset("tiny", num_masks=2)).train()
+    out = model(torch.randn(2, 3, 32, 32), output_hidden_states=True, output_attentions=True)
+    for tensor in (out.hidden_states[0], out.hidden_states[-1], out.attentions[0], out.class_attentions[0]):
+        tensor.retain_grad()
+    out.loss.backward()
+    assert all(t.grad is not None for t in (out.hidden_states[0], out.hidden_states[-1], out.attentions[0], out.class_attentions[0]))
+    assert len(out.attentions) == model.config.num_hidden_layers
+    backbone = ExtremaModel(ExtremaConfig.from_preset("tiny"))
+    backbone.set_attn_implementation("eager")
+    assert backbone.config._attn_implementation == "eager"
+    backbone.set_attn_implementation("sdpa")
+    assert backbone.config._attn_implementation == "sdpa"

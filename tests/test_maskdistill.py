@@ -221,6 +221,10 @@ def test_config_validation_names_the_field():
             MaskDistillConfig.from_preset("tiny", **{field: value})
     with pytest.raises(ValueError, match="preset"):
         MaskDistillConfig.from_preset("huge")
+    for field, value in [("image_std", 0.5), ("image_mean", "abc"), ("teacher_image_std", [0.2, "a", 0.1])]:
+        with pytest.raises(ValueError, match=f"{field}=.*a list of 3 numbers"):  # not a bare TypeError
+            MaskDistillConfig.from_preset("tiny", **{field: value})
+    assert MaskDistillConfig.from_preset("tiny", image_std=(0.5, 0.5, 0.5)).image_std == [0.5, 0.5, 0.5]
     base = MaskDistillConfig.from_preset("base")
     assert (base.layer_scale_init_value, base.mask_ratio, base.loss, base.target_normalization) == (0.1, 0.4, "smooth_l1", "layer_norm")
     assert base.num_masking_patches == 78

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import gc
+import logging
 import re
 import weakref
+from unittest import mock
 
 import pytest
 import torch
@@ -244,12 +246,30 @@ def test_model_reversible_gradients_equal_plain_with_drop_path(dtype):
     assert max(relative_diff(grads_other[n], grads_p[n]) for n in grads_p) > 1e-3
 
 
-def test_gradient_checkpointing_is_refused_with_the_reversible_engine():
-    model = RevColV2ForMaskedImageModeling(tiny())
-    with pytest.raises(ValueError, match="use_reversible=False"):
+def test_gradient_checkpointing_is_accepted_and_a_no_op_with_the_reversible_engine(caplog):
+    """`TrainingArguments(gradient_checkpointing=True)` and saved configs with it must work: with the
+    reversible engine it is accepted, said once in the log, and changes neither results nor work."""
+    torch.manual_seed(0)
+    model = RevColV2ForMaskedImageModeling(tiny()).train()
+    pixel_values, noise = torch.randn(2, 3, 32, 32), torch.rand(2, 16)
+    model(pixel_values, noise=noise).loss.backward()
+    reference = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    with caplog.at_level(logging.WARNING):
         model.activation_checkpointing_enable()
-    with pytest.raises(ValueError, match="use_reversible=False"), pytest.warns(FutureWarning):
-        model.gradient_checkpointing_enable()  # the deprecated alias run_mim.py calls
+        with pytest.warns(FutureWarning):
+            model.gradient_checkpointing_enable()  # the deprecated alias run_mim.py calls
+    assert model.is_activation_checkpointing
+    assert caplog.text.count("changes nothing") == 1
+    calls = []
+    block = model.revcolv2.top_down[0].levels[0].blocks[0]
+    original = torch.utils.checkpoint.checkpoint
+    with mock.patch("torch.utils.checkpoint.checkpoint", side_effect=lambda *a, **k: calls.append(1) or original(*a, **k)):
+        block._gradient_checkpointing_func = torch.utils.checkpoint.checkpoint
+        model(pixel_values, noise=noise).loss.backward()
+    assert not calls  # the engine's own recomputation only
+    for name, grad in reference.items():
+        assert torch.equal(dict(model.named_parameters())[name].grad, grad), name
     plain = RevColV2ForMaskedImageModeling(tiny(use_reversible=False)).train()
     plain.activation_checkpointing_enable()
     assert plain.revcolv2.top_down[0].levels[0].blocks[0].gradient_checkpointing
@@ -330,8 +350,10 @@ def test_presets_and_parameter_counts():
     assert 300e6 < sum(p.numel() for p in large.parameters()) < 320e6
     config = RevColV2Config.from_preset("demo")
     assert (config.image_size, config.patch_size) == (64, 8)
-    assert config.stage_names == ["stem", "level0", "level1", "level2", "level3"]
-    assert config.out_features == ["level0", "level1", "level2", "level3"]
+    assert config.stage_names == ["stem", "stage1", "stage2", "stage3", "stage4"]  # transformers' backbone names
+    assert config.out_features == ["stage1", "stage2", "stage3", "stage4"]
+    assert RevColV2Config.from_preset("tiny", out_features=["stage2", "stage4"]).out_indices == [2, 4]
+    assert RevColV2Config.from_preset("tiny", out_features=["level1"]).out_features == ["stage2"]  # saved before
 
 
 # --------------------------------------------------------------------------------------------------
@@ -400,7 +422,7 @@ def test_model_classifier_and_backbone_shapes():
     cls_pooled = RevColV2Model(tiny(classifier_pooling="cls")).eval()(pixel_values).pooler_output
     assert cls_pooled.shape == (2, 32)
 
-    backbone = RevColV2Backbone(tiny(out_features=["stem", "level0", "level3"])).eval()
+    backbone = RevColV2Backbone(tiny(out_features=["stem", "stage1", "stage4"])).eval()
     maps = backbone(pixel_values).feature_maps
     assert [tuple(m.shape) for m in maps] == [(2, 32, 4, 4), (2, 32, 16, 16), (2, 32, 2, 2)]
     flat = RevColV2Backbone(tiny(backbone_pyramid="none")).eval()

@@ -149,9 +149,8 @@ def convert_maskdistill_checkpoint(
         if shared not in converted:  # the unused loading place of the shared table: keep layer 0's
             converted[shared] = converted[P + "layers.0.rel_pos_bias.relative_position_bias_table"].clone()
             report.dropped["<rel_pos_bias>"] = "fine-tuning layout: the unused shared table is set to block 0's"
-        if P + "embeddings.mask_token" not in converted:  # unused when fine-tuning
-            converted[P + "embeddings.mask_token"] = torch.zeros(1, 1, config.hidden_size)
-            report.dropped["<mask_token>"] = "fine-tuning layout has no mask token: set to zeros (unused)"
+        if converted.pop(P + "embeddings.mask_token", None) is not None:
+            report.dropped["mask_token"] = "the classifier has no mask token (it never masks)"
     else:
         if "lm_head.weight" not in state:
             raise CheckpointFormatError("not a MaskDistill pretraining checkpoint: `lm_head` is missing")
