@@ -8,6 +8,7 @@ encoder, teacher and decoder from the pieces here; none of them re-implements at
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -34,6 +35,13 @@ class MIMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Record the whole family in `config.auto_map` before saving: transformers' custom-object saving
+        (`register_for_auto_class`, done by `hf_mim` on import; by transformers for remote code) copies
+        the flat code files but maps only the saved class, and every head must load the folder."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **family_auto_map(type(self))}
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def output_flags(
         self, output_hidden_states: bool | None, output_attentions: bool | None, return_dict: bool | None
     ) -> tuple[bool, bool, bool]:
@@ -44,6 +52,20 @@ class MIMPreTrainedModel(PreTrainedModel):
             config.output_attentions if output_attentions is None else output_attentions,
             config.return_dict if return_dict is None else return_dict,
         )
+
+
+def family_auto_map(model_class: type) -> dict[str, str]:
+    """{"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel", ...}: the config class
+    and every class of `model_class`'s module registered for an auto class (`register_for_auto_class`)."""
+    module = sys.modules[model_class.__module__]
+    classes = [model_class.config_class] + [
+        value for value in vars(module).values()
+        if isinstance(value, type) and value.__module__ == module.__name__ and vars(value).get("_auto_class")
+    ]
+    return {
+        vars(cls)["_auto_class"]: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+        for cls in classes if vars(cls).get("_auto_class")
+    }
 
 
 # --------------------------------------------------------------------------------------------------
