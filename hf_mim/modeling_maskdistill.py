@@ -32,6 +32,7 @@ from .modeling_common import (
     MIMPreTrainedModel,
     ImageClassificationMixin,
     MeanPooler,
+    builds_pretrained_encoder,
     PatchEmbeddings,
     RelativePositionBias,
     backbone_output,
@@ -192,21 +193,33 @@ class MaskDistillModel(MaskDistillPreTrainedModel):
 
     With `add_pooling_layer` and `config.use_mean_pooling` (fine-tuning layout) the final LayerNorm is
     replaced by `pooler.fc_norm` on the mean of the patch tokens, as BEiT fine-tuning does; otherwise
-    `last_hidden_state` is normalised and `pooler_output` is the cls token.
+    `last_hidden_state` is normalised and `pooler_output` is the cls token. Loaded from a pretraining
+    checkpoint (`builds_pretrained_encoder`): the final LayerNorm is kept and `pooler_output` is the
+    plain mean of its patch tokens (nothing untrained).
     """
 
-    # a pretraining checkpoint's final norm and head, or a fine-tuning checkpoint's classifier
+    # a pretraining checkpoint's head, or a fine-tuning checkpoint's classifier
     _keys_to_ignore_on_load_unexpected = [r"lm_head\.", r"classifier\.", r"encoder\.layernorm\.", r"layers\.\d+\.rel_pos_bias\."]
 
     def __init__(
-        self, config: MaskDistillConfig, add_pooling_layer: bool = True, per_layer_relative_position_bias: bool = False
+        self,
+        config: MaskDistillConfig,
+        add_pooling_layer: bool = True,
+        per_layer_relative_position_bias: bool = False,
+        pretrained_encoder: bool | None = None,
     ):
         super().__init__(config)
+        pretrained = builds_pretrained_encoder(config, add_pooling_layer, pretrained_encoder)
         mean_pooling = add_pooling_layer and config.use_mean_pooling
         self.encoder = MaskDistillEncoder(
-            config, use_final_norm=not mean_pooling, per_layer_relative_position_bias=per_layer_relative_position_bias
+            config,
+            use_final_norm=pretrained or not mean_pooling,
+            per_layer_relative_position_bias=per_layer_relative_position_bias,
         )
-        self.pooler = MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1) if mean_pooling else None
+        self.pooler = (
+            MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1, use_fc_norm=not pretrained)
+            if mean_pooling else None
+        )
         self.add_pooling_layer = add_pooling_layer
         self.post_init()
 
@@ -647,7 +660,9 @@ class MaskDistillForImageClassification(ImageClassificationMixin, MaskDistillPre
     def __init__(self, config: MaskDistillConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.maskdistill = MaskDistillModel(config, add_pooling_layer=True, per_layer_relative_position_bias=True)
+        self.maskdistill = MaskDistillModel(
+            config, add_pooling_layer=True, per_layer_relative_position_bias=True, pretrained_encoder=False
+        )
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 

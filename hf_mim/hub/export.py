@@ -71,3 +71,26 @@ def save_hub_folder(model: PreTrainedModel, output_dir: str | Path, image_proces
         image_processor = build_image_processor(model.config.image_size)
     image_processor.save_pretrained(output_dir)
     return output_dir
+
+
+def push_model(
+    model: PreTrainedModel,
+    repo_id: str,
+    image_processor=None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str | None = None,
+) -> str:
+    """Push any hf_mim model as a self-contained repo: weights, config with the family's auto_map, the
+    model-zone code, the image processor (the evaluation preprocessing unless one is given) and a card.
+    `model.push_to_hub` is self-contained too, without processor and card."""
+    import tempfile
+
+    from .card import write_model_card
+    from .push import push_folder_to_hub
+
+    with tempfile.TemporaryDirectory() as folder:
+        save_hub_folder(model, folder, image_processor=image_processor)
+        write_model_card(folder, model, repo_id)
+        message = commit_message or f"Upload {type(model).__name__} ({model.config.model_type}) with its code and image processor"
+        return push_folder_to_hub(folder, repo_id, token=token, private=private, commit_message=message)

@@ -179,6 +179,8 @@ def max_difference(model: PreTrainedModel, native: PreTrainedModel, seed: int = 
     config = model.config
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.randn(batch_size, config.num_channels, config.image_size, config.image_size, generator=generator)
+    parameter = next(model.parameters())
+    pixels = pixels.to(parameter.device, parameter.dtype)
     model_was_training, native_was_training = model.training, native.training
     model.eval(), native.eval()
     try:
@@ -203,11 +205,16 @@ def to_native(model: PreTrainedModel) -> tuple[PreTrainedModel, float]:
     head = _head(model)
     config = beit_config_for(model)
     native = BeitForImageClassification(config) if head == "classifier" else BeitModel(config, add_pooling_layer=True)
-    state = beit_state_dict(model, config)
+    try:
+        state = beit_state_dict(model, config)
+    except (AttributeError, KeyError, ValueError) as error:  # a head or block other than the paper's
+        raise NotExpressible(f"{type(model).__name__} does not have the BEiT layout: {type(error).__name__}: {error}") from error
     missing, unexpected = native.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise NotExpressible(f"BEiT layout mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
-    difference = max_difference(model, native)
+    parameter = next(model.parameters())
+    difference = max_difference(model, native.to(parameter.device, parameter.dtype))
+    native.to("cpu", torch.float32)
     if not difference <= MAX_EXPORT_DIFF:
         raise NotExpressible(
             f"{type(native).__name__} differs from {type(model).__name__} by {difference:.3g} (> {MAX_EXPORT_DIFF:g}); not exported"
