@@ -350,7 +350,7 @@ def test_round_trips_through_a_local_hub_endpoint(tmp_path, monkeypatch, fixture
         rows["made-in-python"] = ("DbotForImageClassification()", "model.push_to_hub")
         # converted from the official layout, pushed with its processor
         official = load_file(str(fixtures_dir / "dbot" / "official_state_dict.safetensors"))
-        converted, _ = convert_dbot_checkpoint(official)
+        converted, _ = convert_dbot_checkpoint(official, overrides={"num_attention_heads": 2, "decoder_num_attention_heads": 2})
         push_model(converted, "tester/converted", image_processor=build_image_processor(converted.config.image_size))
         rows["converted"] = (f"convert_dbot_checkpoint -> {type(converted).__name__}", "hf_mim.hub.push_model")
         # loaded with hf_mim from a folder written without code or auto_map
