@@ -36,6 +36,7 @@ from .modeling_common import (
     ImageClassificationMixin,
     MaeDecoder,
     MeanPooler,
+    builds_pretrained_encoder,
     ViTEncoder,
     VisionEmbeddings,
     backbone_output,
@@ -142,15 +143,24 @@ class AmtModel(AmtPreTrainedModel):
     replaced by `pooler.fc_norm` on the mean of the patch tokens; otherwise `pooler_output` is the cls
     token after the final norm (SimMIM fine-tuning). `use_mask_token` (SimMIM pretraining) adds the
     token masked patches are replaced by; fine-tuning models have none (no unused parameter under DDP).
+    Loaded from a pretraining checkpoint (`builds_pretrained_encoder`), the MAE variant keeps the final
+    LayerNorm and `pooler_output` is the plain mean of its patch tokens (nothing untrained).
     """
 
-    _keys_to_ignore_on_load_unexpected = [r"embeddings\.mask_token$"]
+    # SimMIM's mask token, a pretraining checkpoint's pixel decoder, a fine-tuned checkpoint's head
+    _keys_to_ignore_on_load_unexpected = [r"embeddings\.mask_token$", r"^decoder\.", r"^classifier\."]
 
-    def __init__(self, config: AmtConfig, add_pooling_layer: bool = True, use_mask_token: bool = False):
+    def __init__(
+        self, config: AmtConfig, add_pooling_layer: bool = True, use_mask_token: bool = False, pretrained_encoder: bool | None = None
+    ):
         super().__init__(config)
+        pretrained = builds_pretrained_encoder(config, add_pooling_layer, pretrained_encoder)
         mean_pooling = add_pooling_layer and config.use_mean_pooling
-        self.encoder = build_encoder(config, use_final_norm=not mean_pooling, use_mask_token=use_mask_token)
-        self.pooler = MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1) if mean_pooling else None
+        self.encoder = build_encoder(config, use_final_norm=pretrained or not mean_pooling, use_mask_token=use_mask_token)
+        self.pooler = (
+            MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1, use_fc_norm=not pretrained)
+            if mean_pooling else None
+        )
         self.add_pooling_layer = add_pooling_layer
         self.post_init()
 
@@ -470,7 +480,7 @@ class AmtForImageClassification(ImageClassificationMixin, AmtPreTrainedModel):
     def __init__(self, config: AmtConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.amt = AmtModel(config, add_pooling_layer=True)
+        self.amt = AmtModel(config, add_pooling_layer=True, pretrained_encoder=False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 

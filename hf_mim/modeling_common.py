@@ -8,6 +8,7 @@ encoder, teacher and decoder from the pieces here; none of them re-implements at
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -34,6 +35,17 @@ class MIMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Record the whole family in `config.auto_map` before saving: transformers' custom-object saving
+        (`register_for_auto_class`, done by `hf_mim` on import; by transformers for remote code) copies
+        the flat code files but maps only the saved class, and every head must load the folder."""
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **family_auto_map(type(self))}
+        # what AutoModel must build to load these weights (see `builds_pretrained_encoder`)
+        pooler = getattr(self.base_model, "pooler", None)
+        fine_tuned = getattr(pooler, "fc_norm", None) is not None
+        self.config.base_model_layout = FINE_TUNING_LAYOUT if fine_tuned else PRETRAINED_ENCODER_LAYOUT
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def output_flags(
         self, output_hidden_states: bool | None, output_attentions: bool | None, return_dict: bool | None
     ) -> tuple[bool, bool, bool]:
@@ -44,6 +56,46 @@ class MIMPreTrainedModel(PreTrainedModel):
             config.output_attentions if output_attentions is None else output_attentions,
             config.return_dict if return_dict is None else return_dict,
         )
+
+
+FINE_TUNING_LAYOUT = "fine_tuning"
+PRETRAINED_ENCODER_LAYOUT = "pretrained_encoder"
+
+
+def builds_pretrained_encoder(config, add_pooling_layer: bool, pretrained_encoder: bool | None = None) -> bool:
+    """Whether a base model (AutoModel) is built as the pretrained encoder: the encoder's final norm kept
+    and pooling without new parameters, so a pretraining checkpoint loads with nothing missing and the
+    outputs are what pretraining trained. Otherwise the fine-tuning layout (fc_norm on the mean of the
+    patch tokens, the final norm dropped), which classifiers always use.
+
+    `pretrained_encoder` decides when given; else `config.base_model_layout`, written by every save;
+    else (folders saved before that field) whether the saved class was a pretraining model."""
+    if not add_pooling_layer:
+        return False
+    if pretrained_encoder is not None:
+        return pretrained_encoder
+    layout = getattr(config, "base_model_layout", None)
+    if layout is None:
+        return any(name.endswith("ForMaskedImageModeling") for name in (getattr(config, "architectures", None) or []))
+    if layout not in (FINE_TUNING_LAYOUT, PRETRAINED_ENCODER_LAYOUT):
+        raise ValueError(
+            f"Invalid config value base_model_layout={layout!r}: expected {FINE_TUNING_LAYOUT!r} or {PRETRAINED_ENCODER_LAYOUT!r}."
+        )
+    return layout == PRETRAINED_ENCODER_LAYOUT
+
+
+def family_auto_map(model_class: type) -> dict[str, str]:
+    """{"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel", ...}: the config class
+    and every class of `model_class`'s module registered for an auto class (`register_for_auto_class`)."""
+    module = sys.modules[model_class.__module__]
+    classes = [model_class.config_class] + [
+        value for value in vars(module).values()
+        if isinstance(value, type) and value.__module__ == module.__name__ and vars(value).get("_auto_class")
+    ]
+    return {
+        vars(cls)["_auto_class"]: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
+        for cls in classes if vars(cls).get("_auto_class")
+    }
 
 
 # --------------------------------------------------------------------------------------------------
@@ -613,15 +665,17 @@ def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 class MeanPooler(nn.Module):
-    """Mean of the patch tokens (prefix tokens excluded) followed by `fc_norm` (MAE/BEiT fine-tuning)."""
+    """Mean of the patch tokens (prefix tokens excluded) followed by `fc_norm` (MAE/BEiT fine-tuning);
+    `use_fc_norm=False`: the plain mean (a pretrained encoder's tokens, already normalised)."""
 
-    def __init__(self, dim: int, layer_norm_eps: float, num_prefix_tokens: int):
+    def __init__(self, dim: int, layer_norm_eps: float, num_prefix_tokens: int, use_fc_norm: bool = True):
         super().__init__()
         self.num_prefix_tokens = num_prefix_tokens
-        self.fc_norm = nn.LayerNorm(dim, eps=layer_norm_eps)
+        self.fc_norm = nn.LayerNorm(dim, eps=layer_norm_eps) if use_fc_norm else None
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.fc_norm(hidden_states[:, self.num_prefix_tokens :].mean(dim=1))
+        pooled = hidden_states[:, self.num_prefix_tokens :].mean(dim=1)
+        return pooled if self.fc_norm is None else self.fc_norm(pooled)
 
 
 def backbone_output(

@@ -24,6 +24,7 @@ from .modeling_common import (
     ImageClassificationMixin,
     MaeDecoder,
     MeanPooler,
+    builds_pretrained_encoder,
     ViTEncoder,
     backbone_output,
     init_vit_weights,
@@ -118,15 +119,24 @@ class DbotModel(DbotPreTrainedModel):
     With `add_pooling_layer` and `config.use_mean_pooling` (the fine-tuning layout), the final
     LayerNorm is replaced by `pooler.fc_norm` on the mean of the patch tokens, exactly as the official
     fine-tuning model; otherwise `last_hidden_state` is normalised and `pooler_output` is the cls token.
+    Loaded from a pretraining checkpoint (`builds_pretrained_encoder`): the final LayerNorm is kept and
+    `pooler_output` is the plain mean of its patch tokens (nothing untrained).
     """
 
-    def __init__(self, config: DbotConfig, add_pooling_layer: bool = True):
+    # a pretraining checkpoint's decoder and teacher, a fine-tuned checkpoint's head
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^teacher\.", r"^classifier\."]
+
+    def __init__(self, config: DbotConfig, add_pooling_layer: bool = True, pretrained_encoder: bool | None = None):
         super().__init__(config)
+        pretrained = builds_pretrained_encoder(config, add_pooling_layer, pretrained_encoder)
         mean_pooling = add_pooling_layer and config.use_mean_pooling
         self.encoder = build_vit_encoder(
-            config, config.num_hidden_layers, use_final_norm=not mean_pooling, drop_path_rate=config.drop_path_rate
+            config, config.num_hidden_layers, use_final_norm=pretrained or not mean_pooling, drop_path_rate=config.drop_path_rate
         )
-        self.pooler = MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1) if mean_pooling else None
+        self.pooler = (
+            MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1, use_fc_norm=not pretrained)
+            if mean_pooling else None
+        )
         self.add_pooling_layer = add_pooling_layer
         self.post_init()
 
@@ -307,7 +317,7 @@ class DbotForImageClassification(ImageClassificationMixin, DbotPreTrainedModel):
     def __init__(self, config: DbotConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.dbot = DbotModel(config, add_pooling_layer=True)
+        self.dbot = DbotModel(config, add_pooling_layer=True, pretrained_encoder=False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 

@@ -37,6 +37,7 @@ from .modeling_common import (
     ImageClassificationMixin,
     ClassAttentionBlock,
     MeanPooler,
+    builds_pretrained_encoder,
     VisionEmbeddings,
     init_vit_weights,
     make_blocks,
@@ -268,10 +269,15 @@ class ExtremaModel(ExtremaPreTrainedModel):
     after the self-attention stack (class attention and final norm not involved); "class_attention" =
     the official linear-probe representation, the instance token before the final norm.
 
+    Loaded from a pretraining checkpoint (`builds_pretrained_encoder`): `pooler_output` is the
+    class-attention instance token (the linear-probe representation pretraining trained), whatever
+    `config.pooling` says, and no `fc_norm` is built.
+
     Args:
         add_pooling_layer: build `pooler` (`fc_norm`) for the "mean" representation.
         use_class_attention / use_final_norm: build the class-attention blocks and the final norm
             (the fine-tuning classifier drops both, as the official fine-tuning model).
+        pretrained_encoder: the layout above (None: as `builds_pretrained_encoder` decides).
     """
 
     # Loaded from a pretraining or classification checkpoint: the heads around the backbone are not needed.
@@ -285,14 +291,16 @@ class ExtremaModel(ExtremaPreTrainedModel):
         add_pooling_layer: bool = True,
         use_class_attention: bool = True,
         use_final_norm: bool = True,
+        pretrained_encoder: bool | None = None,
     ):
         super().__init__(config)
-        if add_pooling_layer and config.pooling == "class_attention" and not use_class_attention:
+        self.pretrained_encoder = builds_pretrained_encoder(config, add_pooling_layer, pretrained_encoder)
+        if add_pooling_layer and (config.pooling == "class_attention" or self.pretrained_encoder) and not use_class_attention:
             raise ValueError("pooling='class_attention' needs the class-attention blocks (use_class_attention=True)")
         self.encoder = ExtremaEncoder(
             config, config.drop_path_rate, use_class_attention=use_class_attention, use_final_norm=use_final_norm
         )
-        mean_pooling = add_pooling_layer and config.pooling == "mean"
+        mean_pooling = add_pooling_layer and config.pooling == "mean" and not self.pretrained_encoder
         self.pooler = MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=0) if mean_pooling else None
         self.add_pooling_layer = add_pooling_layer
         self.post_init()
@@ -337,7 +345,7 @@ class ExtremaModel(ExtremaPreTrainedModel):
         )
         if self.pooler is not None:
             pooled = self.pooler(encoded.patch_tokens)
-        elif self.add_pooling_layer and self.config.pooling == "class_attention":
+        elif self.add_pooling_layer and (self.config.pooling == "class_attention" or self.pretrained_encoder):
             pooled = encoded.cls_token
         else:
             pooled = None
@@ -503,7 +511,7 @@ class ExtremaForMaskedImageModeling(ExtremaPreTrainedModel):
         config.pooling = pooling
         config.validate()
         reference = next(self.momentum_encoder.parameters())
-        backbone = ExtremaModel(config).to(device=reference.device, dtype=reference.dtype)
+        backbone = ExtremaModel(config, pretrained_encoder=False).to(device=reference.device, dtype=reference.dtype)
         backbone.encoder.load_state_dict(self.momentum_encoder.state_dict())
         return backbone.eval()
 
@@ -620,6 +628,7 @@ class ExtremaForImageClassification(ImageClassificationMixin, ExtremaPreTrainedM
             add_pooling_layer=True,
             use_class_attention=config.pooling == "class_attention",
             use_final_norm=False,
+            pretrained_encoder=False,
         )
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()

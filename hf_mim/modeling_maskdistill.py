@@ -33,6 +33,7 @@ from .modeling_common import (
     MIMPreTrainedModel,
     ImageClassificationMixin,
     MeanPooler,
+    builds_pretrained_encoder,
     PatchEmbeddings,
     RelativePositionBias,
     backbone_output,
@@ -203,10 +204,12 @@ class MaskDistillModel(MaskDistillPreTrainedModel):
 
     With `add_pooling_layer` and `config.use_mean_pooling` (fine-tuning layout) the final LayerNorm is
     replaced by `pooler.fc_norm` on the mean of the patch tokens, as BEiT fine-tuning does; otherwise
-    `last_hidden_state` is normalised and `pooler_output` is the cls token.
+    `last_hidden_state` is normalised and `pooler_output` is the cls token. Loaded from a pretraining
+    checkpoint (`builds_pretrained_encoder`): the final LayerNorm is kept and `pooler_output` is the
+    plain mean of its patch tokens (nothing untrained).
     """
 
-    # a pretraining checkpoint's final norm and head, or a fine-tuning checkpoint's classifier
+    # a pretraining checkpoint's head, or a fine-tuning checkpoint's classifier
     _keys_to_ignore_on_load_unexpected = [r"lm_head\.", r"classifier\.", r"encoder\.layernorm\.", r"layers\.\d+\.rel_pos_bias\."]
 
     def __init__(
@@ -215,16 +218,21 @@ class MaskDistillModel(MaskDistillPreTrainedModel):
         add_pooling_layer: bool = True,
         per_layer_relative_position_bias: bool = False,
         use_mask_token: bool = True,
+        pretrained_encoder: bool | None = None,
     ):
         super().__init__(config)
+        pretrained = builds_pretrained_encoder(config, add_pooling_layer, pretrained_encoder)
         mean_pooling = add_pooling_layer and config.use_mean_pooling
         self.encoder = MaskDistillEncoder(
             config,
-            use_final_norm=not mean_pooling,
+            use_final_norm=pretrained or not mean_pooling,
             per_layer_relative_position_bias=per_layer_relative_position_bias,
             use_mask_token=use_mask_token,
         )
-        self.pooler = MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1) if mean_pooling else None
+        self.pooler = (
+            MeanPooler(config.hidden_size, config.layer_norm_eps, num_prefix_tokens=1, use_fc_norm=not pretrained)
+            if mean_pooling else None
+        )
         self.add_pooling_layer = add_pooling_layer
         self.post_init()
 
@@ -693,7 +701,8 @@ class MaskDistillForImageClassification(ImageClassificationMixin, MaskDistillPre
         super().__init__(config)
         self.num_labels = config.num_labels
         self.maskdistill = MaskDistillModel(
-            config, add_pooling_layer=True, per_layer_relative_position_bias=True, use_mask_token=False
+            config, add_pooling_layer=True, per_layer_relative_position_bias=True, use_mask_token=False,
+            pretrained_encoder=False,
         )
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()

@@ -40,6 +40,7 @@ from .modeling_common import (
     ImageClassificationMixin,
     Block,
     MeanPooler,
+    builds_pretrained_encoder,
     VisionEmbeddings,
     gather_tokens,
     init_vit_weights,
@@ -318,11 +319,17 @@ class RevColV2Model(RevColV2PreTrainedModel):
     `last_hidden_state` (B, P + N, C) = the top level of the last top-down column; `pooler_output` =
     LayerNorm of the mean of its patch tokens (or of its cls token, `classifier_pooling="cls"`);
     `hidden_states` (when asked) = (embedding output, level 0, ..., level L-1 of the last top-down
-    column): the backbone's stages "stem", "stage1", ... Attention maps are not returned.
+    column): the backbone's stages "stem", "stage1", ... Attention maps are not returned. Loaded from a
+    pretraining checkpoint (`builds_pretrained_encoder`), `pooler_output` is the plain mean (or cls
+    token) of the top level: no LayerNorm that pretraining did not train.
     """
 
-    def __init__(self, config: RevColV2Config, add_pooling_layer: bool = True):
+    # a pretraining checkpoint's pixel decoder, a fine-tuned checkpoint's head
+    _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^classifier\."]
+
+    def __init__(self, config: RevColV2Config, add_pooling_layer: bool = True, pretrained_encoder: bool | None = None):
         super().__init__(config)
+        pretrained = builds_pretrained_encoder(config, add_pooling_layer, pretrained_encoder)
         self.embeddings = VisionEmbeddings(
             config.image_size, config.patch_size, config.num_channels, config.hidden_size, use_cls_token=config.use_cls_token
         )
@@ -334,7 +341,9 @@ class RevColV2Model(RevColV2PreTrainedModel):
             RevColV2Column(config, has_prev=True, top_down=True) for _ in range(config.num_top_down_columns)
         )
         if add_pooling_layer:
-            self.pooler = MeanPooler(config.hidden_size, config.layer_norm_eps, self.embeddings.num_prefix_tokens)
+            self.pooler = MeanPooler(
+                config.hidden_size, config.layer_norm_eps, self.embeddings.num_prefix_tokens, use_fc_norm=not pretrained
+            )
         else:
             self.pooler = None
         self.post_init()
@@ -396,7 +405,7 @@ class RevColV2Model(RevColV2PreTrainedModel):
         pooled = None
         if self.pooler is not None:
             if self.config.classifier_pooling == "cls":
-                pooled = self.pooler.fc_norm(top[:, 0])
+                pooled = top[:, 0] if self.pooler.fc_norm is None else self.pooler.fc_norm(top[:, 0])
             else:
                 pooled = self.pooler(top)
         output = BaseModelOutputWithPooling(
@@ -518,7 +527,7 @@ class RevColV2ForImageClassification(ImageClassificationMixin, RevColV2PreTraine
     def __init__(self, config: RevColV2Config):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.revcolv2 = RevColV2Model(config, add_pooling_layer=True)
+        self.revcolv2 = RevColV2Model(config, add_pooling_layer=True, pretrained_encoder=False)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 

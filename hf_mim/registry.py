@@ -151,6 +151,12 @@ def register_all() -> None:
             from transformers import AutoBackbone
 
             AutoBackbone.register(family.config_class, family.backbone_class, exist_ok=True)
+        # transformers' custom-object saving: save_pretrained / push_to_hub of any of these objects copy
+        # the flat model-zone files (MIMPreTrainedModel.save_pretrained maps the whole family)
+        family.config_class.register_for_auto_class("AutoConfig")
+        for auto_name, cls in family.auto_classes().items():
+            if auto_name != "AutoConfig":
+                cls.register_for_auto_class(auto_name)
         AutoImageProcessor.register(
             family.config_class,
             image_processor_classes={"torchvision": ViTImageProcessor, "pil": ViTImageProcessorPil},

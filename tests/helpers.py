@@ -23,11 +23,17 @@ BLOCK_HF_MIM = textwrap.dedent(
 )
 
 
-def run_without_hf_mim(script: str, tmp_path: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run `script` in a fresh interpreter where `import hf_mim` fails, offline, with a private
-    transformers module cache so remote code is really loaded from the folder."""
+def run_without_hf_mim(
+    script: str, tmp_path: Path, timeout: int = 300, env_overrides: dict[str, str] | None = None, before=None
+) -> subprocess.CompletedProcess:
+    """Run `script` in a fresh interpreter where `import hf_mim` fails, offline (unless `env_overrides`
+    say otherwise, e.g. a local Hub endpoint), with a private transformers module cache so remote code
+    is really loaded from the folder. `before()` runs first, here."""
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), PYTHONPATH="")
+    env.update(env_overrides or {})
+    if before is not None:
+        before()
     code = BLOCK_HF_MIM + textwrap.dedent(script)
     result = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout, cwd=tmp_path

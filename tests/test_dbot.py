@@ -122,7 +122,8 @@ def test_auto_classes_and_processor_are_registered(tmp_path):
     assert type(AutoModelForImageClassification.from_config(config)) is DbotForImageClassification
     save_hub_folder(DbotModel(config), tmp_path)
     processor = AutoImageProcessor.from_pretrained(tmp_path)
-    assert processor.size == {"height": 32, "width": 32}
+    # evaluation preprocessing: short side to int(32 / 0.875) = 36, centre crop 32
+    assert (processor.size.shortest_edge, processor.crop_size.height, processor.crop_size.width) == (36, 32, 32)
 
 
 @pytest.mark.parametrize("head", [DbotModel, DbotForMaskedImageModeling, DbotForImageClassification])

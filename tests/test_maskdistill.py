@@ -163,10 +163,10 @@ def test_teacher_is_not_saved_and_reloads_lazily(tiny_pair, tmp_path):
     assert loaded._frozen_teacher is None  # not loaded until needed
     after = loaded(pixel_values, bool_masked_pos=mask)
     assert torch.equal(before.predictions, after.predictions) and torch.equal(before.loss, after.loss)
-    # the backbone of a pretraining checkpoint: same trunk (the final norm is replaced by mean pooling + fc_norm)
+    # the backbone of a pretraining checkpoint: the pretrained encoder, its final norm kept (nothing fresh)
     backbone = AutoModel.from_pretrained(tmp_path / "saved").eval()
     trunk = model(pixel_values, bool_masked_pos=torch.zeros_like(mask), output_hidden_states=True).hidden_states[-1]
-    assert torch.equal(backbone(pixel_values).last_hidden_state, trunk)
+    assert torch.equal(backbone(pixel_values).last_hidden_state, model.maskdistill.encoder.layernorm(trunk))
 
 
 def test_missing_teacher_folder_is_a_clear_error(tmp_path):

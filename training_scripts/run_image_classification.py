@@ -61,6 +61,7 @@ from hf_mim.data import (
     prepare_stream,
 )
 from hf_mim.hub import HubPushError, build_image_processor, finish_run_folder, save_hub_folder
+from hf_mim.hub.card import classification_eval_results
 from hf_mim.overrides import parse_overrides
 from hf_mim.registry import family_for
 from hf_mim.training import (
@@ -914,8 +915,6 @@ def run_summary(args, config, total_batch: int, lr: float, total_steps: int, ela
 
 def write_outputs(args, model, output_dir: Path, results, eval_history, total_batch, lr, total_steps, elapsed, world) -> None:
     """The Hub-ready folder: weights, config (labels, full auto_map), code, processor, card, args, results."""
-    from huggingface_hub import EvalResult
-
     save_hub_folder(model, output_dir, image_processor=build_image_processor(model.config.image_size))
     dataset_type, dataset_name = dataset_names(args)
     split = "validation" if uses_embedded_data(args) else args.validation_split
@@ -925,11 +924,9 @@ def write_outputs(args, model, output_dir: Path, results, eval_history, total_ba
             output_dir / "eval_results.json",
             {**results, "step": total_steps, "mode": args.mode, "dataset": dataset_name, "split": split, "history": eval_history},
         )
-        common = dict(task_type="image-classification", dataset_type=dataset_type, dataset_name=dataset_name, dataset_split=split)
-        eval_results = [
-            EvalResult(metric_type="accuracy", metric_name="top-1 accuracy", metric_value=round(results["top1"], 2), **common),
-            EvalResult(metric_type="top_5_accuracy", metric_name="top-5 accuracy", metric_value=round(results["top5"], 2), **common),
-        ]
+        eval_results = classification_eval_results(
+            results["top1"], results["top5"], dataset_type, dataset_name, split, args.dataset_config_name
+        )
     summary = run_summary(args, model.config, total_batch, lr, total_steps, elapsed, world)
     finish_run_folder(output_dir, model, args, run=summary, results=eval_results, is_demo=uses_embedded_data(args))
 

@@ -86,6 +86,16 @@ def _pretraining_sources() -> Iterable[tuple[str, Callable[[], Image.Image]]]:
         yield "matplotlib/grace_hopper", lambda: Image.open(path).convert("RGB")
 
 
+WIDGET_PHOTOS = ("skimage/chelsea", "skimage/coffee", "sklearn/china")
+
+
+def sample_photos(names: Iterable[str] = WIDGET_PHOTOS) -> dict[str, Image.Image]:
+    """Some of the embedded real photos by name (those whose package is installed): the examples a
+    model card's widget shows."""
+    wanted = set(names)
+    return {name: load() for name, load in _pretraining_sources() if name in wanted}
+
+
 def _encode(image: Image.Image, fmt: str = "JPEG") -> bytes:
     buffer = io.BytesIO()
     if fmt == "JPEG":

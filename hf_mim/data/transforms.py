@@ -212,6 +212,14 @@ class TwoViewTransform(MaskedImageTransform):
         return tuple(F.normalize(F.to_tensor(self._colour(image, generator)), self.mean, self.std) for _ in range(2))
 
 
+def eval_resize_size(image_size: int | Sequence[int], crop_pct: float) -> int:
+    """The short side before the centre crop, int(image_size / crop_pct) as MAE/BEiT evaluate; shared
+    with the saved image processor so that inference preprocesses as evaluation does."""
+    if not 0 < crop_pct <= 1:
+        raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
+    return int(math.floor(min(_pair(image_size)) / crop_pct))
+
+
 class EvalTransform:
     """Resize the shorter side to int(image_size / crop_pct) (bicubic), center-crop, ToTensor, Normalize.
 
@@ -227,11 +235,9 @@ class EvalTransform:
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
         interpolation: str | InterpolationMode = "bicubic",
     ):
-        if not 0 < crop_pct <= 1:
-            raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}")
         self.size = _pair(image_size)
         self.crop_pct = crop_pct
-        self.resize_size = int(math.floor(min(self.size) / crop_pct))
+        self.resize_size = eval_resize_size(image_size, crop_pct)
         self.mean = list(mean)
         self.std = list(std)
         self.interpolation = _interpolation(interpolation)

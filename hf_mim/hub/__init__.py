@@ -4,6 +4,7 @@ from .export import (
     build_image_processor,
     full_auto_map,
     model_zone_files,
+    push_model,
     save_hub_folder,
 )
 from .push import HUB_IGNORE_PATTERNS, HubPushError, push_folder_to_hub
@@ -17,5 +18,6 @@ __all__ = [
     "full_auto_map",
     "model_zone_files",
     "push_folder_to_hub",
+    "push_model",
     "save_hub_folder",
 ]

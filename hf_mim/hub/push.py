@@ -29,6 +29,8 @@ HUB_IGNORE_PATTERNS = [
     "**/*.token",
     ".env",
     "**/.env",
+    # the native form inside a run folder goes to the main branch on its own (run_folder.NATIVE_DIR)
+    "native/**",
 ]
 
 
@@ -43,8 +45,10 @@ def push_folder_to_hub(
     private: bool | None = None,
     commit_message: str = "Upload hf_mim model",
     api=None,
+    revision: str | None = None,
 ) -> str:
-    """Create (or reuse) `repo_id` and upload `folder` without checkpoints, optimizer states or tokens.
+    """Create (or reuse) `repo_id` and upload `folder` without checkpoints, optimizer states or tokens,
+    to `revision` (a branch, created when missing; default: main).
 
     Returns the commit URL. Offline mode, no network and authentication errors become a
     `HubPushError` naming the repository and the failing step; the folder stays on disk.
@@ -55,6 +59,8 @@ def push_folder_to_hub(
     folder = Path(folder)
     try:
         api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and revision != "main":
+            api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True, repo_type="model")
     except Exception as error:  # OfflineModeIsEnabled, httpx ConnectError (not an OSError), HTTP errors
         raise HubPushError(
             f"could not create or access the Hub repository {repo_id!r}: {type(error).__name__}: {error}. "
@@ -67,6 +73,7 @@ def push_folder_to_hub(
             repo_type="model",
             commit_message=commit_message,
             ignore_patterns=HUB_IGNORE_PATTERNS,
+            **({"revision": revision} if revision else {}),
         )
     except Exception as error:
         raise HubPushError(
