@@ -85,6 +85,7 @@ def test_save_pretrained_alone_writes_code_and_the_full_auto_map(make, tmp_path)
     assert needed <= written, needed - written
 
 
+@pytest.mark.slow  # the local-Hub round trip covers it too
 def test_a_remotely_loaded_model_saves_a_self_contained_folder_again(tmp_path):
     """Without hf_mim: load (trust_remote_code), save again, load the copy with every head."""
     family = MODEL_FAMILIES["dbot"]
