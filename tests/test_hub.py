@@ -85,6 +85,7 @@ def test_save_pretrained_alone_writes_code_and_the_full_auto_map(make, tmp_path)
     assert needed <= written, needed - written
 
 
+@pytest.mark.slow  # the local-Hub round trip covers it too
 def test_a_remotely_loaded_model_saves_a_self_contained_folder_again(tmp_path):
     """Without hf_mim: load (trust_remote_code), save again, load the copy with every head."""
     family = MODEL_FAMILIES["dbot"]
@@ -139,6 +140,8 @@ EXPORTS = [
     ("dbot", {}, "backbone", "BeitModel"),
     ("amt", {"variant": "mae"}, "classifier", "BeitForImageClassification"),
     ("amt", {"variant": "simmim"}, "classifier", "BeitForImageClassification"),
+    # the official SimMIM ViT scales only the MLP branch (as the fixture's classifier)
+    ("amt", {"variant": "simmim", "apply_attention_layer_scale": False}, "classifier", "BeitForImageClassification"),
     ("amt", {"variant": "mae"}, "backbone", "BeitModel"),
     ("maskdistill", {}, "classifier", "BeitForImageClassification"),
     ("maskdistill", {}, "backbone", "BeitModel"),
@@ -442,3 +445,12 @@ def test_round_trips_through_a_local_hub_endpoint(tmp_path, monkeypatch, fixture
         print(f"{repo} | {made} | {pushed} | {', '.join(report[repo])} | {with_hf_mim[repo]}")
     print(f"tester/digits | run_image_classification.py --push_to_hub | script | main: {report['tester/digits'][0]} "
           "(no trust_remote_code, pipeline ok) | hf_mim branch")
+
+
+def test_a_pretrained_encoder_backbone_is_refused_with_a_reason(tmp_path):
+    family = MODEL_FAMILIES["dbot"]
+    save_hub_folder(family.masked_image_modeling_class(tiny(family)), tmp_path)
+    from transformers import AutoModel
+
+    with pytest.raises(NotExpressible, match="pretrained encoder"):
+        to_native(AutoModel.from_pretrained(tmp_path))

@@ -169,7 +169,7 @@ def test_finetune_from_pretraining_checkpoint(workspace, runs):
     card = (out / "README.md").read_text()
     assert "model-index" in card and "top-1 accuracy" in card and "image-classification" in card
     assert "produced by `training_scripts/run_image_classification.py`" in card
-    assert f"{round(results['top1'], 2)}" in card
+    assert f"value: {round(results['top1'] / 100, 4)}" in card  # model-index metrics are fractions
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert list((out / "runs").rglob("events.out.tfevents*")), "no tensorboard log written"
 

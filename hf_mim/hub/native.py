@@ -35,6 +35,12 @@ def _head(model: PreTrainedModel) -> str:
     )
 
 
+def _gamma(layer: torch.nn.Module, name: str) -> torch.Tensor | None:
+    """The layer-scale vector of a block's branch ("ls1" attention, "ls2" MLP), None where unscaled."""
+    gamma = getattr(getattr(layer, name, None), "gamma", None)
+    return gamma if isinstance(gamma, torch.Tensor) else None
+
+
 def _layout(model: PreTrainedModel) -> dict:
     """What the BEiT config must say for this hf_mim model, or NotExpressible."""
     config = model.config
@@ -43,12 +49,17 @@ def _layout(model: PreTrainedModel) -> dict:
     if model_type == "revcolv2":
         raise NotExpressible("RevColV2 (reversible multi-column network) has no native transformers class")
     if model_type == "extrema":
-        if config.pooling != "mean":
+        if config.pooling != "mean" or getattr(base, "pretrained_encoder", False):
             raise NotExpressible(
                 f"ExtreMA with pooling={config.pooling!r} (class-attention pooling) has no native transformers class; "
                 "only pooling='mean' exports"
             )
     pooler = getattr(base, "pooler", None)
+    if pooler is not None and getattr(pooler, "fc_norm", None) is None:
+        raise NotExpressible(
+            f"{type(base).__name__} pools the final-normed tokens without fc_norm (a pretrained encoder); BEiT pools "
+            "with fc_norm or takes the cls token: export a fine-tuned classifier"
+        )
     mean_pooling = pooler is not None and getattr(pooler, "fc_norm", None) is not None
     final_norm = base.encoder.layernorm is not None
     if mean_pooling == final_norm:
@@ -59,8 +70,7 @@ def _layout(model: PreTrainedModel) -> dict:
         )
     layers = base.encoder.layers
     first = layers[0]
-    layer_scale = getattr(first, "ls1", None)
-    has_layer_scale = layer_scale is not None and isinstance(getattr(layer_scale, "gamma", None), torch.nn.Parameter)
+    has_layer_scale = any(_gamma(first, name) is not None for name in ("ls1", "ls2"))
     per_layer_bias = getattr(first, "rel_pos_bias", None) is not None
     shared_bias = not per_layer_bias and getattr(base.encoder, "rel_pos_bias", None) is not None
     embeddings = base.encoder.embeddings
@@ -154,8 +164,10 @@ def beit_state_dict(model: PreTrainedModel, beit_config: BeitConfig) -> dict[str
             target + "mlp.fc2.bias": layer.mlp.fc2.bias,
         })
         if beit_config.layer_scale_init_value > 0:
-            out[target + "lambda_1"] = layer.ls1.gamma
-            out[target + "lambda_2"] = layer.ls2.gamma
+            # a branch without layer scale (SimMIM's ViT scales only the MLP branch) gets BEiT's lambda = 1
+            for source, lambda_name in (("ls1", "lambda_1"), ("ls2", "lambda_2")):
+                gamma = _gamma(layer, source)
+                out[target + lambda_name] = gamma if gamma is not None else torch.ones(dim)
         if beit_config.use_relative_position_bias:
             out[target + "relative_position_bias.relative_position_bias_table"] = (
                 layer.rel_pos_bias.relative_position_bias_table
