@@ -272,12 +272,14 @@ class MaskDistillModel(MaskDistillPreTrainedModel):
 def resolve_teacher_path(teacher_name_or_path: str, student_name_or_path: str | None) -> tuple[str, str]:
     """(folder or Hub id, subfolder) of the teacher. A path starting with "./" is relative to the student's
     own folder or Hub repo (a converted student carries its teacher in `./teacher`), so the folder can be
-    moved or pushed and still finds it; anything else is used as given."""
+    moved or pushed and still finds it; a local student folder without it falls back to the working
+    directory. Anything else is used as given."""
     if not teacher_name_or_path.startswith("./") or not student_name_or_path:
         return teacher_name_or_path, ""
     inner = teacher_name_or_path[2:]
     if os.path.isdir(student_name_or_path):
-        return os.path.join(student_name_or_path, inner), ""
+        beside = os.path.join(student_name_or_path, inner)
+        return (teacher_name_or_path if not os.path.isdir(beside) and os.path.isdir(teacher_name_or_path) else beside), ""
     return student_name_or_path, inner  # a Hub repo: the teacher is its subfolder
 
 

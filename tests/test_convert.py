@@ -493,7 +493,7 @@ def test_zoo_lists_every_official_release_and_the_readme_carries_it():
     assert table in (REPO_ROOT / "README.md").read_text()
 
 
-def test_a_relative_teacher_path_follows_the_student_folder_or_hub_repo(tmp_path):
+def test_a_relative_teacher_path_follows_the_student_folder_or_hub_repo(tmp_path, monkeypatch):
     from hf_mim.modeling_maskdistill import resolve_teacher_path
 
     (tmp_path / "student" / "teacher").mkdir(parents=True)
@@ -501,6 +501,9 @@ def test_a_relative_teacher_path_follows_the_student_folder_or_hub_repo(tmp_path
     assert resolve_teacher_path("./teacher", "me/maskdistill-base") == ("me/maskdistill-base", "teacher")  # Hub subfolder
     assert resolve_teacher_path("openai/clip-vit-base-patch16", str(tmp_path / "student")) == ("openai/clip-vit-base-patch16", "")
     assert resolve_teacher_path("/abs/teacher", "me/x") == ("/abs/teacher", "")
+    (tmp_path / "work" / "clip").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "work")  # "./clip" given on a command line: the working directory's, if the student has none
+    assert resolve_teacher_path("./clip", str(tmp_path / "student")) == ("./clip", "")
 
 
 def test_saving_a_converted_student_elsewhere_takes_its_teacher_along(maskdistill, maskdistill_student, tmp_path):
