@@ -11,6 +11,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from .configuration_common import (
+    ViTBackboneConfigMixin,
     PresetConfigMixin,
     check_choice,
     check_fraction,
@@ -45,7 +46,7 @@ def teacher_token_width(teacher_config: PreTrainedConfig, layer: str) -> int:
     return teacher_config.projection_dim if layer == "projected" else teacher_config.hidden_size
 
 
-class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
+class MaskDistillConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
     r"""Configuration of a MaskDistill student (BEiT-style ViT + linear head) and its frozen teacher.
 
     Defaults are ViT-B/16 with a CLIP-B/16 teacher. Named sizes: `MaskDistillConfig.from_preset("base" |
@@ -96,6 +97,8 @@ class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
 
     Fine-tuning: use_mean_pooling (mean of patch tokens + fc_norm); initializer_range (0.02, BEiT's
         trunc-normal std); classifier_init_scale (0.001, BEiT's `init_scale` on the head's init).
+        backbone_pyramid, backbone_pyramid_channels, out_features, out_indices: the `<M>Backbone`'s
+            feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
     """
 
     model_type = "maskdistill"
