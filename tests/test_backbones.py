@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
 
 from hf_mim import (
+    MODEL_FAMILIES,
     AmtBackbone,
     AmtConfig,
     DbotBackbone,
@@ -23,6 +24,7 @@ from hf_mim import (
     MaskDistillConfig,
 )
 from hf_mim.hub import full_auto_map, save_hub_folder
+from hf_mim.hub.card import render_model_card
 from hf_mim.registry import family_for
 from hf_mim.training.optim import layer_decay_param_groups, vit_layer_id
 
@@ -279,6 +281,15 @@ def test_layer_ids_for_lr_decay(variant):
     assert layer_id("decode_head.classifier.weight") == DEPTH + 1
     groups = layer_decay_param_groups(backbone, 0.05, 0.65, DEPTH, layer_id_fn=layer_id)
     assert sorted({group["layer_id"] for group in groups}) == list(range(DEPTH + 2))
+
+
+@pytest.mark.parametrize("model_type", sorted(MODEL_FAMILIES))
+def test_cards_say_how_to_run_dense_transfer(model_type):
+    family = MODEL_FAMILIES[model_type]
+    card = str(render_model_card(family.base_model_class(family.config_class.from_preset("tiny")), "someone/model"))
+    section = card.split("## Dense transfer", 1)[1].split("\n## ", 1)[0]
+    assert f'{family.backbone_class.__name__}.from_pretrained("someone/model")' in section
+    assert "UperNetForSemanticSegmentation" in section and "ADE20K" in section
 
 
 # --------------------------------------------------------------------------------------------------
