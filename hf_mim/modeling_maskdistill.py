@@ -673,22 +673,29 @@ class MaskDistillBackbone(ViTBackboneMixin, BackboneMixin, MaskDistillPreTrained
     """
 
     _keys_to_ignore_on_load_unexpected = backbone_ignore_patterns("maskdistill")
-    # not reported as missing: _init_weights copies the (loaded) shared pretraining table into each block
-    _keys_to_ignore_on_load_missing = [r"layers\.\d+\.rel_pos_bias\."]
+    # not reported as missing: _init_weights copies the (loaded) shared pretraining table into each block;
+    # the mask token is never used here (a classifier checkpoint may have none)
+    _keys_to_ignore_on_load_missing = [r"layers\.\d+\.rel_pos_bias\.", r"embeddings\.mask_token$"]
 
     def __init__(self, config: MaskDistillConfig):
         super().__init__(config)
         self.maskdistill = MaskDistillModel(config, add_pooling_layer=False, per_layer_relative_position_bias=True)
         self.maskdistill.encoder.layernorm = None  # dense recipes read the blocks' outputs
+        self.freeze_unused()
         self.init_pyramid(config)
         self.post_init()
 
+    def freeze_unused(self) -> None:
+        """The shared pretraining table (copied into every block) and the mask token get no gradient here:
+        frozen, so DDP does not stop on trainable parameters without gradients."""
+        self.maskdistill.encoder.rel_pos_bias.requires_grad_(False)
+        self.maskdistill.encoder.embeddings.mask_token.requires_grad_(False)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        """As PreTrainedModel's, with the unused shared table frozen again (see the classifier)."""
+        """As PreTrainedModel's; loading re-creates parameters, so the unused ones are frozen again."""
         loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.maskdistill.encoder.rel_pos_bias.requires_grad_(False)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_unused()
         return loaded
 
     def get_input_embeddings(self) -> nn.Module:
