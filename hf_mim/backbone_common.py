@@ -15,6 +15,8 @@ A ViT has one resolution (the patch grid); dense heads want strides 4, 8, 16, 32
 - "none": the selected blocks as maps at the patch stride.
 Block outputs are taken before any final norm (as both recipes do); position tables and relative
 position tables are resized to the input's patch grid on every call (`interpolate_pos_encoding=True`).
+`backbone_relative_position_bias` adds BEiT's per-block relative position bias, trained from scratch
+(the MAE / dBOT segmentation recipe), kept on the backbone (`relative_position_biases`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import BackboneOutput
+
+from .modeling_common import RelativePositionBias
 
 # relative resampling of each pyramid level (x4, x2, x1, x1/2 of the patch grid): strides 4/8/16/32 at patch 16
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)
@@ -151,6 +155,36 @@ class ViTBackboneMixin:
         if self.pyramid is not None:
             for module in self.pyramid.modules():
                 module.pyramid_part = True
+        self.relative_position_biases = None
+        if getattr(config, "backbone_relative_position_bias", False) and not self.has_relative_position_bias:
+            grid = config.image_size // config.patch_size
+            self.relative_position_biases = nn.ModuleList(
+                RelativePositionBias(grid, config.num_attention_heads) for _ in range(config.num_hidden_layers)
+            )
+            for module in self.relative_position_biases:
+                module.pyramid_part = True  # initialised here (zeros), not by the encoder's init
+
+    # a method whose blocks already own relative position tables (MaskDistill) sets this
+    has_relative_position_bias = False
+
+    def run_encoder_with_bias(
+        self, encoder: nn.Module, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, output_attentions: bool
+    ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None, int]:
+        """`stage_hidden_states` through `encoder.embeddings` and `encoder.layers`, each block with its
+        `relative_position_biases` entry for this grid (cls rows dropped when there is no cls token)."""
+        grid = self.get_input_embeddings().check_pixel_values(pixel_values, interpolate_pos_encoding)
+        tokens = encoder.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        num_prefix_tokens = tokens.shape[1] - grid[0] * grid[1]
+        states, attentions = (tokens,), () if output_attentions else None
+        for layer, table in zip(encoder.layers, self.relative_position_biases):
+            bias = table(grid).to(tokens.dtype)
+            if num_prefix_tokens == 0:
+                bias = bias[:, :, 1:, 1:]
+            tokens, weights = layer(tokens, None, output_attentions, bias)
+            states += (tokens,)
+            if output_attentions:
+                attentions += (weights,)
+        return states, attentions, num_prefix_tokens
 
     @property
     def channels(self) -> list[int]:
@@ -169,7 +203,9 @@ class ViTBackboneMixin:
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        if getattr(module, "pyramid_part", False):
+        if isinstance(module, RelativePositionBias) and getattr(module, "pyramid_part", False):
+            init.zeros_(module.relative_position_bias_table)  # BEiT: trained from zero
+        elif getattr(module, "pyramid_part", False):
             init_pyramid_module(module)
         else:
             super()._init_weights(module)
@@ -177,9 +213,9 @@ class ViTBackboneMixin:
     def layer_id_for_lr_decay(self, name: str) -> int:
         """BEiT/MAE `get_layer_id_for_vit` for a parameter name of this backbone (any prefix, e.g. UperNet's
         `backbone.`): 0 for the embeddings (patch projection, cls / mask / position tokens), i + 1 for encoder
-        block i (its relative position table included), `num_hidden_layers + 1` for everything else
-        (pyramid, the shared pretraining table, a dense head)."""
-        match = re.search(r"(?:^|\.)encoder\.layers\.(\d+)\.", name)
+        block i (its relative position table, or `relative_position_biases.i`, included),
+        `num_hidden_layers + 1` for everything else (pyramid, the shared pretraining table, a dense head)."""
+        match = re.search(r"(?:^|\.)(?:encoder\.layers|relative_position_biases)\.(\d+)\.", name)
         if match:
             return int(match.group(1)) + 1
         if re.search(r"(?:^|\.)encoder\.embeddings\.", name):
@@ -211,9 +247,15 @@ class ViTBackboneMixin:
             output_hidden_states, output_attentions, return_dict
         )
         grid = self.get_input_embeddings().check_pixel_values(pixel_values, interpolate_pos_encoding)
-        hidden_states, attentions, num_prefix_tokens = self.stage_hidden_states(
-            pixel_values, interpolate_pos_encoding, output_attentions
-        )
+        if self.relative_position_biases is not None:
+            encoder = getattr(self, self.base_model_prefix).encoder
+            hidden_states, attentions, num_prefix_tokens = self.run_encoder_with_bias(
+                encoder, pixel_values, interpolate_pos_encoding, output_attentions
+            )
+        else:
+            hidden_states, attentions, num_prefix_tokens = self.stage_hidden_states(
+                pixel_values, interpolate_pos_encoding, output_attentions
+            )
         maps = [tokens_to_map(hidden_states[index], num_prefix_tokens, grid) for index in self.out_indices]
         if self.pyramid is not None:
             if self.config.backbone_pyramid == "simple":

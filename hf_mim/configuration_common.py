@@ -125,6 +125,9 @@ class ViTBackboneConfigMixin(BackboneConfigMixin):
             3x3 convolutions with channel LayerNorm).
             "none": each `out_features` block as a (B, D, h, w) map at the patch stride.
         backbone_pyramid_channels: output width of the "simple" pyramid (ViTDet: 256).
+        backbone_relative_position_bias: give every block a relative position bias, zero-initialised and
+            trained from scratch on top of the absolute positions (the MAE / dBOT segmentation recipe;
+            BEiT's `use_rel_pos_bias`). Models that already have per-block tables (MaskDistill) ignore it.
         out_features / out_indices: stages among `stage_names` = ["stem", "stage1", ..., "stageN"];
             default: see `default_vit_out_features`.
     """
@@ -134,6 +137,7 @@ class ViTBackboneConfigMixin(BackboneConfigMixin):
         *args,
         backbone_pyramid: str = "multi_scale",
         backbone_pyramid_channels: int = 256,
+        backbone_relative_position_bias: bool = False,
         out_features: list[str] | None = None,
         out_indices: list[int] | None = None,
         stage_names: list[str] | None = None,  # derived from num_hidden_layers; a saved value is ignored
@@ -141,7 +145,10 @@ class ViTBackboneConfigMixin(BackboneConfigMixin):
     ):
         self.backbone_pyramid = backbone_pyramid
         self.backbone_pyramid_channels = backbone_pyramid_channels
+        self.backbone_relative_position_bias = backbone_relative_position_bias
         super().__init__(*args, **kwargs)
+        if not isinstance(backbone_relative_position_bias, bool):
+            raise config_error("backbone_relative_position_bias", backbone_relative_position_bias, "expected True or False")
         check_choice("backbone_pyramid", backbone_pyramid, BACKBONE_PYRAMIDS)
         check_positive_int("backbone_pyramid_channels", backbone_pyramid_channels)
         check_non_negative_int("num_hidden_layers", self.num_hidden_layers)

@@ -673,6 +673,7 @@ class MaskDistillBackbone(ViTBackboneMixin, BackboneMixin, MaskDistillPreTrained
     """
 
     _keys_to_ignore_on_load_unexpected = backbone_ignore_patterns("maskdistill")
+    has_relative_position_bias = True  # every block owns its table already
     # not reported as missing: _init_weights copies the (loaded) shared pretraining table into each block;
     # the mask token is never used here (a classifier checkpoint may have none)
     _keys_to_ignore_on_load_missing = [r"layers\.\d+\.rel_pos_bias\.", r"embeddings\.mask_token$"]

@@ -79,8 +79,14 @@ def hand_tokens(backbone, variant: str, pixel_values: torch.Tensor) -> list[torc
         cls = embeddings.cls_token + (table[:, :1] if table is not None else 0)
         tokens = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
     states = [tokens]
-    for layer in encoder.layers:
-        bias = layer.rel_pos_bias(grid) if variant == "maskdistill" else None
+    tables = backbone.relative_position_biases  # trained from scratch (backbone_relative_position_bias)
+    for index, layer in enumerate(encoder.layers):
+        bias = None
+        if variant == "maskdistill":
+            bias = layer.rel_pos_bias(grid)
+        elif tables is not None:
+            bias = tables[index](grid)
+            bias = bias if prefix else bias[:, :, 1:, 1:]  # no cls token: the patch rows only
         tokens, _ = layer(tokens, None, False, bias)
         states.append(tokens)
     return states, prefix, grid
@@ -121,6 +127,39 @@ def test_multi_scale_maps_are_the_resampled_block_outputs(variant):
     assert backbone.feature_strides == [2.0, 4.0, 8.0, 16.0]  # patch 8: 4/8/16/32 at patch 16
     for got, want in zip(maps, expected):
         assert max_abs_diff(got, want) <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["dbot", "extrema", "amt_mae"])
+def test_relative_position_bias_trained_from_scratch(variant, tmp_path):
+    """MAE / dBOT segmentation recipe: a zero-initialised relative position bias per block on top of the
+    absolute positions; zero at the start (same maps as without it), used once trained, loads from a
+    pretraining checkpoint as new parameters, layer id of its block, gradients under UperNet."""
+    model_type, backbone_class, _ = VARIANTS[variant]
+    torch.manual_seed(0)
+    pretrain = family_for(model_type).masked_image_modeling_class(tiny(variant))
+    perturb(pretrain)
+    pretrain.save_pretrained(tmp_path)
+    plain = backbone_class.from_pretrained(tmp_path).eval()
+    biased, info = backbone_class.from_pretrained(tmp_path, backbone_relative_position_bias=True, output_loading_info=True)
+    biased.eval()
+    assert all(k.startswith(("pyramid.", "relative_position_biases.")) for k in info["missing_keys"])
+    assert len(biased.relative_position_biases) == DEPTH
+    assert all(not t.relative_position_bias_table.any() for t in biased.relative_position_biases)
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        biased.pyramid.load_state_dict(plain.pyramid.state_dict())
+        assert max_abs_diff(biased(pixel_values).feature_maps[2], plain(pixel_values).feature_maps[2]) == 0
+        perturb(biased)
+        maps = biased(pixel_values).feature_maps
+        states, prefix, grid = hand_tokens(biased, variant, pixel_values)
+    assert max_abs_diff(maps[2], as_map(states[3], prefix, grid)) <= 1e-5
+    assert biased.layer_id_for_lr_decay("relative_position_biases.2.relative_position_bias_table") == 3
+
+    upernet = UperNetForSemanticSegmentation(UperNetConfig(
+        backbone_config=tiny(variant, backbone_relative_position_bias=True), hidden_size=8, num_labels=3
+    ))
+    upernet(pixel_values.repeat(2, 1, 1, 1), labels=torch.zeros(2, 64, 64, dtype=torch.long)).loss.backward()
+    assert [n for n, p in upernet.backbone.named_parameters() if p.requires_grad and p.grad is None] == []
 
 
 def test_relative_position_tables_are_resized_to_the_crop():
