@@ -83,8 +83,8 @@ class AmtConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         use_mean_pooling: fine-tuning representation = mean of patch tokens + fc_norm (MAE); False = the
             cls token after the final norm (SimMIM).
         initializer_range: std of the token / BEiT-style initialisation.
-        backbone_pyramid, backbone_pyramid_channels, out_features, out_indices: the `<M>Backbone`'s
-            feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
+        backbone_pyramid, backbone_pyramid_channels, backbone_relative_position_bias, out_features, out_indices:
+            the `<M>Backbone`'s feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
     """
 
     model_type = "amt"

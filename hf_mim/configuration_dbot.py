@@ -45,8 +45,8 @@ class DbotConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         use_mean_pooling: the fine-tuning representation is the mean of patch tokens + `fc_norm`
             (official `global_pool=True`); False uses the cls token after the final norm.
         initializer_range: std of the cls/mask token init; classifier_init_std: the head's (0.01).
-        backbone_pyramid, backbone_pyramid_channels, out_features, out_indices: the `<M>Backbone`'s
-            feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
+        backbone_pyramid, backbone_pyramid_channels, backbone_relative_position_bias, out_features, out_indices:
+            the `<M>Backbone`'s feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
     """
 
     model_type = "dbot"

@@ -60,8 +60,8 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
         initializer_range: std of the cls token init (0.02).
         classifier_init_std: std of the classifier weights: 0.02 x init_scale 0.001 as the official
             fine-tuning (`--init_scale 0.001`).
-        backbone_pyramid, backbone_pyramid_channels, out_features, out_indices: the `<M>Backbone`'s
-            feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
+        backbone_pyramid, backbone_pyramid_channels, backbone_relative_position_bias, out_features, out_indices:
+            the `<M>Backbone`'s feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
     """
 
     model_type = "extrema"

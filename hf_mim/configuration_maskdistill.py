@@ -97,8 +97,8 @@ class MaskDistillConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedCon
 
     Fine-tuning: use_mean_pooling (mean of patch tokens + fc_norm); initializer_range (0.02, BEiT's
         trunc-normal std); classifier_init_scale (0.001, BEiT's `init_scale` on the head's init).
-        backbone_pyramid, backbone_pyramid_channels, out_features, out_indices: the `<M>Backbone`'s
-            feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
+        backbone_pyramid, backbone_pyramid_channels, backbone_relative_position_bias, out_features, out_indices:
+            the `<M>Backbone`'s feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
     """
 
     model_type = "maskdistill"
