@@ -1,18 +1,20 @@
 """hf_mim: masked image modeling methods as Hugging Face transformers models.
 
 Importing the package registers every model with the Auto classes (AutoConfig, AutoModel,
-AutoModelForMaskedImageModeling, AutoModelForImageClassification, AutoImageProcessor).
+AutoModelForMaskedImageModeling, AutoModelForImageClassification, AutoBackbone, AutoImageProcessor).
 """
 
 from .configuration_dbot import DbotConfig
 from .configuration_extrema import ExtremaConfig
 from .modeling_dbot import (
+    DbotBackbone,
     DbotForImageClassification,
     DbotForMaskedImageModeling,
     DbotModel,
     DbotPreTrainedModel,
 )
 from .modeling_extrema import (
+    ExtremaBackbone,
     ExtremaForImageClassification,
     ExtremaForMaskedImageModeling,
     ExtremaModel,
@@ -28,6 +30,7 @@ from .modeling_revcolv2 import (
 )
 from .configuration_maskdistill import MaskDistillConfig
 from .modeling_maskdistill import (
+    MaskDistillBackbone,
     MaskDistillForImageClassification,
     MaskDistillForMaskedImageModeling,
     MaskDistillModel,
@@ -35,6 +38,7 @@ from .modeling_maskdistill import (
 )
 from .configuration_amt import AmtConfig
 from .modeling_amt import (
+    AmtBackbone,
     AmtForImageClassification,
     AmtForMaskedImageModeling,
     AmtModel,
@@ -52,11 +56,13 @@ __all__ = [
     "DbotPreTrainedModel",
     "DbotForMaskedImageModeling",
     "DbotForImageClassification",
+    "DbotBackbone",
     "ExtremaConfig",
     "ExtremaModel",
     "ExtremaPreTrainedModel",
     "ExtremaForMaskedImageModeling",
     "ExtremaForImageClassification",
+    "ExtremaBackbone",
     "RevColV2Config",
     "RevColV2Model",
     "RevColV2PreTrainedModel",
@@ -68,11 +74,13 @@ __all__ = [
     "MaskDistillPreTrainedModel",
     "MaskDistillForMaskedImageModeling",
     "MaskDistillForImageClassification",
+    "MaskDistillBackbone",
     "AmtConfig",
     "AmtModel",
     "AmtPreTrainedModel",
     "AmtForMaskedImageModeling",
     "AmtForImageClassification",
+    "AmtBackbone",
     "MODEL_FAMILIES",
     "ModelFamily",
 ]

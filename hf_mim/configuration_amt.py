@@ -6,6 +6,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from .configuration_common import (
+    ViTBackboneConfigMixin,
     PresetConfigMixin,
     check_choice,
     check_fraction,
@@ -48,7 +49,7 @@ VARIANT_DEFAULTS = {
 }
 
 
-class AmtConfig(PresetConfigMixin, PreTrainedConfig):
+class AmtConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
     r"""Configuration of an AMT model: MAE or SimMIM whose masks come from the model's own attention.
 
     Every `None` field takes the value of the chosen `variant` (the official mae-AMT / SimMIM-AMT
@@ -84,6 +85,8 @@ class AmtConfig(PresetConfigMixin, PreTrainedConfig):
         use_mean_pooling: fine-tuning representation = mean of patch tokens + fc_norm (MAE); False = the
             cls token after the final norm (SimMIM).
         initializer_range: std of the token / BEiT-style initialisation.
+        backbone_pyramid, backbone_pyramid_channels, backbone_relative_position_bias, out_features, out_indices:
+            the `<M>Backbone`'s feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
     """
 
     model_type = "amt"

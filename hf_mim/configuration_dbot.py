@@ -5,6 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from .configuration_common import (
+    ViTBackboneConfigMixin,
     PresetConfigMixin,
     check_fraction,
     check_heads_divide,
@@ -15,7 +16,7 @@ from .configuration_common import (
 )
 
 
-class DbotConfig(PresetConfigMixin, PreTrainedConfig):
+class DbotConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
     r"""Configuration of a dBOT student (ViT encoder + feature-regressing decoder) and its frozen teacher.
 
     Defaults are the paper's ViT-B/16 pretraining recipe (official repository, `PRETRAIN.md`).
@@ -44,6 +45,8 @@ class DbotConfig(PresetConfigMixin, PreTrainedConfig):
         use_mean_pooling: the fine-tuning representation is the mean of patch tokens + `fc_norm`
             (official `global_pool=True`); False uses the cls token after the final norm.
         initializer_range: std of the cls/mask token init; classifier_init_std: the head's (0.01).
+        backbone_pyramid, backbone_pyramid_channels, backbone_relative_position_bias, out_features, out_indices:
+            the `<M>Backbone`'s feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
     """
 
     model_type = "dbot"

@@ -6,6 +6,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from .configuration_common import (
+    ViTBackboneConfigMixin,
     PresetConfigMixin,
     check_choice,
     check_fraction,
@@ -21,7 +22,7 @@ POOLING_CHOICES = ("mean", "class_attention")
 MOMENTUM_SCHEDULES = ("cosine", "constant")
 
 
-class ExtremaConfig(PresetConfigMixin, PreTrainedConfig):
+class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
     r"""Configuration of an ExtreMA model: a ViT without cls token in its self-attention stack, class-attention
     blocks that pool it into an instance vector, projector + predictor MLPs, and the momentum (EMA) copy.
 
@@ -59,6 +60,8 @@ class ExtremaConfig(PresetConfigMixin, PreTrainedConfig):
         initializer_range: std of the cls token init (0.02).
         classifier_init_std: std of the classifier weights: 0.02 x init_scale 0.001 as the official
             fine-tuning (`--init_scale 0.001`).
+        backbone_pyramid, backbone_pyramid_channels, backbone_relative_position_bias, out_features, out_indices:
+            the `<M>Backbone`'s feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
     """
 
     model_type = "extrema"

@@ -11,6 +11,7 @@ from __future__ import annotations
 from transformers import PreTrainedConfig
 
 from .configuration_common import (
+    ViTBackboneConfigMixin,
     PresetConfigMixin,
     check_choice,
     check_fraction,
@@ -50,7 +51,7 @@ def as_list(value):
     return list(value) if isinstance(value, tuple) else value
 
 
-class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
+class MaskDistillConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
     r"""Configuration of a MaskDistill student (BEiT-style ViT + linear head) and its frozen teacher.
 
     Defaults are ViT-B/16 with a CLIP-B/16 teacher. Named sizes: `MaskDistillConfig.from_preset("base" |
@@ -102,6 +103,8 @@ class MaskDistillConfig(PresetConfigMixin, PreTrainedConfig):
 
     Fine-tuning: use_mean_pooling (mean of patch tokens + fc_norm); initializer_range (0.02, BEiT's
         trunc-normal std); classifier_init_scale (0.001, BEiT's `init_scale` on the head's init).
+        backbone_pyramid, backbone_pyramid_channels, backbone_relative_position_bias, out_features, out_indices:
+            the `<M>Backbone`'s feature maps (AutoBackbone, dense tasks); see `ViTBackboneConfigMixin`.
     """
 
     model_type = "maskdistill"

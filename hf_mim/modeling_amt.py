@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
+from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_amt import AmtConfig
 from .masking import (
     AttentionMaskGenerator,
@@ -485,4 +487,33 @@ class AmtForImageClassification(ImageClassificationMixin, AmtPreTrainedModel):
         self.post_init()
 
 
-__all__ = ["AmtPreTrainedModel", "AmtModel", "AmtForMaskedImageModeling", "AmtForImageClassification"]
+class AmtBackbone(ViTBackboneMixin, BackboneMixin, AmtPreTrainedModel):
+    """AMT feature maps for dense heads (UperNet through `AutoBackbone`), either host (MAE or SimMIM
+    ViT): stages "stem", "stage1".."stageN" (block outputs, no final norm), resampled as
+    `config.backbone_pyramid` says (see `backbone_common`). Loads the encoder of a pretraining or
+    classification checkpoint (`amt.` prefix); decoder, mask token, pooler and final norm are ignored.
+    """
+
+    _keys_to_ignore_on_load_unexpected = backbone_ignore_patterns("amt") + [r"embeddings\.mask_token$"]
+
+    def __init__(self, config: AmtConfig):
+        super().__init__(config)
+        self.amt = AmtModel(config, add_pooling_layer=False)
+        self.amt.encoder.layernorm = None  # dense recipes read the blocks' outputs
+        self.init_pyramid(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.amt.get_input_embeddings()
+
+    def stage_hidden_states(self, pixel_values, interpolate_pos_encoding, output_attentions):
+        encoded = self.amt.encoder(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=True,
+            output_attentions=output_attentions,
+        )
+        return encoded.hidden_states, encoded.attentions, self.amt.encoder.num_prefix_tokens
+
+
+__all__ = ["AmtPreTrainedModel", "AmtModel", "AmtForMaskedImageModeling", "AmtForImageClassification", "AmtBackbone"]

@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
+from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_dbot import DbotConfig
 from .masking import RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices
 from .modeling_common import (
@@ -322,4 +324,33 @@ class DbotForImageClassification(ImageClassificationMixin, DbotPreTrainedModel):
         self.post_init()
 
 
-__all__ = ["DbotPreTrainedModel", "DbotModel", "DbotForMaskedImageModeling", "DbotForImageClassification"]
+class DbotBackbone(ViTBackboneMixin, BackboneMixin, DbotPreTrainedModel):
+    """dBOT feature maps for dense heads (UperNet through `AutoBackbone`), the MAE/BEiT segmentation
+    backbone: stages "stem", "stage1".."stageN" (block outputs, no final norm), resampled as
+    `config.backbone_pyramid` says (see `backbone_common`). Loads the encoder of a pretraining or
+    classification checkpoint (`dbot.` prefix); the decoder, teacher, pooler and final norm are ignored.
+    """
+
+    _keys_to_ignore_on_load_unexpected = backbone_ignore_patterns("dbot")
+
+    def __init__(self, config: DbotConfig):
+        super().__init__(config)
+        self.dbot = DbotModel(config, add_pooling_layer=False)
+        self.dbot.encoder.layernorm = None  # dense recipes read the blocks' outputs
+        self.init_pyramid(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.dbot.get_input_embeddings()
+
+    def stage_hidden_states(self, pixel_values, interpolate_pos_encoding, output_attentions):
+        encoded = self.dbot.encoder(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=True,
+            output_attentions=output_attentions,
+        )
+        return encoded.hidden_states, encoded.attentions, self.dbot.encoder.num_prefix_tokens
+
+
+__all__ = ["DbotPreTrainedModel", "DbotModel", "DbotForMaskedImageModeling", "DbotForImageClassification", "DbotBackbone"]

@@ -22,9 +22,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
+from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_extrema import ExtremaConfig
 from .masking import (
     DisjointMaskGenerator,
@@ -634,9 +636,39 @@ class ExtremaForImageClassification(ImageClassificationMixin, ExtremaPreTrainedM
         self.post_init()
 
 
+class ExtremaBackbone(ViTBackboneMixin, BackboneMixin, ExtremaPreTrainedModel):
+    """ExtreMA feature maps for dense heads (UperNet through `AutoBackbone`): the self-attention stack
+    only (no cls token enters it; no class attention, no final norm, as the CAE-based dense recipe),
+    stages "stem", "stage1".."stageN", resampled as `config.backbone_pyramid` says (see
+    `backbone_common`). Loads the online encoder of a pretraining or classification checkpoint
+    (`extrema.` prefix); projector, predictor, momentum branch and class attention are ignored.
+    """
+
+    _keys_to_ignore_on_load_unexpected = backbone_ignore_patterns("extrema") + [r"^extrema\.encoder\.class_attention\."]
+
+    def __init__(self, config: ExtremaConfig):
+        super().__init__(config)
+        self.extrema = ExtremaModel(config, add_pooling_layer=False, use_class_attention=False, use_final_norm=False)
+        self.init_pyramid(config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.extrema.get_input_embeddings()
+
+    def stage_hidden_states(self, pixel_values, interpolate_pos_encoding, output_attentions):
+        encoded = self.extrema.encoder(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=True,
+            output_attentions=output_attentions,
+        )
+        return encoded.hidden_states, encoded.attentions, 0
+
+
 __all__ = [
     "ExtremaPreTrainedModel",
     "ExtremaModel",
     "ExtremaForMaskedImageModeling",
     "ExtremaForImageClassification",
+    "ExtremaBackbone",
 ]

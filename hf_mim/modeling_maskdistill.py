@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
+from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_maskdistill import MaskDistillConfig
 from .masking import BlockwiseMaskGenerator
 from .modeling_common import (
@@ -719,9 +721,56 @@ class MaskDistillForImageClassification(ImageClassificationMixin, MaskDistillPre
         return loaded
 
 
+class MaskDistillBackbone(ViTBackboneMixin, BackboneMixin, MaskDistillPreTrainedModel):
+    """MaskDistill feature maps for dense heads (UperNet through `AutoBackbone`), BEiT's segmentation
+    backbone: per-block relative position tables (copied from the shared pretraining table on load, as
+    the classifier; bilinearly resized to the crop's grid), stages "stem", "stage1".."stageN" (block
+    outputs, no final norm), resampled as `config.backbone_pyramid` says (see `backbone_common`). Loads
+    a pretraining or classification checkpoint (`maskdistill.` prefix); lm_head, pooler and final norm
+    are ignored.
+    """
+
+    _keys_to_ignore_on_load_unexpected = backbone_ignore_patterns("maskdistill")
+    has_relative_position_bias = True  # every block owns its table already
+    # not reported as missing: _init_weights copies the (loaded) shared pretraining table into each block;
+    # the mask token is never used here (a classifier checkpoint may have none)
+    _keys_to_ignore_on_load_missing = [r"layers\.\d+\.rel_pos_bias\.", r"embeddings\.mask_token$"]
+
+    def __init__(self, config: MaskDistillConfig):
+        super().__init__(config)
+        self.maskdistill = MaskDistillModel(config, add_pooling_layer=False, per_layer_relative_position_bias=True)
+        self.maskdistill.encoder.layernorm = None  # dense recipes read the blocks' outputs
+        self.freeze_unused()
+        self.init_pyramid(config)
+        self.post_init()
+
+    def freeze_unused(self) -> None:
+        """The shared pretraining table (copied into every block) and the mask token get no gradient here:
+        frozen, so DDP does not stop on trainable parameters without gradients."""
+        self.maskdistill.encoder.rel_pos_bias.requires_grad_(False)
+        self.maskdistill.encoder.embeddings.mask_token.requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As PreTrainedModel's; loading re-creates parameters, so the unused ones are frozen again."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_unused()
+        return loaded
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.maskdistill.get_input_embeddings()
+
+    def stage_hidden_states(self, pixel_values, interpolate_pos_encoding, output_attentions):
+        _, hidden_states, attentions = self.maskdistill.encoder(
+            pixel_values, None, interpolate_pos_encoding, True, output_attentions
+        )
+        return hidden_states, attentions, 1
+
+
 __all__ = [
     "MaskDistillPreTrainedModel",
     "MaskDistillModel",
     "MaskDistillForMaskedImageModeling",
     "MaskDistillForImageClassification",
+    "MaskDistillBackbone",
 ]

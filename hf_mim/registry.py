@@ -22,10 +22,16 @@ from .configuration_dbot import DbotConfig
 from .configuration_extrema import ExtremaConfig
 from .configuration_maskdistill import MaskDistillConfig
 from .configuration_revcolv2 import RevColV2Config
-from .modeling_amt import AmtForImageClassification, AmtForMaskedImageModeling, AmtModel
-from .modeling_dbot import DbotForImageClassification, DbotForMaskedImageModeling, DbotModel
-from .modeling_extrema import ExtremaForImageClassification, ExtremaForMaskedImageModeling, ExtremaModel
+from .modeling_amt import AmtBackbone, AmtForImageClassification, AmtForMaskedImageModeling, AmtModel
+from .modeling_dbot import DbotBackbone, DbotForImageClassification, DbotForMaskedImageModeling, DbotModel
+from .modeling_extrema import (
+    ExtremaBackbone,
+    ExtremaForImageClassification,
+    ExtremaForMaskedImageModeling,
+    ExtremaModel,
+)
 from .modeling_maskdistill import (
+    MaskDistillBackbone,
     MaskDistillForImageClassification,
     MaskDistillForMaskedImageModeling,
     MaskDistillModel,
@@ -86,6 +92,7 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         base_model_class=DbotModel,
         masked_image_modeling_class=DbotForMaskedImageModeling,
         image_classification_class=DbotForImageClassification,
+        backbone_class=DbotBackbone,
     ),
     "extrema": ModelFamily(
         model_type="extrema",
@@ -93,6 +100,7 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         base_model_class=ExtremaModel,
         masked_image_modeling_class=ExtremaForMaskedImageModeling,
         image_classification_class=ExtremaForImageClassification,
+        backbone_class=ExtremaBackbone,
         # official SpatialConsistentColorAug: one RandomResizedCrop(scale 0.2-1) + flip for both views,
         # then independent colour jitter (0.4, 0.4, 0.2, 0.1, p 0.8) and grayscale (p 0.2) per view
         crop_scale=(0.2, 1.0),
@@ -114,6 +122,7 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         base_model_class=MaskDistillModel,
         masked_image_modeling_class=MaskDistillForMaskedImageModeling,
         image_classification_class=MaskDistillForImageClassification,
+        backbone_class=MaskDistillBackbone,
         # BEiT v2 pipeline (beit2/datasets.py): RandomResizedCrop(min_crop_scale 0.2) + flip; the teacher
         # sees the same crop (the model derives its input from the student's pixel_values)
         crop_scale=(0.2, 1.0),
@@ -124,6 +133,7 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         base_model_class=AmtModel,
         masked_image_modeling_class=AmtForMaskedImageModeling,
         image_classification_class=AmtForImageClassification,
+        backbone_class=AmtBackbone,
         # the hosts' own pretraining crops: mae-AMT RandomResizedCrop(scale 0.2-1) + flip, SimMIM-AMT
         # scale 0.67-1 (ratio 3/4-4/3) + flip; the crop box also crops the stored attention map
         crop_scale_by_variant={"mae": (0.2, 1.0), "simmim": (0.67, 1.0)},
