@@ -730,25 +730,26 @@ class MaskDistillBackbone(ViTBackboneMixin, BackboneMixin, MaskDistillPreTrained
     are ignored.
     """
 
-    _keys_to_ignore_on_load_unexpected = backbone_ignore_patterns("maskdistill")
+    # beyond the encoder: a pretraining checkpoint's mask token (the backbone never masks)
+    _keys_to_ignore_on_load_unexpected = backbone_ignore_patterns("maskdistill") + [r"^maskdistill\.encoder\.embeddings\.mask_token$"]
     has_relative_position_bias = True  # every block owns its table already
-    # not reported as missing: _init_weights copies the (loaded) shared pretraining table into each block;
-    # the mask token is never used here (a classifier checkpoint may have none)
-    _keys_to_ignore_on_load_missing = [r"layers\.\d+\.rel_pos_bias\.", r"embeddings\.mask_token$"]
+    # not reported as missing: _init_weights copies the (loaded) shared pretraining table into each block
+    _keys_to_ignore_on_load_missing = [r"layers\.\d+\.rel_pos_bias\."]
 
     def __init__(self, config: MaskDistillConfig):
         super().__init__(config)
-        self.maskdistill = MaskDistillModel(config, add_pooling_layer=False, per_layer_relative_position_bias=True)
+        self.maskdistill = MaskDistillModel(
+            config, add_pooling_layer=False, per_layer_relative_position_bias=True, use_mask_token=False
+        )
         self.maskdistill.encoder.layernorm = None  # dense recipes read the blocks' outputs
         self.freeze_unused()
         self.init_pyramid(config)
         self.post_init()
 
     def freeze_unused(self) -> None:
-        """The shared pretraining table (copied into every block) and the mask token get no gradient here:
-        frozen, so DDP does not stop on trainable parameters without gradients."""
+        """The shared pretraining table (copied into every block) gets no gradient here: frozen, so DDP
+        does not stop on a trainable parameter without a gradient (the backbone holds no mask token)."""
         self.maskdistill.encoder.rel_pos_bias.requires_grad_(False)
-        self.maskdistill.encoder.embeddings.mask_token.requires_grad_(False)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
