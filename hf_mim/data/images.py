@@ -237,6 +237,18 @@ def _fit_pixel_budget(image: Image.Image, max_pixels: int | None) -> str:
     return TOO_LARGE
 
 
+def _draft_for_speed(image: Image.Image, min_side: int | None) -> None:
+    """Set up a libjpeg reduced decode (1/2, 1/4, 1/8: fewer pixels to decode and to resize) when the
+    shorter side stays >= `min_side` at that scale; nothing for other formats or when already drafted."""
+    if not min_side or image.format not in ("JPEG", "MPO") or getattr(image, "decoderconfig", ()):
+        return
+    width, height = image.size
+    for scale in (8, 4, 2):
+        if min(-(-width // scale), -(-height // scale)) >= min_side:
+            image.draft(None, (max(1, width // scale), max(1, height // scale)))
+            return
+
+
 def _apply_exif_orientation(image: Image.Image) -> None:
     """Turn the image upright in place as `datasets.Image.decode_example` does; no copy when upright."""
     orientation = image.getexif().get(ExifTags.Base.Orientation)
@@ -245,11 +257,16 @@ def _apply_exif_orientation(image: Image.Image) -> None:
 
 
 def decode_image_with_status(
-    value: Any, min_size: int = 8, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    value: Any,
+    min_size: int = 8,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    decode_min_side: int | None = None,
 ) -> tuple[Image.Image | None, str]:
     """(RGB image or None, status) where status is one of ok / converted / reduced / undecodable /
     truncated / too_small / too_large. `max_pixels=None` lifts the pixel budget (Pillow's own
-    `Image.MAX_IMAGE_PIXELS` check still applies)."""
+    `Image.MAX_IMAGE_PIXELS` check still applies). `decode_min_side`: a JPEG whose shorter side is at
+    least 2x this is decoded at the largest reduction that keeps it >= this (a speed-up when the
+    consumer needs no more pixels, e.g. `MaskedImageTransform.min_decode_side`; status unchanged)."""
     _check_truncation_setting()
     try:
         if isinstance(value, Image.Image):
@@ -266,6 +283,7 @@ def decode_image_with_status(
         budget = _fit_pixel_budget(image, max_pixels)
         if budget == TOO_LARGE:
             return None, TOO_LARGE
+        _draft_for_speed(image, decode_min_side)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette/EXIF warnings (the size was checked above)
             image.load()

@@ -466,12 +466,19 @@ class _DecodeExamples:
     last good one in this process (a DataLoader worker has its own copy)."""
 
     def __init__(
-        self, image_column: str, label_column: str | None, min_size: int, stats: DecodeStats | None, max_pixels: int | None
+        self,
+        image_column: str,
+        label_column: str | None,
+        min_size: int,
+        stats: DecodeStats | None,
+        max_pixels: int | None,
+        decode_min_side: int | None = None,
     ):
         self.image_column = image_column
         self.label_column = label_column
         self.min_size = min_size
         self.max_pixels = max_pixels
+        self.decode_min_side = decode_min_side
         self.stats = stats
         self.pending_skipped = 0
         self.bad_seen = 0
@@ -493,7 +500,9 @@ class _DecodeExamples:
                 data = read_path_bytes(path)
             except OSError:
                 data = None
-        image, status = decode_image_with_status(data if data is not None else value, self.min_size, self.max_pixels)
+        image, status = decode_image_with_status(
+            data if data is not None else value, self.min_size, self.max_pixels, self.decode_min_side
+        )
         if self.stats is not None:
             self.stats.record(status)
         label = None
@@ -542,6 +551,7 @@ def prepare_stream(
     min_size: int = 8,
     max_buffer_input_shards: int | None = 1,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    decode_min_side: int | None = None,
 ) -> IterableDataset:
     """Split by node (world_size > 1), shuffle, decode + id, drop bad images.
 
@@ -551,6 +561,8 @@ def prepare_stream(
     dropped and counted as skipped when `label_column` is given. `max_image_pixels` bounds what one
     decode may allocate (see `hf_mim.data.images`): larger JPEGs are decoded at reduced scale (counted
     in `images_converted`), other larger images are skipped (counted in `images_skipped`).
+    `decode_min_side` (e.g. the transform's `min_decode_side`): JPEGs much larger than the transform
+    can use are decoded at 1/2, 1/4 or 1/8 scale by libjpeg, keeping the shorter side >= it.
 
     `max_buffer_input_shards` goes to `IterableDataset.shuffle`. The default here, 1, fills the buffer
     from one shard at a time (shard order is still reshuffled every epoch). datasets' own default (10,
@@ -579,7 +591,7 @@ def prepare_stream(
     if buffer_size and buffer_size > 0:
         shuffle_kwargs = {} if max_buffer_input_shards is None else {"max_buffer_input_shards": max_buffer_input_shards}
         ds = ds.shuffle(seed=seed, buffer_size=buffer_size, **shuffle_kwargs)
-    decode = _DecodeExamples(image_column, label_column, min_size, stats, max_image_pixels)
+    decode = _DecodeExamples(image_column, label_column, min_size, stats, max_image_pixels, decode_min_side)
     ds = ds.map(decode, remove_columns=ds.column_names)
     return ds.filter(_keep)
 
