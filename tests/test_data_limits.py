@@ -360,6 +360,9 @@ def test_large_jpegs_are_decoded_at_the_scale_the_crop_needs(tmp_path):
                            (100, (200, 150)), (1201, (1600, 1200))):
         image, status = decode_image_with_status(big, decode_min_side=min_side)
         assert (image.size, status) == (size, "ok"), min_side
+    # the budget needs 1/2, the crops allow 1/4: one decode at 1/4, counted as reduced by the budget
+    image, status = decode_image_with_status(big, max_pixels=1_000_000, decode_min_side=300)
+    assert (image.size, status) == ((400, 300), "reduced")
     png = encode(photo(0, (1600, 1200)))
     assert decode_image_with_status(png, decode_min_side=150)[0].size == (1600, 1200)
     # every crop of an image whose shorter side is min_decode_side has at least the output's pixels

@@ -221,32 +221,29 @@ def max_pixels_argument(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"must be a positive integer (a number of pixels) or 'none', got {text!r}") from None
 
 
-def _fit_pixel_budget(image: Image.Image, max_pixels: int | None) -> str:
-    """Before decoding: OK when the header's size fits `max_pixels`, REDUCED after setting up a JPEG
-    draft decode at the smallest reduction that fits, TOO_LARGE otherwise. Reads no pixel data."""
+def _plan_decode(image: Image.Image, max_pixels: int | None, min_side: int | None) -> str:
+    """Before any pixel is decoded: OK, REDUCED (a JPEG set up to decode at the smallest 1/2, 1/4, 1/8
+    scale under `max_pixels`) or TOO_LARGE, from the header's size. A JPEG whose shorter side stays
+    >= `min_side` at a larger reduction is decoded at that one instead (speed; status unchanged)."""
     width, height = image.size
-    if max_pixels is None or width * height <= max_pixels:
-        return OK
-    if image.format in ("JPEG", "MPO") and not getattr(image, "decoderconfig", ()):
-        for scale in _DRAFT_SCALES:
-            if -(-width // scale) * -(-height // scale) <= max_pixels:
-                # floor sizes: Pillow picks the largest scale s with size // request >= s
-                image.draft(None, (max(1, width // scale), max(1, height // scale)))
-                reduced_width, reduced_height = image.size
-                return REDUCED if reduced_width * reduced_height <= max_pixels else TOO_LARGE
-    return TOO_LARGE
+    is_jpeg = image.format in ("JPEG", "MPO") and not getattr(image, "decoderconfig", ())
 
+    def reduced(scale: int) -> tuple[int, int]:
+        return -(-width // scale), -(-height // scale)
 
-def _draft_for_speed(image: Image.Image, min_side: int | None) -> None:
-    """Set up a libjpeg reduced decode (1/2, 1/4, 1/8: fewer pixels to decode and to resize) when the
-    shorter side stays >= `min_side` at that scale; nothing for other formats or when already drafted."""
-    if not min_side or image.format not in ("JPEG", "MPO") or getattr(image, "decoderconfig", ()):
-        return
-    width, height = image.size
-    for scale in (8, 4, 2):
-        if min(-(-width // scale), -(-height // scale)) >= min_side:
-            image.draft(None, (max(1, width // scale), max(1, height // scale)))
-            return
+    need = 1  # the smallest reduction that fits the budget
+    if max_pixels is not None and width * height > max_pixels:
+        fitting = [s for s in _DRAFT_SCALES if is_jpeg and reduced(s)[0] * reduced(s)[1] <= max_pixels]
+        if not fitting:
+            return TOO_LARGE
+        need = fitting[0]
+    allow = max([s for s in _DRAFT_SCALES if is_jpeg and min_side and min(reduced(s)) >= min_side], default=1)
+    scale = max(need, allow)
+    if scale > 1:  # floor sizes: Pillow picks the largest scale s with size // request >= s
+        image.draft(None, (max(1, width // scale), max(1, height // scale)))
+        if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
+            return TOO_LARGE
+    return REDUCED if need > 1 else OK
 
 
 def _apply_exif_orientation(image: Image.Image) -> None:
@@ -280,10 +277,9 @@ def decode_image_with_status(
                     return None, UNDECODABLE
                 data = read_path_bytes(path)
             image = Image.open(io.BytesIO(data))  # reads the header only
-        budget = _fit_pixel_budget(image, max_pixels)
+        budget = _plan_decode(image, max_pixels, decode_min_side)
         if budget == TOO_LARGE:
             return None, TOO_LARGE
-        _draft_for_speed(image, decode_min_side)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # palette/EXIF warnings (the size was checked above)
             image.load()
