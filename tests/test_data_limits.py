@@ -343,3 +343,35 @@ def test_count_refuses_to_download_a_remote_dataset(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset_builder", fake_builder("json", ["hf://datasets/someone/x@main/a.jsonl"]))
     with pytest.raises(ValueError, match=r"would mean downloading it .*pass --num_train_examples"):
         count_examples(dataset_name="someone/x")
+
+
+# ------------------------------------------------------------------------------------------- draft decoding
+
+
+def test_large_jpegs_are_decoded_at_the_scale_the_crop_needs(tmp_path):
+    """`decode_min_side` (the transform's `min_decode_side`): a JPEG decodes at the largest 1/2, 1/4,
+    1/8 reduction keeping its shorter side >= it; PNGs and small JPEGs are untouched; no crop the
+    transform can draw from an image of that side is smaller than the output."""
+    transform = MaskedImageTransform(64)
+    side = transform.min_decode_side
+    assert side == 166  # ceil(64 / sqrt(0.2 * 0.75))
+    big = encode(photo(0, (1600, 1200)), "JPEG")
+    for min_side, size in ((None, (1600, 1200)), (600, (800, 600)), (300, (400, 300)), (150, (200, 150)),
+                           (100, (200, 150)), (1201, (1600, 1200))):
+        image, status = decode_image_with_status(big, decode_min_side=min_side)
+        assert (image.size, status) == (size, "ok"), min_side
+    # the budget needs 1/2, the crops allow 1/4: one decode at 1/4, counted as reduced by the budget
+    image, status = decode_image_with_status(big, max_pixels=1_000_000, decode_min_side=300)
+    assert (image.size, status) == ((400, 300), "reduced")
+    png = encode(photo(0, (1600, 1200)))
+    assert decode_image_with_status(png, decode_min_side=150)[0].size == (1600, 1200)
+    # every crop of an image whose shorter side is min_decode_side has at least the output's pixels
+    generator = torch.Generator().manual_seed(0)
+    image = photo(1, (side, side))
+    shortest = min(min(transform.get_params(image, generator)[2:]) for _ in range(3000))
+    assert 63 <= shortest < 80
+    # through a stream
+    (tmp_path / "big.jpg").write_bytes(big)
+    ds, image_column, _ = load_image_stream(train_dir=tmp_path)
+    (example,) = list(prepare_stream(ds, image_column, seed=0, buffer_size=0, decode_min_side=300))
+    assert example["image"].size == (400, 300) and example["images_converted"] == 0

@@ -347,6 +347,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
 
     # --- data ---
     raw_stream, image_column, _ = load_stream(args)
+    transform = family_for(config.model_type).pretraining_transform(config)
     stream = prepare_stream(
         raw_stream,
         image_column,
@@ -355,8 +356,8 @@ def train(args: argparse.Namespace, phase=None) -> int:
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
         max_image_pixels=args.max_image_pixels,
+        decode_min_side=getattr(transform, "min_decode_side", None),  # large JPEGs decoded at reduced scale
     )
-    transform = family_for(config.model_type).pretraining_transform(config)
     mask_generator = model.mask_generator()
     collator = PretrainingCollator(transform, mask_generator=mask_generator, seed=args.seed)
     dataloader = make_dataloader(

@@ -13,7 +13,8 @@ Batches hold only tensors (Accelerate's batch dispatching broadcasts tensors):
   `finish` then adds `bool_masked_pos`, `bool_thrown_pos` and `patch_attention` in the main process)
 - `labels` (B,) int64                      (when the examples carry "label")
 - `example_id` (B,) int64
-- `images_converted` (B,) int64: 1 where the example's image had to be converted to RGB or decoded at reduced size
+- `images_converted` (B,) int64: 1 where the example's image had to be converted to RGB or decoded at
+  reduced size to fit the pixel budget
 - `images_skipped` (B,) int64: bad images dropped just before this example in its worker's stream
 
 The decode counters are per example (not 0-d) so that slicing a batch between processes (dispatching,

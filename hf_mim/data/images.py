@@ -221,20 +221,29 @@ def max_pixels_argument(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"must be a positive integer (a number of pixels) or 'none', got {text!r}") from None
 
 
-def _fit_pixel_budget(image: Image.Image, max_pixels: int | None) -> str:
-    """Before decoding: OK when the header's size fits `max_pixels`, REDUCED after setting up a JPEG
-    draft decode at the smallest reduction that fits, TOO_LARGE otherwise. Reads no pixel data."""
+def _plan_decode(image: Image.Image, max_pixels: int | None, min_side: int | None) -> str:
+    """Before any pixel is decoded: OK, REDUCED (a JPEG set up to decode at the smallest 1/2, 1/4, 1/8
+    scale under `max_pixels`) or TOO_LARGE, from the header's size. A JPEG whose shorter side stays
+    >= `min_side` at a larger reduction is decoded at that one instead (speed; status unchanged)."""
     width, height = image.size
-    if max_pixels is None or width * height <= max_pixels:
-        return OK
-    if image.format in ("JPEG", "MPO") and not getattr(image, "decoderconfig", ()):
-        for scale in _DRAFT_SCALES:
-            if -(-width // scale) * -(-height // scale) <= max_pixels:
-                # floor sizes: Pillow picks the largest scale s with size // request >= s
-                image.draft(None, (max(1, width // scale), max(1, height // scale)))
-                reduced_width, reduced_height = image.size
-                return REDUCED if reduced_width * reduced_height <= max_pixels else TOO_LARGE
-    return TOO_LARGE
+    is_jpeg = image.format in ("JPEG", "MPO") and not getattr(image, "decoderconfig", ())
+
+    def reduced(scale: int) -> tuple[int, int]:
+        return -(-width // scale), -(-height // scale)
+
+    need = 1  # the smallest reduction that fits the budget
+    if max_pixels is not None and width * height > max_pixels:
+        fitting = [s for s in _DRAFT_SCALES if is_jpeg and reduced(s)[0] * reduced(s)[1] <= max_pixels]
+        if not fitting:
+            return TOO_LARGE
+        need = fitting[0]
+    allow = max([s for s in _DRAFT_SCALES if is_jpeg and min_side and min(reduced(s)) >= min_side], default=1)
+    scale = max(need, allow)
+    if scale > 1:  # floor sizes: Pillow picks the largest scale s with size // request >= s
+        image.draft(None, (max(1, width // scale), max(1, height // scale)))
+        if max_pixels is not None and image.size[0] * image.size[1] > max_pixels:
+            return TOO_LARGE
+    return REDUCED if need > 1 else OK
 
 
 def _apply_exif_orientation(image: Image.Image) -> None:
@@ -245,11 +254,16 @@ def _apply_exif_orientation(image: Image.Image) -> None:
 
 
 def decode_image_with_status(
-    value: Any, min_size: int = 8, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    value: Any,
+    min_size: int = 8,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    decode_min_side: int | None = None,
 ) -> tuple[Image.Image | None, str]:
     """(RGB image or None, status) where status is one of ok / converted / reduced / undecodable /
     truncated / too_small / too_large. `max_pixels=None` lifts the pixel budget (Pillow's own
-    `Image.MAX_IMAGE_PIXELS` check still applies)."""
+    `Image.MAX_IMAGE_PIXELS` check still applies). `decode_min_side`: a JPEG whose shorter side is at
+    least 2x this is decoded at the largest reduction that keeps it >= this (a speed-up when the
+    consumer needs no more pixels, e.g. `MaskedImageTransform.min_decode_side`; status unchanged)."""
     _check_truncation_setting()
     try:
         if isinstance(value, Image.Image):
@@ -263,7 +277,7 @@ def decode_image_with_status(
                     return None, UNDECODABLE
                 data = read_path_bytes(path)
             image = Image.open(io.BytesIO(data))  # reads the header only
-        budget = _fit_pixel_budget(image, max_pixels)
+        budget = _plan_decode(image, max_pixels, decode_min_side)
         if budget == TOO_LARGE:
             return None, TOO_LARGE
         with warnings.catch_warnings():

@@ -11,10 +11,10 @@ How decode counts reach the training loop with num_workers > 0: the decoding map
 callable (`_DecodeExamples`). Each DataLoader worker holds its own copy and counts the bad images it
 drops; the next good image that worker yields carries that count in `images_skipped` (and
 `images_converted` = 1 if its own image needed a mode conversion or a reduced-scale decode). The
-collator turns both into (B,) int64 tensors, so summing them over batches (and ranks) gives the totals, whatever the number of
-workers. Bad images after a worker's last good image of an epoch are not reported (at most a handful).
-The optional `stats` object is updated in the process that runs the map: the caller's process only
-when num_workers == 0; with workers, use the batch counters.
+collator turns both into (B,) int64 tensors, so summing them over batches (and ranks) gives the
+totals, whatever the number of workers. Bad images after a worker's last good image of an epoch are
+not reported (at most a handful). The optional `stats` object is updated in the process that runs
+the map: the caller's process only when num_workers == 0; with workers, use the batch counters.
 
 A local image folder is streamed through our own sharded generator (many shards, so several workers
 and ranks can read it in parallel; `datasets`' imagefolder builder streams a local folder as one shard).
@@ -428,8 +428,9 @@ def count_examples(
        shards) a scan of the member headers;
     5. an imagefolder without metadata: its image files; other local data: one pass over the
        records.
-    A progress bar (`progress`) appears when counting takes more than a second. Where counting would mean downloading the dataset (remote tar shards without an index, other remote
-    formats), a ValueError asks for `--num_train_examples`.
+    A progress bar (`progress`) appears when counting takes more than a second. Where counting would
+    mean downloading the dataset (remote tar shards without an index, other remote formats), a
+    ValueError asks for `--num_train_examples`.
     """
     source = _resolve_source(dataset_name, dataset_config_name, train_dir, data_files, split)
     if "image_folder" in source:
@@ -443,7 +444,7 @@ def count_examples(
         raise ValueError(f"split {split!r} not found; the data has splits {sorted(data_files_by_split)}")
     files = data_files_by_split.get(split, [])
     what = dataset_name or train_dir or "the data files"
-    bar = {"disable": not progress, "delay": 1.0, "desc": f"counting the examples of {what} (skip: --num_train_examples)"}
+    bar = {"disable": not progress, "delay": 1.0, "desc": f"counting {what} (skip: --num_train_examples)"}
     if files and builder.name == "parquet":
         return sum(_parquet_rows(f) for f in tqdm(files, unit="file", **bar))
     if files and builder.name == "webdataset":
@@ -456,7 +457,8 @@ def count_examples(
                 f"without a sizes.json index (e.g. {unindexed_remote[0]}): pass --num_train_examples "
                 "(or --max_train_steps)"
             )
-        return sum(size if size is not None else _tar_examples(f) for f, size in zip(tqdm(files, unit="shard", **bar), sizes))
+        shards = zip(tqdm(files, unit="shard", **bar), sizes)
+        return sum(size if size is not None else _tar_examples(f) for f, size in shards)
     if files and builder.name == "imagefolder" and not any(f.lower().endswith(METADATA_FILE_NAMES) for f in files):
         return sum(1 for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
     if not files or any(_is_remote(f) for f in files):
@@ -483,12 +485,19 @@ class _DecodeExamples:
     last good one in this process (a DataLoader worker has its own copy)."""
 
     def __init__(
-        self, image_column: str, label_column: str | None, min_size: int, stats: DecodeStats | None, max_pixels: int | None
+        self,
+        image_column: str,
+        label_column: str | None,
+        min_size: int,
+        stats: DecodeStats | None,
+        max_pixels: int | None,
+        decode_min_side: int | None = None,
     ):
         self.image_column = image_column
         self.label_column = label_column
         self.min_size = min_size
         self.max_pixels = max_pixels
+        self.decode_min_side = decode_min_side
         self.stats = stats
         self.pending_skipped = 0
         self.bad_seen = 0
@@ -510,7 +519,9 @@ class _DecodeExamples:
                 data = read_path_bytes(path)
             except OSError:
                 data = None
-        image, status = decode_image_with_status(data if data is not None else value, self.min_size, self.max_pixels)
+        image, status = decode_image_with_status(
+            data if data is not None else value, self.min_size, self.max_pixels, self.decode_min_side
+        )
         if self.stats is not None:
             self.stats.record(status)
         label = None
@@ -520,7 +531,7 @@ class _DecodeExamples:
                 image, status = None, "unlabelled"
         if image is None:
             if status == TOO_LARGE:
-                status = f"{status} (over max_image_pixels={self.max_pixels}, not a JPEG that decodes under it at 1/8 scale)"
+                status = f"{status} (over max_image_pixels={self.max_pixels}; not a JPEG that fits it at 1/8 scale)"
             self._log_bad(example, status)
             self.pending_skipped += 1
             out = {"image": None, "example_id": -1, "images_converted": 0, "images_skipped": 0}
@@ -559,6 +570,7 @@ def prepare_stream(
     min_size: int = 8,
     max_buffer_input_shards: int | None = 1,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    decode_min_side: int | None = None,
 ) -> IterableDataset:
     """Split by node (world_size > 1), shuffle, decode + id, drop bad images.
 
@@ -568,6 +580,8 @@ def prepare_stream(
     dropped and counted as skipped when `label_column` is given. `max_image_pixels` bounds what one
     decode may allocate (see `hf_mim.data.images`): larger JPEGs are decoded at reduced scale (counted
     in `images_converted`), other larger images are skipped (counted in `images_skipped`).
+    `decode_min_side` (e.g. the transform's `min_decode_side`): JPEGs much larger than the transform
+    can use are decoded at 1/2, 1/4 or 1/8 scale by libjpeg, keeping the shorter side >= it.
 
     `max_buffer_input_shards` goes to `IterableDataset.shuffle`. The default here, 1, fills the buffer
     from one shard at a time (shard order is still reshuffled every epoch). datasets' own default (10,
@@ -596,7 +610,7 @@ def prepare_stream(
     if buffer_size and buffer_size > 0:
         shuffle_kwargs = {} if max_buffer_input_shards is None else {"max_buffer_input_shards": max_buffer_input_shards}
         ds = ds.shuffle(seed=seed, buffer_size=buffer_size, **shuffle_kwargs)
-    decode = _DecodeExamples(image_column, label_column, min_size, stats, max_image_pixels)
+    decode = _DecodeExamples(image_column, label_column, min_size, stats, max_image_pixels, decode_min_side)
     ds = ds.map(decode, remove_columns=ds.column_names)
     return ds.filter(_keep)
 

@@ -113,6 +113,15 @@ class MaskedImageTransform:
         width, height = image.size
         return random_resized_crop_params(height, width, self.scale, self.ratio, generator)
 
+    @property
+    def min_decode_side(self) -> int:
+        """Shorter image side that still gives every crop this transform can draw at least the output's
+        pixels: a crop covers >= scale[0] of the area at an aspect within `ratio`, so its shorter side
+        is >= sqrt(scale[0] * min(ratio[0], 1 / ratio[1])) x the image's shorter side. Decoding larger
+        JPEGs at reduced scale down to this side (prepare_stream's `decode_min_side`) never makes the
+        resize upsample."""
+        return math.ceil(max(self.size) / math.sqrt(self.scale[0] * min(self.ratio[0], 1 / self.ratio[1])))
+
     def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         return self.transform_with_params(image, generator)[0]
 
