@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..overrides import parse_overrides
+from ..training.overrides import parse_overrides
 from .common import CheckpointFormatError, load_official_state_dict
 
 

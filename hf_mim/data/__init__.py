@@ -18,6 +18,7 @@ from .collators import (
     pop_decode_counts,
 )
 from .embedded import default_cache_dir, embedded_digits_dir, embedded_pretraining_dir
+from .labels import LabelledData, load_labelled_data
 from .images import DecodeStats, decode_image, decode_image_with_status, example_id
 from .streaming import (
     label_names,
@@ -57,7 +58,9 @@ __all__ = [
     "example_generator",
     "example_id",
     "example_seed",
+    "LabelledData",
     "label_names",
+    "load_labelled_data",
     "load_image_stream",
     "make_dataloader",
     "pop_decode_counts",
