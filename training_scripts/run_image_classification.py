@@ -174,6 +174,25 @@ class ClassificationLoop(TrainingLoop):
         self.eval_history = trainer_state.get("eval_history", [])
 
 
+def build_dataloaders(args: argparse.Namespace, data, image_size: int, accelerator):
+    """(stream, collator, loader) of this rank's training share, and the evaluation loader (or None)."""
+    world = accelerator.num_processes
+    stream = prepare_stream(data.train, data.image_column, seed=args.seed, buffer_size=args.shuffle_buffer_size,
+                            rank=accelerator.process_index, world_size=world, label_column=data.label_column)
+    collator = ClassificationCollator(finetune_train_transform(image_size, args.randaug, args.reprob), seed=args.seed)
+    dataloader = make_dataloader(stream, collator, batch_size=args.per_device_train_batch_size,
+                                 num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
+    eval_dataloader = None
+    if data.validation is not None:
+        val_raw, val_images, val_labels = data.validation
+        val_stream = prepare_stream(val_raw, val_images, seed=args.seed, buffer_size=0, rank=accelerator.process_index,
+                                    world_size=world, label_column=val_labels)
+        eval_dataloader = make_dataloader(val_stream, ClassificationCollator(EvalTransform(image_size), seed=args.seed),
+                                          batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
+                                          drop_last=False)
+    return stream, collator, dataloader, eval_dataloader
+
+
 def main(argv: list[str] | None = None) -> int:
     return run_script("run_image_classification.py", train, parse_args(argv))
 
@@ -199,19 +218,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
         attach_batchnorm_probe(model, head_name=HEAD_NAME)
         logger.info("linear probe: backbone frozen, training %s", freeze_backbone(model, head_name=HEAD_NAME))
 
-    stream = prepare_stream(data.train, data.image_column, seed=args.seed, buffer_size=args.shuffle_buffer_size,
-                            rank=accelerator.process_index, world_size=world, label_column=data.label_column)
-    collator = ClassificationCollator(finetune_train_transform(config.image_size, args.randaug, args.reprob), seed=args.seed)
-    dataloader = make_dataloader(stream, collator, batch_size=args.per_device_train_batch_size,
-                                 num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
-    eval_dataloader = None
-    if data.validation is not None:
-        val_raw, val_images, val_labels = data.validation
-        val_stream = prepare_stream(val_raw, val_images, seed=args.seed, buffer_size=0, rank=accelerator.process_index,
-                                    world_size=world, label_column=val_labels)
-        eval_dataloader = make_dataloader(val_stream, ClassificationCollator(EvalTransform(config.image_size), seed=args.seed),
-                                          batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
-                                          drop_last=False)
+    stream, collator, dataloader, eval_dataloader = build_dataloaders(args, data, config.image_size, accelerator)
 
     # --- length, optimisation, loss ---
     examples = args.num_train_examples or data.num_examples
