@@ -18,8 +18,8 @@ from .collators import (
     pop_decode_counts,
 )
 from .embedded import default_cache_dir, embedded_digits_dir, embedded_pretraining_dir
-from .labels import LabelledData, load_labelled_data
 from .images import DecodeStats, decode_image, decode_image_with_status, example_id
+from .labels import LabelledData, load_labelled_data
 from .streaming import (
     label_names,
     load_image_stream,

@@ -71,7 +71,6 @@ class AttentionMapStore:
         self.num_refreshes = int(state["num_refreshes"])
 
 
-
 @torch.no_grad()
 def refresh_attention_maps(model, store, dataloader, accelerator) -> dict[str, float]:
     """Run the model's `attention_scores` over `dataloader` (this rank's examples, whole images), gather

@@ -223,7 +223,7 @@ class TrainingLoop:
         self.position = dict(state["positions"][accelerator.process_index])
         self.resumed(state)
         self.logger.info("resumed from %s at step %d (epoch %d, batch %d)", self.run.resume_path, self.global_step,
-                    self.position["epoch"], self.position["batches"])
+                         self.position["epoch"], self.position["batches"])
         apply_this_runs_hyperparameters(self.optimizer, self.schedule, fresh_groups, state.get("hyperparameters"),
                                         self.hyperparameters, self.global_step)
 
@@ -324,7 +324,7 @@ class TrainingLoop:
         if self.accelerator.is_main_process:
             if any(self.decode_counts.values()):
                 self.logger.warning("images skipped (undecodable/truncated/tiny/unlabelled): %d, converted to RGB: %d",
-                               self.decode_counts["images_skipped"], self.decode_counts["images_converted"])
+                                    self.decode_counts["images_skipped"], self.decode_counts["images_converted"])
             try:
                 write_outputs()
             except HubPushError as error:
