@@ -419,58 +419,6 @@ def crop_attention_map(
     return crop_attention_maps(attention_map[None], boxes, torch.tensor([bool(flipped)]), output_size)[0]
 
 
-class AttentionMapStore:
-    """One attention map per training example, keyed by its stable example id (not a stream position).
-
-    Held as two tensors (sorted int64 ids, float16 maps) so ImageNet-1K at 14x14 costs ~0.5 GB and a
-    lookup is a binary search. `state_dict` / `load_state_dict` make it part of a training checkpoint
-    (register it with `accelerator.register_for_checkpointing`).
-    """
-
-    def __init__(self) -> None:
-        self.example_ids = torch.zeros(0, dtype=torch.int64)
-        self.maps = torch.zeros(0, 1, 1, dtype=torch.float16)
-        self.num_refreshes = 0
-
-    def __len__(self) -> int:
-        return int(self.example_ids.numel())
-
-    def update(self, example_ids: torch.Tensor, maps: torch.Tensor) -> None:
-        """Insert or replace maps (K, rows, cols) for `example_ids` (K,); the newest map of an id wins."""
-        example_ids = example_ids.detach().to("cpu", torch.int64).reshape(-1)
-        maps = maps.detach().to("cpu", torch.float16)
-        if maps.shape[0] != example_ids.shape[0]:
-            raise ValueError(f"{example_ids.shape[0]} example ids but {maps.shape[0]} maps")
-        if len(self) and maps.shape[1:] != self.maps.shape[1:]:
-            raise ValueError(f"maps of shape {tuple(maps.shape[1:])} differ from the stored {tuple(self.maps.shape[1:])}")
-        ids = torch.cat([self.example_ids, example_ids]) if len(self) else example_ids
-        all_maps = torch.cat([self.maps, maps]) if len(self) else maps
-        # keep the LAST occurrence of every id: stable sort, then take each run's final element
-        order = torch.sort(ids, stable=True).indices
-        sorted_ids = ids[order]
-        last = torch.ones_like(sorted_ids, dtype=torch.bool)
-        last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
-        self.example_ids = sorted_ids[last].contiguous()
-        self.maps = all_maps[order[last]].contiguous()
-
-    def get(self, example_id: int) -> torch.Tensor | None:
-        """The float32 map of one example, or None if it has none yet."""
-        if not len(self):
-            return None
-        index = int(torch.searchsorted(self.example_ids, torch.tensor([int(example_id)])).item())
-        if index < len(self) and int(self.example_ids[index]) == int(example_id):
-            return self.maps[index].float()
-        return None
-
-    def state_dict(self) -> dict:
-        return {"example_ids": self.example_ids, "maps": self.maps, "num_refreshes": self.num_refreshes}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.example_ids = state["example_ids"].to(torch.int64)
-        self.maps = state["maps"].to(torch.float16)
-        self.num_refreshes = int(state["num_refreshes"])
-
-
 class AttentionMaskGenerator:
     """AMT's masks: attention-driven masking and throwing once the store holds maps, uniform random
     masking (`warmup_mask_ratio`, nothing thrown) before the first refresh.
@@ -478,7 +426,9 @@ class AttentionMaskGenerator:
     Called per example as `generator(torch_generator, example_id=..., crop_box=..., flipped=...)`, or for
     a batch with `draw(noise, example_ids, crop_boxes, flipped)`: masks over patches and the per-patch
     weights they were drawn from (None before any map exists). The crop box and flip say where the
-    training crop sits in the image the map was computed on. Once the store holds maps, an example
+    training crop sits in the image the map was computed on. `store` maps an example id to its map
+    (`get(example_id)`, `len`; the training loop's `hf_mim.training.AttentionMapStore`); None or empty:
+    no maps yet. Once the store holds maps, an example
     without one (data added after the last refresh) is masked with a uniform map, as the official
     code's all-ones initial maps, so a batch never mixes mask counts. Masks are drawn at the level of
     mask units (`unit_size` x `unit_size` patches: 1 for MAE, 2 for SimMIM's 32 px units at patch 16).
@@ -499,7 +449,7 @@ class AttentionMaskGenerator:
         warmup_mask_ratio: float,
         rounding: str,
         strategy: str = "amt",
-        store: AttentionMapStore | None = None,
+        store=None,
     ):
         if patch_grid % unit_size:
             raise ValueError(f"a {patch_grid}x{patch_grid} patch grid cannot be cut into units of {unit_size} patches")
@@ -512,7 +462,7 @@ class AttentionMaskGenerator:
         self.warmup_mask_ratio = warmup_mask_ratio
         self.rounding = rounding
         self.strategy = strategy
-        self.store = store if store is not None else AttentionMapStore()
+        self.store = store
         self._check_counts()
 
     @property
@@ -578,7 +528,7 @@ class AttentionMaskGenerator:
         """Masks for a batch from uniform noise (B, units): (ThrowMasks (B, N), weights (B, N) or None)."""
         if self.strategy == "random":
             return self.random_masks(noise, self.mask_ratio), None
-        if example_ids is None or not len(self.store):
+        if example_ids is None or self.store is None or not len(self.store):
             return self.random_masks(noise, self.warmup_mask_ratio), None
         uniform = torch.ones(self.patch_grid, self.patch_grid)
         maps = [self.store.get(example_id) for example_id in example_ids]

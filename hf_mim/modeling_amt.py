@@ -35,6 +35,7 @@ from .masking import (
 )
 from .modeling_common import (
     MIMPreTrainedModel,
+    MIMTrainingEventsMixin,
     ImageClassificationMixin,
     MaeDecoder,
     MeanPooler,
@@ -265,12 +266,12 @@ def check_masks(bool_masked_pos: torch.Tensor, bool_thrown_pos: torch.Tensor, sh
     return ThrowMasks(masked, thrown)
 
 
-class AmtForMaskedImageModeling(AmtPreTrainedModel):
+class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
     """MAE or SimMIM pretraining with attention-driven masking and throwing.
 
-    Training events the generic loop (run_mim.py) calls: `mask_generator()` (per-example masks, holding
-    the attention-map store), `attention_refresh_steps(total_steps)` (when to refresh) and
-    `attention_scores(pixel_values)` (the refresh pass itself).
+    Training events (`MIMTrainingEventsMixin`) the generic loop calls: `mask_generator(attention_maps)`
+    (per-example masks drawn from the loop's attention-map store), `attention_refresh_steps(total_steps)`
+    (when to refresh; the pass runs `forward(attention_scores_only=True)`, i.e. `attention_scores`).
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^amt\.pooler\.", r"^classifier\."]
@@ -305,8 +306,9 @@ class AmtForMaskedImageModeling(AmtPreTrainedModel):
         return self.amt.get_input_embeddings()
 
     # ----------------------------------------------------------------------------------- masking
-    def mask_generator(self) -> AttentionMaskGenerator:
-        """How the data pipeline masks each example; it owns the per-example attention-map store."""
+    def mask_generator(self, attention_maps=None) -> AttentionMaskGenerator:
+        """How the data pipeline masks each example, from `attention_maps` (the loop's per-example store;
+        None: no maps, warm-up masks)."""
         config = self.config
         return AttentionMaskGenerator(
             patch_grid=config.image_size // config.patch_size,
@@ -317,7 +319,16 @@ class AmtForMaskedImageModeling(AmtPreTrainedModel):
             warmup_mask_ratio=config.effective_warmup_mask_ratio,
             rounding=COUNT_ROUNDING[config.variant],
             strategy=config.masking_strategy,
+            store=attention_maps,
         )
+
+    @property
+    def uses_attention_maps(self) -> bool:
+        return self.config.masking_strategy == "amt"
+
+    def training_logs(self, output) -> dict[str, float]:
+        """Thrown patches per image (0 until the first refresh)."""
+        return {"patches_thrown_per_image": float(output.bool_thrown_pos.sum(dim=1).float().mean())}
 
     def attention_refresh_steps(self, total_steps: int) -> list[int]:
         """Optimizer steps after which the attention maps are refreshed: every `amt_interval` of

@@ -23,6 +23,7 @@ from .configuration_dbot import DbotConfig
 from .masking import RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices
 from .modeling_common import (
     MIMPreTrainedModel,
+    MIMTrainingEventsMixin,
     ImageClassificationMixin,
     MaeDecoder,
     MeanPooler,
@@ -180,8 +181,10 @@ class DbotModel(DbotPreTrainedModel):
         )
 
 
-class DbotForMaskedImageModeling(DbotPreTrainedModel):
+class DbotForMaskedImageModeling(MIMTrainingEventsMixin, DbotPreTrainedModel):
     """The dBOT pretraining objective: student + decoder + frozen teacher + Smooth-L1 distillation loss."""
+
+    has_training_stages = True  # start_new_stage: teacher <- student, student re-initialised
 
     _keys_to_ignore_on_load_unexpected = [r"^dbot\.pooler\.", r"^classifier\."]
 
@@ -213,7 +216,7 @@ class DbotForMaskedImageModeling(DbotPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.dbot.get_input_embeddings()
 
-    def mask_generator(self) -> RandomMaskGenerator:
+    def mask_generator(self, attention_maps=None) -> RandomMaskGenerator:
         """How the data pipeline masks an image for this model: MAE uniform random masking at mask_ratio."""
         return RandomMaskGenerator(self.config.image_size // self.config.patch_size, self.config.mask_ratio)
 
@@ -284,6 +287,9 @@ class DbotForMaskedImageModeling(DbotPreTrainedModel):
             attentions=encoded.attentions,
         )
         return output if return_dict else output.to_tuple()
+
+    def training_logs(self, output) -> dict[str, float]:
+        return {"stage": self.config.stage}
 
     @torch.no_grad()
     def start_new_stage(self) -> None:

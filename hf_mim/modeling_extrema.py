@@ -36,6 +36,7 @@ from .masking import (
 )
 from .modeling_common import (
     MIMPreTrainedModel,
+    MIMTrainingEventsMixin,
     ImageClassificationMixin,
     ClassAttentionBlock,
     MeanPooler,
@@ -361,11 +362,11 @@ class ExtremaModel(ExtremaPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
-class ExtremaForMaskedImageModeling(ExtremaPreTrainedModel):
+class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedModel):
     """The ExtreMA pretraining objective: online encoder on K masked copies + projector + predictor, momentum
     encoder + projector on the second view, BYOL loss averaged over the masks.
 
-    Training events (called by the generic loop in `training_scripts/run_mim.py`):
+    Training events (`MIMTrainingEventsMixin`, called by the generic loop in `hf_mim.training`):
     `on_train_step_end(progress)` after every optimizer step applies the EMA update with the cosine
     momentum schedule. This equals the official order (EMA update at the start of the next step's
     forward, with the momentum of that step). `update_momentum_encoder(m)` applies one update with an
@@ -417,7 +418,7 @@ class ExtremaForMaskedImageModeling(ExtremaPreTrainedModel):
 
     # ---------------------------------------------------------------- masks
 
-    def mask_generator(self) -> DisjointMaskGenerator:
+    def mask_generator(self, attention_maps=None) -> DisjointMaskGenerator:
         """How the data pipeline masks an image for this model: callable(generator) -> (num_masks, N) bool,
         True = hidden from that mask. A collator stacks them into `bool_masked_pos` (B, num_masks, N)."""
         return DisjointMaskGenerator(
@@ -499,6 +500,10 @@ class ExtremaForMaskedImageModeling(ExtremaPreTrainedModel):
         """(targets (B, projection_dim), last_hidden_state (B, 1 + N, D)) of the momentum branch on full images."""
         encoded = self.momentum_encoder(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         return self.momentum_projector(encoded.last_hidden_state[:, 0]), encoded.last_hidden_state
+
+    def exported_backbones(self) -> dict:
+        """The momentum encoder as a class-attention backbone: what the paper linear-probes."""
+        return {"momentum_encoder": self.momentum_backbone()}
 
     def momentum_backbone(self, pooling: str = "class_attention") -> ExtremaModel:
         """An `ExtremaModel` holding the momentum encoder's weights (what the paper linear-probes).

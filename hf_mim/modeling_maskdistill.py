@@ -33,6 +33,7 @@ from .configuration_maskdistill import MaskDistillConfig
 from .masking import BlockwiseMaskGenerator
 from .modeling_common import (
     MIMPreTrainedModel,
+    MIMTrainingEventsMixin,
     ImageClassificationMixin,
     MeanPooler,
     builds_pretrained_encoder,
@@ -469,7 +470,7 @@ class FrozenTeacher:
         return tokens
 
 
-class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
+class MaskDistillForMaskedImageModeling(MIMTrainingEventsMixin, MaskDistillPreTrainedModel):
     """The MaskDistill objective: BEiT-style student + linear head regress LN(teacher(full image)) on the
     masked patches with smooth-L1. The teacher is frozen and not saved (see the module docstring)."""
 
@@ -582,7 +583,7 @@ class MaskDistillForMaskedImageModeling(MaskDistillPreTrainedModel):
             return normalize_per_token(tokens.float(), eps=eps, unbiased=True)
         return tokens.float()
 
-    def mask_generator(self) -> BlockwiseMaskGenerator:
+    def mask_generator(self, attention_maps=None) -> BlockwiseMaskGenerator:
         """How the data pipeline masks an image for this model: BEiT block-wise masking at mask_ratio."""
         return BlockwiseMaskGenerator(
             self.config.grid_size,

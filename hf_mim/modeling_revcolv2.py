@@ -37,6 +37,7 @@ from .configuration_revcolv2 import RevColV2Config
 from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices
 from .modeling_common import (
     MIMPreTrainedModel,
+    MIMTrainingEventsMixin,
     ImageClassificationMixin,
     Block,
     MeanPooler,
@@ -433,7 +434,7 @@ class RevColV2PixelDecoder(nn.Module):
         return self.pred(self.norm(hidden_states))
 
 
-class RevColV2ForMaskedImageModeling(RevColV2PreTrainedModel):
+class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, RevColV2PreTrainedModel):
     """RevColV2 pretraining: 75 % of the patches removed before the bottom-up columns, mask tokens at
     the top-down transition, masked patches reconstructed from the lowest level of the last top-down
     column; MSE against per-patch normalised pixels."""
@@ -451,7 +452,7 @@ class RevColV2ForMaskedImageModeling(RevColV2PreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.revcolv2.get_input_embeddings()
 
-    def mask_generator(self) -> RandomMaskGenerator:
+    def mask_generator(self, attention_maps=None) -> RandomMaskGenerator:
         """How the data pipeline masks an image for this model: uniform random masking at mask_ratio."""
         return RandomMaskGenerator(self.config.image_size // self.config.patch_size, self.config.mask_ratio)
 

@@ -19,8 +19,8 @@ from hf_mim.configuration_amt import AmtConfig
 from hf_mim.convert.__main__ import main as convert_main
 from hf_mim.convert.amt import convert_amt_checkpoint, simmim_head
 from hf_mim.convert.common import CheckpointFormatError, load_official_state_dict
+from hf_mim.training import AttentionMapStore
 from hf_mim.masking import (
-    AttentionMapStore,
     AttentionMaskGenerator,
     amt_counts,
     crop_attention_map,
@@ -354,7 +354,7 @@ def test_crop_aligned_map_reads_the_crop_and_mirrors_with_flips():
 
 def test_most_attended_patches_are_masked_and_least_attended_stay_visible():
     torch.manual_seed(0)
-    generator = AttentionMaskGenerator(14, 16, 1, 0.45, 0.4, 0.75, "floor")
+    generator = AttentionMaskGenerator(14, 16, 1, 0.45, 0.4, 0.75, "floor", store=AttentionMapStore())
     rows = torch.arange(14, dtype=torch.float32)
     peaked = torch.exp(-((rows[:, None] - 6.5) ** 2 + (rows[None, :] - 6.5) ** 2) / 8)
     weights = generator.patch_weights(peaked, None, False)
@@ -453,7 +453,7 @@ def test_random_strategy_masks_at_mask_ratio_and_throws_nothing(variant):
     expected = 16 - int(16 * 0.45) if variant == "mae" else 4 * 3  # MAE keeps int(N(1-r)); SimMIM ceil(4 * 0.55) units
     assert out.bool_masked_pos.sum(1).eq(expected).all() and not out.bool_thrown_pos.any()
     assert out.predictions.shape[1] == 16 and model.attention_refresh_steps(100) == []
-    generator = model.mask_generator()
+    generator = model.mask_generator(attention_maps=AttentionMapStore())
     generator.store.update(torch.tensor([0]), torch.rand(1, 4, 4))
     masks, weights = generator(torch.Generator().manual_seed(0), example_id=0)
     assert weights is None and masks.bool_masked_pos.sum() == expected and not masks.bool_thrown_pos.any()

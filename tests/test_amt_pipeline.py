@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from hf_mim.configuration_amt import AmtConfig
 from hf_mim.data import MaskedImageTransform, PretrainingCollator
-from hf_mim.masking import AttentionMapStore
+from hf_mim.training import AttentionMapStore
 from hf_mim.modeling_amt import AmtForMaskedImageModeling
 from test_run_mim import SCRIPT, TINY, run_mim
 
@@ -33,7 +33,7 @@ def test_collator_defers_amt_masks_to_the_training_process():
     """Workers only record crop box and flip; `finish` draws the masks: random before an example has a
     map (warm-up ratio, nothing thrown), attention-driven and thrown after, reproducibly."""
     model = tiny_amt()  # MAE: 16 patches, warm-up 0.75 -> 12 masked; AMT 0.45 / 0.4 -> 7 masked, 6 thrown
-    generator = model.mask_generator()
+    generator = model.mask_generator(attention_maps=AttentionMapStore())
     collator = PretrainingCollator(MaskedImageTransform(32), mask_generator=generator, seed=5)
     batch = collator(examples(3))
     assert "bool_masked_pos" not in batch and batch["crop_box"].shape == (3, 4) and batch["flipped"].shape == (3,)
@@ -63,7 +63,7 @@ def test_collator_defers_amt_masks_to_the_training_process():
 def test_a_batch_never_mixes_mask_counts_once_maps_exist():
     """Examples added after the last refresh get a uniform map (the official all-ones init), so a batch
     with and without stored maps keeps one mask count (the encoder batch must be rectangular)."""
-    generator = tiny_amt().mask_generator()
+    generator = tiny_amt().mask_generator(attention_maps=AttentionMapStore())
     collator = PretrainingCollator(MaskedImageTransform(32), mask_generator=generator, seed=5)
     generator.store.update(torch.tensor([1000, 1001]), torch.rand(2, 4, 4))
     batch = collator.finish(collator(examples(3)), epoch=0)  # example 1002 has no map
@@ -83,7 +83,7 @@ def test_crop_box_and_flip_describe_the_pixels_the_transform_produced():
     image = Image.fromarray(array)
     bright_right = torch.zeros(6, 8)
     bright_right[:, 4:] = 1.0  # the same image as a map (any grid: fractions of the image)
-    generator = tiny_amt().mask_generator()
+    generator = tiny_amt().mask_generator(attention_maps=AttentionMapStore())
     transform = MaskedImageTransform(32, scale=(0.1, 0.5))
     checked = flips = 0
     for seed in range(40):
@@ -102,7 +102,7 @@ def test_crop_box_and_flip_describe_the_pixels_the_transform_produced():
 def test_masks_follow_the_crop_of_the_stored_map():
     """A map hot only in the image's right half: a crop of the right half gets high weights everywhere,
     a crop of the left half none (the released code would read the map's top-left cells for both)."""
-    generator = tiny_amt().mask_generator()
+    generator = tiny_amt().mask_generator(attention_maps=AttentionMapStore())
     hot_right = torch.zeros(4, 4)
     hot_right[:, 2:] = 1.0
     right = generator.patch_weights(hot_right, torch.tensor([0.0, 0.5, 1.0, 0.5]), flipped=False)

@@ -351,10 +351,11 @@ def test_linear_probe_defaults_and_lars_groups(workspace):
 def test_seeded_timm_transform_is_pure_and_leaves_global_rngs_alone():
     from hf_mim.data import example_generator
 
-    script = load_script()
-    args = script.parse_args(["--model_type", "dbot", "--train_dir", "x"])
-    transform = script.train_transform(args, 32)
-    assert isinstance(transform, script.SeededTimmTransform)
+    from hf_mim.data.finetune_transforms import SeededTimmTransform, finetune_train_transform
+
+    args = load_script().parse_args(["--model_type", "dbot", "--train_dir", "x"])
+    transform = finetune_train_transform(32, args.randaug, args.reprob)
+    assert isinstance(transform, SeededTimmTransform)
     image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (48, 40, 3), dtype=np.uint8))
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     before = (random.random(), np.random.rand(), torch.rand(1).item())
@@ -371,14 +372,16 @@ def test_randaugment_posterize_to_zero_bits_gives_a_black_image():
     script) return a black image."""
     from timm.data import auto_augment
 
-    script = load_script()
-    args = script.parse_args(["--model_type", "dbot", "--train_dir", "x"])
-    rand_augment = next(t for t in script.train_transform(args, 32).transform.transforms if hasattr(t, "ops"))
+    from hf_mim.data.finetune_transforms import finetune_train_transform, posterize_zero_bits_black
+
+    args = load_script().parse_args(["--model_type", "dbot", "--train_dir", "x"])
+    transform = finetune_train_transform(32, args.randaug, args.reprob)
+    rand_augment = next(t for t in transform.transform.transforms if hasattr(t, "ops"))
     posterize_ops = [op for op in rand_augment.ops if op.name.startswith("Posterize")]
-    assert posterize_ops and all(op.aug_fn is script.posterize_zero_bits_black for op in posterize_ops)
+    assert posterize_ops and all(op.aug_fn is posterize_zero_bits_black for op in posterize_ops)
     image = Image.fromarray(np.full((8, 8, 3), 200, dtype=np.uint8))
-    assert np.asarray(script.posterize_zero_bits_black(image, 0)).max() == 0
-    assert np.array_equal(np.asarray(script.posterize_zero_bits_black(image, 2)), np.asarray(auto_augment.posterize(image, 2)))
+    assert np.asarray(posterize_zero_bits_black(image, 0)).max() == 0
+    assert np.array_equal(np.asarray(posterize_zero_bits_black(image, 2)), np.asarray(auto_augment.posterize(image, 2)))
     op = posterize_ops[0]
     op.magnitude, op.magnitude_std, op.prob = 10, 0, 1.0
     assert np.asarray(op(image)).max() == 0

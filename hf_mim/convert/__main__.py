@@ -13,7 +13,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from ..overrides import parse_overrides
+from ..training.overrides import parse_overrides
 from .files import CheckpointFormatError, read_official_file
 
 # Flags that set one config field each (the command line wins over the file and the defaults).

@@ -27,6 +27,7 @@ from .images import (
     example_id,
     max_pixels_argument,
 )
+from .labels import LabelledData, load_labelled_data
 from .streaming import (
     count_examples,
     label_names,
@@ -69,7 +70,9 @@ __all__ = [
     "example_generator",
     "example_id",
     "example_seed",
+    "LabelledData",
     "label_names",
+    "load_labelled_data",
     "load_image_stream",
     "make_dataloader",
     "max_pixels_argument",

@@ -13,7 +13,7 @@ cross-process non-finite-loss guard, and top-k accuracy without the Hub.
     state = load_checkpoint(accelerator, resolve_resume_path("latest", output_dir))
 """
 
-from .attention_refresh import refresh_attention_maps
+from .attention_refresh import AttentionMapStore, refresh_attention_maps
 from .checkpoint import (
     TRAINER_STATE_NAME,
     atomic_write_bytes,
@@ -42,7 +42,17 @@ from .run_setup import (
     report_user_errors,
     tracker_config,
 )
-from .loop import make_accelerator, stream_batches
+from .loop import (
+    RunStart,
+    TrainingLoop,
+    forward_inputs,
+    gather_positions,
+    make_accelerator,
+    optimizer_steps,
+    run_script,
+    start_run,
+    stream_batches,
+)
 from .linear_probe import attach_batchnorm_probe, fold_batchnorm_probe, freeze_backbone, linear_probe_train_mode
 from .metrics import AccuracyMeter, topk_correct
 from .optim import (
@@ -94,7 +104,15 @@ __all__ = [
     # guards
     "NonFiniteLossError",
     "NonFiniteInputError",
+    # the loop
+    "RunStart",
+    "TrainingLoop",
+    "forward_inputs",
+    "gather_positions",
     "make_accelerator",
+    "optimizer_steps",
+    "run_script",
+    "start_run",
     "stream_batches",
     "check_finite_loss",
     # run setup: secrets, output folder, resume hyper-parameters, user errors
@@ -112,6 +130,7 @@ __all__ = [
     "AccuracyMeter",
     "topk_correct",
     # attention-driven masking
+    "AttentionMapStore",
     "refresh_attention_maps",
     # linear probe
     "attach_batchnorm_probe", "fold_batchnorm_probe", "freeze_backbone", "linear_probe_train_mode",

@@ -1,4 +1,6 @@
-"""The attention refresh pass of attention-driven masking (AMT), for the generic training loop.
+"""AMT's per-example attention-map store and its refresh pass, for the generic training loop (tooling
+zone: training state stays out of the Hub-copied model files; the mask generator in masking.py only
+reads the store).
 
 Every refresh the model being trained reads each training image whole (`model.attention_scores`), one
 map per image. Each rank passes over its own share of the data; the maps of every rank are then
@@ -15,6 +17,58 @@ import time
 import torch
 
 logger = logging.getLogger(__name__)
+
+
+class AttentionMapStore:
+    """One attention map per training example, keyed by its stable example id (not a stream position).
+
+    Held as two tensors (sorted int64 ids, float16 maps) so ImageNet-1K at 14x14 costs ~0.5 GB and a
+    lookup is a binary search. `state_dict` / `load_state_dict` make it part of a training checkpoint
+    (register it with `accelerator.register_for_checkpointing`).
+    """
+
+    def __init__(self) -> None:
+        self.example_ids = torch.zeros(0, dtype=torch.int64)
+        self.maps = torch.zeros(0, 1, 1, dtype=torch.float16)
+        self.num_refreshes = 0
+
+    def __len__(self) -> int:
+        return int(self.example_ids.numel())
+
+    def update(self, example_ids: torch.Tensor, maps: torch.Tensor) -> None:
+        """Insert or replace maps (K, rows, cols) for `example_ids` (K,); the newest map of an id wins."""
+        example_ids = example_ids.detach().to("cpu", torch.int64).reshape(-1)
+        maps = maps.detach().to("cpu", torch.float16)
+        if maps.shape[0] != example_ids.shape[0]:
+            raise ValueError(f"{example_ids.shape[0]} example ids but {maps.shape[0]} maps")
+        if len(self) and maps.shape[1:] != self.maps.shape[1:]:
+            raise ValueError(f"maps of shape {tuple(maps.shape[1:])} differ from the stored {tuple(self.maps.shape[1:])}")
+        ids = torch.cat([self.example_ids, example_ids]) if len(self) else example_ids
+        all_maps = torch.cat([self.maps, maps]) if len(self) else maps
+        # keep the LAST occurrence of every id: stable sort, then take each run's final element
+        order = torch.sort(ids, stable=True).indices
+        sorted_ids = ids[order]
+        last = torch.ones_like(sorted_ids, dtype=torch.bool)
+        last[:-1] = sorted_ids[1:] != sorted_ids[:-1]
+        self.example_ids = sorted_ids[last].contiguous()
+        self.maps = all_maps[order[last]].contiguous()
+
+    def get(self, example_id: int) -> torch.Tensor | None:
+        """The float32 map of one example, or None if it has none yet."""
+        if not len(self):
+            return None
+        index = int(torch.searchsorted(self.example_ids, torch.tensor([int(example_id)])).item())
+        if index < len(self) and int(self.example_ids[index]) == int(example_id):
+            return self.maps[index].float()
+        return None
+
+    def state_dict(self) -> dict:
+        return {"example_ids": self.example_ids, "maps": self.maps, "num_refreshes": self.num_refreshes}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.example_ids = state["example_ids"].to(torch.int64)
+        self.maps = state["maps"].to(torch.float16)
+        self.num_refreshes = int(state["num_refreshes"])
 
 
 @torch.no_grad()
@@ -64,4 +118,4 @@ def refresh_attention_maps(model, store, dataloader, accelerator) -> dict[str, f
     return {"maps": float(len(store)), "seconds": seconds}
 
 
-__all__ = ["refresh_attention_maps"]
+__all__ = ["AttentionMapStore", "refresh_attention_maps"]

@@ -1,8 +1,41 @@
-"""Pieces of the training loop shared by run_mim.py and run_image_classification.py."""
+"""The one training loop of hf_mim's scripts.
+
+`run_script` wraps a script's `train` (one-line user errors, the NaN advice as exit status 1);
+`start_run` builds the Accelerator, seeds, claims the output folder and reads a resumed checkpoint;
+`TrainingLoop` does the rest every script shares: prepare and resume, accumulate / backward / clip /
+step, the lr schedule, the progress bar and the logging window, checkpoints holding every rank's data
+position, and the end of the run (outputs written on the main process, a failed push as status 1).
+A script subclasses `TrainingLoop` and overrides only the hooks that say what differs: how a batch
+reaches the device (`training_batch`), its loss (`compute_loss`), what happens after each optimizer
+step (`after_step`), its extra logs and checkpoint keys.
+"""
 
 from __future__ import annotations
 
+import inspect
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+
+from .checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
+from .guards import NonFiniteLossError, check_finite_loss
+from .run_setup import (
+    RunHyperparameters,
+    apply_this_runs_hyperparameters,
+    claim_output_dir,
+    optimizer_hyperparameters,
+    report_user_errors,
+    tracker_config,
+)
+
+logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def make_accelerator(args, output_dir: Path):
@@ -43,3 +76,274 @@ def stream_batches(dataloader, stream, collator, start_epoch: int, skip_batches:
         if empty:
             raise RuntimeError("the training stream yielded no full batch: lower --per_device_train_batch_size")
         epoch, skip = epoch + 1, 0
+
+
+def gather_positions(accelerator, position: dict) -> list[dict]:
+    """Every rank's (epoch, batches consumed) — ranks read different shards and may differ."""
+    local = torch.tensor([[position["epoch"], position["batches"]]], device=accelerator.device)
+    gathered = accelerator.gather(local).cpu().tolist()
+    return [{"epoch": int(epoch), "batches": int(batches)} for epoch, batches in gathered]
+
+
+def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch entries `model.forward` accepts (the rest: example ids, decode counters)."""
+    accepted = inspect.signature(model.forward).parameters
+    return {key: value for key, value in batch.items() if key in accepted}
+
+
+def optimizer_steps(args, examples: int | None, total_batch: int, minimum: int = 1) -> int:
+    """`--max_train_steps`, else ceil(epochs x examples / total batch) (at least `minimum`)."""
+    if args.max_train_steps is not None:
+        return args.max_train_steps
+    epochs = args.num_train_epochs if args.num_train_epochs is not None else 1
+    steps = max(minimum, math.ceil(epochs * examples / total_batch))
+    logger.info("%d examples x %s epochs / batch %d = %d optimizer steps", examples, epochs, total_batch, steps)
+    return steps
+
+
+def run_script(script: str, train, args) -> int:
+    """Run `train(args, phase)`: setup mistakes end in one line (exit status 2), a non-finite loss in its
+    advice (status 1)."""
+    logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
+    try:
+        with report_user_errors(script) as phase:
+            return train(args, phase)
+    except NonFiniteLossError as error:
+        logging.getLogger(Path(script).stem).error("%s", error)
+        return 1
+
+
+@dataclass
+class RunStart:
+    """What a run knows before its model exists: where it writes, and what it resumes."""
+
+    accelerator: object
+    output_dir: Path
+    resume_path: Path | None
+    run_id: str
+    saved_state: dict | None
+
+    @property
+    def world(self) -> int:
+        return self.accelerator.num_processes
+
+    def total_batch(self, args) -> int:
+        return args.per_device_train_batch_size * self.world * args.gradient_accumulation_steps
+
+
+def start_run(args) -> RunStart:
+    """The Accelerator, the seed, the claimed output folder and the resumed checkpoint's trainer state."""
+    from accelerate.utils import set_seed
+
+    output_dir = Path(args.output_dir)
+    accelerator = make_accelerator(args, output_dir)
+    if not accelerator.is_main_process:
+        logging.getLogger().setLevel(logging.WARNING)
+    set_seed(args.seed)
+    resume_path, run_id = claim_output_dir(args, accelerator, output_dir)
+    saved_state = read_trainer_state(resume_path) if resume_path else None
+    return RunStart(accelerator, output_dir, resume_path, run_id, saved_state)
+
+
+class TrainingLoop:
+    """The loop every script runs; subclasses override the hooks below (each default is what a plain
+    supervised run needs, or nothing).
+
+    `data` is (dataloader, stream, collator) of this rank's training stream. Attributes a hook may
+    read: `model` (prepared), `unwrapped`, `optimizer`, `global_step`, `micro_step`, `epoch`,
+    `last_checkpoint`, `total_steps`."""
+
+    progress_label = "training"
+    tracker_project = "training"  # also the logger's name: the script's own ("run_mim: step 3 {...}")
+
+    def __init__(self, args, run: RunStart, model, optimizer, schedule, hyperparameters: RunHyperparameters, data):
+        self.args, self.run = args, run
+        self.accelerator = run.accelerator
+        self.model, self.optimizer, self.schedule = model, optimizer, schedule
+        self.hyperparameters = hyperparameters
+        self.total_steps = hyperparameters.total_steps
+        self.dataloader, self.stream, self.collator = data
+        self.global_step, self.micro_step, self.epoch = 0, 0, 0
+        self.position = {"epoch": 0, "batches": 0}
+        self.last_checkpoint = run.resume_path
+        self.decode_counts = {"images_skipped": 0, "images_converted": 0}
+        self.last_batch = None
+        self.elapsed = 0.0
+        self.logger = logging.getLogger(self.tracker_project)
+
+    # ------------------------------------------------------------------------------ hooks
+    def checkpointed_objects(self) -> list:
+        """Objects with state_dict/load_state_dict saved in every checkpoint beside the schedule."""
+        return []
+
+    def training_batch(self, batch: dict, epoch: int) -> dict:
+        """The collated batch as the loss needs it, on the device."""
+        return {key: value.to(self.accelerator.device, non_blocking=True) for key, value in batch.items()}
+
+    def compute_loss(self, batch: dict):
+        """(loss, model output) of one micro-batch."""
+        raise NotImplementedError
+
+    def clip_parameters(self):
+        return self.model.parameters()
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def before_step(self, step: int) -> None:
+        """Before the first micro-batch of optimizer step `step` (0-based)."""
+
+    def after_step(self, step: int, output) -> None:
+        """After optimizer step `step` (1-based) and its logs, before its checkpoint."""
+
+    def extra_logs(self, output) -> dict:
+        return {}
+
+    def trainer_state(self) -> dict:
+        """Extra JSON-serializable keys of every checkpoint's trainer_state.json."""
+        return {}
+
+    def resumed(self, trainer_state: dict) -> None:
+        """Read back what `trainer_state` added."""
+
+    # ------------------------------------------------------------------------------ the loop
+    def prepare(self) -> None:
+        """`accelerator.prepare`, checkpointed objects registered, and the resume (this run's
+        hyper-parameters applied over the checkpoint's)."""
+        accelerator = self.accelerator
+        self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        fresh_groups = optimizer_hyperparameters(self.optimizer)
+        for obj in [self.schedule, *self.checkpointed_objects()]:
+            accelerator.register_for_checkpointing(obj)
+        self.unwrapped = accelerator.unwrap_model(self.model)
+        if self.run.resume_path is None:
+            return
+        state = load_checkpoint(accelerator, self.run.resume_path)
+        self.global_step = state["global_step"]
+        self.position = dict(state["positions"][accelerator.process_index])
+        self.resumed(state)
+        self.logger.info("resumed from %s at step %d (epoch %d, batch %d)", self.run.resume_path, self.global_step,
+                         self.position["epoch"], self.position["batches"])
+        apply_this_runs_hyperparameters(self.optimizer, self.schedule, fresh_groups, state.get("hyperparameters"),
+                                        self.hyperparameters, self.global_step)
+
+    def train(self, phase=None) -> None:
+        """Train until `total_steps` optimizer steps (after `prepare`)."""
+        from tqdm.auto import tqdm
+
+        args, accelerator = self.args, self.accelerator
+        if args.with_tracking:
+            accelerator.init_trackers(self.tracker_project, config=tracker_config(args))
+        self.progress = tqdm(total=self.total_steps, initial=self.global_step,
+                             disable=not accelerator.is_local_main_process, desc=self.progress_label)
+        self.window_start, self.window_images = time.perf_counter(), 0
+        run_start = time.perf_counter()
+        self.train_mode()
+        batches = stream_batches(self.dataloader, self.stream, self.collator, self.position["epoch"], self.position["batches"])
+        if phase is not None:
+            phase.training_started()
+        while self.global_step < self.total_steps:
+            if self.micro_step == 0:
+                self.before_step(self.global_step)
+            loss, output = self.micro_batch(*next(batches))
+            if accelerator.sync_gradients:
+                self.end_step(loss, output)
+        self.progress.close()
+        accelerator.wait_for_everyone()
+        self.elapsed = time.perf_counter() - run_start
+
+    def micro_batch(self, epoch: int, index: int, batch: dict):
+        """Forward, finite-loss check, backward, and (on the last micro-batch) clip and step."""
+        accelerator, args = self.accelerator, self.args
+        self.epoch, self.position = epoch, {"epoch": epoch, "batches": index + 1}
+        for key in self.decode_counts:
+            self.decode_counts[key] += int(batch[key].sum())
+        batch = self.training_batch(batch, epoch)
+        self.last_batch = batch
+        with accelerator.accumulate(self.model):
+            loss, output = self.compute_loss(batch)
+            check_finite_loss(loss, self.global_step, self.last_checkpoint, accelerator=accelerator,
+                              inputs=batch["pixel_values"])
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(self.clip_parameters(), args.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.micro_step = (self.micro_step + 1) % args.gradient_accumulation_steps
+        self.window_images += batch["pixel_values"].shape[0] * self.run.world
+        return loss, output
+
+    def end_step(self, loss, output) -> None:
+        """Schedule, progress, logs, the script's `after_step`, and the periodic checkpoint."""
+        args = self.args
+        self.schedule.step()
+        self.global_step += 1
+        self.progress.update(1)
+        if self.global_step % args.logging_steps == 0 or self.global_step == self.total_steps:
+            self.log_window(loss, output)
+        self.after_step(self.global_step, output)
+        if args.checkpointing_steps and self.global_step % args.checkpointing_steps == 0:
+            self.save()
+
+    def log_window(self, loss, output) -> None:
+        """Loss (mean over ranks), lr, throughput since the last log, and the script's extra logs."""
+        elapsed = time.perf_counter() - self.window_start
+        loss_value = self.accelerator.reduce(loss.detach(), reduction="mean").item()
+        logs = {
+            "loss": loss_value,
+            "lr": max(group["lr"] for group in self.optimizer.param_groups),
+            "images_per_second": self.window_images / max(elapsed, 1e-9),
+            **self.extra_logs(output),
+            **self.decode_counts,
+        }
+        self.progress.set_postfix(loss=f"{loss_value:.4f}", lr=f"{logs['lr']:.2e}")
+        if self.args.with_tracking:
+            self.accelerator.log(logs, step=self.global_step)
+        rounded = {key: round(value, 6) if isinstance(value, float) else value for key, value in logs.items()}
+        self.logger.info("step %d %s", self.global_step, json.dumps(rounded))
+        self.window_start, self.window_images = time.perf_counter(), 0
+
+    def save(self) -> None:
+        """A checkpoint of this step on every rank (collective), holding every rank's data position."""
+        trainer_state = {
+            "global_step": self.global_step,
+            "positions": gather_positions(self.accelerator, self.position),
+            **self.trainer_state(),
+            "run_id": self.run.run_id,
+            "hyperparameters": self.hyperparameters.to_dict(),
+        }
+        self.last_checkpoint = save_checkpoint(self.accelerator, self.run.output_dir, self.global_step, trainer_state,
+                                               total_limit=self.args.checkpoints_total_limit)
+
+    def finish(self, write_outputs) -> int:
+        """`write_outputs()` on the main process (a failed push: status 1, the folder kept), then the
+        end of training on every rank. Returns the exit status."""
+        from hf_mim.hub import HubPushError
+
+        status = 0
+        if self.accelerator.is_main_process:
+            if any(self.decode_counts.values()):
+                self.logger.warning("images skipped (undecodable/truncated/tiny/over --max_image_pixels/unlabelled): %d, "
+                                    "converted to RGB or decoded at reduced scale: %d",
+                                    self.decode_counts["images_skipped"], self.decode_counts["images_converted"])
+            try:
+                write_outputs()
+            except HubPushError as error:
+                self.logger.error("%s", error)
+                status = 1
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        return status
+
+
+__all__ = [
+    "RunStart",
+    "TrainingLoop",
+    "forward_inputs",
+    "gather_positions",
+    "make_accelerator",
+    "optimizer_steps",
+    "run_script",
+    "start_run",
+    "stream_batches",
+]

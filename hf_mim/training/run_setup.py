@@ -181,6 +181,15 @@ class RunHyperparameters:
     adam_beta1: float | None = None
     adam_beta2: float | None = None
 
+    @classmethod
+    def from_args(cls, args: Namespace, learning_rate: float, total_steps: int, lr_scheduler_type: str) -> "RunHyperparameters":
+        """This run's values: the lr and length it computed, the rest from the scripts' shared flags."""
+        return cls(
+            learning_rate=learning_rate, weight_decay=args.weight_decay, lr_scheduler_type=lr_scheduler_type,
+            num_warmup_steps=args.num_warmup_steps, min_lr_ratio=args.min_lr_ratio, total_steps=total_steps,
+            max_grad_norm=args.max_grad_norm, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        )
+
     def to_dict(self) -> dict:
         return asdict(self)
 

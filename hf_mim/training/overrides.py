@@ -1,4 +1,9 @@
-"""`--config_overrides` parsing shared by the training scripts and the converters (tooling zone)."""
+"""`--config_overrides` parsing shared by the training scripts and the converters (tooling zone).
+
+Not `PretrainedConfig.update_from_string`: that one sets attributes on a built config (the config's
+own field checks never run), cannot set `none`, refuses fields whose current value is None (e.g.
+`teacher_name_or_path`) and turns `mask_ratio=0.5` on an int field into a bare int() error. Here the
+values become keyword arguments of the config's constructor, which validates them by name."""
 
 from __future__ import annotations
 

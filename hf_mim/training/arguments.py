@@ -1,0 +1,107 @@
+"""The command-line flags every training script shares (data source, optimisation, outputs and Hub),
+declared once; a script adds its own flags to the returned groups and passes the defaults and help
+texts that differ."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..data import DEFAULT_MAX_IMAGE_PIXELS, max_pixels_argument
+from .run_setup import check_positive_flags
+
+# (group, flag, argparse keywords): the shared flags, in --help order
+SHARED_FLAGS = [
+    ("data", "dataset_name", dict(help="a Hub dataset name (streamed)")),
+    ("data", "dataset_config_name", dict()),
+    ("data", "train_dir", dict(help="local folder of parquet files, WebDataset .tar shards, or images")),
+    ("data", "train_split", dict(default="train")),
+    ("data", "image_column_name", dict(help="default: detected")),
+    ("data", "shuffle_buffer_size", dict(type=int, default=1000)),
+    ("data", "num_train_examples", dict(type=int, help="stream length, when epochs are asked for and unknown")),
+    ("data", "dataloader_num_workers", dict(type=int, default=0)),
+    ("data", "max_image_pixels", dict(
+        type=max_pixels_argument, default=DEFAULT_MAX_IMAGE_PIXELS,
+        help="decode budget per image: larger JPEGs are decoded at 1/2-1/8 scale, other larger images skipped "
+        "and counted ('none': no budget)",
+    )),
+    ("model", "model_name_or_path", dict()),
+    ("model", "model_type", dict()),
+    ("model", "model_size", dict()),
+    ("model", "config_overrides", dict()),
+    ("model", "attn_implementation", dict(default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])),
+    ("model", "gradient_checkpointing", dict(action="store_true")),
+    ("optim", "per_device_train_batch_size", dict(type=int, default=32)),
+    ("optim", "learning_rate", dict(type=float, help="absolute lr; default base_learning_rate x total batch / 256")),
+    ("optim", "base_learning_rate", dict(type=float)),
+    ("optim", "weight_decay", dict(type=float)),
+    ("optim", "adam_beta1", dict(type=float, default=0.9)),
+    ("optim", "adam_beta2", dict(type=float)),
+    ("optim", "max_grad_norm", dict(type=float, default=None, help="gradient clipping")),
+    ("optim", "num_train_epochs", dict(type=float)),
+    ("optim", "max_train_steps", dict(type=int, help="optimizer steps; overrides epochs")),
+    ("optim", "gradient_accumulation_steps", dict(type=int, default=1)),
+    ("optim", "num_warmup_steps", dict(type=int)),
+    ("optim", "min_lr_ratio", dict(type=float, default=0.0)),
+    ("optim", "seed", dict(type=int, default=0)),
+    ("run", "output_dir", dict()),
+    ("run", "overwrite_output_dir", dict(action="store_true", help="delete the checkpoints, logs and pictures of an earlier run in --output_dir")),
+    ("run", "checkpointing_steps", dict(type=int, help="save a resumable checkpoint every N steps")),
+    ("run", "checkpoints_total_limit", dict(type=int, default=2)),
+    ("run", "resume_from_checkpoint", dict(
+        help="a checkpoint folder, or 'latest' (the newest in --output_dir; none yet: start from scratch). "
+        "This run's lr, schedule, warm-up, weight decay and length apply after the resume")),
+    ("run", "logging_steps", dict(type=int, default=10)),
+    ("run", "with_tracking", dict(action="store_true")),
+    ("run", "report_to", dict(default="tensorboard")),
+    ("run", "push_to_hub", dict(action="store_true")),
+    ("run", "hub_model_id", dict()),
+    ("run", "hub_token", dict()),
+    ("run", "hub_private_repo", dict(action="store_true")),
+    ("run", "license", dict(default="apache-2.0")),
+]
+
+# checked by `validate_shared_flags` (see check_positive_flags)
+SHARED_RANGES = dict(
+    at_least_one=("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "checkpointing_steps",
+                  "max_train_steps", "num_train_examples"),
+    positive=("learning_rate", "base_learning_rate", "num_train_epochs", "max_grad_norm"),
+    non_negative=("weight_decay", "num_warmup_steps", "shuffle_buffer_size", "dataloader_num_workers",
+                  "checkpoints_total_limit", "min_lr_ratio"),
+    fractions=("adam_beta1", "adam_beta2"),
+)
+
+
+def add_shared_flags(parser: argparse.ArgumentParser, titles: dict[str, str], **per_flag: dict) -> dict:
+    """Add the shared flags to groups titled `titles` (keys data, model, optim, run); `per_flag[name]`
+    updates a flag's keywords (its default or help). Returns the groups for the script's own flags."""
+    groups = {key: parser.add_argument_group(title) for key, title in titles.items()}
+    for group, name, kwargs in SHARED_FLAGS:
+        groups[group].add_argument(f"--{name}", **{**kwargs, **per_flag.get(name, {})})
+    return groups
+
+
+def validate_shared_flags(parser: argparse.ArgumentParser, args: argparse.Namespace, **more_ranges) -> None:
+    """One `parser.error` line for the first shared mistake, then for the script's own `more_ranges`."""
+    if args.dataset_name and args.train_dir:
+        parser.error("give either --dataset_name or --train_dir, not both")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+    ranges = {kind: SHARED_RANGES[kind] + tuple(more_ranges.get(kind, ())) for kind in SHARED_RANGES}
+    check_positive_flags(parser, args, **ranges)
+    if not 0 <= args.min_lr_ratio <= 1:
+        parser.error(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}")
+
+
+def uses_embedded_data(args: argparse.Namespace) -> bool:
+    """No data flag: the run trains on the sample data shipped with hf_mim."""
+    return not (args.dataset_name or args.train_dir)
+
+
+def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, table: dict) -> None:
+    """Set every flag of `table` the user left at its parser default to the table's value."""
+    for name, value in table.items():
+        if getattr(args, name) == parser.get_default(name):
+            setattr(args, name, value)
+
+
+__all__ = ["SHARED_FLAGS", "add_shared_flags", "fill_defaults", "uses_embedded_data", "validate_shared_flags"]
