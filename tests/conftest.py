@@ -27,3 +27,9 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     return shared_dir() / "fixtures"
+
+
+def pytest_configure(config):
+    # marks used by transformers' common test files (tests/test_transformers_common.py runs them)
+    for mark in ("accelerate_tests", "flash_attn_test", "flash_attn_3_test", "flash_attn_4_test", "torch_compile_test"):
+        config.addinivalue_line("markers", f"{mark}: a mark of transformers' common tests")
