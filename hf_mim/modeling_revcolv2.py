@@ -225,7 +225,8 @@ class RevColV2Column(nn.Module):
 
 
     def partial_forward(self, x: torch.Tensor, prev_states: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The first levels (processing order) of a column built with `levels_built`, plain autograd:
+        """The first levels (processing order) of a column built with `levels_built`, plain autograd
+        (the reversible engine runs whole columns):
         level k = level(previous output, prev_states[k + 1]) + alpha_k * prev_states[k]."""
         alphas = self.effective_alphas()
         states, down = [], x
@@ -350,14 +351,18 @@ class RevColV2Model(RevColV2PreTrainedModel):
             RevColV2Column(config, has_prev=i > 0, top_down=False) for i in range(config.num_bottom_up_columns)
         )
         self.mask_tokens = None if top_level_only else RevColV2MaskTokens(config)
-        last = config.num_top_down_columns - 1
+        # top_level_only: the top level of the last column reads positions 0-1 (processing order) of the
+        # column before, which read positions 0-2 of theirs, ...: column i needs its first T - i levels
+        columns = config.num_top_down_columns
+        built = [min(config.num_levels, columns - i) if top_level_only else config.num_levels for i in range(columns)]
         self.top_down = nn.ModuleList(
-            RevColV2Column(config, has_prev=True, top_down=True, levels_built=1 if top_level_only and i == last else None)
-            for i in range(config.num_top_down_columns)
+            RevColV2Column(config, has_prev=True, top_down=True, levels_built=built[i]) for i in range(columns)
         )
         if top_level_only:  # parts of a pretraining (or full) checkpoint this model does not build
-            self._keys_to_ignore_on_load_unexpected = [
-                r"(^|\.)mask_tokens\.", rf"(^|\.)top_down\.{last}\.levels\.[1-9]\d*\."
+            self._keys_to_ignore_on_load_unexpected = [r"(^|\.)mask_tokens\."] + [
+                rf"(^|\.)top_down\.{i}\.levels\.({'|'.join(map(str, range(built[i], config.num_levels)))})\."
+                for i in range(columns)
+                if built[i] < config.num_levels
             ]
         if add_pooling_layer:
             self.pooler = MeanPooler(config.hidden_size, config.layer_norm_eps, self.embeddings.num_prefix_tokens)
@@ -393,8 +398,9 @@ class RevColV2Model(RevColV2PreTrainedModel):
         states = states[::-1]  # top-down processing order: the top level first
         top = states[0]
         last = len(self.top_down) - 1
-        for index, column in enumerate(self.top_down):  # a partial last column takes no hand-off
-            states = column(top, states, reversible, hand_off=index < last and not (self.top_level_only and index + 1 == last))
+        for index, column in enumerate(self.top_down):  # a partial column (top_level_only) takes no hand-off
+            hand_off = index < last and len(self.top_down[index + 1].levels) == self.config.num_levels
+            states = column(top, states, reversible, hand_off=hand_off)
         return RevColV2ColumnsOutput(levels=tuple(states[::-1]), embeddings=tokens)
 
     def forward(
