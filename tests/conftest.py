@@ -35,11 +35,20 @@ def pytest_configure(config):
         config.addinivalue_line("markers", f"{mark}: a mark of transformers' common tests")
 
 
+# The heaviest of transformers' common tests (seconds per class each, x 19 classes) run with the slow tests;
+# the rest of the suite stays in the default run. Half-precision eager/sdpa: this CPU has no fast fp16/bf16.
+SLOW_COMMON_TESTS = (
+    "test_bc_torch_dtype",
+    "test_model_outputs_equivalence",
+    "test_training_gradient_checkpointing",  # and its use_reentrant variants
+)
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m "not slow"` deselects
 def pytest_collection_modifyitems(config, items):
-    # transformers' eager-vs-sdpa check in half precision (two thirds of its ~100 cases per class): this
-    # CPU has no fast fp16/bf16 kernels, so those run with the slow tests; float32 stays in the default run
     for item in items:
-        if getattr(item.module, "__name__", "") == "test_transformers_common" and "eager_matches_sdpa_inference" in item.name:
-            if "_fp16_" in item.name or "_bf16_" in item.name:
-                item.add_marker(pytest.mark.slow)
+        if getattr(item.module, "__name__", "") != "test_transformers_common":
+            continue
+        half_sdpa = "eager_matches_sdpa_inference" in item.name and ("_fp16_" in item.name or "_bf16_" in item.name)
+        if half_sdpa or item.name.startswith(SLOW_COMMON_TESTS):
+            item.add_marker(pytest.mark.slow)
