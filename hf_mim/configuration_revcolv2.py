@@ -29,6 +29,9 @@ POOLING_TYPES = ("mean", "cls")
 PYRAMID_TYPES = ("simple", "none")
 
 
+_UNSET = object()  # an argument not given at all (None given explicitly follows transformers' rule)
+
+
 class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
     r"""Configuration of a RevColV2 network: bottom-up and top-down reversible columns of ViT-block levels.
 
@@ -157,19 +160,26 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         self.backbone_pyramid = backbone_pyramid
         self.initializer_range = initializer_range
         self.classifier_init_std = classifier_init_std
-        out_features = kwargs.pop("out_features", None)
-        out_indices = kwargs.pop("out_indices", None)
+        out_features = kwargs.pop("out_features", _UNSET)
+        out_indices = kwargs.pop("out_indices", _UNSET)
         kwargs.pop("stage_names", None)
         super().__init__(**kwargs)
         self.validate()
         self.stage_names = ["stem"] + [f"stage{level + 1}" for level in range(self.num_levels)]
+        if out_features is _UNSET and out_indices is _UNSET:  # nothing said: every level (a UperNet-ready pyramid)
+            out_features, out_indices = self.stage_names[1:], None
+        out_features = None if out_features is _UNSET else out_features
+        out_indices = None if out_indices is _UNSET else out_indices
         if out_features is not None:  # configs saved before the transformers names: "level{k}" = "stage{k+1}"
             out_features = [
                 f"stage{int(name[5:]) + 1}" if re.fullmatch(r"level\d+", str(name)) else name for name in out_features
             ]
-        if out_features is None and out_indices is None:
-            out_features = self.stage_names[1:]
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+
+    @property
+    def depths(self) -> list[int]:
+        """Blocks per level, i.e. per backbone stage (the name transformers' backbone configs use)."""
+        return list(self.blocks_per_level)
 
     @property
     def num_hidden_layers(self) -> int:

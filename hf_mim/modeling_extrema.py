@@ -74,9 +74,9 @@ class ExtremaMaskedImageModelingOutput(ModelOutput):
         (class attention) first, then the visible patch tokens in the order they entered.
     target_last_hidden_state: (B, 1 + N, D) momentum encoder after the final norm, every patch in raster order.
     hidden_states / attentions: of the online encoder, the very tensors the loss is computed from (so
-        `retain_grad()` works), rows mask-major as the official code (row i * B + b = mask i of image b;
-        `.unflatten(0, (K, B))`): embeddings + every self-attention block output / the self-attention maps.
-    class_attentions: the class-attention maps, each (K * B, heads, 1, 1 + n), same rows.
+        `retain_grad()` works), rows batch-major (row b * K + k = mask k of image b; `.unflatten(0, (B, K))`):
+        embeddings + every self-attention block output / the self-attention maps.
+    class_attentions: the class-attention maps, each (B * K, heads, 1, 1 + n), same rows.
     """
 
     loss: torch.Tensor | None = None
@@ -150,7 +150,8 @@ class ExtremaEncoder(nn.Module):
     [class attention] -> [final LayerNorm on (cls, patches)].
 
     `ids_keep` (B, n) or (B, K, n) selects visible patches after the positions are added (K masks are
-    stacked mask-major along the batch: row i * B + b is mask i of image b, as the official code).
+    stacked batch-major: row b * K + k is mask k of image b, so image b's rows stay together; the
+    official code stacks mask-major, which changes no number).
     """
 
     def __init__(
@@ -190,9 +191,9 @@ class ExtremaEncoder(nn.Module):
                 ids_keep = ids_keep[:, None]
             batch_size, num_masks, num_keep = ids_keep.shape
             dim = tokens.shape[-1]
-            index = ids_keep.to(tokens.device).transpose(0, 1).unsqueeze(-1).expand(-1, -1, -1, dim)
-            tokens = torch.gather(tokens.unsqueeze(0).expand(num_masks, -1, -1, -1), 2, index)
-            tokens = tokens.reshape(num_masks * batch_size, num_keep, dim)
+            index = ids_keep.to(tokens.device).unsqueeze(-1).expand(-1, -1, -1, dim)
+            tokens = torch.gather(tokens.unsqueeze(1).expand(-1, num_masks, -1, -1), 2, index)
+            tokens = tokens.reshape(batch_size * num_masks, num_keep, dim)  # row b * K + k: mask k of image b
         patch_tokens, hidden_states, attentions = run_blocks(
             self.layers, tokens, output_hidden_states, output_attentions
         )
@@ -569,7 +570,7 @@ class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedMod
         mask = self.masks(batch_size, grid[0] * grid[1], pixel_values.device, bool_masked_pos, noise)
         num_masks = mask.ids_keep.shape[1]
 
-        # Online branch: all K masks in one pass, mask-major rows (i * B + b), as the official code.
+        # Online branch: all K masks in one pass, batch-major rows (b * K + k).
         encoded = self.extrema.encoder(
             pixel_values,
             ids_keep=mask.ids_keep,
@@ -582,12 +583,12 @@ class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedMod
 
         targets, target_hidden = self.momentum_targets(pixel_values_2, interpolate_pos_encoding=interpolate_pos_encoding)
 
-        per_sample = byol_loss(predictions.float().view(num_masks, batch_size, -1), targets.float()[None])
+        per_sample = byol_loss(predictions.float().view(batch_size, num_masks, -1), targets.float()[:, None]).T
         loss_per_mask = per_sample.mean(dim=1)
         loss = loss_per_mask.mean()
 
         def batch_major(tensor: torch.Tensor) -> torch.Tensor:
-            return tensor.reshape(num_masks, batch_size, *tensor.shape[1:]).transpose(0, 1)
+            return tensor.unflatten(0, (batch_size, num_masks))
 
         output = ExtremaMaskedImageModelingOutput(
             loss=loss,

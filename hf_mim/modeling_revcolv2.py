@@ -172,9 +172,10 @@ class RevColV2Column(nn.Module):
     top-down: the top level first). A first column (no previous column) has no `up` fusion and no
     alpha; otherwise `alpha` holds one channel-wise shortcut scale per level, shape (L, C)."""
 
-    def __init__(self, config: RevColV2Config, has_prev: bool, top_down: bool):
+    def __init__(self, config: RevColV2Config, has_prev: bool, top_down: bool, levels_built: int | None = None):
         super().__init__()
         self.top_down = top_down
+        self.num_levels = config.num_levels
         self.alpha_min = config.alpha_min
         counts = list(config.blocks_per_level)
         order = list(range(config.num_levels))[::-1] if top_down else list(range(config.num_levels))
@@ -184,7 +185,7 @@ class RevColV2Column(nn.Module):
         for level in order:  # ramp positions follow the processing order
             start[level] = offset
             offset += counts[level]
-        for position, level in enumerate(order):
+        for position, level in enumerate(order[:levels_built]):
             levels.append(
                 RevColV2Level(
                     config,
@@ -210,6 +211,8 @@ class RevColV2Column(nn.Module):
         (it then keeps a compact residual of them instead; see `hf_mim.reversible`)."""
         if (prev_states is None) != (self.alpha is None):
             raise ValueError("a first column takes no previous states; every other column needs them")
+        if len(self.levels) < self.num_levels:
+            return self.partial_forward(x, prev_states)
         for level in self.levels:
             level.engine_recomputes = reversible
         return run_column(
@@ -221,6 +224,19 @@ class RevColV2Column(nn.Module):
             reversible=reversible,
             hand_off=hand_off,
         )
+
+
+    def partial_forward(self, x: torch.Tensor, prev_states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The first levels (processing order) of a column built with `levels_built`, plain autograd
+        (the reversible engine runs whole columns):
+        level k = level(previous output, prev_states[k + 1]) + alpha_k * prev_states[k]."""
+        alphas = self.effective_alphas()
+        states, down = [], x
+        for k, level in enumerate(self.levels):
+            up = prev_states[k + 1] if k + 1 < self.num_levels else None
+            down = level(down, up) + prev_states[k] * alphas[k]
+            states.append(down)
+        return states
 
 
 class RevColV2MaskTokens(nn.Module):
@@ -320,27 +336,48 @@ class RevColV2Model(RevColV2PreTrainedModel):
     `last_hidden_state` (B, P + N, C) = the top level of the last top-down column; `pooler_output` =
     LayerNorm of the mean of its patch tokens (or of its cls token, `classifier_pooling="cls"`);
     `hidden_states` (when asked) = (embedding output, level 0, ..., level L-1 of the last top-down
-    column): the backbone's stages "stem", "stage1", ... Attention maps are not returned. Loaded from a
-    pretraining checkpoint (`builds_pretrained_encoder`), `pooler_output` is the plain mean (or cls
-    token) of the top level: no LayerNorm that pretraining did not train.
+    column): the backbone's stages "stem", "stage1", ... (`top_level_only`: embedding output and the top
+    level). Attention maps are not returned. Loaded from a pretraining checkpoint
+    (`builds_pretrained_encoder`), `pooler_output` is the plain mean (or cls token) of the top level: no
+    LayerNorm that pretraining did not train.
     """
 
     # a pretraining checkpoint's pixel decoder, a fine-tuned checkpoint's head
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^classifier\."]
 
-    def __init__(self, config: RevColV2Config, add_pooling_layer: bool = True, pretrained_encoder: bool | None = None):
+    def __init__(
+        self,
+        config: RevColV2Config,
+        add_pooling_layer: bool = True,
+        pretrained_encoder: bool | None = None,
+        top_level_only: bool = False,
+    ):
+        """`top_level_only` (the classifier): build only what the top level of the last top-down column
+        needs: no mask tokens (it never masks) and, in that last column, no level after the top one.
+        Under DDP every trainable parameter must get a gradient; those parts would get none."""
         super().__init__(config)
         pretrained = builds_pretrained_encoder(config, add_pooling_layer, pretrained_encoder)
+        self.top_level_only = top_level_only
         self.embeddings = VisionEmbeddings(
             config.image_size, config.patch_size, config.num_channels, config.hidden_size, use_cls_token=config.use_cls_token
         )
         self.bottom_up = nn.ModuleList(
             RevColV2Column(config, has_prev=i > 0, top_down=False) for i in range(config.num_bottom_up_columns)
         )
-        self.mask_tokens = RevColV2MaskTokens(config)
+        self.mask_tokens = None if top_level_only else RevColV2MaskTokens(config)
+        # top_level_only: the top level of the last column reads positions 0-1 (processing order) of the
+        # column before, which read positions 0-2 of theirs, ...: column i needs its first T - i levels
+        columns = config.num_top_down_columns
+        built = [min(config.num_levels, columns - i) if top_level_only else config.num_levels for i in range(columns)]
         self.top_down = nn.ModuleList(
-            RevColV2Column(config, has_prev=True, top_down=True) for _ in range(config.num_top_down_columns)
+            RevColV2Column(config, has_prev=True, top_down=True, levels_built=built[i]) for i in range(columns)
         )
+        if top_level_only:  # parts of a pretraining (or full) checkpoint this model does not build
+            self._keys_to_ignore_on_load_unexpected = [*type(self)._keys_to_ignore_on_load_unexpected, r"(^|\.)mask_tokens\."] + [
+                rf"(^|\.)top_down\.{i}\.levels\.({'|'.join(map(str, range(built[i], config.num_levels)))})\."
+                for i in range(columns)
+                if built[i] < config.num_levels
+            ]
         if add_pooling_layer:
             self.pooler = MeanPooler(
                 config.hidden_size, config.layer_norm_eps, self.embeddings.num_prefix_tokens, use_fc_norm=not pretrained
@@ -370,12 +407,16 @@ class RevColV2Model(RevColV2PreTrainedModel):
         for index, column in enumerate(self.bottom_up):  # every column but the last hands its states on
             states = column(tokens, states, reversible, hand_off=index < len(self.bottom_up) - 1)
         if mask is not None:
+            if self.mask_tokens is None:
+                raise ValueError("this model has no mask tokens (the classifier never masks): bool_masked_pos is not accepted")
             positions = resize_position_table(self.embeddings.position_embeddings, prefix, grid_h, grid_w)[:, prefix:]
             states = [self.mask_tokens.fill(state, level, mask, positions, prefix) for level, state in enumerate(states)]
         states = states[::-1]  # top-down processing order: the top level first
         top = states[0]
-        for index, column in enumerate(self.top_down):
-            states = column(top, states, reversible, hand_off=index < len(self.top_down) - 1)
+        last = len(self.top_down) - 1
+        for index, column in enumerate(self.top_down):  # a partial column (top_level_only) takes no hand-off
+            hand_off = index < last and len(self.top_down[index + 1].levels) == self.config.num_levels
+            states = column(top, states, reversible, hand_off=hand_off)
         return RevColV2ColumnsOutput(levels=tuple(states[::-1]), embeddings=tokens)
 
     def forward(
@@ -528,7 +569,7 @@ class RevColV2ForImageClassification(ImageClassificationMixin, RevColV2PreTraine
     def __init__(self, config: RevColV2Config):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.revcolv2 = RevColV2Model(config, add_pooling_layer=True, pretrained_encoder=False)
+        self.revcolv2 = RevColV2Model(config, add_pooling_layer=True, pretrained_encoder=False, top_level_only=True)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
