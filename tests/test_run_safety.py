@@ -124,16 +124,33 @@ def run_ids(folder: Path) -> dict[str, str]:
     return {path.name: json.loads((path / "trainer_state.json").read_text())["run_id"] for path in sorted(folder.glob("checkpoint-*"))}
 
 
+def main_exit(script: Path, *argv) -> tuple[int, str]:
+    """(exit status, stderr) of the script's `main` run in this process (for runs that stop at setup)."""
+    import contextlib
+    import io
+
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
+        load_script(script).main(list(map(str, argv)))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return exit_info.value.code, err.getvalue()
+
+
 def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(finished_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(finished_run, out)
     before = run_ids(out)
     assert len(set(before.values())) == 1 and set(before) == {"checkpoint-1", "checkpoint-2"}
 
-    refused = run(RUN_MIM, *TINY, "--max_train_steps", 1, "--checkpointing_steps", 1, "--output_dir", out)
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "holds the checkpoints of another run (checkpoint-1, checkpoint-2)" in refused.stderr
-    assert "--overwrite_output_dir" in refused.stderr
+    status, err = main_exit(RUN_MIM, *TINY, "--max_train_steps", 1, "--checkpointing_steps", 1, "--output_dir", out)
+    assert status == 2 and "Traceback" not in err
+    assert "holds the checkpoints of another run (checkpoint-1, checkpoint-2)" in err
+    assert "--overwrite_output_dir" in err
     assert run_ids(out) == before  # nothing pruned, nothing mixed
 
     # another run's checkpoint, resumed explicitly into this folder, would mix two runs: refused too
@@ -142,8 +159,8 @@ def test_a_new_run_refuses_a_folder_holding_another_runs_checkpoints(finished_ru
     (other / "checkpoint-1" / "trainer_state.json").write_text(
         json.dumps({**json.loads((other / "checkpoint-1" / "trainer_state.json").read_text()), "run_id": "another"})
     )
-    mixed = run(RUN_MIM, *TINY, "--max_train_steps", 3, "--output_dir", out, "--resume_from_checkpoint", other / "checkpoint-1")
-    assert mixed.returncode == 2 and "belongs to another run" in mixed.stderr and "Traceback" not in mixed.stderr
+    status, err = main_exit(RUN_MIM, *TINY, "--max_train_steps", 3, "--output_dir", out, "--resume_from_checkpoint", other / "checkpoint-1")
+    assert status == 2 and "belongs to another run" in err and "Traceback" not in err
 
     overwritten = run(RUN_MIM, *TINY, "--max_train_steps", 1, "--checkpointing_steps", 1, "--output_dir", out,
                       "--overwrite_output_dir")
