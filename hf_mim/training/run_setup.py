@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .checkpoint import (
-    CHECKPOINT_PREFIX,
     TMP_PREFIX,
     TRASH_PREFIX,
     checkpoint_step,
