@@ -52,3 +52,13 @@ def pytest_collection_modifyitems(config, items):
         half_sdpa = "eager_matches_sdpa_inference" in item.name and ("_fp16_" in item.name or "_bf16_" in item.name)
         if half_sdpa or item.name.startswith(SLOW_COMMON_TESTS):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """Accelerate's singletons reset before and after the test (in-process Accelerators and scripts)."""
+    from helpers import reset_accelerate_state
+
+    reset_accelerate_state()
+    yield
+    reset_accelerate_state()

@@ -55,3 +55,11 @@ def load_fixture(fixtures_dir: Path, method: str) -> dict[str, dict]:
 
 def max_abs_diff(a, b) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
+
+
+def reset_accelerate_state() -> None:
+    """Forget Accelerate's process-wide singletons, so an in-process script or Accelerator starts fresh."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import reset_accelerate_state
 
 from hf_mim.training import NonFiniteInputError, check_finite_loss, public_args, tracker_config
 
@@ -129,15 +130,11 @@ def main_exit(script: Path, *argv) -> tuple[int, str]:
     import contextlib
     import io
 
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     err = io.StringIO()
     with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as exit_info:
         load_script(script).main(list(map(str, argv)))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate_state()
     return exit_info.value.code, err.getvalue()
 
 
@@ -182,17 +179,6 @@ def test_latest_resumes_the_folders_own_run(finished_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- one-line errors
-
-
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.mark.parametrize(

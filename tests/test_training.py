@@ -222,17 +222,6 @@ def test_staged_schedule_restarts_and_round_trips():
 
 
 # --------------------------------------------------------------------------- checkpoints
-@pytest.fixture
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 def _training_objects(seed: int):
     from accelerate import Accelerator
 
