@@ -63,3 +63,22 @@ def reset_accelerate_state() -> None:
 
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
+
+
+def encode(image, fmt: str = "PNG", **kwargs) -> bytes:
+    """`image` (a PIL image) encoded as a file of format `fmt`, as bytes."""
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def photo(seed: int, size=(48, 40)):
+    """A smooth random colour image (JPEG-friendly), width x height = size."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)

@@ -15,6 +15,8 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
+from helpers import encode, photo
+
 from hf_mim.data import (
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
@@ -38,19 +40,6 @@ from hf_mim.data import (
 from hf_mim.masking import BlockwiseMaskGenerator, RandomMaskGenerator
 
 # ----------------------------------------------------------------------------------------------- helpers
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def photo(seed: int, size=(48, 40)) -> Image.Image:
-    """A smooth random colour image (JPEG-friendly), width x height = size."""
-    rng = np.random.default_rng(seed)
-    small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    return Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
 
 
 def jpeg(seed: int, size=(48, 40)) -> bytes:

@@ -17,6 +17,8 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import encode, photo
+
 from hf_mim.data import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DecodeStats,
@@ -47,17 +49,6 @@ def grey_png(width: int, height: int) -> bytes:
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", idat) + _png_chunk(b"IEND", b"")
-
-
-def encode(image: Image.Image, fmt: str = "PNG", **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def photo(seed: int, size=(48, 40)) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(size, Image.Resampling.BICUBIC)
 
 
 @pytest.fixture(scope="module")
