@@ -11,6 +11,7 @@ from tiny random models with perturbed norms, scales and bias tables otherwise.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,9 @@ from hf_mim.data.transforms import EvalTransform
 from hf_mim.hub import build_image_processor
 from hf_mim.hub.native import NotExpressible, to_native
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import perturbed  # noqa: E402  (the same perturbation the export tests use)
+
 OFFICIAL = {  # fixture folder -> (converter, config overrides the tiny fixtures need)
     "dbot": ("convert_dbot_checkpoint", {"num_attention_heads": 2}),
     "amt_mae": ("convert_amt_checkpoint", {"num_attention_heads": 12}),
@@ -32,15 +36,6 @@ OFFICIAL = {  # fixture folder -> (converter, config overrides the tiny fixtures
     "extrema": ("convert_extrema_checkpoint", {"num_attention_heads": 2}),
     "maskdistill": ("convert_maskdistill_checkpoint", None),
 }
-
-
-def perturbed(model):
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if any(part in name for part in ("norm", "gamma", "relative_position", "bias", "classifier")):
-                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
 
 
 def export_row(label: str, model) -> str:

@@ -8,6 +8,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file
 
 BLOCK_HF_MIM = textwrap.dedent(
@@ -82,3 +83,13 @@ def photo(seed: int, size=(48, 40)):
     rng = np.random.default_rng(seed)
     small = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
     return Image.fromarray(small).resize(size, Image.Resampling.BICUBIC)
+
+
+def perturbed(model):
+    """Non-trivial norms, layer scales, biases, bias tables and head, so that a wrong mapping shows."""
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if any(part in name for part in ("norm", "gamma", "relative_position", "bias", "classifier")):
+                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return model.eval()

@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
-from helpers import run_without_hf_mim
+from helpers import perturbed, run_without_hf_mim
 from conftest import REPO_ROOT
 from PIL import Image
 
@@ -33,16 +33,6 @@ def smooth_image(height: int, width: int, seed: int = 0) -> Image.Image:
     rng = np.random.default_rng(seed)
     small = Image.fromarray((rng.random((height // 4 + 1, width // 4 + 1, 3)) * 255).astype("uint8"))
     return small.resize((width, height), Image.BILINEAR)
-
-
-def perturbed(model):
-    """Non-trivial norms, layer scales, biases, bias tables and head, so that a wrong mapping shows."""
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, parameter in model.named_parameters():
-            if any(part in name for part in ("norm", "gamma", "relative_position", "bias", "classifier")):
-                parameter.add_(0.2 * torch.randn(parameter.shape, generator=generator))
-    return model.eval()
 
 
 # ---------------------------------------------------------------- 1. self-contained saves
