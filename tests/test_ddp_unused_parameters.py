@@ -1,72 +1,76 @@
-"""Two gloo ranks train every method's classifier and pretraining head under DDP with Accelerate's
-defaults (find_unused_parameters=False): no head may hold a trainable parameter without a gradient
-("Expected to have finished reduction in the prior iteration" at step 2), and after a few steps the
-weights of the two ranks are identical."""
+"""Two gloo ranks pretrain every method through run_mim.py and fine-tune its classifier through
+run_image_classification.py, under DDP with Accelerate's defaults (find_unused_parameters=False): no head
+may hold a trainable parameter without a gradient ("Expected to have finished reduction in the prior
+iteration" at step 2), and the loop's end-of-run check finds the weights of the two ranks identical."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import textwrap
+from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
+import torch
 
-WORKER = textwrap.dedent(
-    """
-    import sys
-    import torch
-    from accelerate import Accelerator
-    from safetensors.torch import save_file
-    from hf_mim import MODEL_FAMILIES
+from hf_mim.training.loop import check_replicas_in_sync
 
-    out = sys.argv[1]
-    accelerator = Accelerator(cpu=True)  # Accelerate's default DDP: find_unused_parameters=False
-    rank = accelerator.process_index
-    overrides = {"maskdistill": {"target": "pixels"}}  # no teacher folder needed
-    for model_type, family in sorted(MODEL_FAMILIES.items()):
-        for head in ("image_classification_class", "masked_image_modeling_class"):
-            torch.manual_seed(0)  # same initial weights on both ranks
-            config = family.config_class.from_preset("tiny", num_labels=3, **overrides.get(model_type, {}))
-            model = getattr(family, head)(config).train()
-            optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
-            model, optimizer = accelerator.prepare(model, optimizer)
-            generator = torch.Generator().manual_seed(100 + rank)  # different data on each rank
-            for step in range(3):
-                pixel_values = torch.randn(2, 3, 32, 32, generator=generator)
-                if head == "image_classification_class":
-                    loss = model(pixel_values, labels=torch.randint(0, 3, (2,), generator=generator)).loss
-                else:
-                    loss = model(pixel_values).loss
-                accelerator.backward(loss)
-                optimizer.step()
-                optimizer.zero_grad()
-            state = {k: v.detach().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-            save_file(state, f"{out}/{model_type}-{head}-rank{rank}.safetensors")
-            accelerator.free_memory()
-    print(f"rank {rank} done", flush=True)
-    """
-)
+SCRIPTS = Path(__file__).resolve().parents[1] / "training_scripts"
+PRETRAIN_EXTRA = {"maskdistill": ["--config_overrides", "target=pixels"],  # no teacher folder needed
+                  "amt": ["--config_overrides", "amt_interval=0.5"]}  # an attention refresh mid-run
+IN_SYNC = "weights identical on all 2 ranks"
 
 
-@pytest.mark.slow
-def test_two_gloo_ranks_train_every_head_without_find_unused_parameters(tmp_path):
-    from hf_mim import MODEL_FAMILIES
-
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
+def launch_two_ranks(script: str, port: int, *args) -> str:
     env = dict(os.environ, HF_HUB_OFFLINE="1", ACCELERATE_USE_CPU="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
-         str(script), str(tmp_path)],
-        capture_output=True, text=True, env=env, timeout=1200,
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+         str(SCRIPTS / script), *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-5000:]
-    for model_type in MODEL_FAMILIES:
-        for head in ("image_classification_class", "masked_image_modeling_class"):
-            ranks = [load_file(str(tmp_path / f"{model_type}-{head}-rank{rank}.safetensors")) for rank in (0, 1)]
-            assert ranks[0].keys() == ranks[1].keys()
-            for key in ranks[0]:
-                assert (ranks[0][key] == ranks[1][key]).all(), (model_type, head, key)
+    return result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("index, model_type", list(enumerate(["amt", "dbot", "extrema", "maskdistill", "revcolv2"])))
+def test_two_gloo_ranks_pretrain_and_finetune_every_method_through_the_scripts(index, model_type, tmp_path):
+    pretrained = tmp_path / "pretrained"
+    log = launch_two_ranks("run_mim.py", 29541 + 2 * index, "--model_type", model_type, "--model_size", "tiny",
+                           "--per_device_train_batch_size", "4", "--max_train_steps", "3", "--logging_steps", "1",
+                           *PRETRAIN_EXTRA.get(model_type, []), "--output_dir", pretrained)
+    assert IN_SYNC in log
+    log = launch_two_ranks("run_image_classification.py", 29542 + 2 * index, "--model_name_or_path", pretrained,
+                           "--per_device_train_batch_size", "4", "--max_train_steps", "3", "--num_warmup_steps", "1",
+                           "--output_dir", tmp_path / "finetuned")
+    assert IN_SYNC in log
+
+
+class _TwoRanks:
+    """An accelerator stand-in whose gather returns this rank's row and a second rank's, altered in one place."""
+
+    num_processes = 2
+
+    def __init__(self, alter_column: int | None):
+        self.alter_column = alter_column
+
+    def gather(self, local):
+        other = local.clone()
+        if self.alter_column is not None:
+            other[0, self.alter_column] += 1e-12
+        return torch.cat([local, other])
+
+
+def test_replicas_that_differ_in_one_parameter_are_caught(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = torch.nn.parallel.DistributedDataParallel(torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)))
+        check_replicas_in_sync(_TwoRanks(None), model)
+        with pytest.raises(RuntimeError, match=r"weights differ across ranks .*first: 1\.weight, 1 in all"):
+            check_replicas_in_sync(_TwoRanks(2), model)
+    finally:
+        dist.destroy_process_group()
+    check_replicas_in_sync(_TwoRanks(0), torch.nn.Linear(3, 2))  # not DDP (one process, FSDP shards): nothing to compare

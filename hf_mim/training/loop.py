@@ -85,6 +85,22 @@ def gather_positions(accelerator, position: dict) -> list[dict]:
     return [{"epoch": int(epoch), "batches": int(batches)} for epoch, batches in gathered]
 
 
+def check_replicas_in_sync(accelerator, model) -> None:
+    """Under DDP every rank must end with the same weights; a parameter that silently stopped being
+    reduced (or a rank-local update) would otherwise be found only after the run, in its checkpoint.
+    Compares per-parameter float64 sums across ranks (one small all-gather at the end of the run);
+    sharded engines (FSDP, DeepSpeed ZeRO) hold different shards per rank and are left out."""
+    if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        return
+    names, sums = zip(*[(name, parameter.detach().double().sum()) for name, parameter in model.module.named_parameters()])
+    gathered = accelerator.gather(torch.stack(sums)[None]).cpu()
+    differing = [name for name, column in zip(names, gathered.T) if not bool((column == column[0]).all())]
+    if differing:
+        raise RuntimeError(f"weights differ across ranks after training (first: {differing[0]}, {len(differing)} in all): "
+                           "a parameter was updated on one rank only")
+    logger.info("weights identical on all %d ranks (%d parameters compared)", accelerator.num_processes, len(names))
+
+
 def forward_inputs(model, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch entries `model.forward` accepts (the rest: example ids, decode counters)."""
     accepted = inspect.signature(model.forward).parameters
@@ -251,6 +267,7 @@ class TrainingLoop:
         self.progress.close()
         accelerator.wait_for_everyone()
         self.elapsed = time.perf_counter() - run_start
+        check_replicas_in_sync(accelerator, self.model)
 
     def micro_batch(self, epoch: int, index: int, batch: dict):
         """Forward, finite-loss check, backward, and (on the last micro-batch) clip and step."""
@@ -339,6 +356,7 @@ class TrainingLoop:
 __all__ = [
     "RunStart",
     "TrainingLoop",
+    "check_replicas_in_sync",
     "forward_inputs",
     "gather_positions",
     "make_accelerator",
