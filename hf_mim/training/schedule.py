@@ -58,11 +58,11 @@ def _check(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
 def schedule_factor(
     kind: str, step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
 ) -> float:
-    """Multiplier at `step`: linear warm-up `step / warmup_steps` from 0, then `kind`:
+    """Multiplier at `step`: linear warm-up `step / warmup_steps` from 0 (not for "constant"), then `kind`:
 
     - "cosine": half-cycle cosine from 1 to `min_lr_ratio` at `total_steps` (MAE);
     - "linear": straight line from 1 to `min_lr_ratio` at `total_steps`;
-    - "constant" / "constant_with_warmup": 1 (the warm-up, if any, is kept);
+    - "constant": 1, no warm-up (as transformers'); "constant_with_warmup": 1 after the warm-up;
     - one of `TRANSFORMERS_KINDS`: transformers' `get_scheduler` multiplier (warm-up included).
 
     The four native kinds equal transformers' of the same name when `min_lr_ratio` is 0. Steps past `total_steps` stay at the final value.
@@ -72,9 +72,11 @@ def schedule_factor(
         raise ValueError(f"step must be >= 0, got {step}")
     if kind in TRANSFORMERS_KINDS:
         return _transformers_lambda(kind, warmup_steps, total_steps, min_lr_ratio)(step)
+    if kind == "constant":  # as transformers': no warm-up
+        return 1.0
     if step < warmup_steps:
         return step / warmup_steps
-    if kind in ("constant", "constant_with_warmup"):
+    if kind == "constant_with_warmup":
         return 1.0
     decay_steps = total_steps - warmup_steps
     progress = 1.0 if decay_steps <= 0 else min(1.0, (step - warmup_steps) / decay_steps)
