@@ -274,10 +274,11 @@ def test_run_mim_validation_loss_tracker_pictures_epoch_checkpoints_and_no_token
     out = tmp_path / "run"
     result = run(SCRIPTS["run_mim"], *TINY, "--max_train_steps", 4, "--output_dir", out, "--train_val_split", 0.3,
                  "--eval_steps", 2, "--per_device_eval_batch_size", 4, "--with_tracking", "--picture_steps", 2,
-                 "--checkpointing_steps", "epoch", "--num_train_examples", 16, "--lr_scheduler_type", "linear",
+                 "--checkpointing_steps", "epoch", "--num_train_examples", 24, "--lr_scheduler_type", "linear",
                  "--token", SECRET)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-4"]  # 16 x 0.7 = 11 examples: 2 steps an epoch
+    # 24 examples, 30 % held out: 16 to train on, an epoch of 4 steps
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-4"]
     results = json.loads((out / "eval_results.json").read_text())
     assert [entry["step"] for entry in results["history"]] == [2, 4] and results["eval_examples"] > 0
     assert "held out" in results["split"]
