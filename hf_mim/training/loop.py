@@ -27,9 +27,9 @@ from .guards import NonFiniteLossError, check_finite_loss
 from .run_setup import (
     RunHyperparameters,
     apply_this_runs_hyperparameters,
+    check_trackers,
     claim_output_dir,
     optimizer_hyperparameters,
-    check_trackers,
     report_user_errors,
     tracker_config,
     tracker_names,
