@@ -79,9 +79,14 @@ def test_refused_flags_say_why_in_one_line(name):
 
     module = load_script(name)
     for flag, reason in REFUSED_FLAGS.items():
-        assert parse_error(module, [*BASE[name], f"--{flag}", "1"]).endswith(f"--{flag} is not supported by hf_mim: {reason}")
-    assert "--save_total_limit is not supported by hf_mim: give --checkpoints_total_limit N" in parse_error(
-        module, [*BASE[name], "--save_total_limit", "3"])
+        assert parse_error(module, [*BASE[name], f"--{flag}", "1"]).endswith(f": error: not supported by hf_mim: --{flag} ({reason})")
+    # a Trainer command line: every refused flag named in one line, switches with or without a value
+    line = parse_error(module, [*BASE[name], "--do_train", "--do_eval", "True", "--save_total_limit", "3", "--fp16"])
+    assert line.endswith("not supported by hf_mim: --do_train (the scripts always train); --do_eval (evaluation runs whenever "
+                         "a validation split, --validation_dir or --train_val_split is given); --save_total_limit (give "
+                         "--checkpoints_total_limit N); --fp16 (mixed precision is Accelerate's: accelerate launch --mixed_precision fp16)")
+    assert module.parse_args([*BASE[name], "--trust_remote_code", "True"]).trust_remote_code is True
+    assert module.parse_args([*BASE[name], "--trust_remote_code", "false"]).trust_remote_code is False
     assert "it steps on an evaluation metric" in parse_error(module, [*BASE[name], "--lr_scheduler_type", "reduce_lr_on_plateau"])
     assert "expected a number of steps or 'epoch'" in parse_error(module, [*BASE[name], "--checkpointing_steps", "often"])
     assert "--train_val_split must be in (0, 1)" in parse_error(module, [*BASE[name], "--train_val_split", "1.5"])

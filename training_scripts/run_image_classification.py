@@ -43,7 +43,7 @@ from hf_mim.training import (
     freeze_backbone, linear_probe_train_mode, linear_scaled_lr, optimizer_steps, run_script, start_run,
 )
 from hf_mim.training.arguments import add_shared_flags, fill_defaults, uses_embedded_data, validate_shared_flags
-from hf_mim.training.conventions import checkpoint_every, hub_kwargs
+from hf_mim.training.conventions import SWITCH, checkpoint_every, hub_kwargs
 from hf_mim.training.classification import (
     EMBEDDED_DEMO_DEFAULTS, HEAD_NAME, MODE_DEFAULTS, base_config, build_model, build_optimizer, describe_lr_scales,
     evaluate, mixup_active, write_outputs,
@@ -72,7 +72,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--validation_split", default="validation", help="'none': no evaluation")
     data.add_argument("--label_column_name", help="default: detected (label, labels, cls); integers or a ClassLabel")
     model.add_argument("--mode", default="finetune", choices=["finetune", "linear_probe"])
-    model.add_argument("--ignore_mismatched_sizes", action="store_true",
+    model.add_argument("--ignore_mismatched_sizes", **SWITCH,
                        help="start a new head when --model_name_or_path is a classifier for another number of labels")
     optim.add_argument("--optimizer", choices=["adamw", "lars", "sgd"], help="finetune adamw, linear_probe lars")
     optim.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay (finetune only)")

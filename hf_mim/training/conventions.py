@@ -45,15 +45,30 @@ REFUSED_FLAGS = {
 
 
 class _Refused(argparse.Action):
+    """Collects the refused flags of a command line, so that one line names them all (`check_example_flags`)."""
+
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} is not supported by hf_mim: {REFUSED_FLAGS[option_string[2:]]}")
+        refused = getattr(namespace, "refused_flags", None) or []
+        setattr(namespace, "refused_flags", [*refused, option_string[2:]])
 
 
 def add_refused_flags(parser: argparse.ArgumentParser) -> None:
-    """Every `REFUSED_FLAGS` entry as a hidden flag that ends parsing with its reason (not argparse's
-    'unrecognized arguments', which does not say why)."""
+    """Every `REFUSED_FLAGS` entry as a hidden flag (with or without a value, as the Trainer's
+    `--do_eval True`) that ends the run with its reason, not argparse's 'unrecognized arguments'."""
     for name in REFUSED_FLAGS:
         parser.add_argument(f"--{name}", nargs="?", action=_Refused, help=argparse.SUPPRESS)
+
+
+def bool_flag(text: str) -> bool:
+    """A switch that also takes the Trainer's value form (`--trust_remote_code True`)."""
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+SWITCH = dict(type=bool_flag, nargs="?", const=True, default=False)
 
 
 def scheduler_type(text: str) -> str:
@@ -88,7 +103,7 @@ EXAMPLE_FLAGS = [
     ("model", "cache_dir", dict(help="where downloaded models and datasets are cached")),
     ("model", "model_revision", dict(default="main", help="branch, tag or commit of Hub models")),
     ("model", "token", dict(help="Hub token for reading private models and datasets (never written anywhere)")),
-    ("model", "trust_remote_code", dict(action="store_true", help="allow Hub code of models not in hf_mim")),
+    ("model", "trust_remote_code", dict(**SWITCH, help="allow Hub code of models not in hf_mim")),
     ("model", "image_processor_name", dict(help="the image processor saved with the model (default: built from the image size)")),
     ("optim", "lr_scheduler_type", dict(type=scheduler_type, default="cosine", help=(
         "transformers' get_scheduler names (linear, cosine, cosine_with_restarts, polynomial, constant, "
@@ -100,6 +115,10 @@ EXAMPLE_RANGES = dict(at_least_one=("max_train_samples", "max_eval_samples", "pe
 
 
 def check_example_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """One line naming every refused flag with its reason, then the example flags' own ranges."""
+    refused = getattr(args, "refused_flags", None)
+    if refused:
+        parser.error("not supported by hf_mim: " + "; ".join(f"--{name} ({REFUSED_FLAGS[name]})" for name in dict.fromkeys(refused)))
     if args.train_val_split is not None and not 0 < args.train_val_split < 1:
         parser.error(f"--train_val_split must be in (0, 1), got {args.train_val_split}")
     if args.train_val_split is not None and args.validation_dir:
@@ -154,6 +173,6 @@ def output_image_processor(args: argparse.Namespace, image_size: int):
 
 
 __all__ = [
-    "EXAMPLE_FLAGS", "EXAMPLE_RANGES", "REFUSED_FLAGS", "add_refused_flags", "check_example_flags", "checkpoint_every",
+    "EXAMPLE_FLAGS", "EXAMPLE_RANGES", "REFUSED_FLAGS", "SWITCH", "add_refused_flags", "bool_flag", "check_example_flags", "checkpoint_every",
     "hold_out", "hub_kwargs", "limit", "output_image_processor", "scheduler_type", "steps_or_epoch", "training_examples",
 ]
