@@ -168,6 +168,56 @@ def test_hub_flags_reach_every_from_pretrained(monkeypatch, tmp_path):
         assert kwargs["trust_remote_code"] is True
 
 
+def test_hub_flags_reach_datasets(monkeypatch):
+    import datasets
+
+    from hf_mim.data import load_image_stream
+    from hf_mim.training.conventions import hub_kwargs
+
+    seen = {}
+
+    def load_dataset(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    args = Namespace(cache_dir="/tmp/c", token=SECRET, model_revision="v2", trust_remote_code=True)
+    with pytest.raises(RuntimeError, match="stop"):
+        load_image_stream(dataset_name="org/images", load_kwargs=hub_kwargs(args, revision=False))
+    assert seen["cache_dir"] == "/tmp/c" and seen["token"] == SECRET and "revision" not in seen  # the model's revision
+
+
+def test_mask_patch_size_and_patch_size_set_the_config_where_the_method_has_them():
+    from hf_mim.training import UserInputError
+    from hf_mim.training.pretraining import build_pretraining_model
+
+    common = dict(model_name_or_path=None, config_name_or_path=None, model_size="tiny", config_overrides=None, image_size=None,
+                  mask_ratio=None, teacher_name_or_path=None, attn_implementation="eager")
+    _, config = build_pretraining_model(Namespace(**common, model_type="amt", patch_size=None, mask_patch_size=16))
+    assert config.mask_patch_size == 16
+    _, config = build_pretraining_model(Namespace(**common, model_type="dbot", patch_size=8, mask_patch_size=None))
+    assert config.patch_size == 8
+    with pytest.raises(UserInputError, match="DbotConfig has no field.s. mask_patch_size"):
+        build_pretraining_model(Namespace(**common, model_type="dbot", patch_size=None, mask_patch_size=16))
+
+
+def test_image_processor_name_is_saved_when_it_normalises_as_training_did(tmp_path):
+    from transformers import CLIPImageProcessor
+
+    from hf_mim.training.conventions import output_image_processor
+
+    args = Namespace(image_processor_name=None, cache_dir=None, token=None, model_revision="main", trust_remote_code=False)
+    built = output_image_processor(args, 32)
+    assert built.crop_size == {"height": 32, "width": 32}
+    same = tmp_path / "same"
+    CLIPImageProcessor(image_mean=list(built.image_mean), image_std=list(built.image_std), crop_size=48).save_pretrained(same)
+    assert output_image_processor(Namespace(**{**vars(args), "image_processor_name": str(same)}), 32).crop_size["height"] == 48
+    other = tmp_path / "other"
+    CLIPImageProcessor(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]).save_pretrained(other)
+    with pytest.raises(ValueError, match=r"--image_processor_name .*other: its image_mean \[0.5, 0.5, 0.5\] differs"):
+        output_image_processor(Namespace(**{**vars(args), "image_processor_name": str(other)}), 32)
+
+
 def test_a_classifier_for_other_labels_needs_ignore_mismatched_sizes(tmp_path):
     from hf_mim import DbotConfig, DbotForImageClassification
     from hf_mim.training import UserInputError
