@@ -69,7 +69,7 @@ def test_no_credential_in_any_written_file(script, tmp_path):
     serves the first launch and every restart)."""
     out = tmp_path / "out"
     common = ["--max_train_steps", 2, "--checkpointing_steps", 1, "--output_dir", out, "--with_tracking",
-              "--hub_token", SECRET, "--resume_from_checkpoint", "latest"]
+              "--hub_token", SECRET, "--token", SECRET, "--resume_from_checkpoint", "latest"]
     if script == "run_mim":
         result = run(RUN_MIM, *TINY, *common, "--picture_steps", 1, env_extra={"HF_TOKEN": ENV_SECRET})
     else:

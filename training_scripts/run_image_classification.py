@@ -4,6 +4,7 @@ on streaming datasets.
 
     accelerate launch training_scripts/run_image_classification.py --model_name_or_path outputs/run_mim
         # embedded handwritten digits (offline), full fine-tuning of a run_mim.py output
+    accelerate launch -m hf_mim.scripts.run_image_classification ...   # the same, installed (hf-mim-finetune)
     accelerate launch training_scripts/run_image_classification.py --model_name_or_path <folder or Hub id> \
         --dataset_name <hub dataset> --mode linear_probe --per_device_train_batch_size 1024
 
@@ -42,6 +43,7 @@ from hf_mim.training import (
     freeze_backbone, linear_probe_train_mode, linear_scaled_lr, optimizer_steps, run_script, start_run,
 )
 from hf_mim.training.arguments import add_shared_flags, fill_defaults, uses_embedded_data, validate_shared_flags
+from hf_mim.training.conventions import SWITCH, checkpoint_every, hub_kwargs
 from hf_mim.training.classification import (
     EMBEDDED_DEMO_DEFAULTS, HEAD_NAME, MODE_DEFAULTS, base_config, build_model, build_optimizer, describe_lr_scales,
     evaluate, mixup_active, write_outputs,
@@ -67,11 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         output_dir={"default": "outputs/run_image_classification"},
     )
     data, model, optim, run = groups["data"], groups["model"], groups["optim"], groups["run"]
-    data.add_argument("--validation_dir", help="a separate folder for the validation data (default: a split of the training source)")
     data.add_argument("--validation_split", default="validation", help="'none': no evaluation")
     data.add_argument("--label_column_name", help="default: detected (label, labels, cls); integers or a ClassLabel")
     model.add_argument("--mode", default="finetune", choices=["finetune", "linear_probe"])
-    optim.add_argument("--per_device_eval_batch_size", type=int, default=64)
+    model.add_argument("--ignore_mismatched_sizes", **SWITCH,
+                       help="start a new head when --model_name_or_path is a classifier for another number of labels")
     optim.add_argument("--optimizer", choices=["adamw", "lars", "sgd"], help="finetune adamw, linear_probe lars")
     optim.add_argument("--layer_decay", type=float, default=0.65, help="layer-wise lr decay (finetune only)")
     optim.add_argument("--drop_path_rate", type=float, help="finetune 0.1 (set in the config when loading), linear_probe 0")
@@ -103,7 +105,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.model_name_or_path and args.model_size:
         parser.error("--model_size is for a random-init baseline: not with --model_name_or_path")
     validate_shared_flags(
-        parser, args, at_least_one=("per_device_eval_batch_size", "eval_steps"),
+        parser, args, at_least_one=("eval_steps",),
         non_negative=("warmup_epochs", "mixup", "cutmix", "reprob", "drop_path_rate"),
     )
     for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
@@ -201,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, phase=None) -> int:
     # --- data and labels first (the model's head needs the label set; data errors end the run at once) ---
     image_size = base_config(args).image_size
-    need_count = args.num_train_examples is None and (args.max_train_steps is None or args.num_warmup_steps is None)
+    need_count = args.num_train_examples is None and (args.max_train_steps is None or args.num_warmup_steps is None
+                                                      or args.checkpointing_steps == "epoch")
     try:
-        data = load_labelled_data(args, uses_embedded_data(args), image_size, need_count)
+        data = load_labelled_data(args, uses_embedded_data(args), image_size, need_count, hub_kwargs(args, revision=False))
     except ValueError as error:
         raise UserInputError(str(error)) from None
     run = start_run(args)
@@ -232,7 +235,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
     lr = args.learning_rate if args.learning_rate is not None else linear_scaled_lr(args.base_learning_rate, total_batch)
     optimizer = build_optimizer(args, model, lr)
     schedule = StagedSchedule(optimizer, base_lr=lr, steps_per_stage=[total_steps], warmup_steps=args.num_warmup_steps,
-                              min_lr_ratio=args.min_lr_ratio, kind="cosine")
+                              min_lr_ratio=args.min_lr_ratio, kind=args.lr_scheduler_type)
     if args.mode == "finetune":
         logger.info("layer-wise lr decay %.3g over %d blocks: lr scale by layer id {%s}",
                     args.layer_decay, config.num_hidden_layers, describe_lr_scales(optimizer))
@@ -243,10 +246,11 @@ def train(args: argparse.Namespace, phase=None) -> int:
         mixup = SeededMixup(args.seed, config.num_labels, args.mixup, args.cutmix, args.mixup_prob,
                             args.mixup_switch_prob, args.mixup_mode, args.label_smoothing)
         criterion = SoftTargetCrossEntropy()
-    hyperparameters = RunHyperparameters.from_args(args, lr, total_steps, lr_scheduler_type="cosine")
+    hyperparameters = RunHyperparameters.from_args(args, lr, total_steps, lr_scheduler_type=args.lr_scheduler_type)
 
     loop = ClassificationLoop(args, run, model, optimizer, schedule, hyperparameters, (dataloader, stream, collator),
                               mixup=mixup, criterion=criterion, eval_dataloader=eval_dataloader, id2label=data.id2label)
+    loop.checkpoint_every = checkpoint_every(args, examples, total_batch)
     loop.prepare()
     logger.info(
         "%s %s (%s, %d labels) for %d steps, batch %d (%d per device x %d processes x %d accumulation), lr %.3g, %s",

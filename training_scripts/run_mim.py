@@ -2,8 +2,13 @@
 """Masked-image-modeling pretraining for every hf_mim method, with Accelerate on streaming datasets.
 
     accelerate launch training_scripts/run_mim.py                      # embedded demo data, small dBOT
+    accelerate launch -m hf_mim.scripts.run_mim ...                    # the same, installed (hf-mim-pretrain)
     accelerate launch training_scripts/run_mim.py --dataset_name <hub dataset> --model_type dbot \
         --model_size base --per_device_train_batch_size 128 --num_train_epochs 800 --num_stages 2
+
+With a validation source (--validation_split, --validation_dir or --train_val_split) the pretraining
+loss is evaluated every --eval_steps and at the end, on fixed masks: every evaluation sees the same
+crops and masks (seeded per example), so the numbers are comparable across steps and runs.
 
 One generic loop (`hf_mim.training.TrainingLoop`). Methods differ only through their config and the
 training events of `MIMTrainingEventsMixin` (hf_mim/modeling_common.py), which every
@@ -33,14 +38,20 @@ from hf_mim.data import (
     make_dataloader,
     prepare_stream,
 )
-from hf_mim.hub import build_image_processor, finish_run_folder, save_hub_folder
+from hf_mim.hub import finish_run_folder, save_hub_folder
+from hf_mim.hub.card import pretraining_eval_results
 from hf_mim.registry import family_for
 from hf_mim.training import (
     AttentionMapStore, RunHyperparameters, StagedSchedule, TrainingLoop, UserInputError, build_adamw, forward_inputs,
     linear_scaled_lr, optimizer_steps, refresh_attention_maps, run_script, start_run, weight_decay_param_groups,
+    write_json_atomic,
 )
 from hf_mim.training.arguments import add_shared_flags, fill_defaults, uses_embedded_data, validate_shared_flags
-from hf_mim.training.pretraining import build_pretraining_model, save_mim_picture_of
+from hf_mim.training.conventions import (
+    checkpoint_every, hold_out, hub_kwargs, limit, output_image_processor, training_examples,
+)
+from hf_mim.training.pretraining import build_pretraining_model, evaluate_pretraining_loss, save_mim_picture_of
+from hf_mim.training.visualize import log_pictures
 
 logger = logging.getLogger("run_mim")
 
@@ -67,17 +78,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     model.add_argument("--config_name_or_path", help="start from this config, random weights")
     model.add_argument("--image_size", type=int)
+    model.add_argument("--patch_size", type=int)
     model.add_argument("--mask_ratio", type=float)
+    model.add_argument("--mask_patch_size", type=int, help="side in pixels of one mask unit (methods with that field: AMT)")
     model.add_argument(
         "--teacher_name_or_path", help="a frozen teacher for methods that distil one (MaskDistill): local folder or Hub id"
     )
-    optim.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "constant"])
     optim.add_argument("--num_stages", type=int, default=1, help="dBOT bootstrap stages (the schedule restarts per stage)")
     run.add_argument("--picture_steps", type=int, help="save a picture of the model's work every N steps")
+    run.add_argument("--eval_steps", type=int, help="with a validation source: evaluate the loss every N steps (always at the end)")
+    groups["data"].add_argument("--validation_split", help="evaluate the pretraining loss on this split of the training source")
     args = parser.parse_args(argv)
     if args.model_name_or_path and args.config_name_or_path:
         parser.error("give either --model_name_or_path or --config_name_or_path, not both")
-    validate_shared_flags(parser, args, at_least_one=("num_stages", "picture_steps", "image_size"), fractions=("mask_ratio",))
+    validate_shared_flags(parser, args, at_least_one=("num_stages", "picture_steps", "image_size", "eval_steps", "patch_size",
+                                                      "mask_patch_size"), fractions=("mask_ratio",))
     if args.max_train_steps is not None and args.max_train_steps < args.num_stages:
         parser.error("--max_train_steps must be at least --num_stages")
     if uses_embedded_data(args):
@@ -109,9 +124,35 @@ def data_source(args: argparse.Namespace) -> dict:
 
 
 def load_stream(args: argparse.Namespace):
-    if uses_embedded_data(args):
-        return load_image_stream(**data_source(args))
-    return load_image_stream(**data_source(args), image_column_name=args.image_column_name)
+    """The training stream (--train_val_split: without its held-out part; --max_train_samples: its first N)."""
+    raw, image_column, label_column = load_raw(args, data_source(args))
+    return limit(hold_out(raw, image_column, args.train_val_split, validation=False), args.max_train_samples), image_column, label_column
+
+
+def load_raw(args: argparse.Namespace, source: dict):
+    column = None if uses_embedded_data(args) else args.image_column_name
+    return load_image_stream(**source, image_column_name=column, load_kwargs=hub_kwargs(args, revision=False))
+
+
+def load_validation_stream(args: argparse.Namespace):
+    """(raw stream, image column) to evaluate the loss on: --validation_dir (its 'validation' split, else
+    all of it), --validation_split of the training source, or the --train_val_split part; None: no
+    evaluation."""
+    if args.validation_dir:
+        try:
+            raw, column, _ = load_raw(args, {"train_dir": args.validation_dir, "split": args.validation_split or "validation"})
+        except ValueError:
+            if args.validation_split:
+                raise
+            raw, column, _ = load_raw(args, {"train_dir": args.validation_dir, "split": "train"})
+    elif args.validation_split:
+        raw, column, _ = load_raw(args, {**data_source(args), "split": args.validation_split})
+    elif args.train_val_split is not None:
+        raw, column, _ = load_raw(args, data_source(args))
+        raw = hold_out(raw, column, args.train_val_split, validation=True)
+    else:
+        return None
+    return limit(raw, args.max_eval_samples), column
 
 
 class PretrainingLoop(TrainingLoop):
@@ -120,9 +161,10 @@ class PretrainingLoop(TrainingLoop):
     progress_label = "pretraining"
     tracker_project = "run_mim"
 
-    def __init__(self, *loop_args, attention_maps, refresh_loader, refresh_steps):
+    def __init__(self, *loop_args, attention_maps, refresh_loader, refresh_steps, eval_data):
         super().__init__(*loop_args)
         self.attention_maps, self.refresh_loader, self.refresh_steps = attention_maps, refresh_loader, refresh_steps
+        self.eval_data, self.eval_history = eval_data, []  # (loader, collator) of the validation stream, or None
 
     def checkpointed_objects(self):
         return [self.attention_maps] if self.attention_maps is not None else []  # maps resume with the run
@@ -145,13 +187,28 @@ class PretrainingLoop(TrainingLoop):
             refresh = refresh_attention_maps(self.model, self.attention_maps, self.refresh_loader, self.accelerator)
             logger.info("step %d: attention maps refreshed (%d images, %.1f s)", step, refresh["maps"], refresh["seconds"])
         if self.args.picture_steps and step % self.args.picture_steps == 0 and self.accelerator.is_main_process:
-            save_mim_picture_of(self.unwrapped, self.last_batch, self.run.output_dir / "pictures" / f"step-{step:07d}.png")
+            path = save_mim_picture_of(self.unwrapped, self.last_batch, self.run.output_dir / "pictures" / f"step-{step:07d}.png")
+            log_pictures(self.accelerator, {"mim_picture": path}, step)
+        if self.eval_data is not None and self.args.eval_steps and step % self.args.eval_steps == 0 and step < self.total_steps:
+            self.evaluate()
+
+    def evaluate(self) -> dict:
+        """The validation loss on fixed masks, logged (and tracked) at this step."""
+        results = evaluate_pretraining_loss(self.unwrapped, *self.eval_data, self.accelerator, self.args.seed)
+        self.eval_history.append({"step": self.global_step, **results})
+        logger.info("eval at step %d: loss %.6f (%d images)", self.global_step, results["eval_loss"], results["eval_examples"])
+        if self.args.with_tracking:
+            self.accelerator.log(results, step=self.global_step)
+        return results
 
     def extra_logs(self, output):
         return self.unwrapped.training_logs(output)
 
     def trainer_state(self):
-        return {"model_config": self.unwrapped.config.to_dict()}
+        return {"model_config": self.unwrapped.config.to_dict(), "eval_history": self.eval_history}
+
+    def resumed(self, trainer_state):
+        self.eval_history = trainer_state.get("eval_history", [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,8 +231,9 @@ def train(args: argparse.Namespace, phase=None) -> int:
     stream = prepare_stream(raw_stream, image_column, seed=args.seed, buffer_size=args.shuffle_buffer_size, **shard,
                             decode_min_side=getattr(transform, "min_decode_side", None))  # large JPEGs at reduced scale
     examples = None
-    if args.max_train_steps is None:  # counted from what the source records (a ValueError: one-line user error)
-        examples = args.num_train_examples or count_examples(**data_source(args), progress=accelerator.is_local_main_process)
+    if args.max_train_steps is None or args.checkpointing_steps == "epoch":  # counted from what the source records
+        examples = training_examples(args, args.num_train_examples or count_examples(
+            **data_source(args), progress=accelerator.is_local_main_process, load_kwargs=hub_kwargs(args, revision=False)))
     total_steps = optimizer_steps(args, examples, total_batch, minimum=args.num_stages)
     attention_maps = AttentionMapStore() if model.uses_attention_maps else None
     collator = PretrainingCollator(transform, mask_generator=model.mask_generator(attention_maps=attention_maps), seed=args.seed)
@@ -187,6 +245,15 @@ def train(args: argparse.Namespace, phase=None) -> int:
         refresh_loader = make_dataloader(refresh_stream, PretrainingCollator(ResizeTransform(config.image_size), seed=args.seed),
                                          batch_size=args.per_device_train_batch_size, drop_last=False, **loader_options)
         logger.info("attention refresh after steps %s", sorted(refresh_steps))
+    eval_data = None
+    validation = load_validation_stream(args)
+    if validation is not None:  # fixed crops and masks: epoch 0 of the eval collator, never advanced
+        eval_stream = prepare_stream(validation[0], validation[1], seed=args.seed, buffer_size=0, **shard,
+                                     decode_min_side=getattr(transform, "min_decode_side", None))
+        eval_collator = PretrainingCollator(transform, mask_generator=model.mask_generator(attention_maps=AttentionMapStore()
+                                            if model.uses_attention_maps else None), seed=args.seed)
+        eval_data = (make_dataloader(eval_stream, eval_collator, batch_size=args.per_device_eval_batch_size, drop_last=False,
+                                     **loader_options), eval_collator)
 
     # --- optimisation ---
     steps_per_stage = total_steps // args.num_stages
@@ -200,7 +267,9 @@ def train(args: argparse.Namespace, phase=None) -> int:
     hyperparameters = RunHyperparameters.from_args(args, lr, total_steps, lr_scheduler_type=args.lr_scheduler_type)
 
     loop = PretrainingLoop(args, run, model, optimizer, schedule, hyperparameters, (dataloader, stream, collator),
-                           attention_maps=attention_maps, refresh_loader=refresh_loader, refresh_steps=refresh_steps)
+                           attention_maps=attention_maps, refresh_loader=refresh_loader, refresh_steps=refresh_steps,
+                           eval_data=eval_data)
+    loop.checkpoint_every = checkpoint_every(args, examples, total_batch)
     loop.prepare()
     logger.info(
         "training %s (%s) for %d steps, batch %d (%d per device x %d processes x %d accumulation), lr %.3g",
@@ -208,8 +277,10 @@ def train(args: argparse.Namespace, phase=None) -> int:
         world, args.gradient_accumulation_steps, lr,
     )
     loop.train(phase)
+    results = loop.evaluate() if eval_data is not None else None
     summary = run_summary(args, config, total_batch, lr, total_steps, world)
-    return loop.finish(lambda: write_outputs(args, loop.unwrapped, loop.last_batch, run.output_dir, summary, loop.elapsed))
+    return loop.finish(lambda: write_outputs(args, loop.unwrapped, loop.last_batch, run.output_dir, summary, loop.elapsed,
+                                             results=results, eval_history=loop.eval_history, accelerator=accelerator))
 
 
 def run_summary(args, config, total_batch: int, lr: float, total_steps: int, world: int) -> dict:
@@ -227,16 +298,37 @@ def run_summary(args, config, total_batch: int, lr: float, total_steps: int, wor
     }
 
 
-def write_outputs(args, model, batch, output_dir: Path, summary: dict, elapsed: float) -> None:
-    """The Hub-ready folder: weights, config with full auto_map, code, processor, card, args, pictures,
-    and every extra backbone the method exports (e.g. ExtreMA's momentum encoder, what it linear-probes)."""
-    save_hub_folder(model, output_dir, image_processor=build_image_processor(model.config.image_size))
+def write_outputs(args, model, batch, output_dir: Path, summary: dict, elapsed: float, results=None, eval_history=(),
+                  accelerator=None) -> None:
+    """The Hub-ready folder: weights, config with full auto_map, code, processor, card, args, pictures, the
+    validation loss (eval_results.json, card), and every extra backbone the method exports (e.g.
+    ExtreMA's momentum encoder, what it linear-probes); the final picture also goes to the trackers."""
+    save_hub_folder(model, output_dir, image_processor=output_image_processor(args, model.config.image_size))
     for name, backbone in model.exported_backbones().items():
         logger.info("wrote the %s backbone to %s", name, save_hub_folder(backbone, output_dir / name))
     if batch is not None:
-        save_mim_picture_of(model, batch, output_dir / "mim_picture.png")
+        path = save_mim_picture_of(model, batch, output_dir / "mim_picture.png")
+        if accelerator is not None:
+            log_pictures(accelerator, {"mim_picture": path}, summary["optimizer steps"])
     summary = {**summary, "wall time": f"{elapsed / 60:.1f} min"}
-    finish_run_folder(output_dir, model, args, run=summary, is_demo=uses_embedded_data(args))
+    eval_results = []
+    if results is not None:
+        dataset_type, dataset_name, split = validation_names(args)
+        summary["validation loss"] = f"{results['eval_loss']:.4f} ({results['eval_examples']} images of {dataset_name}, {split}, fixed masks)"
+        write_json_atomic(output_dir / "eval_results.json", {**results, "step": summary["optimizer steps"], "dataset": dataset_name,
+                                                            "split": split, "history": list(eval_history)})
+        eval_results = pretraining_eval_results(results["eval_loss"], dataset_type, dataset_name, split, args.dataset_config_name)
+    finish_run_folder(output_dir, model, args, run=summary, results=eval_results, is_demo=uses_embedded_data(args))
+
+
+def validation_names(args) -> tuple[str, str, str]:
+    """(dataset id, readable name, split) of the validation source, for the card's model-index."""
+    if args.validation_dir:
+        return Path(args.validation_dir).name, f"local data ({Path(args.validation_dir).name})", args.validation_split or "validation"
+    source = args.dataset_name or (Path(args.train_dir).name if args.train_dir else "hf_mim-embedded-photos")
+    name = source if args.dataset_name else f"local data ({source})" if args.train_dir else "hf_mim embedded sample photos"
+    split = args.validation_split or f"{args.train_val_split:g} of {args.train_split} held out"
+    return source, name, split
 
 
 if __name__ == "__main__":

@@ -149,8 +149,11 @@ def embedded_pretraining_dir(cache_dir: str | os.PathLike | None = None) -> Path
             except Exception as error:  # noqa: BLE001 - e.g. a name that would need a download
                 logger.info("embedded image %s unavailable: %s", key, error)
         if len(rows) < PRETRAINING_SHARDS:
-            raise RuntimeError(
-                f"only {len(rows)} embedded images could be loaded; install the demo extra: pip install 'hf_mim[demo]'"
+            from ..extras import MissingExtraError
+
+            raise MissingExtraError(
+                f"only {len(rows)} embedded images could be loaded (scikit-image, scikit-learn, matplotlib): "
+                "pip install 'hf_mim[demo]'"
             )
         features = Features({"image": ImageFeature(), "__key__": Value("string")})
         for shard in range(PRETRAINING_SHARDS):
@@ -178,9 +181,10 @@ def embedded_digits_dir(cache_dir: str | os.PathLike | None = None, image_size: 
     target = Path(cache_dir or default_cache_dir()) / f"digits-{image_size}-{DIGITS_VERSION}"
 
     def build(tmp: Path) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
+        from ..extras import require
 
+        load_digits = require("sklearn.datasets", "demo", "the embedded digits").load_digits
+        train_test_split = require("sklearn.model_selection", "demo", "the embedded digits").train_test_split
         digits = load_digits()
         indices = np.arange(len(digits.target))
         train_idx, val_idx = train_test_split(

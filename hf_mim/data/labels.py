@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from .embedded import embedded_digits_dir
+from .splits import hold_out, limit
 from .streaming import label_names, load_image_stream
 
 logger = logging.getLogger(__name__)
@@ -33,11 +34,11 @@ def _is_missing_split(error: ValueError) -> bool:
     return "Bad split" in text or ("split" in text and "not found" in text) or "only split='train' exists" in text
 
 
-def load_validation_stream(args, embedded: bool, image_size: int, label_column: str):
+def load_validation_stream(args, embedded: bool, image_size: int, label_column: str, load_kwargs: dict | None = None):
     """(stream, image column, label column) of --validation_dir or --validation_split, or None."""
     if args.validation_split.lower() == "none":
         return None
-    kwargs = {"image_column_name": args.image_column_name, "label_column_name": label_column}
+    kwargs = {"image_column_name": args.image_column_name, "label_column_name": label_column, "load_kwargs": load_kwargs}
     if args.validation_dir:
         try:
             return load_image_stream(train_dir=args.validation_dir, split=args.validation_split, **kwargs)
@@ -92,19 +93,28 @@ def resolve_labels(train_raw, label_column: str, val_raw, need_count: bool) -> t
     return dict(enumerate(names)), count
 
 
-def load_labelled_data(args, embedded: bool, image_size: int, need_count: bool) -> LabelledData:
+def load_labelled_data(args, embedded: bool, image_size: int, need_count: bool, load_kwargs: dict | None = None) -> LabelledData:
     """The training and validation streams of the classification flags (--dataset_name / --train_dir /
-    --validation_dir / --*_split / --*_column_name; `embedded`: the sample digits), and the label set."""
+    --validation_dir / --*_split / --train_val_split / --max_*_samples / --*_column_name; `embedded`: the
+    sample digits), and the label set. `load_kwargs` (token, cache_dir) go to `datasets`."""
     train, image_column, label_column = load_image_stream(
         **_source(args, embedded, image_size), split="train" if embedded else args.train_split,
-        image_column_name=args.image_column_name, label_column_name=args.label_column_name,
+        image_column_name=args.image_column_name, label_column_name=args.label_column_name, load_kwargs=load_kwargs,
     )
     if label_column is None:
         raise ValueError(
             f"the training data has no label column (none named label, labels or cls holding integers); "
             f"its columns are {train.column_names}. Pass one with --label_column_name."
         )
-    validation = load_validation_stream(args, embedded, image_size, label_column)
+    held_out = getattr(args, "train_val_split", None)
+    if held_out is not None:  # a fixed part of the training source instead of a validation split
+        validation = (hold_out(train, image_column, held_out, validation=True), image_column, label_column)
+        train = hold_out(train, image_column, held_out, validation=False)
+    else:
+        validation = load_validation_stream(args, embedded, image_size, label_column, load_kwargs)
+    if validation is not None:
+        validation = (limit(validation[0], getattr(args, "max_eval_samples", None)), *validation[1:])
+    train = limit(train, getattr(args, "max_train_samples", None))
     id2label, count = resolve_labels(train, label_column, validation, need_count)
     return LabelledData(train, image_column, label_column, validation, id2label, count)
 

@@ -312,6 +312,7 @@ def load_image_stream(
     label_column_name: str | None = None,
     streaming: bool = True,
     num_shards: int | None = None,
+    load_kwargs: dict | None = None,
 ) -> tuple[IterableDataset, str, str | None]:
     """(stream, image column, label column or None). The image column is cast to Image(decode=False).
 
@@ -325,9 +326,9 @@ def load_image_stream(
       imagefolder builder).
     - `data_files`: parquet / tar / image files (a path, glob, list, or {split: files}).
     `streaming=False` loads into the Arrow cache first and returns `to_iterable_dataset(num_shards)`
-    (default: min(rows, 64) shards).
+    (default: min(rows, 64) shards). `load_kwargs` (e.g. token, cache_dir) go to `datasets.load_dataset`.
     """
-    source = _resolve_source(dataset_name, dataset_config_name, train_dir, data_files, split)
+    source = {**_resolve_source(dataset_name, dataset_config_name, train_dir, data_files, split), **(load_kwargs or {})}
     if "image_folder" in source:
         ds = _local_image_folder(source["image_folder"], split, num_shards)
     else:
@@ -417,6 +418,7 @@ def count_examples(
     data_files: str | Sequence[str] | dict | None = None,
     split: str = "train",
     progress: bool = True,
+    load_kwargs: dict | None = None,
 ) -> int:
     """Number of examples in the split that `load_image_stream` (same arguments) streams, from what
     the source already records, never by decoding images:
@@ -430,9 +432,9 @@ def count_examples(
        records.
     A progress bar (`progress`) appears when counting takes more than a second. Where counting would
     mean downloading the dataset (remote tar shards without an index, other remote formats), a
-    ValueError asks for `--num_train_examples`.
+    ValueError asks for `--num_train_examples`. `load_kwargs` (e.g. token, cache_dir) go to `datasets`.
     """
-    source = _resolve_source(dataset_name, dataset_config_name, train_dir, data_files, split)
+    source = {**_resolve_source(dataset_name, dataset_config_name, train_dir, data_files, split), **(load_kwargs or {})}
     if "image_folder" in source:
         return len(_image_folder_files(source["image_folder"], split)[1])
     builder = datasets.load_dataset_builder(**source)

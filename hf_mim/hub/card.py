@@ -42,6 +42,15 @@ def classification_eval_results(
     ]
 
 
+def pretraining_eval_results(
+    loss: float, dataset_type: str, dataset_name: str, split: str, dataset_config: str | None = None
+) -> list[EvalResult]:
+    """The validation pretraining loss (fixed masks) as a model-index entry."""
+    return [EvalResult(task_type="masked-image-modeling", metric_type="loss", metric_name="validation loss (fixed masks)",
+                       metric_value=round(loss, 6), dataset_type=dataset_type, dataset_name=dataset_name,
+                       dataset_config=dataset_config, dataset_split=split)]
+
+
 def automodel_output(model: PreTrainedModel) -> str:
     """What `AutoModel.from_pretrained` of this checkpoint returns: the layout the saved weights give
     the base model (`builds_pretrained_encoder`), never an untrained layer."""

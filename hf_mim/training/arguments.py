@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 
 from ..data import DEFAULT_MAX_IMAGE_PIXELS, max_pixels_argument
+from .conventions import EXAMPLE_FLAGS, EXAMPLE_RANGES, add_refused_flags, check_example_flags, steps_or_epoch
 from .run_setup import check_positive_flags
 
 # (group, flag, argparse keywords): the shared flags, in --help order
@@ -45,7 +46,7 @@ SHARED_FLAGS = [
     ("optim", "seed", dict(type=int, default=0)),
     ("run", "output_dir", dict()),
     ("run", "overwrite_output_dir", dict(action="store_true", help="delete the checkpoints, logs and pictures of an earlier run in --output_dir")),
-    ("run", "checkpointing_steps", dict(type=int, help="save a resumable checkpoint every N steps")),
+    ("run", "checkpointing_steps", dict(type=steps_or_epoch, help="save a resumable checkpoint every N steps, or every 'epoch'")),
     ("run", "checkpoints_total_limit", dict(type=int, default=2)),
     ("run", "resume_from_checkpoint", dict(
         help="a checkpoint folder, or 'latest' (the newest in --output_dir; none yet: start from scratch). "
@@ -62,8 +63,8 @@ SHARED_FLAGS = [
 
 # checked by `validate_shared_flags` (see check_positive_flags)
 SHARED_RANGES = dict(
-    at_least_one=("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps", "checkpointing_steps",
-                  "max_train_steps", "num_train_examples"),
+    at_least_one=("per_device_train_batch_size", "gradient_accumulation_steps", "logging_steps",
+                  "max_train_steps", "num_train_examples") + EXAMPLE_RANGES["at_least_one"],
     positive=("learning_rate", "base_learning_rate", "num_train_epochs", "max_grad_norm"),
     non_negative=("weight_decay", "num_warmup_steps", "shuffle_buffer_size", "dataloader_num_workers",
                   "checkpoints_total_limit", "min_lr_ratio"),
@@ -75,8 +76,9 @@ def add_shared_flags(parser: argparse.ArgumentParser, titles: dict[str, str], **
     """Add the shared flags to groups titled `titles` (keys data, model, optim, run); `per_flag[name]`
     updates a flag's keywords (its default or help). Returns the groups for the script's own flags."""
     groups = {key: parser.add_argument_group(title) for key, title in titles.items()}
-    for group, name, kwargs in SHARED_FLAGS:
+    for group, name, kwargs in SHARED_FLAGS + EXAMPLE_FLAGS:  # EXAMPLE_FLAGS: transformers' examples' names
         groups[group].add_argument(f"--{name}", **{**kwargs, **per_flag.get(name, {})})
+    add_refused_flags(parser)
     return groups
 
 
@@ -88,6 +90,7 @@ def validate_shared_flags(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("--push_to_hub needs --hub_model_id")
     ranges = {kind: SHARED_RANGES[kind] + tuple(more_ranges.get(kind, ())) for kind in SHARED_RANGES}
     check_positive_flags(parser, args, **ranges)
+    check_example_flags(parser, args)
     if not 0 <= args.min_lr_ratio <= 1:
         parser.error(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}")
 

@@ -14,9 +14,10 @@ import torch
 from .overrides import parse_overrides
 from .arguments import uses_embedded_data
 from .checkpoint import write_json_atomic
+from .conventions import hub_kwargs, output_image_processor
 from .metrics import AccuracyMeter
 from .optim import build_adamw, layer_decay_param_groups, weight_decay_param_groups
-from .run_setup import check_local_path
+from .run_setup import UserInputError, check_local_path
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ def base_config(args: argparse.Namespace):
     overrides = parse_overrides(args.config_overrides)
     if args.model_name_or_path:
         check_local_path("--model_name_or_path", args.model_name_or_path)
-        return AutoConfig.from_pretrained(args.model_name_or_path, **overrides)
+        return AutoConfig.from_pretrained(args.model_name_or_path, **hub_kwargs(args), **overrides)
     return family_for(args.model_type or "dbot").config_class.from_preset(args.model_size or "base", **overrides)
 
 
@@ -143,12 +144,18 @@ def build_model(args: argparse.Namespace, id2label: dict[int, str]):
     overrides = parse_overrides(args.config_overrides)
     overrides.update(id2label=id2label, label2id={name: i for i, name in id2label.items()}, drop_path_rate=args.drop_path_rate)
     if args.model_name_or_path:
-        saved = AutoConfig.from_pretrained(args.model_name_or_path)
+        saved = AutoConfig.from_pretrained(args.model_name_or_path, **hub_kwargs(args))
         classifier = is_classifier(saved)
         same_labels = classifier and {int(k): v for k, v in saved.id2label.items()} == id2label
         new_head = classifier and not same_labels
+        if new_head and saved.num_labels != len(id2label) and not args.ignore_mismatched_sizes:
+            raise UserInputError(
+                f"--model_name_or_path {args.model_name_or_path} is a classifier for {saved.num_labels} labels, the data has "
+                f"{len(id2label)}: pass --ignore_mismatched_sizes to start a new head"
+            )
         model = AutoModelForImageClassification.from_pretrained(
-            args.model_name_or_path, ignore_mismatched_sizes=new_head, attn_implementation=args.attn_implementation, **overrides
+            args.model_name_or_path, ignore_mismatched_sizes=new_head, attn_implementation=args.attn_implementation,
+            **hub_kwargs(args), **overrides,
         )
         if new_head:
             logger.info("%s is a classifier for other labels: its head is re-initialised", args.model_name_or_path)
@@ -204,12 +211,14 @@ def run_summary(args, config, total_batch: int, lr: float, total_steps: int, ela
 
 def write_outputs(args, model, output_dir: Path, results, eval_history, total_batch, lr, total_steps, elapsed, world) -> None:
     """The Hub-ready folder: weights, config (labels, full auto_map), code, processor, card, args, results."""
-    from ..hub import build_image_processor, finish_run_folder, save_hub_folder
+    from ..hub import finish_run_folder, save_hub_folder
     from ..hub.card import classification_eval_results
 
-    save_hub_folder(model, output_dir, image_processor=build_image_processor(model.config.image_size))
+    save_hub_folder(model, output_dir, image_processor=output_image_processor(args, model.config.image_size))
     dataset_type, dataset_name = dataset_names(args)
     split = "validation" if uses_embedded_data(args) else args.validation_split
+    if args.train_val_split is not None:
+        split = f"{args.train_val_split:g} of {'train' if uses_embedded_data(args) else args.train_split} held out"
     eval_results = []
     if results is not None:
         write_json_atomic(

@@ -27,10 +27,12 @@ from .guards import NonFiniteLossError, check_finite_loss
 from .run_setup import (
     RunHyperparameters,
     apply_this_runs_hyperparameters,
+    check_trackers,
     claim_output_dir,
     optimizer_hyperparameters,
     report_user_errors,
     tracker_config,
+    tracker_names,
 )
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ def make_accelerator(args, output_dir: Path):
             num_steps=args.gradient_accumulation_steps, sync_with_dataloader=False
         ),
         dataloader_config=DataLoaderConfiguration(dispatch_batches=False, split_batches=False),
-        log_with=args.report_to if args.with_tracking else None,
+        log_with=([name for name in tracker_names(args) if name != "none"] or None) if args.with_tracking else None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
     )
 
@@ -152,6 +154,7 @@ def start_run(args) -> RunStart:
     from accelerate.utils import set_seed
 
     output_dir = Path(args.output_dir)
+    check_trackers(args)  # an asked-for tracker that is missing is a setup error, not a warning
     accelerator = make_accelerator(args, output_dir)
     if not accelerator.is_main_process:
         logging.getLogger().setLevel(logging.WARNING)
@@ -186,6 +189,8 @@ class TrainingLoop:
         self.last_batch = None
         self.elapsed = 0.0
         self.logger = logging.getLogger(self.tracker_project)
+        # steps between checkpoints; a script sets it for --checkpointing_steps epoch (conventions.checkpoint_every)
+        self.checkpoint_every = args.checkpointing_steps if isinstance(args.checkpointing_steps, int) else None
 
     # ------------------------------------------------------------------------------ hooks
     def checkpointed_objects(self) -> list:
@@ -299,7 +304,7 @@ class TrainingLoop:
         if self.global_step % args.logging_steps == 0 or self.global_step == self.total_steps:
             self.log_window(loss, output)
         self.after_step(self.global_step, output)
-        if args.checkpointing_steps and self.global_step % args.checkpointing_steps == 0:
+        if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
             self.save()
 
     def log_window(self, loss, output) -> None:

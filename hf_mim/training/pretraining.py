@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from .conventions import hub_kwargs
 from .loop import forward_inputs
 from .overrides import parse_overrides
 from .run_setup import UserInputError, check_local_path
@@ -18,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 def build_pretraining_model(args, saved_config: dict | None = None):
     """(model, config) from --model_name_or_path, --config_name_or_path or --model_type/--model_size, with
-    --config_overrides, --image_size, --mask_ratio and --teacher_name_or_path; `saved_config`: a resumed
+    --config_overrides, --image_size, --patch_size, --mask_ratio, --mask_patch_size and --teacher_name_or_path, and the Hub
+    flags (--cache_dir, --model_revision, --token, --trust_remote_code); `saved_config`: a resumed
     checkpoint's config (e.g. after a dBOT stage change), which wins."""
     from transformers import AutoConfig, AutoModelForMaskedImageModeling
 
@@ -26,7 +28,7 @@ def build_pretraining_model(args, saved_config: dict | None = None):
 
     family = family_for(args.model_type)
     overrides = parse_overrides(args.config_overrides)
-    for name in ("image_size", "mask_ratio", "teacher_name_or_path"):
+    for name in ("image_size", "patch_size", "mask_ratio", "mask_patch_size", "teacher_name_or_path"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
     known_fields = set(family.config_class().to_dict())
@@ -39,12 +41,13 @@ def build_pretraining_model(args, saved_config: dict | None = None):
     if args.model_name_or_path:
         check_local_path("--model_name_or_path", args.model_name_or_path)
         model, loading = AutoModelForMaskedImageModeling.from_pretrained(
-            args.model_name_or_path, output_loading_info=True, attn_implementation=args.attn_implementation, **overrides
+            args.model_name_or_path, output_loading_info=True, attn_implementation=args.attn_implementation,
+            **hub_kwargs(args), **overrides,
         )
         check_pretraining_weights(args, loading["missing_keys"])
         return model, model.config
     if args.config_name_or_path:
-        config = AutoConfig.from_pretrained(args.config_name_or_path, **overrides)
+        config = AutoConfig.from_pretrained(args.config_name_or_path, **hub_kwargs(args), **overrides)
     else:
         config = family.config_class.from_preset(args.model_size or "base", **overrides)
     config._attn_implementation = args.attn_implementation
@@ -67,6 +70,28 @@ def check_pretraining_weights(args, missing_keys) -> None:
     )
 
 
+@torch.no_grad()
+def evaluate_pretraining_loss(model, dataloader, collator, accelerator, seed: int) -> dict:
+    """Mean pretraining loss over this rank's share of a validation stream, averaged over every image of
+    every rank. Fixed masks: the loader's collator stays at epoch 0 (crops and masks a function of the
+    seed and the example id), and any draw inside the model comes from torch's RNG reseeded with `seed`
+    (forked: training's RNG stream is untouched). Runs the unwrapped model in eval mode."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # (loss x images, images)
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        with accelerator.autocast():
+            for batch in dataloader:
+                batch = collator.finish(batch, 0)
+                inputs = {key: value.to(accelerator.device) for key, value in forward_inputs(model, batch).items()}
+                images = inputs["pixel_values"].shape[0]
+                total += torch.tensor([float(model(**inputs).loss) * images, images], dtype=torch.float64, device=accelerator.device)
+    model.train(was_training)
+    total = accelerator.reduce(total, reduction="sum")
+    return {"eval_loss": float(total[0] / total[1].clamp(min=1)), "eval_examples": int(total[1])}
+
+
 def save_mim_picture_of(model, batch: dict, path: Path) -> Path:
     """Run the model on up to 4 images of `batch` and save what it does (`save_mim_picture`)."""
     was_training = model.training
@@ -81,4 +106,4 @@ def save_mim_picture_of(model, batch: dict, path: Path) -> Path:
     )
 
 
-__all__ = ["build_pretraining_model", "check_pretraining_weights", "save_mim_picture_of"]
+__all__ = ["build_pretraining_model", "check_pretraining_weights", "evaluate_pretraining_loss", "save_mim_picture_of"]

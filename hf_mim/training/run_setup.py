@@ -26,6 +26,7 @@ from argparse import Namespace
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from ..extras import MissingExtraError
 from .checkpoint import (
     TMP_PREFIX,
     TRASH_PREFIX,
@@ -247,13 +248,37 @@ def report_user_errors(script: str):
     phase = SetupPhase()
     try:
         yield phase
-    except (ValueError, OSError, KeyError) as error:
+    except (ValueError, OSError, KeyError, MissingExtraError) as error:
         if phase.training or os.environ.get("HF_MIM_TRACEBACK"):
             raise
         message = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         message = " ".join(message.split()) or type(error).__name__
         print(f"{script}: error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+
+
+def check_trackers(args: Namespace) -> None:
+    """With --with_tracking, every tracker --report_to names must be installed: Accelerate would only
+    warn and train untracked."""
+    if not args.with_tracking:
+        return
+    from accelerate.tracking import get_available_trackers
+    from accelerate.utils import LoggerType
+
+    available = {str(tracker) for tracker in get_available_trackers()}
+    for name in tracker_names(args):
+        if name in ("all", "none"):
+            continue
+        if name not in LoggerType.list():
+            raise UserInputError(f"--report_to {name}: not a tracker Accelerate knows ({', '.join(LoggerType.list())})")
+        if name not in available:
+            hint = "pip install 'hf_mim[tracking]'" if name == "tensorboard" else f"pip install {name}"
+            raise UserInputError(f"--report_to {name}: {name} is not installed ({hint}), or drop --with_tracking")
+
+
+def tracker_names(args: Namespace) -> list[str]:
+    """--report_to as a list ("tensorboard,wandb" or "all")."""
+    return [name.strip() for name in str(args.report_to).split(",") if name.strip()]
 
 
 def check_local_path(flag: str, value: str | None) -> None:
@@ -286,6 +311,7 @@ __all__ = [
     "apply_this_runs_hyperparameters",
     "check_local_path",
     "check_positive_flags",
+    "check_trackers",
     "claim_output_dir",
     "new_run_id",
     "optimizer_hyperparameters",
@@ -294,4 +320,5 @@ __all__ = [
     "report_user_errors",
     "secret_values",
     "tracker_config",
+    "tracker_names",
 ]

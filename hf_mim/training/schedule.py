@@ -20,6 +20,7 @@ create the `Accelerator(step_scheduler_with_optimizer=False)` (or `split_batches
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -29,6 +30,15 @@ from torch.optim.lr_scheduler import LRScheduler
 logger = logging.getLogger(__name__)
 
 SCHEDULE_KINDS = ("cosine", "linear", "constant", "constant_with_warmup")
+# transformers' `get_scheduler` names computed by transformers' own lr lambdas, per stage (see `schedule_factor`)
+TRANSFORMERS_KINDS = ("cosine_with_restarts", "polynomial", "inverse_sqrt", "cosine_with_min_lr", "cosine_warmup_with_min_lr")
+# get_scheduler names that are no per-step function of the step: {name: why not}
+UNSUPPORTED_KINDS = {
+    "reduce_lr_on_plateau": "it steps on an evaluation metric, not per optimizer step",
+    "greedy": "it steps on an evaluation metric, not per optimizer step",
+    "warmup_stable_decay": "it needs num_decay_steps, which no flag of transformers' examples gives either",
+}
+ALL_KINDS = SCHEDULE_KINDS + TRANSFORMERS_KINDS
 
 
 def linear_scaled_lr(base_lr: float, total_batch_size: int) -> float:
@@ -48,20 +58,25 @@ def _check(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
 def schedule_factor(
     kind: str, step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
 ) -> float:
-    """Multiplier at `step`: linear warm-up `step / warmup_steps` from 0, then `kind`:
+    """Multiplier at `step`: linear warm-up `step / warmup_steps` from 0 (not for "constant"), then `kind`:
 
     - "cosine": half-cycle cosine from 1 to `min_lr_ratio` at `total_steps` (MAE);
     - "linear": straight line from 1 to `min_lr_ratio` at `total_steps`;
-    - "constant" / "constant_with_warmup": 1 (the warm-up, if any, is kept).
+    - "constant": 1, no warm-up (as transformers'); "constant_with_warmup": 1 after the warm-up;
+    - one of `TRANSFORMERS_KINDS`: transformers' `get_scheduler` multiplier (warm-up included).
 
-    Steps past `total_steps` stay at the final value.
+    The four native kinds equal transformers' of the same name when `min_lr_ratio` is 0. Steps past `total_steps` stay at the final value.
     """
     _check(warmup_steps, total_steps, min_lr_ratio)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
+    if kind in TRANSFORMERS_KINDS:
+        return _transformers_lambda(kind, warmup_steps, total_steps, min_lr_ratio)(step)
+    if kind == "constant":  # as transformers': no warm-up
+        return 1.0
     if step < warmup_steps:
         return step / warmup_steps
-    if kind in ("constant", "constant_with_warmup"):
+    if kind == "constant_with_warmup":
         return 1.0
     decay_steps = total_steps - warmup_steps
     progress = 1.0 if decay_steps <= 0 else min(1.0, (step - warmup_steps) / decay_steps)
@@ -69,7 +84,24 @@ def schedule_factor(
         return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if kind == "linear":
         return min_lr_ratio + (1.0 - min_lr_ratio) * (1.0 - progress)
-    raise ValueError(f"unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
+    raise ValueError(f"unknown schedule kind {kind!r}; expected one of {ALL_KINDS}")
+
+
+@functools.lru_cache(maxsize=64)
+def _transformers_lambda(kind: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """transformers' own lr multiplier of `get_scheduler(kind)` (built once on a throw-away optimizer),
+    so these kinds mean exactly what they mean in transformers' examples. `min_lr_ratio` is the
+    `min_lr_rate` of the *_with_min_lr kinds; polynomial's `lr_end` (1e-7) is relative to the base lr."""
+    import torch
+    from transformers import get_scheduler
+
+    if min_lr_ratio and "min_lr" not in kind:
+        raise ValueError(f"--min_lr_ratio {min_lr_ratio} applies to cosine, linear and cosine_with_min_lr, not to {kind}")
+    specific = {"min_lr_rate": min_lr_ratio} if "min_lr" in kind else {}
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = get_scheduler(kind, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps,
+                              scheduler_specific_kwargs=specific)
+    return scheduler.lr_lambdas[0]
 
 
 def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0) -> float:
@@ -88,7 +120,8 @@ class StagedSchedule(LRScheduler):
         num_stages: number of stages (needed when `steps_per_stage` is an int; checked against a list).
         warmup_steps: warm-up steps at the start of every stage.
         min_lr_ratio: final lr of each stage, as a fraction of the base lr.
-        kind: "cosine" (default), "linear", "constant" or "constant_with_warmup" (see `schedule_factor`).
+        kind: "cosine" (default), "linear", "constant" or "constant_with_warmup" (see `schedule_factor`), or
+            one of `TRANSFORMERS_KINDS` (transformers' `get_scheduler` lambdas, restarted per stage too).
         base_lr: if given, the base lr of every group (otherwise each group's lr at construction).
 
     The stage layout (steps_per_stage, warmup_steps, min_lr_ratio, kind) comes from the constructor;
@@ -119,8 +152,8 @@ class StagedSchedule(LRScheduler):
                 raise ValueError(f"num_stages={num_stages} but steps_per_stage has {len(lengths)} entries")
         if not lengths or any(n <= 0 for n in lengths):
             raise ValueError(f"every stage needs at least one step, got steps_per_stage={lengths}")
-        if kind not in SCHEDULE_KINDS:
-            raise ValueError(f"unknown schedule kind {kind!r}; expected one of {SCHEDULE_KINDS}")
+        if kind not in ALL_KINDS:
+            raise ValueError(f"unknown schedule kind {kind!r}; expected one of {ALL_KINDS}")
         _check(warmup_steps, max(lengths), min_lr_ratio)
         self.steps_per_stage: list[int] = lengths
         self.num_stages: int = len(lengths)

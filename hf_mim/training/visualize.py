@@ -117,3 +117,14 @@ def save_mim_picture(
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def log_pictures(accelerator, pictures: dict[str, str | Path | Image.Image], step: int) -> None:
+    """Send pictures (PNG paths or PIL images) to every tracker of `accelerator` that takes images
+    (tensorboard as NHWC uint8 batches, wandb and the others as lists of images), beside the files."""
+    images = {name: Image.open(p).convert("RGB") if isinstance(p, (str, Path)) else p.convert("RGB") for name, p in pictures.items()}
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({name: np.asarray(image)[None] for name, image in images.items()}, step=step, dataformats="NHWC")
+        elif callable(getattr(tracker, "log_images", None)):
+            tracker.log_images({name: [image] for name, image in images.items()}, step=step)
