@@ -221,7 +221,7 @@ def evaluation_dataloader(args: argparse.Namespace, raw, image_column: str, labe
                            batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers, drop_last=False)
 
 
-def knn(args: argparse.Namespace, data) -> int:
+def knn(args: argparse.Namespace, data, phase=None) -> int:
     """--mode knn: the frozen base model's features, the training bank gathered over processes, the
     validation accuracy; logged, tracked, written to eval_results.json and the card."""
     import time
@@ -234,6 +234,8 @@ def knn(args: argparse.Namespace, data) -> int:
     accelerator = run.accelerator
     model = build_feature_model(args).to(accelerator.device)
     image_size = model.config.image_size
+    if phase is not None:
+        phase.training_started()  # set-up done: from here errors keep their traceback
     start = time.perf_counter()
     results = knn_evaluate(
         model, evaluation_dataloader(args, data.train, data.image_column, data.label_column, image_size, accelerator),
@@ -277,7 +279,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
     except ValueError as error:
         raise UserInputError(str(error)) from None
     if args.mode == "knn":
-        return knn(args, data)
+        return knn(args, data, phase)
     run = start_run(args)
     accelerator, world, total_batch = run.accelerator, run.world, run.total_batch(args)
     if run.saved_state is not None and {int(k): v for k, v in run.saved_state["id2label"].items()} != data.id2label:
