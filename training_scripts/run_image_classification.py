@@ -19,6 +19,11 @@ it trains a randomly initialised baseline.
 - `--mode linear_probe` (MAE): frozen backbone in eval mode, `BatchNorm1d(affine=False)` + Linear
   head (always re-initialised) on `pooler_output`, LARS, RandomResizedCrop + flip only; at the end the BatchNorm is folded
   into the Linear, so the saved model is a plain `...ForImageClassification`.
+- `--mode knn` (DINO): no training; weighted k-NN (`--knn_k 20 --knn_temperature 0.07`) of the validation
+  images among the training images, on the L2-normalised `pooler_output` of the frozen base model
+  (hf_mim/training/knn.py). Several processes share the work; every one holds the whole training bank.
+- `--train_fraction 0.01 | 0.1` (any mode): a fixed, seeded, class-balanced subset of the training data
+  (SimCLR's and ExtreMA's semi-supervised 1% / 10% protocols; hf_mim/data/fractions.py).
 
 Augmentation is a pure function of (seed, epoch, example id) (timm's transforms run under RNGs
 seeded per example and restored afterwards), mixup/cutmix of (seed, step); a resumed run skips the
@@ -38,6 +43,7 @@ import torch
 import hf_mim  # noqa: F401  (registers every hf_mim model with the Auto classes)
 from hf_mim.data import ClassificationCollator, EvalTransform, load_labelled_data, make_dataloader, prepare_stream
 from hf_mim.data.finetune_transforms import SeededMixup, finetune_train_transform
+from hf_mim.data.fractions import check_fraction, class_balanced_subset
 from hf_mim.training import (
     RunHyperparameters, StagedSchedule, TrainingLoop, UserInputError, attach_batchnorm_probe, fold_batchnorm_probe,
     freeze_backbone, linear_probe_train_mode, linear_scaled_lr, optimizer_steps, run_script, start_run,
@@ -45,9 +51,11 @@ from hf_mim.training import (
 from hf_mim.training.arguments import add_shared_flags, fill_defaults, uses_embedded_data, validate_shared_flags
 from hf_mim.training.conventions import SWITCH, checkpoint_every, hub_kwargs
 from hf_mim.training.classification import (
-    EMBEDDED_DEMO_DEFAULTS, HEAD_NAME, MODE_DEFAULTS, base_config, build_model, build_optimizer, describe_lr_scales,
-    evaluate, mixup_active, write_outputs,
+    EMBEDDED_DEMO_DEFAULTS, HEAD_NAME, MODE_DEFAULTS, base_config, build_feature_model, build_model, build_optimizer,
+    describe_lr_scales, evaluate, mixup_active, write_knn_outputs, write_outputs,
 )
+from hf_mim.training.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
+from hf_mim.training.run_setup import tracker_config
 
 logger = logging.getLogger("run_image_classification")
 
@@ -71,7 +79,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data, model, optim, run = groups["data"], groups["model"], groups["optim"], groups["run"]
     data.add_argument("--validation_split", default="validation", help="'none': no evaluation")
     data.add_argument("--label_column_name", help="default: detected (label, labels, cls); integers or a ClassLabel")
-    model.add_argument("--mode", default="finetune", choices=["finetune", "linear_probe"])
+    model.add_argument("--mode", default="finetune", choices=["finetune", "linear_probe", "knn"])
     model.add_argument("--ignore_mismatched_sizes", **SWITCH,
                        help="start a new head when --model_name_or_path is a classifier for another number of labels")
     optim.add_argument("--optimizer", choices=["adamw", "lars", "sgd"], help="finetune adamw, linear_probe lars")
@@ -88,6 +96,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     aug.add_argument("--randaug", help="timm RandAugment spec: finetune 'rand-m9-mstd0.5-inc1', linear_probe 'none'")
     aug.add_argument("--reprob", type=float, help="RandomErasing probability: finetune 0.25, linear_probe 0")
     run.add_argument("--eval_steps", type=int, help="evaluate every N steps (always at the end)")
+    protocols = parser.add_argument_group("evaluation protocols (k-NN, label fractions)")
+    protocols.add_argument("--train_fraction", type=float, default=1.0,
+                           help="train on a fixed, seeded, class-balanced subset of the labelled training data, "
+                           "e.g. 0.01 or 0.1 (semi-supervised protocol); 1: all")
+    protocols.add_argument("--knn_k", type=int, default=DEFAULT_K, help="--mode knn: neighbours that vote (DINO: 20)")
+    protocols.add_argument("--knn_temperature", type=float, default=DEFAULT_TEMPERATURE,
+                           help="--mode knn: a neighbour votes exp(cosine similarity / T) (DINO: 0.07)")
     args = parser.parse_args(argv)
     if uses_embedded_data(args):
         fill_defaults(args, parser, EMBEDDED_DEMO_DEFAULTS[args.mode])
@@ -119,6 +134,14 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("mixup/cutmix (mode 'batch') needs an even --per_device_train_batch_size (or --mixup 0 --cutmix 0)")
     if args.randaug.lower() != "none" and not args.randaug.startswith("rand"):
         parser.error(f"--randaug takes a timm RandAugment spec such as 'rand-m9-mstd0.5-inc1', or 'none'; got {args.randaug!r}")
+    try:
+        check_fraction(args.train_fraction)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.knn_k < 1 or not args.knn_temperature > 0:
+        parser.error(f"--knn_k must be >= 1 and --knn_temperature > 0, got {args.knn_k} and {args.knn_temperature}")
+    if args.mode == "knn" and args.validation_split.lower() == "none":
+        parser.error("--mode knn evaluates on validation data: not with --validation_split none")
 
 
 class ClassificationLoop(TrainingLoop):
@@ -187,13 +210,58 @@ def build_dataloaders(args: argparse.Namespace, data, image_size: int, accelerat
                                  num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
     eval_dataloader = None
     if data.validation is not None:
-        val_raw, val_images, val_labels = data.validation
-        val_stream = prepare_stream(val_raw, val_images, seed=args.seed, buffer_size=0, rank=accelerator.process_index,
-                                    world_size=world, label_column=val_labels, max_image_pixels=args.max_image_pixels)
-        eval_dataloader = make_dataloader(val_stream, ClassificationCollator(EvalTransform(image_size), seed=args.seed),
-                                          batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
-                                          drop_last=False)
+        eval_dataloader = evaluation_dataloader(args, *data.validation, image_size, accelerator)
     return stream, collator, dataloader, eval_dataloader
+
+
+def evaluation_dataloader(args: argparse.Namespace, raw, image_column: str, label_column: str, image_size: int, accelerator):
+    """This rank's share of a stream, unshuffled, through the evaluation transform, every example once."""
+    stream = prepare_stream(raw, image_column, seed=args.seed, buffer_size=0, rank=accelerator.process_index,
+                            world_size=accelerator.num_processes, label_column=label_column,
+                            max_image_pixels=args.max_image_pixels)
+    return make_dataloader(stream, ClassificationCollator(EvalTransform(image_size), seed=args.seed),
+                           batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers, drop_last=False)
+
+
+def knn(args: argparse.Namespace, data, phase=None) -> int:
+    """--mode knn: the frozen base model's features, the training bank gathered over processes, the
+    validation accuracy; logged, tracked, written to eval_results.json and the card."""
+    import time
+
+    from hf_mim.hub import HubPushError
+
+    if data.validation is None:
+        raise UserInputError("--mode knn needs validation data: give --validation_dir or a source with a validation split")
+    run = start_run(args)
+    accelerator = run.accelerator
+    model = build_feature_model(args).to(accelerator.device)
+    image_size = model.config.image_size
+    if phase is not None:
+        phase.training_started()  # set-up done: from here errors keep their traceback
+    start = time.perf_counter()
+    results = knn_evaluate(
+        model, evaluation_dataloader(args, data.train, data.image_column, data.label_column, image_size, accelerator),
+        evaluation_dataloader(args, *data.validation, image_size, accelerator), accelerator, len(data.id2label),
+        k=args.knn_k, temperature=args.knn_temperature,
+    )
+    elapsed = time.perf_counter() - start
+    logger.info("k-NN (k=%d, T=%g) over %d training images: top-1 %.2f%%, top-5 %.2f%% (%d images)", results["k"],
+                results["temperature"], results["bank_size"], results["top1"], results["top5"], results["eval_examples"])
+    if args.with_tracking:
+        accelerator.init_trackers("run_image_classification", config=tracker_config(args))
+        accelerator.log({f"eval_knn_{key}": value for key, value in results.items()}, step=0)
+    status = 0
+    if accelerator.is_main_process:
+        try:
+            write_knn_outputs(args, model, run.output_dir, results, elapsed, run.world)
+        except HubPushError as error:
+            logger.error("%s", error)
+            status = 1
+        print(f"run_image_classification: mode=knn k={results['k']} bank={results['bank_size']} top1={results['top1']:.2f} "
+              f"top5={results['top5']:.2f} time={elapsed:.1f}s output_dir={run.output_dir}", flush=True)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,10 +273,16 @@ def train(args: argparse.Namespace, phase=None) -> int:
     image_size = base_config(args).image_size
     need_count = args.num_train_examples is None and (args.max_train_steps is None or args.num_warmup_steps is None
                                                       or args.checkpointing_steps == "epoch")
+    need_count = need_count and args.mode != "knn" and args.train_fraction == 1
     try:
         data = load_labelled_data(args, uses_embedded_data(args), image_size, need_count, hub_kwargs(args, revision=False))
+        if args.train_fraction < 1:  # before the split over processes: every rank keeps the same subset
+            subset = class_balanced_subset(data.train, data.image_column, data.label_column, args.train_fraction, args.seed)
+            data.train, data.num_examples = data.train.filter(subset.keeps), subset.size
     except ValueError as error:
         raise UserInputError(str(error)) from None
+    if args.mode == "knn":
+        return knn(args, data, phase)
     run = start_run(args)
     accelerator, world, total_batch = run.accelerator, run.world, run.total_batch(args)
     if run.saved_state is not None and {int(k): v for k, v in run.saved_state["id2label"].items()} != data.id2label:

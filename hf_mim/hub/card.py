@@ -28,17 +28,20 @@ def human_count(count: int) -> str:
 
 
 def classification_eval_results(
-    top1: float, top5: float, dataset_type: str, dataset_name: str, split: str, dataset_config: str | None = None
+    top1: float, top5: float, dataset_type: str, dataset_name: str, split: str, dataset_config: str | None = None,
+    protocol: str | None = None,
 ) -> list[EvalResult]:
     """Top-1/top-5 (given in percent, the scripts' unit) as model-index entries in fractions, the
-    convention transformers' own cards follow; the dataset id and its config in their own fields."""
+    convention transformers' own cards follow; the dataset id and its config in their own fields.
+    `protocol` (e.g. "weighted k-NN (k=20, T=0.07)") prefixes the metric names: not a classifier's accuracy."""
+    prefix = f"{protocol} " if protocol else ""
     common = dict(
         task_type="image-classification", dataset_type=dataset_type, dataset_name=dataset_name,
         dataset_config=dataset_config, dataset_split=split,
     )
     return [
-        EvalResult(metric_type="accuracy", metric_name="top-1 accuracy", metric_value=round(top1 / 100, 4), **common),
-        EvalResult(metric_type="top_5_accuracy", metric_name="top-5 accuracy", metric_value=round(top5 / 100, 4), **common),
+        EvalResult(metric_type="accuracy", metric_name=f"{prefix}top-1 accuracy", metric_value=round(top1 / 100, 4), **common),
+        EvalResult(metric_type="top_5_accuracy", metric_name=f"{prefix}top-5 accuracy", metric_value=round(top5 / 100, 4), **common),
     ]
 
 

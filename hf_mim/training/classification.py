@@ -104,6 +104,8 @@ MODE_DEFAULTS = {
                          num_train_epochs=90.0, warmup_epochs=10.0, label_smoothing=0.0, mixup=0.0, cutmix=0.0,
                          randaug="none", reprob=0.0),
 }
+# k-NN trains nothing: the linear probe's values (no augmentation, no drop path) only fill the flags.
+MODE_DEFAULTS["knn"] = MODE_DEFAULTS["linear_probe"]
 
 # The embedded digits are 1,438 training and 359 validation images. Fine-tuning: 5 short epochs with
 # a larger learning rate than the ImageNet recipe (whose lr scales with a batch of 1024). Linear probe:
@@ -114,6 +116,7 @@ EMBEDDED_DEMO_DEFAULTS = {
     "finetune": dict(per_device_train_batch_size=64, learning_rate=1e-3, num_train_epochs=5.0, warmup_epochs=1.0, eval_steps=25),
     "linear_probe": dict(per_device_train_batch_size=64, optimizer="sgd", learning_rate=0.1, num_train_epochs=10.0,
                          warmup_epochs=1.0, eval_steps=25),
+    "knn": {},
 }
 
 
@@ -172,6 +175,29 @@ def build_model(args: argparse.Namespace, id2label: dict[int, str]):
     return model
 
 
+def build_feature_model(args: argparse.Namespace):
+    """The base model whose `pooler_output` k-NN compares: `AutoModel` of the checkpoint (a pretraining
+    folder gives the representation pretraining trained, see `builds_pretrained_encoder`; a classifier its
+    fine-tuned `fc_norm` feature), or a randomly initialised baseline."""
+    from transformers import AutoModel
+
+    from ..registry import family_for
+
+    overrides = parse_overrides(args.config_overrides)
+    if args.model_name_or_path:
+        return AutoModel.from_pretrained(args.model_name_or_path, attn_implementation=args.attn_implementation, **overrides)
+    family = family_for(args.model_type or "dbot")
+    config = family.config_class.from_preset(args.model_size or "base", **overrides)
+    config._attn_implementation = args.attn_implementation
+    return family.base_model_class(config)
+
+
+def label_fraction_note(args) -> str | None:
+    """How much of the labelled training data the run used (`--train_fraction`), for cards and results."""
+    fraction = getattr(args, "train_fraction", 1.0)
+    return None if fraction >= 1 else f"{fraction:g} (class-balanced, seed {args.seed})"
+
+
 def dataset_names(args) -> tuple[str, str]:
     """(dataset_type: a Hub id or a local name, dataset_name: human-readable) for the model-index."""
     if args.dataset_name:
@@ -189,6 +215,7 @@ def run_summary(args, config, total_batch: int, lr: float, total_steps: int, ela
         "initialised from": args.model_name_or_path or f"random ({config.model_type} {args.model_size or 'base'})",
         "data": dataset_names(args)[1],
         "labels": config.num_labels,
+        **({"label fraction": label_fraction_note(args)} if label_fraction_note(args) else {}),
         "image size": config.image_size,
         "optimizer steps": total_steps,
         "batch (total)": total_batch,
@@ -223,7 +250,8 @@ def write_outputs(args, model, output_dir: Path, results, eval_history, total_ba
     if results is not None:
         write_json_atomic(
             output_dir / "eval_results.json",
-            {**results, "step": total_steps, "mode": args.mode, "dataset": dataset_name, "split": split, "history": eval_history},
+            {**results, "step": total_steps, "mode": args.mode, "dataset": dataset_name, "split": split,
+             "train_fraction": getattr(args, "train_fraction", 1.0), "history": eval_history},
         )
         eval_results = classification_eval_results(
             results["top1"], results["top5"], dataset_type, dataset_name, split, args.dataset_config_name
@@ -232,7 +260,38 @@ def write_outputs(args, model, output_dir: Path, results, eval_history, total_ba
     finish_run_folder(output_dir, model, args, run=summary, results=eval_results, is_demo=uses_embedded_data(args))
 
 
+def write_knn_outputs(args, model, output_dir: Path, results: dict, elapsed: float, world: int) -> None:
+    """`--mode knn`: the evaluated feature model as a Hub-ready folder whose card and model-index carry the
+    k-NN accuracy, and `eval_results.json`."""
+    from ..hub import build_image_processor, finish_run_folder, save_hub_folder
+    from ..hub.card import classification_eval_results
+
+    save_hub_folder(model, output_dir, image_processor=build_image_processor(model.config.image_size))
+    dataset_type, dataset_name = dataset_names(args)
+    split = "validation" if uses_embedded_data(args) else args.validation_split
+    protocol = f"weighted k-NN (k={results['k']}, T={results['temperature']:g})"
+    write_json_atomic(output_dir / "eval_results.json", {**results, "mode": "knn", "dataset": dataset_name, "split": split,
+                                                          "train_fraction": getattr(args, "train_fraction", 1.0)})
+    summary = {
+        "script": "training_scripts/run_image_classification.py",
+        "mode": "knn (frozen features, no training)",
+        "initialised from": args.model_name_or_path or f"random ({model.config.model_type} {args.model_size or 'base'})",
+        "data": dataset_name,
+        "protocol": f"{protocol} as DINO: cosine similarity of the L2-normalised `pooler_output`, each of the k nearest "
+                    "training images votes exp(similarity / T) for its class",
+        "bank": f"{results['bank_size']} training images" + (f", label fraction {label_fraction_note(args)}"
+                                                             if label_fraction_note(args) else ""),
+        "image size": model.config.image_size,
+        "processes": world,
+        "wall time": f"{elapsed / 60:.1f} min",
+    }
+    eval_results = classification_eval_results(results["top1"], results["top5"], dataset_type, dataset_name, split,
+                                               args.dataset_config_name, protocol=protocol)
+    finish_run_folder(output_dir, model, args, run=summary, results=eval_results, is_demo=uses_embedded_data(args))
+
+
 __all__ = [
-    "EMBEDDED_DEMO_DEFAULTS", "HEAD_NAME", "MODE_DEFAULTS", "base_config", "build_model", "build_optimizer",
-    "describe_lr_scales", "evaluate", "is_classifier", "mixup_active", "reset_head", "write_outputs",
+    "EMBEDDED_DEMO_DEFAULTS", "HEAD_NAME", "MODE_DEFAULTS", "base_config", "build_feature_model", "build_model",
+    "build_optimizer", "describe_lr_scales", "evaluate", "is_classifier", "label_fraction_note", "mixup_active",
+    "reset_head", "write_knn_outputs", "write_outputs",
 ]
