@@ -41,7 +41,7 @@ import sys
 import torch
 
 import hf_mim  # noqa: F401  (registers every hf_mim model with the Auto classes)
-from hf_mim.data import ClassificationCollator, EvalTransform, load_labelled_data, make_dataloader, prepare_stream
+from hf_mim.data import ClassificationCollator, load_labelled_data, make_dataloader, prepare_stream
 from hf_mim.data.finetune_transforms import SeededMixup, finetune_train_transform
 from hf_mim.data.fractions import check_fraction, class_balanced_subset
 from hf_mim.training import (
@@ -51,11 +51,10 @@ from hf_mim.training import (
 from hf_mim.training.arguments import add_shared_flags, fill_defaults, uses_embedded_data, validate_shared_flags
 from hf_mim.training.conventions import SWITCH, checkpoint_every, hub_kwargs
 from hf_mim.training.classification import (
-    EMBEDDED_DEMO_DEFAULTS, HEAD_NAME, MODE_DEFAULTS, base_config, build_feature_model, build_model, build_optimizer,
-    describe_lr_scales, evaluate, mixup_active, write_knn_outputs, write_outputs,
+    EMBEDDED_DEMO_DEFAULTS, HEAD_NAME, MODE_DEFAULTS, base_config, build_model, build_optimizer,
+    describe_lr_scales, evaluate, evaluation_dataloader, mixup_active, write_outputs,
 )
-from hf_mim.training.knn import DEFAULT_K, DEFAULT_TEMPERATURE, knn_evaluate
-from hf_mim.training.run_setup import tracker_config
+from hf_mim.training.knn import DEFAULT_K, DEFAULT_TEMPERATURE, run_knn
 
 logger = logging.getLogger("run_image_classification")
 
@@ -214,56 +213,6 @@ def build_dataloaders(args: argparse.Namespace, data, image_size: int, accelerat
     return stream, collator, dataloader, eval_dataloader
 
 
-def evaluation_dataloader(args: argparse.Namespace, raw, image_column: str, label_column: str, image_size: int, accelerator):
-    """This rank's share of a stream, unshuffled, through the evaluation transform, every example once."""
-    stream = prepare_stream(raw, image_column, seed=args.seed, buffer_size=0, rank=accelerator.process_index,
-                            world_size=accelerator.num_processes, label_column=label_column,
-                            max_image_pixels=args.max_image_pixels)
-    return make_dataloader(stream, ClassificationCollator(EvalTransform(image_size), seed=args.seed),
-                           batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers, drop_last=False)
-
-
-def knn(args: argparse.Namespace, data, phase=None) -> int:
-    """--mode knn: the frozen base model's features, the training bank gathered over processes, the
-    validation accuracy; logged, tracked, written to eval_results.json and the card."""
-    import time
-
-    from hf_mim.hub import HubPushError
-
-    if data.validation is None:
-        raise UserInputError("--mode knn needs validation data: give --validation_dir or a source with a validation split")
-    run = start_run(args)
-    accelerator = run.accelerator
-    model = build_feature_model(args).to(accelerator.device)
-    image_size = model.config.image_size
-    if phase is not None:
-        phase.training_started()  # set-up done: from here errors keep their traceback
-    start = time.perf_counter()
-    results = knn_evaluate(
-        model, evaluation_dataloader(args, data.train, data.image_column, data.label_column, image_size, accelerator),
-        evaluation_dataloader(args, *data.validation, image_size, accelerator), accelerator, len(data.id2label),
-        k=args.knn_k, temperature=args.knn_temperature,
-    )
-    elapsed = time.perf_counter() - start
-    logger.info("k-NN (k=%d, T=%g) over %d training images: top-1 %.2f%%, top-5 %.2f%% (%d images)", results["k"],
-                results["temperature"], results["bank_size"], results["top1"], results["top5"], results["eval_examples"])
-    if args.with_tracking:
-        accelerator.init_trackers("run_image_classification", config=tracker_config(args))
-        accelerator.log({f"eval_knn_{key}": value for key, value in results.items()}, step=0)
-    status = 0
-    if accelerator.is_main_process:
-        try:
-            write_knn_outputs(args, model, run.output_dir, results, elapsed, run.world)
-        except HubPushError as error:
-            logger.error("%s", error)
-            status = 1
-        print(f"run_image_classification: mode=knn k={results['k']} bank={results['bank_size']} top1={results['top1']:.2f} "
-              f"top5={results['top5']:.2f} time={elapsed:.1f}s output_dir={run.output_dir}", flush=True)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
-    return status
-
-
 def main(argv: list[str] | None = None) -> int:
     return run_script("run_image_classification.py", train, parse_args(argv))
 
@@ -282,7 +231,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
     except ValueError as error:
         raise UserInputError(str(error)) from None
     if args.mode == "knn":
-        return knn(args, data, phase)
+        return run_knn(args, data, phase)
     run = start_run(args)
     accelerator, world, total_batch = run.accelerator, run.world, run.total_batch(args)
     if run.saved_state is not None and {int(k): v for k, v in run.saved_state["id2label"].items()} != data.id2label:

@@ -185,7 +185,8 @@ def build_feature_model(args: argparse.Namespace):
 
     overrides = parse_overrides(args.config_overrides)
     if args.model_name_or_path:
-        return AutoModel.from_pretrained(args.model_name_or_path, attn_implementation=args.attn_implementation, **overrides)
+        return AutoModel.from_pretrained(args.model_name_or_path, attn_implementation=args.attn_implementation,
+                                         **hub_kwargs(args), **overrides)
     family = family_for(args.model_type or "dbot")
     config = family.config_class.from_preset(args.model_size or "base", **overrides)
     config._attn_implementation = args.attn_implementation
@@ -260,6 +261,17 @@ def write_outputs(args, model, output_dir: Path, results, eval_history, total_ba
     finish_run_folder(output_dir, model, args, run=summary, results=eval_results, is_demo=uses_embedded_data(args))
 
 
+def evaluation_dataloader(args: argparse.Namespace, raw, image_column: str, label_column: str, image_size: int, accelerator):
+    """This rank's share of a stream, unshuffled, through the evaluation transform, every example once."""
+    from ..data import ClassificationCollator, EvalTransform, make_dataloader, prepare_stream
+
+    stream = prepare_stream(raw, image_column, seed=args.seed, buffer_size=0, rank=accelerator.process_index,
+                            world_size=accelerator.num_processes, label_column=label_column,
+                            max_image_pixels=args.max_image_pixels)
+    return make_dataloader(stream, ClassificationCollator(EvalTransform(image_size), seed=args.seed),
+                           batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers, drop_last=False)
+
+
 def write_knn_outputs(args, model, output_dir: Path, results: dict, elapsed: float, world: int) -> None:
     """`--mode knn`: the evaluated feature model as a Hub-ready folder whose card and model-index carry the
     k-NN accuracy, and `eval_results.json`."""
@@ -292,6 +304,6 @@ def write_knn_outputs(args, model, output_dir: Path, results: dict, elapsed: flo
 
 __all__ = [
     "EMBEDDED_DEMO_DEFAULTS", "HEAD_NAME", "MODE_DEFAULTS", "base_config", "build_feature_model", "build_model",
-    "build_optimizer", "describe_lr_scales", "evaluate", "is_classifier", "label_fraction_note", "mixup_active",
+    "build_optimizer", "describe_lr_scales", "evaluate", "evaluation_dataloader", "is_classifier", "label_fraction_note", "mixup_active",
     "reset_head", "write_knn_outputs", "write_outputs",
 ]

@@ -142,7 +142,45 @@ def knn_evaluate(
     return results
 
 
+def run_knn(args, data, phase=None) -> int:
+    """--mode knn: the frozen base model's features, the training bank gathered over processes, the
+    validation accuracy; logged, tracked, written to eval_results.json and the card."""
+    import time
+
+    from .classification import build_feature_model, evaluation_dataloader, write_knn_outputs
+    from .loop import finish_run, start_run
+    from .run_setup import UserInputError, tracker_config
+
+    if data.validation is None:
+        raise UserInputError("--mode knn needs validation data: give --validation_dir or a source with a validation split")
+    run = start_run(args)
+    accelerator = run.accelerator
+    model = build_feature_model(args).to(accelerator.device)
+    image_size = model.config.image_size
+    if phase is not None:
+        phase.training_started()  # set-up done: from here errors keep their traceback
+    start = time.perf_counter()
+    results = knn_evaluate(
+        model, evaluation_dataloader(args, data.train, data.image_column, data.label_column, image_size, accelerator),
+        evaluation_dataloader(args, *data.validation, image_size, accelerator), accelerator, len(data.id2label),
+        k=args.knn_k, temperature=args.knn_temperature,
+    )
+    elapsed = time.perf_counter() - start
+    logger.info("k-NN (k=%d, T=%g) over %d training images: top-1 %.2f%%, top-5 %.2f%% (%d images)", results["k"],
+                results["temperature"], results["bank_size"], results["top1"], results["top5"], results["eval_examples"])
+    if args.with_tracking:
+        accelerator.init_trackers("run_image_classification", config=tracker_config(args))
+        accelerator.log({f"eval_knn_{key}": value for key, value in results.items()}, step=0)
+
+    def write() -> None:
+        write_knn_outputs(args, model, run.output_dir, results, elapsed, run.world)
+        print(f"run_image_classification: mode=knn k={results['k']} bank={results['bank_size']} top1={results['top1']:.2f} "
+              f"top5={results['top5']:.2f} time={elapsed:.1f}s output_dir={run.output_dir}", flush=True)
+
+    return finish_run(accelerator, write, logger)
+
+
 __all__ = [
     "DEFAULT_BANK_CHUNK", "DEFAULT_K", "DEFAULT_TEMPERATURE", "build_feature_bank", "extract_features",
-    "gather_uneven", "knn_evaluate", "knn_votes",
+    "gather_uneven", "knn_evaluate", "knn_votes", "run_knn",
 ]

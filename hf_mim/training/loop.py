@@ -340,28 +340,35 @@ class TrainingLoop:
     def finish(self, write_outputs) -> int:
         """`write_outputs()` on the main process (a failed push: status 1, the folder kept), then the
         end of training on every rank. Returns the exit status."""
-        from hf_mim.hub import HubPushError
+        if self.accelerator.is_main_process and any(self.decode_counts.values()):
+            self.logger.warning("images skipped (undecodable/truncated/tiny/over --max_image_pixels/unlabelled): %d, "
+                                "converted to RGB or decoded at reduced scale: %d",
+                                self.decode_counts["images_skipped"], self.decode_counts["images_converted"])
+        return finish_run(self.accelerator, write_outputs, self.logger)
 
-        status = 0
-        if self.accelerator.is_main_process:
-            if any(self.decode_counts.values()):
-                self.logger.warning("images skipped (undecodable/truncated/tiny/over --max_image_pixels/unlabelled): %d, "
-                                    "converted to RGB or decoded at reduced scale: %d",
-                                    self.decode_counts["images_skipped"], self.decode_counts["images_converted"])
-            try:
-                write_outputs()
-            except HubPushError as error:
-                self.logger.error("%s", error)
-                status = 1
-        self.accelerator.wait_for_everyone()
-        self.accelerator.end_training()
-        return status
+
+def finish_run(accelerator, write_outputs, run_logger) -> int:
+    """The end of any run (training or evaluation only): `write_outputs()` on the main process (a failed
+    push: logged, status 1, the folder kept), then every rank waits and ends its trackers."""
+    from hf_mim.hub import HubPushError
+
+    status = 0
+    if accelerator.is_main_process:
+        try:
+            write_outputs()
+        except HubPushError as error:
+            run_logger.error("%s", error)
+            status = 1
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return status
 
 
 __all__ = [
     "RunStart",
     "TrainingLoop",
     "check_replicas_in_sync",
+    "finish_run",
     "forward_inputs",
     "gather_positions",
     "make_accelerator",
