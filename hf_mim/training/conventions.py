@@ -88,9 +88,7 @@ def steps_or_epoch(text: str) -> int | str:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of steps or 'epoch', got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return value  # the range: check_example_flags
 
 
 # the example flags, with the same names and meaning: (group, flag, argparse keywords)
@@ -119,6 +117,8 @@ def check_example_flags(parser: argparse.ArgumentParser, args: argparse.Namespac
     refused = getattr(args, "refused_flags", None)
     if refused:
         parser.error("not supported by hf_mim: " + "; ".join(f"--{name} ({REFUSED_FLAGS[name]})" for name in dict.fromkeys(refused)))
+    if isinstance(args.checkpointing_steps, int) and args.checkpointing_steps < 1:
+        parser.error(f"--checkpointing_steps must be >= 1, got {args.checkpointing_steps}")
     if args.train_val_split is not None and not 0 < args.train_val_split < 1:
         parser.error(f"--train_val_split must be in (0, 1), got {args.train_val_split}")
     if args.train_val_split is not None and args.validation_dir:
