@@ -101,14 +101,19 @@ class TeacherConfigMixin:
             if value is not None and any(v <= 0 for v in value):
                 raise config_error(field, value, "standard deviations must be positive")
 
-    @classmethod
-    def for_teacher(cls, teacher_name_or_path: str, preset: str | None = None, **overrides):
-        """A config whose `teacher_hidden_size` is read from the teacher's config (offline if cached)."""
+    @staticmethod
+    def teacher_width_of(teacher_name_or_path: str, layer: str = "last_hidden_state") -> int:
+        """The token width of the teacher at `teacher_name_or_path`, read from its config (offline if cached)."""
         from transformers import AutoConfig
 
         teacher_config = AutoConfig.from_pretrained(teacher_name_or_path)
         teacher_config = getattr(teacher_config, "vision_config", None) or teacher_config
-        width = teacher_token_width(teacher_config, overrides.get("teacher_layer", "last_hidden_state"))
+        return teacher_token_width(teacher_config, layer)
+
+    @classmethod
+    def for_teacher(cls, teacher_name_or_path: str, preset: str | None = None, **overrides):
+        """A config whose `teacher_hidden_size` is read from the teacher's config (offline if cached)."""
+        width = cls.teacher_width_of(teacher_name_or_path, overrides.get("teacher_layer", "last_hidden_state"))
         overrides = {"teacher_name_or_path": str(teacher_name_or_path), "teacher_hidden_size": width, **overrides}
         return cls.from_preset(preset, **overrides) if preset else cls(**overrides)
 

@@ -69,7 +69,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--image_size", type=int)
     model.add_argument("--mask_ratio", type=float)
     model.add_argument(
-        "--teacher_name_or_path", help="a frozen teacher for methods that distil one (MaskDistill): local folder or Hub id"
+        "--teacher_name_or_path",
+        help="a frozen teacher (CLIP, timm ViT or hf_mim model; local folder or Hub id) for the methods that regress "
+        "one: MaskDistill, RevColV2 with target=teacher, dBOT's stage 0; its width sets teacher_hidden_size",
     )
     optim.add_argument("--lr_scheduler_type", default="cosine", choices=["cosine", "constant"])
     optim.add_argument("--num_stages", type=int, default=1, help="dBOT bootstrap stages (the schedule restarts per stage)")
