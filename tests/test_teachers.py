@@ -323,3 +323,19 @@ def test_run_mim_dbot_starts_from_a_teacher_and_bootstraps(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["stage"] == 1 and config["teacher_name_or_path"] == str(teacher)
     assert any(key.startswith("teacher.") for key in load_file(str(out / "model.safetensors")))  # the bootstrapped one
+
+
+def test_model_cards_state_the_teacher():
+    from hf_mim.hub.card import render_model_card
+
+    revcol = render_model_card(RevColV2ForMaskedImageModeling(RevColV2Config.from_preset(
+        "tiny", target="teacher", teacher_name_or_path="my/clip", teacher_hidden_size=24)), "me/revcol").content
+    assert "| target | the frozen teacher `my/clip`'s `last_hidden_state` tokens (24 wide, `layer_norm`)" in revcol
+    assert "head on level 0 of the last top-down column" in revcol and "`teacher_head_level`" in revcol
+    pixels = render_model_card(RevColV2ForMaskedImageModeling(RevColV2Config.from_preset("tiny")), "me/rc").content
+    assert "| target | per-patch normalised pixels, MSE on the masked patches |" in pixels
+    dbot = render_model_card(DbotForMaskedImageModeling(DbotConfig.from_preset("tiny", teacher_name_or_path="my/clip")),
+                             "me/dbot").content
+    assert "| stage-0 teacher | the frozen external teacher `my/clip`" in dbot
+    plain = render_model_card(DbotForMaskedImageModeling(DbotConfig.from_preset("tiny")), "me/dbot").content
+    assert "| stage-0 teacher | the student's random initialisation |" in plain
