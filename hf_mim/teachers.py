@@ -78,7 +78,7 @@ class TeacherConfigMixin:
         LayerNorm) or "projected" (CLIP's `visual_projection`; CLIP only).
     teacher_hidden_size: width of those tokens (the head's output width); `for_teacher(path)` reads it.
     teacher_image_mean, teacher_image_std: the teacher's input normalisation (None: its folder's
-        preprocessor_config.json, else a timm teacher's pretrained_cfg).
+        preprocessor_config.json, else a timm teacher's pretrained_cfg, else its config's image_mean/std).
     image_mean, image_std: the student's input normalisation, undone before the teacher's is applied.
     """
 
@@ -199,6 +199,13 @@ def timm_normalization(model: nn.Module) -> tuple[list[float], list[float]] | No
         if pretrained_cfg and pretrained_cfg.get("mean") is not None and pretrained_cfg.get("std") is not None:
             return list(pretrained_cfg["mean"]), list(pretrained_cfg["std"])
     return None
+
+
+def config_normalization(model: nn.Module) -> tuple[list[float], list[float]] | None:
+    """(image_mean, image_std) stated by the teacher's own config (hf_mim configs carry the student's), else None."""
+    config = getattr(model, "config", None)
+    mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
+    return (list(mean), list(std)) if isinstance(mean, (list, tuple)) and isinstance(std, (list, tuple)) else None
 
 
 def _pair(value) -> tuple[int, int] | None:
@@ -410,15 +417,20 @@ class FrozenTeacherMixin:
     ) -> tuple[list[float], list[float]]:
         """The teacher's own input normalisation (never the student's): the given values, else the config's
         teacher_image_mean/std, else the teacher folder's preprocessor_config.json, else a timm teacher's
-        pretrained_cfg."""
+        pretrained_cfg, else the image_mean/image_std of the teacher's own config (an hf_mim model's)."""
         mean = image_mean if image_mean is not None else self.config.teacher_image_mean
         std = image_std if image_std is not None else self.config.teacher_image_std
         if mean is None or std is None:
-            found = (read_teacher_normalization(path, subfolder) if path else None) or timm_normalization(model)
+            found = (
+                (read_teacher_normalization(path, subfolder) if path else None)
+                or timm_normalization(model)
+                or config_normalization(model)
+            )
             if found is None:
                 where = f" in {path!r}" if path else ""
                 raise ValueError(
-                    f"no teacher input normalisation found{where} (preprocessor_config.json or timm pretrained_cfg): "
+                    f"no teacher input normalisation found{where} (preprocessor_config.json, timm pretrained_cfg or "
+                    "image_mean/image_std in its config): "
                     "set config.teacher_image_mean and config.teacher_image_std (or pass them to set_teacher)"
                 )
             mean = mean if mean is not None else found[0]

@@ -8,6 +8,7 @@ model itself (its own forward, outside hf_mim's teacher code).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -197,6 +198,10 @@ def test_a_finished_dbot_stage_is_a_teacher(tmp_path):
     assert student.config.teacher_hidden_size == 32
     pixel_values = torch.randn(2, 3, 32, 32)
     tokens = student.teacher_features(pixel_values)
+    in_memory = MaskDistillForMaskedImageModeling(MaskDistillConfig.from_preset("tiny", teacher_hidden_size=32)).eval()
+    in_memory.set_teacher(copy.deepcopy(finished))  # its backbone; mean/std from the teacher's own config
+    assert in_memory._frozen_teacher.image_mean.flatten().tolist() == pytest.approx(IMAGENET_MEAN)
+    assert max_abs_diff(in_memory.teacher_features(pixel_values), tokens) <= 1e-6
     final_norm = torch.nn.LayerNorm(32, eps=1e-6).requires_grad_(False)
     final_norm.load_state_dict(finished.dbot.encoder.layernorm.state_dict())  # start_new_stage re-draws it
     finished.start_new_stage()  # the student encoder becomes dBOT's own teacher (no final norm)
