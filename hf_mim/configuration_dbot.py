@@ -14,9 +14,10 @@ from .configuration_common import (
     check_positive_numbers,
     config_error,
 )
+from .teachers import IMAGENET_MEAN, IMAGENET_STD, TeacherConfigMixin, as_list
 
 
-class DbotConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
+class DbotConfig(ViTBackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin, PreTrainedConfig):
     r"""Configuration of a dBOT student (ViT encoder + feature-regressing decoder) and its frozen teacher.
 
     Defaults are the paper's ViT-B/16 pretraining recipe (official repository, `PRETRAIN.md`).
@@ -42,6 +43,17 @@ class DbotConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
             `target_norm_eps` inside the square root) before the loss (`--norm_feature_loss`).
         smooth_l1_beta: Smooth-L1 transition point (2.0).
         stage: number of bootstraps done so far (0 = random teacher); bookkeeping for checkpoints.
+        teacher_name_or_path: an external teacher for stage 0 instead of the random one (the paper's
+            comparison with CLIP / larger teachers): a CLIP vision tower, a timm ViT (TimmWrapperModel) or an
+            hf_mim model (e.g. a finished dBOT stage), frozen and never saved (hf_mim/teachers.py). Stage 0
+            then regresses its per-token-normalised patch tokens on the masked patches (the cls position is
+            left out: an external cls token is not the student's, as in the official CLIP-teacher branch);
+            later stages bootstrap from the student as before. None (default): the random stage-0 teacher.
+        teacher_layer, teacher_image_mean, teacher_image_std, image_mean, image_std: how the external
+            teacher is read and fed (see `TeacherConfigMixin`).
+        teacher_hidden_size: width of the external teacher's tokens (None: hidden_size); the decoder
+            predicts it in stage 0. A width other than hidden_size allows one stage only (the decoder
+            could not regress the bootstrapped teacher of stage 1).
         use_mean_pooling: the fine-tuning representation is the mean of patch tokens + `fc_norm`
             (official `global_pool=True`); False uses the cls token after the final norm.
         initializer_range: std of the cls/mask token init; classifier_init_std: the head's (0.01).
@@ -96,6 +108,13 @@ class DbotConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         target_norm_eps: float = 1e-6,
         smooth_l1_beta: float = 2.0,
         stage: int = 0,
+        teacher_name_or_path: str | None = None,
+        teacher_layer: str = "last_hidden_state",
+        teacher_hidden_size: int | None = None,
+        teacher_image_mean: list[float] | None = None,
+        teacher_image_std: list[float] | None = None,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
         use_mean_pooling: bool = True,
         initializer_range: float = 0.02,
         classifier_init_std: float = 0.01,
@@ -121,11 +140,25 @@ class DbotConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         self.target_norm_eps = target_norm_eps
         self.smooth_l1_beta = smooth_l1_beta
         self.stage = stage
+        self.teacher_name_or_path = teacher_name_or_path
+        self.teacher_layer = teacher_layer
+        self.teacher_hidden_size = teacher_hidden_size
+        self.teacher_image_mean = as_list(teacher_image_mean)
+        self.teacher_image_std = as_list(teacher_image_std)
+        self.image_mean = as_list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
+        self.image_std = as_list(image_std) if image_std is not None else list(IMAGENET_STD)
         self.use_mean_pooling = use_mean_pooling
         self.initializer_range = initializer_range
         self.classifier_init_std = classifier_init_std
         super().__init__(**kwargs)
         self.validate()
+
+    @property
+    def target_size(self) -> int:
+        """Width the decoder predicts: the external teacher's in stage 0 (when given), else hidden_size."""
+        if self.stage == 0 and self.teacher_hidden_size is not None:
+            return self.teacher_hidden_size
+        return self.hidden_size
 
     def validate(self) -> None:
         """Raise a ValueError naming the first invalid field."""
@@ -150,6 +183,7 @@ class DbotConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
             raise config_error("mask_ratio", self.mask_ratio, f"leaves no visible patch out of {num_patches}")
         check_fraction("drop_path_rate", self.drop_path_rate)
         check_positive_numbers(self, "smooth_l1_beta", "mlp_ratio", "layer_norm_eps", "target_norm_eps")
+        self.validate_teacher_fields(optional_width=True)
 
 
 __all__ = ["DbotConfig"]

@@ -10,6 +10,15 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
+from .teachers import (  # noqa: F401 (teacher_token_width, as_list re-exported)
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TARGET_NORMALIZATIONS,
+    TEACHER_LAYERS,
+    TeacherConfigMixin,
+    as_list,
+    teacher_token_width,
+)
 from .configuration_common import (
     ViTBackboneConfigMixin,
     PresetConfigMixin,
@@ -23,35 +32,11 @@ from .configuration_common import (
     config_error,
 )
 
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
 TARGETS = ("teacher", "pixels")
-TEACHER_LAYERS = ("last_hidden_state", "post_layernorm", "projected")
-TARGET_NORMALIZATIONS = ("layer_norm", "layer_norm_unbiased", "none")
 LOSSES = ("smooth_l1", "mse", "l1")
 
 
-def teacher_token_width(teacher_config: PreTrainedConfig, layer: str) -> int:
-    """Width of the teacher tokens at `layer`. A timm teacher's config (TimmWrapperConfig) states no width,
-    so its network is built on the meta device (no memory, no weights) to read `num_features`."""
-    if getattr(teacher_config, "model_type", None) == "timm_wrapper":
-        if layer == "projected":
-            raise config_error("teacher_layer", layer, "a timm teacher has no projection (use 'last_hidden_state')")
-        import torch
-        from transformers import AutoModel
-
-        with torch.device("meta"):
-            return AutoModel.from_config(teacher_config).timm_model.num_features
-    return teacher_config.projection_dim if layer == "projected" else teacher_config.hidden_size
-
-
-def as_list(value):
-    """A tuple of per-channel values as a list (JSON round trip); anything else as given, for `validate`."""
-    return list(value) if isinstance(value, tuple) else value
-
-
-class MaskDistillConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
+class MaskDistillConfig(ViTBackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin, PreTrainedConfig):
     r"""Configuration of a MaskDistill student (BEiT-style ViT + linear head) and its frozen teacher.
 
     Defaults are ViT-B/16 with a CLIP-B/16 teacher. Named sizes: `MaskDistillConfig.from_preset("base" |
@@ -209,18 +194,6 @@ class MaskDistillConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedCon
     def num_masking_patches(self) -> int:
         return int(self.mask_ratio * self.num_patches)
 
-    @classmethod
-    def for_teacher(cls, teacher_name_or_path: str, preset: str | None = None, **overrides) -> "MaskDistillConfig":
-        """A config whose `teacher_hidden_size` is read from the teacher's config (offline if cached)."""
-        from transformers import AutoConfig
-
-        teacher_config = AutoConfig.from_pretrained(teacher_name_or_path)
-        teacher_config = getattr(teacher_config, "vision_config", None) or teacher_config
-        layer = overrides.get("teacher_layer", "last_hidden_state")
-        width = teacher_token_width(teacher_config, layer)
-        overrides = {"teacher_name_or_path": str(teacher_name_or_path), "teacher_hidden_size": width, **overrides}
-        return cls.from_preset(preset, **overrides) if preset else cls(**overrides)
-
     def validate(self) -> None:
         """Raise a ValueError naming the first invalid field."""
         check_patch_grid(self.image_size, self.patch_size)
@@ -228,24 +201,9 @@ class MaskDistillConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedCon
         check_heads_divide("hidden_size", self.hidden_size, "num_attention_heads", self.num_attention_heads)
         check_non_negative_int("num_hidden_layers", self.num_hidden_layers)
         check_choice("target", self.target, TARGETS)
-        check_choice("teacher_layer", self.teacher_layer, TEACHER_LAYERS)
         check_choice("target_normalization", self.target_normalization, TARGET_NORMALIZATIONS)
         check_choice("loss", self.loss, LOSSES)
-        check_positive_int("teacher_hidden_size", self.teacher_hidden_size)
-        if self.teacher_name_or_path is not None and not isinstance(self.teacher_name_or_path, str):
-            raise config_error("teacher_name_or_path", self.teacher_name_or_path, "expected a path/name or None")
-        for field in ("teacher_image_mean", "teacher_image_std", "image_mean", "image_std"):
-            value = getattr(self, field)
-            if value is not None and (
-                not isinstance(value, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
-            ):
-                raise config_error(field, value, f"expected a list of {self.num_channels} numbers (one per channel)")
-            if value is not None and len(value) != self.num_channels:
-                raise config_error(field, value, f"expected {self.num_channels} values (one per channel)")
-        for field in ("teacher_image_std", "image_std"):
-            value = getattr(self, field)
-            if value is not None and any(v <= 0 for v in value):
-                raise config_error(field, value, "standard deviations must be positive")
+        self.validate_teacher_fields()
         check_fraction("mask_ratio", self.mask_ratio)
         check_positive_int("mask_min_num_patches", self.mask_min_num_patches)
         if not 0 < self.mask_min_aspect <= 1:

@@ -23,7 +23,10 @@ from .configuration_common import (
     check_positive_int,
     config_error,
 )
+from .teachers import IMAGENET_MEAN, IMAGENET_STD, TARGET_NORMALIZATIONS, TeacherConfigMixin, as_list
 
+TARGETS = ("pixels", "teacher")
+TEACHER_LOSSES = ("mse", "smooth_l1")
 FUSION_TYPES = ("linear", "up_linear", "identity")
 POOLING_TYPES = ("mean", "cls")
 PYRAMID_TYPES = ("simple", "none")
@@ -32,7 +35,7 @@ PYRAMID_TYPES = ("simple", "none")
 _UNSET = object()  # an argument not given at all (None given explicitly follows transformers' rule)
 
 
-class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
+class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin, PreTrainedConfig):
     r"""Configuration of a RevColV2 network: bottom-up and top-down reversible columns of ViT-block levels.
 
     Defaults are hf_mim's reading of RevColV2-B (about 90 M parameters, the paper reports 88 M).
@@ -65,6 +68,19 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
             reuses the same ramp (RevCol v1).
         mask_ratio: fraction of patches removed before the bottom-up columns (uniform random, 0.75).
         norm_pix_loss, norm_pix_eps: per-patch normalised pixel targets (MAE), masked-patch MSE.
+        target: "pixels" (default: the masked patches' pixels from the lowest level of the last top-down
+            column) or "teacher" (the paper's "extra teacher" variant: a frozen teacher's normalised patch
+            features at the masked positions, through a LayerNorm + Linear head on the last top-down column).
+            The paper leaves open what follows; each is a field (see the model card):
+        teacher_name_or_path, teacher_layer, teacher_hidden_size, teacher_image_mean, teacher_image_std,
+            image_mean, image_std: the frozen teacher (CLIP, timm ViT or hf_mim model) and its input, as in
+            `TeacherConfigMixin` (hf_mim/teachers.py); `RevColV2Config.for_teacher(path)` reads the width.
+        teacher_head_level: which level of the last top-down column the teacher head reads (0 = the lowest,
+            where the pixel head sits: only the target changes; num_levels - 1 = the top, semantic level).
+        target_normalization, target_norm_eps: N of the teacher tokens ("layer_norm" per token without
+            affine, as MaskDistill; "layer_norm_unbiased"; "none").
+        teacher_loss, smooth_l1_beta: "mse" (as the pixel target) or "smooth_l1" (as MaskDistill) over the
+            masked patches.
         use_cls_token: a cls token enters with the patches and runs through every level (MAE layout);
             the fine-tuning representation still pools patch tokens by default.
         classifier_pooling: "mean" (mean of the top-level patch tokens + fc_norm, as RevCol v1 and MAE
@@ -127,6 +143,19 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         mask_ratio: float = 0.75,
         norm_pix_loss: bool = True,
         norm_pix_eps: float = 1e-6,
+        target: str = "pixels",
+        teacher_name_or_path: str | None = None,
+        teacher_layer: str = "last_hidden_state",
+        teacher_hidden_size: int = 768,
+        teacher_image_mean: list[float] | None = None,
+        teacher_image_std: list[float] | None = None,
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        teacher_head_level: int = 0,
+        target_normalization: str = "layer_norm",
+        target_norm_eps: float = 1e-6,
+        teacher_loss: str = "mse",
+        smooth_l1_beta: float = 1.0,
         use_cls_token: bool = True,
         classifier_pooling: str = "mean",
         backbone_pyramid: str = "simple",
@@ -155,6 +184,19 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
         self.norm_pix_eps = norm_pix_eps
+        self.target = target
+        self.teacher_name_or_path = teacher_name_or_path
+        self.teacher_layer = teacher_layer
+        self.teacher_hidden_size = teacher_hidden_size
+        self.teacher_image_mean = as_list(teacher_image_mean)
+        self.teacher_image_std = as_list(teacher_image_std)
+        self.image_mean = as_list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
+        self.image_std = as_list(image_std) if image_std is not None else list(IMAGENET_STD)
+        self.teacher_head_level = teacher_head_level
+        self.target_normalization = target_normalization
+        self.target_norm_eps = target_norm_eps
+        self.teacher_loss = teacher_loss
+        self.smooth_l1_beta = smooth_l1_beta
         self.use_cls_token = use_cls_token
         self.classifier_pooling = classifier_pooling
         self.backbone_pyramid = backbone_pyramid
@@ -180,6 +222,11 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
     def depths(self) -> list[int]:
         """Blocks per level, i.e. per backbone stage (the name transformers' backbone configs use)."""
         return list(self.blocks_per_level)
+
+    @property
+    def target_size(self) -> int:
+        """Width of the pretraining head's output: one patch of pixels, or the teacher's token width."""
+        return self.teacher_hidden_size if self.target == "teacher" else self.patch_size**2 * self.num_channels
 
     @property
     def num_hidden_layers(self) -> int:
@@ -222,6 +269,15 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         num_patches = (self.image_size // self.patch_size) ** 2
         if int(num_patches * (1 - self.mask_ratio)) < 1:
             raise config_error("mask_ratio", self.mask_ratio, f"leaves no visible patch out of {num_patches}")
+        check_choice("target", self.target, TARGETS)
+        check_choice("target_normalization", self.target_normalization, TARGET_NORMALIZATIONS)
+        check_choice("teacher_loss", self.teacher_loss, TEACHER_LOSSES)
+        if not isinstance(self.teacher_head_level, int) or not 0 <= self.teacher_head_level < self.num_levels:
+            raise config_error(
+                "teacher_head_level", self.teacher_head_level, f"expected a level in [0, num_levels={self.num_levels})"
+            )
+        check_positive_numbers(self, "target_norm_eps", "smooth_l1_beta")
+        self.validate_teacher_fields()
         for field in ("use_reversible", "norm_pix_loss", "use_cls_token", "qkv_bias"):
             if not isinstance(getattr(self, field), bool):
                 raise config_error(field, getattr(self, field), "expected True or False")

@@ -3,8 +3,9 @@
 A MAE-style student (encoder on the visible 25 % of patches, narrow decoder) regresses, at every
 position, the per-token-normalised features a frozen teacher computes from the full image (Smooth-L1,
 beta 2, masked patches + cls). Training runs in stages: the stage-0 teacher is the student's own
-random initialisation; at each stage boundary `start_new_stage()` makes the student the teacher and
-re-initialises the student.
+random initialisation (or, with `config.teacher_name_or_path`, a given frozen teacher: CLIP, timm or
+hf_mim, see hf_mim/teachers.py); at each stage boundary `start_new_stage()` makes the student the teacher
+and re-initialises the student.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from .modeling_common import (
     reinitialize,
 )
 from .objectives import normalize_per_token, smooth_l1, weighted_token_mean
+from .teachers import FrozenTeacherMixin
 
 
 @dataclass
@@ -42,9 +44,10 @@ class DbotMaskedImageModelingOutput(ModelOutput):
 
     Token sequences have the cls position at index 0, then every patch in raster order.
 
-    loss: Smooth-L1 over masked patches + cls.
+    loss: Smooth-L1 over masked patches + cls (masked patches only with an external stage-0 teacher).
     predictions: (B, 1 + N, D) decoder predictions of the teacher features.
-    targets: (B, 1 + N, D) teacher features after per-token normalisation.
+    targets: (B, 1 + N, D) teacher features after per-token normalisation; (B, N, D) patch tokens only
+        with an external stage-0 teacher (`config.teacher_name_or_path` or `set_teacher`).
     bool_masked_pos: (B, N) True = hidden from the student.
     patch_loss: (B, N) per-patch loss (mean over channels) for every patch, masked or not, for pictures.
     encoder_last_hidden_state: (B, 1 + num_visible, D) student encoder output (cls, then visible patches
@@ -86,7 +89,7 @@ def build_decoder(config: DbotConfig) -> MaeDecoder:
         dim=config.decoder_hidden_size,
         depth=config.decoder_num_hidden_layers,
         num_heads=config.decoder_num_attention_heads,
-        output_dim=config.hidden_size,
+        output_dim=config.target_size,
         grid_size=config.image_size // config.patch_size,
         mlp_ratio=config.mlp_ratio,
         qkv_bias=config.qkv_bias,
@@ -181,8 +184,12 @@ class DbotModel(DbotPreTrainedModel):
         )
 
 
-class DbotForMaskedImageModeling(MIMTrainingEventsMixin, DbotPreTrainedModel):
-    """The dBOT pretraining objective: student + decoder + frozen teacher + Smooth-L1 distillation loss."""
+class DbotForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin, DbotPreTrainedModel):
+    """The dBOT pretraining objective: student + decoder + frozen teacher + Smooth-L1 distillation loss.
+
+    `teacher` is the bootstrapped teacher (a submodule, saved with the student); an external stage-0
+    teacher (`config.teacher_name_or_path` or `set_teacher`, `external_teacher`) replaces it in stage 0
+    only and is never saved."""
 
     has_training_stages = True  # start_new_stage: teacher <- student, student re-initialised
 
@@ -195,7 +202,15 @@ class DbotForMaskedImageModeling(MIMTrainingEventsMixin, DbotPreTrainedModel):
         self.dbot.encoder.embeddings.position_embeddings.requires_grad_(False)
         self.decoder = build_decoder(config)
         self.teacher = self._build_teacher(config.teacher_depth)
+        self.init_frozen_teacher()
         self.post_init()
+
+    def uses_external_teacher(self) -> bool:
+        """An external teacher (when one is configured or set) replaces the random one in stage 0 only."""
+        return self.config.stage == 0
+
+    def external_teacher_width(self) -> int:
+        return self.config.target_size
 
     def _build_teacher(self, depth: int) -> ViTEncoder:
         teacher = build_vit_encoder(self.config, depth, use_final_norm=self.config.teacher_use_final_norm, drop_path_rate=0.0)
@@ -264,24 +279,30 @@ class DbotForMaskedImageModeling(MIMTrainingEventsMixin, DbotPreTrainedModel):
         )
         predictions = self.decoder(encoded.last_hidden_state, mask.ids_restore, grid)
 
-        targets = self.teacher_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        if self.load_teacher() is not None:  # stage 0 from a given teacher: its patch tokens, no cls
+            targets = self.external_teacher_features(pixel_values).float()
+            prediction_tokens, weights = predictions[:, 1:], mask.bool_masked_pos
+        else:
+            targets = self.teacher_features(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+            # The cls position is always part of the loss (official forward_loss), then the masked patches.
+            prediction_tokens = predictions
+            weights = torch.cat([torch.ones_like(mask.bool_masked_pos[:, :1]), mask.bool_masked_pos], dim=1)
         if self.config.normalize_targets:
             targets = normalize_per_token(targets, eps=self.config.target_norm_eps, unbiased=True)
         if targets.shape[-1] != predictions.shape[-1]:
             raise ValueError(
                 f"teacher width {targets.shape[-1]} differs from the prediction width {predictions.shape[-1]}"
             )
-        token_loss = smooth_l1(predictions.float(), targets.float(), beta=self.config.smooth_l1_beta).mean(dim=-1)
-        # The cls position is always part of the loss (official forward_loss), then the masked patches.
-        weights = torch.cat([torch.ones_like(mask.bool_masked_pos[:, :1]), mask.bool_masked_pos], dim=1)
+        token_loss = smooth_l1(prediction_tokens.float(), targets.float(), beta=self.config.smooth_l1_beta).mean(dim=-1)
         loss = weighted_token_mean(token_loss, weights)
+        patch_loss = token_loss[:, -mask.bool_masked_pos.shape[1]:].detach()
 
         output = DbotMaskedImageModelingOutput(
             loss=loss,
             predictions=predictions,
             targets=targets,
             bool_masked_pos=mask.bool_masked_pos,
-            patch_loss=token_loss[:, 1:].detach(),
+            patch_loss=patch_loss,
             encoder_last_hidden_state=encoded.last_hidden_state,
             hidden_states=encoded.hidden_states,
             attentions=encoded.attentions,
@@ -298,7 +319,14 @@ class DbotForMaskedImageModeling(MIMTrainingEventsMixin, DbotPreTrainedModel):
 
         Parameters are re-drawn in place, so an optimizer keeps working on the same tensors (the official
         code also keeps its AdamW moments across stages). The teacher is rebuilt only if its depth changes.
+        An external stage-0 teacher is dropped: from stage 1 on the student is the teacher.
         """
+        if self.config.target_size != self.config.hidden_size:
+            raise ValueError(
+                f"config.teacher_hidden_size={self.config.teacher_hidden_size} differs from hidden_size="
+                f"{self.config.hidden_size}: the decoder regresses the external teacher's width and cannot regress the "
+                "bootstrapped teacher of the next stage; train one stage (--num_stages 1) or use a teacher as wide as the student"
+            )
         student = self.dbot.encoder
         if self.config.teacher_depth != self.config.num_hidden_layers:
             reference = next(student.parameters())
@@ -311,6 +339,7 @@ class DbotForMaskedImageModeling(MIMTrainingEventsMixin, DbotPreTrainedModel):
         reinitialize(self.dbot, self._init_weights)
         reinitialize(self.decoder, self._init_weights)
         self.config.stage += 1
+        self.drop_teacher()
 
 
 class DbotForImageClassification(ImageClassificationMixin, DbotPreTrainedModel):

@@ -15,13 +15,9 @@ BEiT v2 (microsoft/unilm/beit2), which the first author names as its base.
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
@@ -44,7 +40,8 @@ from .modeling_common import (
     make_blocks,
     tag_beit_rescaled_layers,
 )
-from .objectives import normalize_per_token, patchify, smooth_l1, unpatchify, weighted_token_mean
+from .objectives import patchify, smooth_l1, unpatchify, weighted_token_mean
+from .teachers import FrozenTeacher, FrozenTeacherMixin, normalize_teacher_tokens, resolve_teacher_path  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -267,210 +264,7 @@ class MaskDistillModel(MaskDistillPreTrainedModel):
         return backbone_output(hidden_states, self.pooler, self.add_pooling_layer, all_hidden_states, attentions, return_dict)
 
 
-# --------------------------------------------------------------------------------------------------
-# The frozen teacher (kept outside the module tree)
-# --------------------------------------------------------------------------------------------------
-
-
-def resolve_teacher_path(teacher_name_or_path: str, student_name_or_path: str | None) -> tuple[str, str]:
-    """(folder or Hub id, subfolder) of the teacher. A path starting with "./" is relative to the student's
-    own folder or Hub repo (a converted student carries its teacher in `./teacher`), so the folder can be
-    moved or pushed and still finds it; a local student folder without it falls back to the working
-    directory. Anything else is used as given."""
-    if not teacher_name_or_path.startswith("./") or not student_name_or_path:
-        return teacher_name_or_path, ""
-    inner = teacher_name_or_path[2:]
-    if os.path.isdir(student_name_or_path):
-        beside = os.path.join(student_name_or_path, inner)
-        return (teacher_name_or_path if not os.path.isdir(beside) and os.path.isdir(teacher_name_or_path) else beside), ""
-    return student_name_or_path, inner  # a Hub repo: the teacher is its subfolder
-
-
-def read_teacher_normalization(teacher_name_or_path: str, subfolder: str = "") -> tuple[list[float], list[float]] | None:
-    """(image_mean, image_std) from the teacher folder's preprocessor_config.json, or None if absent."""
-    path = os.path.join(teacher_name_or_path, subfolder, "preprocessor_config.json")
-    if not os.path.isfile(path):
-        try:
-            from huggingface_hub import hf_hub_download
-
-            path = hf_hub_download(teacher_name_or_path, "preprocessor_config.json", subfolder=subfolder or None)
-        except Exception:
-            return None
-    with open(path, encoding="utf-8") as handle:
-        processor = json.load(handle)
-    if "image_mean" not in processor or "image_std" not in processor:
-        return None
-    return list(processor["image_mean"]), list(processor["image_std"])
-
-
-def load_teacher_model(teacher_name_or_path: str, subfolder: str = "") -> nn.Module:
-    """The teacher as saved: the transformers class named in its config's `architectures` (so a
-    `CLIPVisionModelWithProjection` keeps its projection), else whatever `AutoModel` builds."""
-    import transformers
-    from transformers import AutoConfig, AutoModel
-
-    config = AutoConfig.from_pretrained(teacher_name_or_path, subfolder=subfolder)
-    architectures = getattr(config, "architectures", None) or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
-    if model_class is None or not hasattr(model_class, "from_pretrained"):
-        model_class = AutoModel
-    return model_class.from_pretrained(teacher_name_or_path, subfolder=subfolder)
-
-
-def timm_backbone(model: nn.Module) -> nn.Module | None:
-    """The timm network of a teacher (`TimmWrapperModel.timm_model`, or a bare timm model), else None.
-
-    Recognised by what every timm model has (`pretrained_cfg`, `forward_features`): timm is not imported."""
-    inner = getattr(model, "timm_model", model)
-    return inner if hasattr(inner, "pretrained_cfg") and hasattr(inner, "forward_features") else None
-
-
-def timm_normalization(model: nn.Module) -> tuple[list[float], list[float]] | None:
-    """(image_mean, image_std) a timm teacher expects: the `pretrained_cfg` in its transformers config (what a
-    timm Hub folder's config.json carries), else the timm model's own default one (timm's
-    `resolve_data_config` falls back the same way); None for other teachers."""
-    backbone = timm_backbone(model)
-    if backbone is None:
-        return None
-    saved = getattr(getattr(model, "config", None), "pretrained_cfg", None)
-    for pretrained_cfg in (saved, backbone.pretrained_cfg):
-        if pretrained_cfg and pretrained_cfg.get("mean") is not None and pretrained_cfg.get("std") is not None:
-            return list(pretrained_cfg["mean"]), list(pretrained_cfg["std"])
-    return None
-
-
-def _pair(value) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
-
-class FrozenTeacher:
-    """A frozen vision model and how to feed it: its own input normalisation and image size.
-
-    Not an `nn.Module` on purpose: it must not enter the student's `state_dict`, parameters, optimizer
-    or saved files. It follows the student's device on each call and stays in eval mode.
-
-    Two kinds of teacher give the patch tokens (`layer` = `config.teacher_layer`):
-    - transformers vision models (CLIP-style): the vision tower's `last_hidden_state` (before
-      `post_layernorm`), optionally `post_layernorm` and `visual_projection`; the leading cls token dropped.
-    - timm ViT-style models (`TimmWrapperModel` or a bare timm model): the last block's tokens from timm's
-      `forward_intermediates`, before ("last_hidden_state") or after ("post_layernorm") the final norm, the
-      model's `num_prefix_tokens` (cls, registers) dropped. `TimmWrapperModel.last_hidden_state` is
-      "post_layernorm" here. timm models have no projection, so "projected" is refused.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        image_mean: list[float],
-        image_std: list[float],
-        layer: str = "last_hidden_state",
-    ):
-        model.requires_grad_(False)
-        model.eval()
-        self.model = model
-        self.layer = layer
-        self.image_mean = torch.tensor(image_mean, dtype=torch.float32).view(1, -1, 1, 1)
-        self.image_std = torch.tensor(image_std, dtype=torch.float32).view(1, -1, 1, 1)
-        self.timm = timm_backbone(model)
-        if self.timm is not None:
-            self._init_timm()
-        else:
-            self._init_transformers()
-
-    def _init_transformers(self) -> None:
-        layer = self.layer
-        self.vision = getattr(self.model, "vision_model", None) or self.model
-        self.post_layernorm = getattr(self.vision, "post_layernorm", None)
-        self.projection = getattr(self.model, "visual_projection", None)
-        if layer in ("post_layernorm", "projected") and self.post_layernorm is None:
-            raise ValueError(f"teacher_layer={layer!r} needs a teacher with a `post_layernorm` (CLIP-style vision tower)")
-        if layer == "projected" and self.projection is None:
-            raise ValueError(
-                "teacher_layer='projected' needs a teacher with a `visual_projection` "
-                "(CLIPVisionModelWithProjection or CLIPModel)"
-            )
-        config = getattr(self.model.config, "vision_config", None) or self.model.config
-        self.width = config.projection_dim if layer == "projected" else config.hidden_size
-        self.image_size = _pair(getattr(config, "image_size", None))
-        self.patch_size = _pair(getattr(config, "patch_size", None))
-
-    def _init_timm(self) -> None:
-        name = type(self.timm).__name__
-        needed = ("patch_embed", "num_prefix_tokens", "forward_intermediates")
-        missing = [attr for attr in needed if not hasattr(self.timm, attr)]
-        if missing:
-            raise ValueError(
-                f"the timm teacher ({name}) is not a ViT-style token model (no {', '.join(missing)}): MaskDistill "
-                "regresses one teacher token per patch, so use a timm ViT (vit_*, deit_*, eva_*, ...)"
-            )
-        if self.layer == "projected":
-            raise ValueError(
-                f"teacher_layer='projected' cannot be honoured by a timm teacher ({name} has no projection): use "
-                "'last_hidden_state' (last block, before the final norm) or 'post_layernorm' (after it)"
-            )
-        if self.layer == "post_layernorm" and isinstance(getattr(self.timm, "norm", None), (nn.Identity, type(None))):
-            raise ValueError(
-                f"teacher_layer='post_layernorm' cannot be honoured by this timm teacher ({name} has no final norm on "
-                "its tokens, e.g. it normalises the pooled feature with fc_norm): use 'last_hidden_state'"
-            )
-        self.width = self.timm.num_features
-        self.image_size = _pair(self.timm.patch_embed.img_size)
-        self.patch_size = _pair(self.timm.patch_embed.patch_size)
-
-    def check_grid(self, grid: int) -> None:
-        if self.image_size is None or self.patch_size is None:
-            return
-        teacher_grid = tuple(size // patch for size, patch in zip(self.image_size, self.patch_size))
-        if teacher_grid != (grid, grid):
-            raise ValueError(
-                f"the teacher's patch grid ({self.image_size[0]}x{self.image_size[1]} / {self.patch_size[0]}x"
-                f"{self.patch_size[1]} = {teacher_grid[0]}x{teacher_grid[1]}) does not match the student's "
-                f"({grid}x{grid}): choose a teacher (or teacher image size) with the same grid, "
-                "e.g. CLIP-B/16 at 224 for a /16 student at 224"
-            )
-
-    @torch.no_grad()
-    def tokens(self, images: torch.Tensor, num_patches: int) -> torch.Tensor:
-        """(B, N, D) patch tokens of the chosen layer for images in [0, 1] (B, C, H, W); prefix tokens dropped."""
-        parameter = next(self.model.parameters())
-        if parameter.device != images.device:
-            self.model.to(images.device)
-            parameter = next(self.model.parameters())
-        self.model.eval()
-        images = images.to(torch.float32)
-        if self.image_size is not None and tuple(images.shape[-2:]) != self.image_size:
-            images = F.interpolate(images, size=self.image_size, mode="bicubic", align_corners=False)
-        pixel_values = (images - self.image_mean.to(images.device)) / self.image_std.to(images.device)
-        pixel_values = pixel_values.to(parameter.dtype)
-        tokens = self._timm_tokens(pixel_values) if self.timm is not None else self._transformers_tokens(pixel_values)
-        num_prefix = tokens.shape[1] - num_patches
-        max_prefix = 0 if self.timm is not None else 8  # timm has dropped its prefix tokens already
-        if not 0 <= num_prefix <= max_prefix:
-            raise ValueError(
-                f"the teacher returned {tokens.shape[1]} tokens for {num_patches} student patches: "
-                "its patch grid must match the student's"
-            )
-        return tokens[:, num_prefix:]
-
-    def _transformers_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        tokens = self.vision(pixel_values=pixel_values).last_hidden_state
-        if self.layer in ("post_layernorm", "projected"):
-            tokens = self.post_layernorm(tokens)
-        if self.layer == "projected":
-            tokens = self.projection(tokens)
-        return tokens
-
-    def _timm_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The last block's patch tokens; timm drops the `num_prefix_tokens` itself."""
-        (tokens,) = self.timm.forward_intermediates(
-            pixel_values, indices=1, norm=self.layer == "post_layernorm", output_fmt="NLC", intermediates_only=True
-        )
-        return tokens
-
-
-class MaskDistillForMaskedImageModeling(MIMTrainingEventsMixin, MaskDistillPreTrainedModel):
+class MaskDistillForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin, MaskDistillPreTrainedModel):
     """The MaskDistill objective: BEiT-style student + linear head regress LN(teacher(full image)) on the
     masked patches with smooth-L1. The teacher is frozen and not saved (see the module docstring)."""
 
@@ -482,106 +276,19 @@ class MaskDistillForMaskedImageModeling(MIMTrainingEventsMixin, MaskDistillPreTr
         super().__init__(config)
         self.maskdistill = MaskDistillModel(config, add_pooling_layer=False)
         self.lm_head = nn.Linear(config.hidden_size, config.target_size)
-        object.__setattr__(self, "_frozen_teacher", None)
+        self.init_frozen_teacher()
         self.post_init()
 
-    # ---- teacher -------------------------------------------------------------------------------
+    # ---- teacher (hf_mim/teachers.py: lazy loading, set_teacher, normalisation, never saved) -------
 
-    @property
-    def teacher(self) -> nn.Module | None:
-        """The frozen teacher model (loaded from `config.teacher_name_or_path` on first access), or None."""
-        frozen = self.load_teacher()
-        return frozen.model if frozen is not None else None
+    teacher = FrozenTeacherMixin.external_teacher
 
-    def load_teacher(self) -> FrozenTeacher | None:
-        if self._frozen_teacher is None and self.config.target == "teacher" and self.config.teacher_name_or_path:
-            path, subfolder = resolve_teacher_path(self.config.teacher_name_or_path, self.config.name_or_path)
-            try:
-                model = load_teacher_model(path, subfolder)
-            except (OSError, ValueError) as error:
-                raise OSError(
-                    f"could not load the MaskDistill teacher from config.teacher_name_or_path={path!r}: {error}\n"
-                    "Point teacher_name_or_path at a local vision-model folder (e.g. a saved CLIPVisionModel or "
-                    "TimmWrapperModel), call model.set_teacher(...), or pass return_loss=False for predictions only."
-                ) from error
-            mean, std = self._teacher_normalization(model, path=path, subfolder=subfolder)
-            self._attach(FrozenTeacher(model, mean, std, self.config.teacher_layer))
-        return self._frozen_teacher
-
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """Also copy a teacher that the config names relative to the student ("./teacher") from the folder the
-        student was loaded from, so the saved folder (and a push) still finds it."""
-        super().save_pretrained(save_directory, *args, **kwargs)
-        name = self.config.teacher_name_or_path
-        if name and name.startswith("./"):
-            source, subfolder = resolve_teacher_path(name, self.config.name_or_path)
-            target = os.path.join(save_directory, name[2:])
-            if not subfolder and os.path.isdir(source) and not os.path.exists(target):
-                shutil.copytree(source, target)
-
-    def set_teacher(
-        self, model: nn.Module, image_mean: list[float] | None = None, image_std: list[float] | None = None
-    ) -> None:
-        """Use an in-memory teacher (frozen here), normalised as `_teacher_normalization` says."""
-        mean, std = self._teacher_normalization(model, image_mean, image_std)
-        self._attach(FrozenTeacher(model, mean, std, self.config.teacher_layer))
-
-    def _teacher_normalization(
-        self, model: nn.Module, image_mean=None, image_std=None, path: str | None = None, subfolder: str = ""
-    ) -> tuple[list[float], list[float]]:
-        """The teacher's own input normalisation (never the student's): the given values, else the config's
-        teacher_image_mean/std, else the teacher folder's preprocessor_config.json, else a timm teacher's
-        pretrained_cfg."""
-        mean = image_mean if image_mean is not None else self.config.teacher_image_mean
-        std = image_std if image_std is not None else self.config.teacher_image_std
-        if mean is None or std is None:
-            found = (read_teacher_normalization(path, subfolder) if path else None) or timm_normalization(model)
-            if found is None:
-                where = f" in {path!r}" if path else ""
-                raise ValueError(
-                    f"no teacher input normalisation found{where} (preprocessor_config.json or timm pretrained_cfg): "
-                    "set config.teacher_image_mean and config.teacher_image_std (or pass them to set_teacher)"
-                )
-            mean = mean if mean is not None else found[0]
-            std = std if std is not None else found[1]
-        return list(mean), list(std)
-
-    def _attach(self, frozen: FrozenTeacher) -> None:
-        frozen.check_grid(self.config.grid_size)
-        if frozen.width != self.config.teacher_hidden_size:
-            raise ValueError(
-                f"the teacher's {self.config.teacher_layer} tokens are {frozen.width} wide but "
-                f"config.teacher_hidden_size={self.config.teacher_hidden_size} (the head's output width); "
-                "build the config with MaskDistillConfig.for_teacher(...)"
-            )
-        object.__setattr__(self, "_frozen_teacher", frozen)
-
-    def images_from_pixel_values(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Undo the student's (ImageNet) normalisation: pixel_values -> images in [0, 1]."""
-        mean = torch.tensor(self.config.image_mean, device=pixel_values.device, dtype=torch.float32).view(1, -1, 1, 1)
-        std = torch.tensor(self.config.image_std, device=pixel_values.device, dtype=torch.float32).view(1, -1, 1, 1)
-        return pixel_values.to(torch.float32) * std + mean
-
-    @torch.no_grad()
     def teacher_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """(B, N, D_teacher) raw teacher patch tokens (chosen layer, before N) for the student's pixel_values."""
-        frozen = self.load_teacher()
-        if frozen is None:
-            raise ValueError(
-                "MaskDistill needs a teacher for target='teacher': set config.teacher_name_or_path to a local "
-                "vision-model folder (e.g. a saved CLIPVisionModel or TimmWrapperModel), call "
-                "set_teacher(model, mean, std), or use target='pixels'"
-            )
-        num_patches = (pixel_values.shape[-2] // self.config.patch_size) * (pixel_values.shape[-1] // self.config.patch_size)
-        return frozen.tokens(self.images_from_pixel_values(pixel_values), num_patches)
+        return self.external_teacher_features(pixel_values)
 
     def normalize_targets(self, tokens: torch.Tensor) -> torch.Tensor:
-        method, eps = self.config.target_normalization, self.config.target_norm_eps
-        if method == "layer_norm":
-            return F.layer_norm(tokens.float(), tokens.shape[-1:], eps=eps)
-        if method == "layer_norm_unbiased":
-            return normalize_per_token(tokens.float(), eps=eps, unbiased=True)
-        return tokens.float()
+        return normalize_teacher_tokens(tokens, self.config.target_normalization, self.config.target_norm_eps)
 
     def mask_generator(self, attention_maps=None) -> BlockwiseMaskGenerator:
         """How the data pipeline masks an image for this model: BEiT block-wise masking at mask_ratio."""
@@ -591,13 +298,6 @@ class MaskDistillForMaskedImageModeling(MIMTrainingEventsMixin, MaskDistillPreTr
             min_num_patches=self.config.mask_min_num_patches,
             min_aspect=self.config.mask_min_aspect,
         )
-
-    def train(self, mode: bool = True):
-        """The teacher stays in eval mode (it is not a submodule, so nn.Module.train never reaches it)."""
-        super().train(mode)
-        if self._frozen_teacher is not None:
-            self._frozen_teacher.model.eval()
-        return self
 
     def get_input_embeddings(self) -> nn.Module:
         return self.maskdistill.get_input_embeddings()

@@ -17,7 +17,8 @@ Layout (L = num_levels, C = hidden_size, P = 1 with the cls token):
     top-down column j, levels L-1 -> 0:   d_l(j) = Level(d_{l+1}(j), d_{l-1}(j-1)) + alpha * d_l(j-1)
                                            (d_L(j) = filled c_{L-1} of the last bottom-up column;
                                             d(-1) = the filled bottom-up states)
-    pretraining: pixels of the masked patches from d_0(last) (LayerNorm + Linear, norm-pix MSE)
+    pretraining: pixels of the masked patches from d_0(last) (LayerNorm + Linear, norm-pix MSE), or
+        (`target="teacher"`) a frozen teacher's normalised tokens from d_{teacher_head_level}(last)
     fine-tuning: d_{L-1}(last) (the top level) -> mean of patch tokens -> LayerNorm -> Linear
 """
 
@@ -47,8 +48,9 @@ from .modeling_common import (
     init_vit_weights,
     resize_position_table,
 )
-from .objectives import masked_mse, patchify, pixel_targets, unpatchify
+from .objectives import masked_mse, patchify, pixel_targets, smooth_l1, unpatchify, weighted_token_mean
 from .reversible import clamp_alpha, run_column
+from .teachers import FrozenTeacherMixin, normalize_teacher_tokens
 
 logger = logging.get_logger(__name__)
 
@@ -57,14 +59,17 @@ logger = logging.get_logger(__name__)
 class RevColV2MaskedImageModelingOutput(ModelOutput):
     """Output of `RevColV2ForMaskedImageModeling`.
 
-    loss: MSE over the masked patches (against per-patch normalised pixels with `norm_pix_loss`).
-    predictions: (B, N, p*p*C) predicted patches, every position, raster order (MAE patch layout).
+    loss: MSE over the masked patches (against per-patch normalised pixels with `norm_pix_loss`), or with
+        `target="teacher"` the `teacher_loss` against the normalised teacher tokens.
+    predictions: (B, N, p*p*C) predicted patches, every position, raster order (MAE patch layout); with
+        `target="teacher"` (B, N, teacher_hidden_size) predicted teacher tokens.
     bool_masked_pos: (B, N) True = removed before the bottom-up columns.
     reconstruction: (B, C, H, W) the predictions as an image in the input's (normalised) pixel space;
         with `norm_pix_loss` each patch is un-normalised with its target patch's mean and variance.
     patch_loss: (B, N) per-patch MSE (mean over the patch's values), for pictures.
     last_hidden_state: (B, P + N, C) top level of the last top-down column.
     hidden_states: see `RevColV2Model`.
+    targets: (B, N, teacher_hidden_size) normalised teacher tokens (`target="teacher"` only; no reconstruction then).
     """
 
     loss: torch.Tensor | None = None
@@ -74,6 +79,7 @@ class RevColV2MaskedImageModelingOutput(ModelOutput):
     patch_loss: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
+    targets: torch.Tensor | None = None
 
 
 @dataclass
@@ -464,21 +470,24 @@ class RevColV2Model(RevColV2PreTrainedModel):
 
 
 class RevColV2PixelDecoder(nn.Module):
-    """LayerNorm + Linear from the lowest level of the last top-down column to the raw patch values."""
+    """LayerNorm + Linear from a level of the last top-down column to the target: the raw patch values
+    (lowest level), or the teacher's tokens (`target="teacher"`, level `teacher_head_level`)."""
 
     def __init__(self, config: RevColV2Config):
         super().__init__()
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.pred = nn.Linear(config.hidden_size, config.patch_size**2 * config.num_channels)
+        self.pred = nn.Linear(config.hidden_size, config.target_size)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.pred(self.norm(hidden_states))
 
 
-class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, RevColV2PreTrainedModel):
+class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin, RevColV2PreTrainedModel):
     """RevColV2 pretraining: 75 % of the patches removed before the bottom-up columns, mask tokens at
     the top-down transition, masked patches reconstructed from the lowest level of the last top-down
-    column; MSE against per-patch normalised pixels."""
+    column; MSE against per-patch normalised pixels. `target="teacher"`: the masked positions regress a
+    frozen teacher's normalised tokens instead (hf_mim/teachers.py: loaded lazily, never saved, no
+    gradient; it runs outside the reversible columns, so their memory stays flat in the column count)."""
 
     _keys_to_ignore_on_load_unexpected = [r"^revcolv2\.pooler\.", r"^classifier\."]
 
@@ -488,7 +497,10 @@ class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, RevColV2PreTrainedM
         # Fixed sin-cos positions during pretraining (MAE).
         self.revcolv2.embeddings.position_embeddings.requires_grad_(False)
         self.decoder = RevColV2PixelDecoder(config)
+        self.init_frozen_teacher()
         self.post_init()
+
+    teacher = FrozenTeacherMixin.external_teacher
 
     def get_input_embeddings(self) -> nn.Module:
         return self.revcolv2.get_input_embeddings()
@@ -524,8 +536,38 @@ class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, RevColV2PreTrainedM
         )
         columns = self.revcolv2.run_columns(pixel_values, mask, interpolate_pos_encoding)
         prefix = self.revcolv2.num_prefix_tokens
-        predictions = self.decoder(columns.levels[0][:, prefix:])
+        if self.config.target == "teacher":
+            predictions = self.decoder(columns.levels[self.config.teacher_head_level][:, prefix:])
+            targets = normalize_teacher_tokens(
+                self.external_teacher_features(pixel_values), self.config.target_normalization, self.config.target_norm_eps
+            )
+            if targets.shape != predictions.shape:
+                raise ValueError(f"teacher targets of shape {tuple(targets.shape)} do not match predictions {tuple(predictions.shape)}")
+            if self.config.teacher_loss == "smooth_l1":
+                per_patch = smooth_l1(predictions.float(), targets, beta=self.config.smooth_l1_beta).mean(dim=-1)
+            else:
+                per_patch = ((predictions.float() - targets) ** 2).mean(dim=-1)
+            loss = weighted_token_mean(per_patch, mask.bool_masked_pos)  # the masked positions only
+            patch_loss, reconstruction = per_patch.detach(), None
+        else:
+            predictions = self.decoder(columns.levels[0][:, prefix:])
+            loss, patch_loss, reconstruction = self._pixel_loss(predictions, pixel_values, mask, grid)
+            targets = None
 
+        output = RevColV2MaskedImageModelingOutput(
+            loss=loss,
+            predictions=predictions,
+            bool_masked_pos=mask.bool_masked_pos,
+            reconstruction=reconstruction,
+            patch_loss=patch_loss,
+            last_hidden_state=columns.levels[-1],
+            hidden_states=(columns.embeddings, *columns.levels) if output_hidden_states else None,
+            targets=targets,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _pixel_loss(self, predictions, pixel_values, mask, grid):
+        """(loss, patch_loss, reconstruction) of the pixel target: masked-patch MSE against (normalised) patches."""
         patch_size = self.config.patch_size
         # targets (and their per-patch statistics) in float32, also under bf16/fp16 autocast
         raw = patchify(pixel_values.float(), patch_size)
@@ -541,17 +583,7 @@ class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, RevColV2PreTrainedM
                 std = torch.sqrt(raw.var(dim=-1, keepdim=True) + self.config.norm_pix_eps)
                 pixels = pixels * std + mean
             reconstruction = unpatchify(pixels, patch_size, grid, self.config.num_channels)
-
-        output = RevColV2MaskedImageModelingOutput(
-            loss=loss,
-            predictions=predictions,
-            bool_masked_pos=mask.bool_masked_pos,
-            reconstruction=reconstruction,
-            patch_loss=patch_loss,
-            last_hidden_state=columns.levels[-1],
-            hidden_states=(columns.embeddings, *columns.levels) if output_hidden_states else None,
-        )
-        return output if return_dict else output.to_tuple()
+        return loss, patch_loss, reconstruction
 
 
 # --------------------------------------------------------------------------------------------------

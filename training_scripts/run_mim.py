@@ -82,7 +82,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model.add_argument("--mask_ratio", type=float)
     model.add_argument("--mask_patch_size", type=int, help="side in pixels of one mask unit (methods with that field: AMT)")
     model.add_argument(
-        "--teacher_name_or_path", help="a frozen teacher for methods that distil one (MaskDistill): local folder or Hub id"
+        "--teacher_name_or_path",
+        help="a frozen teacher (CLIP, timm ViT or hf_mim model; local folder or Hub id) for the methods that regress "
+        "one: MaskDistill, RevColV2 with target=teacher, dBOT's stage 0; its width sets teacher_hidden_size",
     )
     optim.add_argument("--num_stages", type=int, default=1, help="dBOT bootstrap stages (the schedule restarts per stage)")
     run.add_argument("--picture_steps", type=int, help="save a picture of the model's work every N steps")

@@ -31,6 +31,14 @@ def build_pretraining_model(args, saved_config: dict | None = None):
     for name in ("image_size", "patch_size", "mask_ratio", "mask_patch_size", "teacher_name_or_path"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
+    reads_teacher = hasattr(family.config_class, "teacher_width_of")  # other methods: refused by name below
+    if args.teacher_name_or_path is not None and "teacher_hidden_size" not in overrides and reads_teacher:
+        try:  # the head's output width
+            overrides["teacher_hidden_size"] = family.config_class.teacher_width_of(
+                args.teacher_name_or_path, overrides.get("teacher_layer", "last_hidden_state")
+            )
+        except (OSError, ValueError) as error:
+            raise UserInputError(f"--teacher_name_or_path {args.teacher_name_or_path}: cannot read its config ({error})") from error
     known_fields = set(family.config_class().to_dict())
     unknown = sorted(name for name in overrides if name not in known_fields)
     if unknown:
