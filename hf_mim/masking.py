@@ -33,6 +33,11 @@ def num_visible_patches(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
+def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
+    """The patches MAE-style random masking hides: all but `num_visible_patches`."""
+    return num_patches - num_visible_patches(num_patches, mask_ratio)
+
+
 def random_masking(noise: torch.Tensor, mask_ratio: float) -> MaskIndices:
     """MAE per-sample random masking from explicit noise (B, N): ascending argsort, smallest noise kept.
 
@@ -48,22 +53,46 @@ def random_masking(noise: torch.Tensor, mask_ratio: float) -> MaskIndices:
     return MaskIndices(ids_shuffle[:, :len_keep], ids_restore, bool_masked_pos)
 
 
-def indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor) -> MaskIndices:
+def is_tracing() -> bool:
+    """True while torch.compile or torch.export traces: tensor values are unknown then, so mask counts
+    (which decide tensor shapes) must come from the config, not from the masks."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def uniform_count(mask: torch.Tensor, expected: int | None, rule: str) -> int:
+    """How many entries of every row (last dim) of a bool mask are True; all rows must agree (the
+    encoder batch is rectangular), as `rule` says ("bool_masked_pos must select the same number ...").
+
+    Eager: read from the tensor; rows that disagree raise a ValueError stating `rule`. While tracing
+    (`is_tracing`): `expected` (the count the config gives for the mask's shape), checked by an
+    assertion inside the graph, so a traced program is specialised to the config's counts and refuses
+    masks with others at run time.
+    """
+    if is_tracing():
+        if expected is None:
+            raise ValueError(f"{rule}: torch.compile / torch.export need that count from the config, none was given")
+        torch._assert_async(
+            (mask.sum(dim=-1) == expected).all(), f"{rule}, {expected} as the config says (a traced model keeps its counts)"
+        )
+        return expected
+    counts = mask.sum(dim=-1)
+    if (counts != counts.flatten()[0]).any():
+        raise ValueError(f"{rule}, got counts {counts.tolist()}")
+    return int(counts.flatten()[0])
+
+
+def indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor, num_masked: int | None = None) -> MaskIndices:
     """Index form of a given mask; visible patches enter in raster order.
 
     Every row must hide the same number of patches (the encoder batch is rectangular); a mask that
-    does not raises a ValueError saying so.
+    does not raises a ValueError saying so. `num_masked`: the count the config gives, used instead of
+    the mask's own while tracing (see `uniform_count`).
     """
     if bool_masked_pos.ndim != 2:
         raise ValueError(f"bool_masked_pos must have shape (batch, num_patches), got {tuple(bool_masked_pos.shape)}")
     bool_masked_pos = bool_masked_pos.bool()
-    counts = bool_masked_pos.sum(dim=1)
-    if (counts != counts[0]).any():
-        raise ValueError(
-            "bool_masked_pos must mask the same number of patches in every image, got counts "
-            f"{counts.tolist()}"
-        )
-    len_keep = bool_masked_pos.shape[1] - int(counts[0])
+    rule = "bool_masked_pos must mask the same number of patches in every image"
+    len_keep = bool_masked_pos.shape[1] - uniform_count(bool_masked_pos, num_masked, rule)
     ids_shuffle = torch.argsort(bool_masked_pos.to(torch.int8), dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     return MaskIndices(ids_shuffle[:, :len_keep], ids_restore, bool_masked_pos)
@@ -84,7 +113,7 @@ def mae_mask_indices(
     if bool_masked_pos is not None:
         if tuple(bool_masked_pos.shape) != shape:
             raise ValueError(f"bool_masked_pos must have shape {shape}, got {tuple(bool_masked_pos.shape)}")
-        return indices_from_bool_masked_pos(bool_masked_pos.to(device))
+        return indices_from_bool_masked_pos(bool_masked_pos.to(device), num_masked_patches(num_patches, mask_ratio))
     if noise is None:
         noise = torch.rand(shape, device=device)
     elif tuple(noise.shape) != shape:
@@ -240,10 +269,12 @@ def multi_masking(noise: torch.Tensor, mask_ratio: float, num_masks: int) -> Mul
     return MultiMaskIndices(ids_keep, bool_masked_pos)
 
 
-def multi_mask_indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor) -> MultiMaskIndices:
+def multi_mask_indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor, num_visible: int | None = None) -> MultiMaskIndices:
     """Index form of given masks (B, K, N) (or (B, N) = one mask); visible patches in raster order.
 
     Every mask of every image must keep the same number of patches (the encoder batch is rectangular).
+    `num_visible`: the count the config gives, used instead of the masks' own while tracing
+    (see `uniform_count`).
     """
     if bool_masked_pos.ndim == 2:
         bool_masked_pos = bool_masked_pos[:, None]
@@ -253,13 +284,8 @@ def multi_mask_indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor) -> Mu
             f"got {tuple(bool_masked_pos.shape)}"
         )
     bool_masked_pos = bool_masked_pos.bool()
-    batch_size, num_masks, num_patches = bool_masked_pos.shape
-    counts = (~bool_masked_pos).sum(dim=2)
-    if (counts != counts.flatten()[0]).any():
-        raise ValueError(
-            f"every mask must keep the same number of visible patches, got counts {counts.tolist()}"
-        )
-    len_keep = int(counts.flatten()[0])
+    rule = "every mask must keep the same number of visible patches"
+    len_keep = uniform_count(~bool_masked_pos, num_visible, rule)
     if len_keep < 1:
         raise ValueError("bool_masked_pos hides every patch of a mask: the student would see nothing")
     order = torch.argsort(bool_masked_pos.to(torch.int8), dim=2, stable=True)
@@ -469,11 +495,26 @@ class AttentionMaskGenerator:
     def num_units(self) -> int:
         return self.unit_grid * self.unit_grid
 
-    def _random_count(self, mask_ratio: float) -> int:
+    def _random_count(self, mask_ratio: float, num_units: int | None = None) -> int:
         """Masked units of random masking: MAE keeps int(N (1 - r)) patches, SimMIM masks ceil(N r) units."""
+        num_units = self.num_units if num_units is None else num_units
         if self.rounding == "floor":
-            return self.num_units - num_visible_patches(self.num_units, mask_ratio)
-        return math.ceil(self.num_units * mask_ratio)
+            return num_units - num_visible_patches(num_units, mask_ratio)
+        return math.ceil(num_units * mask_ratio)
+
+    def patch_counts(self, num_patches: int, throwing: bool) -> tuple[int, int]:
+        """(masked, thrown) patches of this generator's masks over `num_patches` patches: attention-driven
+        masking and throwing when `throwing` (strategy "amt" once maps exist), else random masking (the
+        baseline's `mask_ratio`, or `warmup_mask_ratio`) with nothing thrown. What a traced model
+        assumes given masks hold (`uniform_count`)."""
+        per_unit = self.unit_size * self.unit_size
+        num_units = num_patches // per_unit
+        if throwing and self.strategy == "amt":
+            masked, thrown = amt_counts(num_units, self.mask_ratio, self.throw_ratio, self.rounding)
+        else:
+            ratio = self.mask_ratio if self.strategy == "random" else self.warmup_mask_ratio
+            masked, thrown = self._random_count(ratio, num_units), 0
+        return masked * per_unit, thrown * per_unit
 
     def _check_counts(self) -> None:
         """Every way of masking must leave the encoder at least one visible unit."""

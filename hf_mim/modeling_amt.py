@@ -30,6 +30,8 @@ from .masking import (
     AttentionMaskGenerator,
     ThrowMasks,
     indices_from_bool_masked_pos,
+    is_tracing,
+    uniform_count,
     normalized_cls_attention,
     units_from_patches,
 )
@@ -177,12 +179,14 @@ class AmtModel(AmtPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        counts: tuple[int, int] | None = None,
     ):
         """The encoder on a masked image, as the variant does it. Returns (EncoderOutput, MAE's
         index form of the removed patches or None).
 
         MAE: only the visible patches enter (raster order). SimMIM: masked patches become the mask
-        token before positions are added, thrown patches are dropped after.
+        token before positions are added, thrown patches are dropped after. `counts`: the (masked,
+        thrown) patches per image of `masks` (`check_masks`), which fix the encoder's sequence length.
         """
         if masks is None:
             encoded = self.encoder(
@@ -192,8 +196,9 @@ class AmtModel(AmtPreTrainedModel):
                 output_attentions=output_attentions,
             )
             return encoded, None
+        num_masked, num_thrown = counts
         if self.config.variant == "mae":
-            removed = indices_from_bool_masked_pos(masks.bool_masked_pos | masks.bool_thrown_pos)
+            removed = indices_from_bool_masked_pos(masks.bool_masked_pos | masks.bool_thrown_pos, num_masked + num_thrown)
             encoded = self.encoder(
                 pixel_values,
                 ids_keep=removed.ids_keep,
@@ -202,7 +207,7 @@ class AmtModel(AmtPreTrainedModel):
                 output_attentions=output_attentions,
             )
             return encoded, removed
-        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos).ids_keep if masks.bool_thrown_pos.any() else None
+        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos, num_thrown).ids_keep if num_thrown else None
         encoded = self.encoder(
             pixel_values,
             ids_keep=ids_unthrown,
@@ -235,35 +240,65 @@ class AmtModel(AmtPreTrainedModel):
         output_hidden_states, output_attentions, return_dict = self.output_flags(
             output_hidden_states, output_attentions, return_dict
         )
-        masks = None
+        masks = counts = None
         if bool_masked_pos is not None or bool_thrown_pos is not None:
             rows, cols = self.encoder.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
             shape = (pixel_values.shape[0], rows * cols)
             empty = torch.zeros(shape, dtype=torch.bool, device=pixel_values.device)
-            masks = check_masks(
+            masks, counts = check_masks(
                 bool_masked_pos.to(pixel_values.device) if bool_masked_pos is not None else empty,
                 bool_thrown_pos.to(pixel_values.device) if bool_thrown_pos is not None else empty,
                 shape,
+                self._config_counts(shape[1], bool_masked_pos is not None, bool_thrown_pos is not None),
             )
-        encoded, _ = self.encode(pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions)
+        encoded, _ = self.encode(
+            pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions, counts
+        )
         return backbone_output(
             encoded.last_hidden_state, self.pooler, self.add_pooling_layer, encoded.hidden_states, encoded.attentions, return_dict
         )
 
+    def _config_counts(self, num_patches: int, masking: bool, throwing: bool) -> tuple[int, int]:
+        """(masked, thrown) patches a traced model assumes given masks hold: the config's, 0 for a mask not given."""
+        masked, thrown = amt_mask_generator(self.config).patch_counts(num_patches, throwing=throwing)
+        return (masked if masking else 0), (thrown if throwing else 0)
 
-def check_masks(bool_masked_pos: torch.Tensor, bool_thrown_pos: torch.Tensor, shape: tuple[int, int]) -> ThrowMasks:
-    """Validate given masks: (B, N) each, disjoint, the same counts in every image."""
+
+def check_masks(
+    bool_masked_pos: torch.Tensor, bool_thrown_pos: torch.Tensor, shape: tuple[int, int], config_counts: tuple[int, int]
+) -> tuple[ThrowMasks, tuple[int, int]]:
+    """Validate given masks: (B, N) each, disjoint, the same counts in every image. Returns the masks
+    and their (masked, thrown) counts per image; while tracing those are `config_counts` (see
+    `uniform_count`), checked inside the graph."""
     for name, mask in (("bool_masked_pos", bool_masked_pos), ("bool_thrown_pos", bool_thrown_pos)):
         if tuple(mask.shape) != tuple(shape):
             raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
     masked, thrown = bool_masked_pos.bool(), bool_thrown_pos.bool()
-    if (masked & thrown).any():
-        raise ValueError("a patch cannot be both masked and thrown (bool_masked_pos & bool_thrown_pos overlap)")
-    for name, mask in (("bool_masked_pos", masked), ("bool_thrown_pos", thrown)):
-        counts = mask.sum(dim=1)
-        if (counts != counts[0]).any():
-            raise ValueError(f"{name} must select the same number of patches in every image, got {counts.tolist()}")
-    return ThrowMasks(masked, thrown)
+    overlap = "a patch cannot be both masked and thrown (bool_masked_pos & bool_thrown_pos overlap)"
+    if is_tracing():
+        torch._assert_async(~(masked & thrown).any(), overlap)
+    elif (masked & thrown).any():
+        raise ValueError(overlap)
+    counts = tuple(
+        uniform_count(mask, expected, f"{name} must select the same number of patches in every image")
+        for name, mask, expected in (("bool_masked_pos", masked, config_counts[0]), ("bool_thrown_pos", thrown, config_counts[1]))
+    )
+    return ThrowMasks(masked, thrown), counts
+
+
+def amt_mask_generator(config: AmtConfig, attention_maps=None) -> AttentionMaskGenerator:
+    """The masks `config` asks for (per example from `attention_maps`, the loop's store, when given)."""
+    return AttentionMaskGenerator(
+        patch_grid=config.image_size // config.patch_size,
+        patch_size=config.patch_size,
+        unit_size=config.mask_patch_size // config.patch_size,
+        mask_ratio=config.mask_ratio,
+        throw_ratio=config.throw_ratio,
+        warmup_mask_ratio=config.effective_warmup_mask_ratio,
+        rounding=COUNT_ROUNDING[config.variant],
+        strategy=config.masking_strategy,
+        store=attention_maps,
+    )
 
 
 class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
@@ -309,18 +344,7 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
     def mask_generator(self, attention_maps=None) -> AttentionMaskGenerator:
         """How the data pipeline masks each example, from `attention_maps` (the loop's per-example store;
         None: no maps, warm-up masks)."""
-        config = self.config
-        return AttentionMaskGenerator(
-            patch_grid=config.image_size // config.patch_size,
-            patch_size=config.patch_size,
-            unit_size=config.mask_patch_size // config.patch_size,
-            mask_ratio=config.mask_ratio,
-            throw_ratio=config.throw_ratio,
-            warmup_mask_ratio=config.effective_warmup_mask_ratio,
-            rounding=COUNT_ROUNDING[config.variant],
-            strategy=config.masking_strategy,
-            store=attention_maps,
-        )
+        return amt_mask_generator(self.config, attention_maps)
 
     @property
     def uses_attention_maps(self) -> bool:
@@ -360,16 +384,22 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
         patch_attention: torch.Tensor | None,
         noise: torch.Tensor | None,
         num_patches: int,
-    ) -> ThrowMasks:
+    ) -> tuple[ThrowMasks, tuple[int, int]]:
         """Given masks win; else AMT masks from `patch_attention`; else random masks (the baseline's
-        `mask_ratio`, or `warmup_mask_ratio` for AMT before any attention exists)."""
+        `mask_ratio`, or `warmup_mask_ratio` for AMT before any attention exists). Returns the masks and
+        their (masked, thrown) patch counts per image."""
         batch_size = pixel_values.shape[0]
         if bool_thrown_pos is not None and bool_masked_pos is None:
             raise ValueError("bool_thrown_pos needs bool_masked_pos: give both masks, or neither to draw them")
+        generator = self.mask_generator()
         if bool_masked_pos is not None:
             thrown = bool_thrown_pos if bool_thrown_pos is not None else torch.zeros_like(bool_masked_pos, dtype=torch.bool)
-            return check_masks(bool_masked_pos.to(pixel_values.device), thrown.to(pixel_values.device), (batch_size, num_patches))
-        generator = self.mask_generator()
+            return check_masks(
+                bool_masked_pos.to(pixel_values.device),
+                thrown.to(pixel_values.device),
+                (batch_size, num_patches),
+                generator.patch_counts(num_patches, throwing=bool_thrown_pos is not None),
+            )
         num_units = generator.num_units
         if generator.patch_grid**2 != num_patches:
             raise ValueError("masks for another image size must be passed as bool_masked_pos / bool_thrown_pos")
@@ -381,9 +411,9 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
             if tuple(patch_attention.shape) != (batch_size, num_patches):
                 raise ValueError(f"patch_attention must have shape {(batch_size, num_patches)}, got {tuple(patch_attention.shape)}")
             unit_weights = units_from_patches(patch_attention.float(), generator.patch_grid, generator.unit_size)
-            return generator.guided_masks(unit_weights, noise)
+            return generator.guided_masks(unit_weights, noise), generator.patch_counts(num_patches, throwing=True)
         ratio = self.config.mask_ratio if self.config.masking_strategy == "random" else self.config.effective_warmup_mask_ratio
-        return generator.random_masks(noise, ratio)
+        return generator.random_masks(noise, ratio), generator.patch_counts(num_patches, throwing=False)
 
     # ----------------------------------------------------------------------------------- forward
     def forward(
@@ -426,12 +456,12 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
         patch_size = self.config.patch_size
         grid = self.amt.encoder.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
         num_patches = grid[0] * grid[1]
-        masks = self.resolve_masks(pixel_values, bool_masked_pos, bool_thrown_pos, patch_attention, noise, num_patches)
+        masks, counts = self.resolve_masks(pixel_values, bool_masked_pos, bool_thrown_pos, patch_attention, noise, num_patches)
         # the K unthrown patches, raster order: what is predicted
-        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos).ids_keep
+        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos, counts[1]).ids_keep
 
         encoded, removed = self.amt.encode(
-            pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions
+            pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions, counts
         )
         if self.config.variant == "mae":
             predictions = self.decoder(encoded.last_hidden_state, removed.ids_restore, grid, ids_predict=ids_unthrown)[:, 1:]

@@ -20,7 +20,7 @@ from transformers.utils import ModelOutput
 
 from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_dbot import DbotConfig
-from .masking import RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices
+from .masking import RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices, num_masked_patches
 from .modeling_common import (
     MIMPreTrainedModel,
     MIMTrainingEventsMixin,
@@ -168,7 +168,9 @@ class DbotModel(DbotPreTrainedModel):
         )
         ids_keep = None
         if bool_masked_pos is not None:
-            ids_keep = indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device)).ids_keep
+            ids_keep = indices_from_bool_masked_pos(
+                bool_masked_pos.to(pixel_values.device), num_masked_patches(bool_masked_pos.shape[-1], self.config.mask_ratio)
+            ).ids_keep
         encoded = self.encoder(
             pixel_values,
             ids_keep=ids_keep,

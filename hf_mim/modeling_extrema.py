@@ -33,6 +33,7 @@ from .masking import (
     MultiMaskIndices,
     multi_mask_indices_from_bool_masked_pos,
     multi_masking,
+    num_visible_patches,
 )
 from .modeling_common import (
     MIMPreTrainedModel,
@@ -339,7 +340,9 @@ class ExtremaModel(ExtremaPreTrainedModel):
                     f"ExtremaModel takes one mask per image, bool_masked_pos of shape (batch, num_patches); got "
                     f"{tuple(bool_masked_pos.shape)} (several masks: ExtremaForMaskedImageModeling)"
                 )
-            ids_keep = multi_mask_indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device)).ids_keep[:, 0]
+            ids_keep = multi_mask_indices_from_bool_masked_pos(
+                bool_masked_pos.to(pixel_values.device), num_visible_patches(bool_masked_pos.shape[-1], self.config.mask_ratio)
+            ).ids_keep[:, 0]
         encoded = self.encoder(
             pixel_values,
             ids_keep=ids_keep,
@@ -446,7 +449,9 @@ class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedMod
                     f"bool_masked_pos must have shape ({batch_size}, num_masks, {num_patches}) or "
                     f"({batch_size}, {num_patches}), got {tuple(bool_masked_pos.shape)}"
                 )
-            return multi_mask_indices_from_bool_masked_pos(bool_masked_pos.to(device))
+            return multi_mask_indices_from_bool_masked_pos(
+                bool_masked_pos.to(device), num_visible_patches(num_patches, self.config.mask_ratio)
+            )
         if noise is None:
             shape = (batch_size, num_patches)
             if not self.config.disjoint_masks:

@@ -34,7 +34,7 @@ from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPoo
 from transformers.utils import ModelOutput, logging
 
 from .configuration_revcolv2 import RevColV2Config
-from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices
+from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices, num_masked_patches
 from .modeling_common import (
     MIMPreTrainedModel,
     MIMTrainingEventsMixin,
@@ -441,7 +441,9 @@ class RevColV2Model(RevColV2PreTrainedModel):
         output_hidden_states, _, return_dict = self.output_flags(output_hidden_states, None, return_dict)
         mask = None
         if bool_masked_pos is not None:
-            mask = indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device))
+            mask = indices_from_bool_masked_pos(
+                bool_masked_pos.to(pixel_values.device), num_masked_patches(bool_masked_pos.shape[-1], self.config.mask_ratio)
+            )
         columns = self.run_columns(pixel_values, mask, interpolate_pos_encoding)
         top = columns.levels[-1]
         pooled = None
