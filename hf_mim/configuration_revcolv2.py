@@ -17,6 +17,7 @@ from .configuration_common import (
     PresetConfigMixin,
     check_choice,
     check_fraction,
+    check_leaves_visible,
     check_heads_divide,
     check_patch_grid,
     check_positive_numbers,
@@ -220,8 +221,7 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         check_fraction("drop_path_rate", self.drop_path_rate)
         check_fraction("mask_ratio", self.mask_ratio)
         num_patches = (self.image_size // self.patch_size) ** 2
-        if int(num_patches * (1 - self.mask_ratio)) < 1:
-            raise config_error("mask_ratio", self.mask_ratio, f"leaves no visible patch out of {num_patches}")
+        check_leaves_visible("mask_ratio", self.mask_ratio, num_patches - int(num_patches * (1 - self.mask_ratio)), num_patches)
         for field in ("use_reversible", "norm_pix_loss", "use_cls_token", "qkv_bias"):
             if not isinstance(getattr(self, field), bool):
                 raise config_error(field, getattr(self, field), "expected True or False")

@@ -34,7 +34,7 @@ from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPoo
 from transformers.utils import ModelOutput, logging
 
 from .configuration_revcolv2 import RevColV2Config
-from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices, num_masked_patches
+from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, num_masked_patches
 from .modeling_common import (
     MIMPreTrainedModel,
     MIMTrainingEventsMixin,
@@ -47,7 +47,7 @@ from .modeling_common import (
     init_vit_weights,
     resize_position_table,
 )
-from .objectives import masked_mse, patchify, pixel_targets, unpatchify
+from .objectives import elementwise_loss, masked_mse, patchify, pixel_targets, predictions_to_pixels
 from .reversible import clamp_alpha, run_column
 
 logger = logging.get_logger(__name__)
@@ -521,8 +521,8 @@ class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, RevColV2PreTrainedM
         output_hidden_states, _, return_dict = self.output_flags(output_hidden_states, None, return_dict)
 
         grid = self.revcolv2.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        mask = mae_mask_indices(
-            bool_masked_pos, noise, pixel_values.shape[0], grid[0] * grid[1], self.config.mask_ratio, pixel_values.device
+        mask = self.mask_generator().masks(
+            pixel_values.shape[0], grid[0] * grid[1], bool_masked_pos, noise, pixel_values.device
         )
         columns = self.revcolv2.run_columns(pixel_values, mask, interpolate_pos_encoding)
         prefix = self.revcolv2.num_prefix_tokens
@@ -534,15 +534,11 @@ class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, RevColV2PreTrainedM
         target = pixel_targets(pixel_values.float(), patch_size, self.config.norm_pix_loss, self.config.norm_pix_eps)
         weights = mask.bool_masked_pos
         loss = masked_mse(predictions.float(), target.float(), weights)
-        patch_loss = ((predictions.detach().float() - target.float()) ** 2).mean(dim=-1)
-
-        with torch.no_grad():
-            pixels = predictions.detach().float()
-            if self.config.norm_pix_loss:
-                mean = raw.mean(dim=-1, keepdim=True)
-                std = torch.sqrt(raw.var(dim=-1, keepdim=True) + self.config.norm_pix_eps)
-                pixels = pixels * std + mean
-            reconstruction = unpatchify(pixels, patch_size, grid, self.config.num_channels)
+        patch_loss = elementwise_loss(predictions.detach().float(), target.float(), "mse").mean(dim=-1)
+        reconstruction = predictions_to_pixels(
+            predictions.detach(), raw, patch_size, grid, self.config.num_channels,
+            norm_eps=self.config.norm_pix_eps if self.config.norm_pix_loss else None,
+        )
 
         output = RevColV2MaskedImageModelingOutput(
             loss=loss,
