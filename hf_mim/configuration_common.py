@@ -35,6 +35,13 @@ def check_fraction(field: str, value: Any, *, allow_one: bool = False) -> None:
         raise config_error(field, value, f"expected a number in {interval}")
 
 
+def check_leaves_visible(field: str, value: Any, num_hidden: int, total: int, unit: str = "patch", detail: str = "") -> None:
+    """The one "leaves no visible patch" check of every method: hiding `num_hidden` of `total` units (as
+    `field`=`value` says) must leave the encoder at least one to see."""
+    if total - num_hidden < 1:
+        raise config_error(field, value, f"leaves no visible {unit} out of {total}" + (f" ({detail})" if detail else ""))
+
+
 def check_positive_numbers(config: Any, *fields: str) -> None:
     """Each named field of `config` must be a number > 0 (the first that is not is named)."""
     for field in fields:

@@ -8,6 +8,7 @@ from .configuration_common import (
     ViTBackboneConfigMixin,
     PresetConfigMixin,
     check_fraction,
+    check_leaves_visible,
     check_heads_divide,
     check_non_negative_int,
     check_patch_grid,
@@ -179,8 +180,7 @@ class DbotConfig(ViTBackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin, 
         check_non_negative_int("stage", self.stage)
         check_fraction("mask_ratio", self.mask_ratio)
         num_patches = (self.image_size // self.patch_size) ** 2
-        if int(num_patches * (1 - self.mask_ratio)) < 1:
-            raise config_error("mask_ratio", self.mask_ratio, f"leaves no visible patch out of {num_patches}")
+        check_leaves_visible("mask_ratio", self.mask_ratio, num_patches - int(num_patches * (1 - self.mask_ratio)), num_patches)
         check_fraction("drop_path_rate", self.drop_path_rate)
         check_positive_numbers(self, "smooth_l1_beta", "mlp_ratio", "layer_norm_eps", "target_norm_eps")
         self.validate_teacher_fields(optional_width=True)

@@ -10,6 +10,7 @@ from .configuration_common import (
     PresetConfigMixin,
     check_choice,
     check_fraction,
+    check_leaves_visible,
     check_heads_divide,
     check_non_negative_int,
     check_patch_grid,
@@ -162,8 +163,7 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
         check_positive_int("projection_dim", self.projection_dim)
         check_positive_int("num_masks", self.num_masks)
         check_fraction("mask_ratio", self.mask_ratio)
-        if self.num_visible_patches < 1:
-            raise config_error("mask_ratio", self.mask_ratio, f"leaves no visible patch out of {self.num_patches}")
+        check_leaves_visible("mask_ratio", self.mask_ratio, self.num_patches - self.num_visible_patches, self.num_patches)
         if not isinstance(self.disjoint_masks, bool):
             raise config_error("disjoint_masks", self.disjoint_masks, "expected True or False")
         if self.disjoint_masks and self.num_masks * self.num_visible_patches > self.num_patches:

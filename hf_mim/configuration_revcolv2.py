@@ -17,6 +17,7 @@ from .configuration_common import (
     PresetConfigMixin,
     check_choice,
     check_fraction,
+    check_leaves_visible,
     check_heads_divide,
     check_patch_grid,
     check_positive_numbers,
@@ -267,8 +268,7 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin,
         check_fraction("drop_path_rate", self.drop_path_rate)
         check_fraction("mask_ratio", self.mask_ratio)
         num_patches = (self.image_size // self.patch_size) ** 2
-        if int(num_patches * (1 - self.mask_ratio)) < 1:
-            raise config_error("mask_ratio", self.mask_ratio, f"leaves no visible patch out of {num_patches}")
+        check_leaves_visible("mask_ratio", self.mask_ratio, num_patches - int(num_patches * (1 - self.mask_ratio)), num_patches)
         check_choice("target", self.target, TARGETS)
         check_choice("target_normalization", self.target_normalization, TARGET_NORMALIZATIONS)
         check_choice("teacher_loss", self.teacher_loss, TEACHER_LOSSES)

@@ -14,6 +14,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from .configuration_common import check_leaves_visible
+
 
 class MaskIndices(NamedTuple):
     """Index form of a per-image mask with the same number of visible patches in every row.
@@ -33,6 +35,11 @@ def num_visible_patches(num_patches: int, mask_ratio: float) -> int:
     return int(num_patches * (1 - mask_ratio))
 
 
+def num_masked_patches(num_patches: int, mask_ratio: float) -> int:
+    """The patches MAE-style random masking hides: all but `num_visible_patches`."""
+    return num_patches - num_visible_patches(num_patches, mask_ratio)
+
+
 def random_masking(noise: torch.Tensor, mask_ratio: float) -> MaskIndices:
     """MAE per-sample random masking from explicit noise (B, N): ascending argsort, smallest noise kept.
 
@@ -48,48 +55,58 @@ def random_masking(noise: torch.Tensor, mask_ratio: float) -> MaskIndices:
     return MaskIndices(ids_shuffle[:, :len_keep], ids_restore, bool_masked_pos)
 
 
-def indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor) -> MaskIndices:
+def is_tracing() -> bool:
+    """True while torch.compile or torch.export traces: tensor values are unknown then, so mask counts
+    (which decide tensor shapes) must come from the config, not from the masks."""
+    return torch.compiler.is_compiling() or torch.compiler.is_exporting()
+
+
+def uniform_count(mask: torch.Tensor, expected: int | None, rule: str) -> int:
+    """How many entries of every row (last dim) of a bool mask are True; all rows must agree (the
+    encoder batch is rectangular), as `rule` says ("bool_masked_pos must select the same number ...").
+
+    Eager: read from the tensor; rows that disagree raise a ValueError stating `rule`. While tracing
+    (`is_tracing`): `expected` (the count the config gives for the mask's shape), checked by an
+    assertion inside the graph, so a traced program is specialised to the config's counts and refuses
+    masks with others at run time.
+    """
+    if is_tracing():
+        if expected is None:
+            raise ValueError(f"{rule}: torch.compile / torch.export need that count from the config, none was given")
+        torch._assert_async(
+            (mask.sum(dim=-1) == expected).all(), f"{rule}, {expected} as the config says (a traced model keeps its counts)"
+        )
+        return expected
+    counts = mask.sum(dim=-1)
+    if (counts != counts.flatten()[0]).any():
+        raise ValueError(f"{rule}, got counts {counts.tolist()}")
+    return int(counts.flatten()[0])
+
+
+def indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor, num_masked: int | None = None) -> MaskIndices:
     """Index form of a given mask; visible patches enter in raster order.
 
     Every row must hide the same number of patches (the encoder batch is rectangular); a mask that
-    does not raises a ValueError saying so.
+    does not raises a ValueError saying so. `num_masked`: the count the config gives, used instead of
+    the mask's own while tracing (see `uniform_count`).
     """
     if bool_masked_pos.ndim != 2:
         raise ValueError(f"bool_masked_pos must have shape (batch, num_patches), got {tuple(bool_masked_pos.shape)}")
     bool_masked_pos = bool_masked_pos.bool()
-    counts = bool_masked_pos.sum(dim=1)
-    if (counts != counts[0]).any():
-        raise ValueError(
-            "bool_masked_pos must mask the same number of patches in every image, got counts "
-            f"{counts.tolist()}"
-        )
-    len_keep = bool_masked_pos.shape[1] - int(counts[0])
+    rule = "bool_masked_pos must mask the same number of patches in every image"
+    len_keep = bool_masked_pos.shape[1] - uniform_count(bool_masked_pos, num_masked, rule)
     ids_shuffle = torch.argsort(bool_masked_pos.to(torch.int8), dim=1, stable=True)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     return MaskIndices(ids_shuffle[:, :len_keep], ids_restore, bool_masked_pos)
 
 
-def mae_mask_indices(
-    bool_masked_pos: torch.Tensor | None,
-    noise: torch.Tensor | None,
-    batch_size: int,
-    num_patches: int,
-    mask_ratio: float,
-    device: torch.device,
-) -> MaskIndices:
-    """An MAE-style student's mask for one forward: the given `bool_masked_pos` (visible patches in
-    raster order), else random masking from `noise` (drawn with torch.rand when None). Shapes are
-    checked against (batch_size, num_patches) with errors naming the argument."""
-    shape = (batch_size, num_patches)
-    if bool_masked_pos is not None:
-        if tuple(bool_masked_pos.shape) != shape:
-            raise ValueError(f"bool_masked_pos must have shape {shape}, got {tuple(bool_masked_pos.shape)}")
-        return indices_from_bool_masked_pos(bool_masked_pos.to(device))
-    if noise is None:
-        noise = torch.rand(shape, device=device)
-    elif tuple(noise.shape) != shape:
-        raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
-    return random_masking(noise.to(device), mask_ratio)
+def _on(tensor: torch.Tensor, device: torch.device | str | None) -> torch.Tensor:
+    return tensor if device is None else tensor.to(device)
+
+
+def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...], note: str = "") -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}{note}, got {tuple(tensor.shape)}")
 
 
 def _uniform(generator: torch.Generator | None, low: float, high: float) -> float:
@@ -101,17 +118,44 @@ def _randint(generator: torch.Generator | None, low: int, high_inclusive: int) -
 
 
 class RandomMaskGenerator:
-    """Uniform random mask of exactly N - int(N * (1 - mask_ratio)) patches (MAE), as a (grid*grid,) bool tensor."""
+    """Uniform random masking of exactly N - int(N * (1 - mask_ratio)) patches (MAE).
+
+    Mask generators own both ways a mask comes to be: `__call__(generator)`, one example's mask (the
+    collator's per-example draw, here a (grid*grid,) bool tensor), and `masks(...)`, a forward's masks
+    (given ones checked, else made from `noise`, else drawn; row b of a draw equals the b-th
+    per-example draw from the same generator).
+    """
 
     def __init__(self, grid_size: int, mask_ratio: float):
         if not 0 <= mask_ratio < 1:
             raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
         self.num_patches = grid_size * grid_size
         self.mask_ratio = mask_ratio
+        check_leaves_visible("mask_ratio", mask_ratio, num_masked_patches(self.num_patches, mask_ratio), self.num_patches)
 
     def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        noise = torch.rand(1, self.num_patches, generator=generator)
-        return random_masking(noise, self.mask_ratio).bool_masked_pos[0]
+        return self.masks(1, generator=generator).bool_masked_pos[0]
+
+    def masks(
+        self,
+        batch_size: int,
+        num_patches: int | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MaskIndices:
+        """A forward's masks over `num_patches` (default: the config's grid): the given `bool_masked_pos`
+        (visible patches in raster order), else random masking from `noise` (ascending order kept),
+        else from noise drawn with `generator` (torch's global one when None)."""
+        shape = (batch_size, self.num_patches if num_patches is None else num_patches)
+        if bool_masked_pos is not None:
+            check_shape("bool_masked_pos", bool_masked_pos, shape)
+            return indices_from_bool_masked_pos(_on(bool_masked_pos, device), num_masked_patches(shape[1], self.mask_ratio))
+        if noise is None:
+            noise = torch.rand(shape, generator=generator, device=device)
+        check_shape("noise", noise, shape)
+        return random_masking(_on(noise, device), self.mask_ratio)
 
 
 class BlockwiseMaskGenerator:
@@ -161,8 +205,26 @@ class BlockwiseMaskGenerator:
                     return new
         return 0
 
+    def masks(
+        self,
+        batch_size: int,
+        num_patches: int | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """A forward's (B, N) masks: the given `bool_masked_pos` (checked: shape), else one draw per
+        image from `generator` (torch's global one when None), as the collator draws them."""
+        shape = (batch_size, self.height * self.width if num_patches is None else num_patches)
+        if bool_masked_pos is not None:
+            check_shape("bool_masked_pos", bool_masked_pos, shape)
+            return _on(bool_masked_pos, device).bool()
+        if shape[1] != self.height * self.width:
+            raise ValueError("masks for another image size must be passed as bool_masked_pos")
+        return _on(torch.stack([self(generator) for _ in range(batch_size)]), device)
+
     def __call__(self, generator: torch.Generator | None = None, top_up: bool = True) -> torch.Tensor:
-        """A (height * width,) bool mask; `top_up=False` returns the block phase alone (for inspection)."""
+        """One example's (height * width,) bool mask; `top_up=False` returns the block phase alone (for inspection)."""
         mask = torch.zeros(self.height, self.width, dtype=torch.bool)
         count = 0
         while count < self.num_masking_patches:
@@ -202,8 +264,7 @@ def check_multi_mask(num_patches: int, mask_ratio: float, num_masks: int, disjoi
     if num_masks < 1:
         raise ValueError(f"num_masks must be >= 1, got {num_masks}")
     len_keep = num_visible_patches(num_patches, mask_ratio)
-    if len_keep < 1:
-        raise ValueError(f"mask_ratio={mask_ratio} leaves no visible patch out of {num_patches}")
+    check_leaves_visible("mask_ratio", mask_ratio, num_patches - len_keep, num_patches)
     if disjoint and num_masks * len_keep > num_patches:
         raise ValueError(
             f"{num_masks} disjoint masks of {len_keep} visible patches need {num_masks * len_keep} patches, "
@@ -240,10 +301,12 @@ def multi_masking(noise: torch.Tensor, mask_ratio: float, num_masks: int) -> Mul
     return MultiMaskIndices(ids_keep, bool_masked_pos)
 
 
-def multi_mask_indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor) -> MultiMaskIndices:
+def multi_mask_indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor, num_visible: int | None = None) -> MultiMaskIndices:
     """Index form of given masks (B, K, N) (or (B, N) = one mask); visible patches in raster order.
 
     Every mask of every image must keep the same number of patches (the encoder batch is rectangular).
+    `num_visible`: the count the config gives, used instead of the masks' own while tracing
+    (see `uniform_count`).
     """
     if bool_masked_pos.ndim == 2:
         bool_masked_pos = bool_masked_pos[:, None]
@@ -253,13 +316,8 @@ def multi_mask_indices_from_bool_masked_pos(bool_masked_pos: torch.Tensor) -> Mu
             f"got {tuple(bool_masked_pos.shape)}"
         )
     bool_masked_pos = bool_masked_pos.bool()
-    batch_size, num_masks, num_patches = bool_masked_pos.shape
-    counts = (~bool_masked_pos).sum(dim=2)
-    if (counts != counts.flatten()[0]).any():
-        raise ValueError(
-            f"every mask must keep the same number of visible patches, got counts {counts.tolist()}"
-        )
-    len_keep = int(counts.flatten()[0])
+    rule = "every mask must keep the same number of visible patches"
+    len_keep = uniform_count(~bool_masked_pos, num_visible, rule)
     if len_keep < 1:
         raise ValueError("bool_masked_pos hides every patch of a mask: the student would see nothing")
     order = torch.argsort(bool_masked_pos.to(torch.int8), dim=2, stable=True)
@@ -282,9 +340,42 @@ class DisjointMaskGenerator:
         self.disjoint = disjoint
 
     def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        shape = (1, self.num_patches) if self.disjoint else (1, self.num_masks, self.num_patches)
-        noise = torch.rand(shape, generator=generator)
-        return multi_masking(noise, self.mask_ratio, self.num_masks).bool_masked_pos[0]
+        """One example's masks (num_masks, N)."""
+        return self.masks(1, generator=generator).bool_masked_pos[0]
+
+    def masks(
+        self,
+        batch_size: int,
+        num_patches: int | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> MultiMaskIndices:
+        """A forward's K masks per image: the given `bool_masked_pos` ((B, K, N), or (B, N) = one mask),
+        else from `noise` ((B, N): disjoint masks, (B, K, N): independent ones, see `multi_masking`),
+        else from noise drawn with `generator` (torch's global one when None)."""
+        num_patches = self.num_patches if num_patches is None else num_patches
+        if bool_masked_pos is not None:
+            if bool_masked_pos.ndim == 2:
+                bool_masked_pos = bool_masked_pos[:, None]
+            if bool_masked_pos.ndim != 3 or bool_masked_pos.shape[0] != batch_size or bool_masked_pos.shape[2] != num_patches:
+                raise ValueError(
+                    f"bool_masked_pos must have shape ({batch_size}, num_masks, {num_patches}) or "
+                    f"({batch_size}, {num_patches}), got {tuple(bool_masked_pos.shape)}"
+                )
+            return multi_mask_indices_from_bool_masked_pos(
+                _on(bool_masked_pos, device), num_visible_patches(num_patches, self.mask_ratio)
+            )
+        if noise is None:
+            shape = (batch_size, num_patches) if self.disjoint else (batch_size, self.num_masks, num_patches)
+            noise = torch.rand(shape, generator=generator, device=device)
+        elif noise.shape[0] != batch_size or noise.shape[-1] != num_patches or noise.ndim not in (2, 3):
+            raise ValueError(
+                f"noise must have shape ({batch_size}, {num_patches}) (disjoint masks) or "
+                f"({batch_size}, num_masks, {num_patches}) (independent masks), got {tuple(noise.shape)}"
+            )
+        return multi_masking(_on(noise, device), self.mask_ratio, self.num_masks)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -469,11 +560,26 @@ class AttentionMaskGenerator:
     def num_units(self) -> int:
         return self.unit_grid * self.unit_grid
 
-    def _random_count(self, mask_ratio: float) -> int:
+    def _random_count(self, mask_ratio: float, num_units: int | None = None) -> int:
         """Masked units of random masking: MAE keeps int(N (1 - r)) patches, SimMIM masks ceil(N r) units."""
+        num_units = self.num_units if num_units is None else num_units
         if self.rounding == "floor":
-            return self.num_units - num_visible_patches(self.num_units, mask_ratio)
-        return math.ceil(self.num_units * mask_ratio)
+            return num_units - num_visible_patches(num_units, mask_ratio)
+        return math.ceil(num_units * mask_ratio)
+
+    def patch_counts(self, num_patches: int, throwing: bool) -> tuple[int, int]:
+        """(masked, thrown) patches of this generator's masks over `num_patches` patches: attention-driven
+        masking and throwing when `throwing` (strategy "amt" once maps exist), else random masking (the
+        baseline's `mask_ratio`, or `warmup_mask_ratio`) with nothing thrown. What a traced model
+        assumes given masks hold (`uniform_count`)."""
+        per_unit = self.unit_size * self.unit_size
+        num_units = num_patches // per_unit
+        if throwing and self.strategy == "amt":
+            masked, thrown = amt_counts(num_units, self.mask_ratio, self.throw_ratio, self.rounding)
+        else:
+            ratio = self.mask_ratio if self.strategy == "random" else self.warmup_mask_ratio
+            masked, thrown = self._random_count(ratio, num_units), 0
+        return masked * per_unit, thrown * per_unit
 
     def _check_counts(self) -> None:
         """Every way of masking must leave the encoder at least one visible unit."""
@@ -481,15 +587,15 @@ class AttentionMaskGenerator:
         if self.strategy == "amt":
             settings = [
                 ("warmup_mask_ratio", self._random_count(self.warmup_mask_ratio), 0),
-                ("mask_ratio / throw_ratio", *amt_counts(self.num_units, self.mask_ratio, self.throw_ratio, self.rounding)),
+                ("throw_ratio", *amt_counts(self.num_units, self.mask_ratio, self.throw_ratio, self.rounding)),
             ]
         for field, masked, thrown in settings:
-            if masked + thrown >= self.num_units:
-                raise ValueError(
-                    f"{field}: masking {masked} and throwing {thrown} of {self.num_units} mask units leaves no "
-                    f"visible unit (mask_ratio={self.mask_ratio}, throw_ratio={self.throw_ratio}, "
-                    f"warmup_mask_ratio={self.warmup_mask_ratio}, {self.unit_size}x{self.unit_size} patches per unit)"
-                )
+            check_leaves_visible(
+                field, getattr(self, field), masked + thrown, self.num_units, unit="mask unit",
+                detail=f"masking {masked} and throwing {thrown}; mask_ratio={self.mask_ratio}, throw_ratio="
+                f"{self.throw_ratio}, warmup_mask_ratio={self.warmup_mask_ratio}, {self.unit_size}x{self.unit_size} "
+                "patches per unit",
+            )
 
     def random_masks(self, noise: torch.Tensor, mask_ratio: float) -> ThrowMasks:
         """Uniform random masking of units from noise (B, units); nothing thrown."""
@@ -536,6 +642,64 @@ class AttentionMaskGenerator:
         weights = self.batch_patch_weights(maps, crop_boxes, flipped)
         unit_weights = units_from_patches(weights, self.patch_grid, self.unit_size)
         return self.guided_masks(unit_weights, noise), weights
+
+    def given_masks(
+        self, bool_masked_pos: torch.Tensor | None, bool_thrown_pos: torch.Tensor | None, shape: tuple[int, int], device=None
+    ) -> tuple[ThrowMasks, tuple[int, int]]:
+        """Given masks checked: (B, N) each (None: nothing masked / thrown), disjoint, the same counts in
+        every image. Returns them and their (masked, thrown) counts per image; while tracing those are
+        the config's (`patch_counts`, checked inside the graph: see `uniform_count`)."""
+        empty = torch.zeros(shape, dtype=torch.bool, device=device)
+        masked = empty if bool_masked_pos is None else _on(bool_masked_pos, device)
+        thrown = empty if bool_thrown_pos is None else _on(bool_thrown_pos, device)
+        for name, mask in (("bool_masked_pos", masked), ("bool_thrown_pos", thrown)):
+            check_shape(name, mask, shape)
+        masked, thrown = masked.bool(), thrown.bool()
+        overlap = "a patch cannot be both masked and thrown (bool_masked_pos & bool_thrown_pos overlap)"
+        if is_tracing():
+            torch._assert_async(~(masked & thrown).any(), overlap)
+        elif (masked & thrown).any():
+            raise ValueError(overlap)
+        config_masked, config_thrown = self.patch_counts(shape[1], throwing=bool_thrown_pos is not None)
+        counts = (
+            uniform_count(masked, config_masked if bool_masked_pos is not None else 0,
+                          "bool_masked_pos must select the same number of patches in every image"),
+            uniform_count(thrown, config_thrown, "bool_thrown_pos must select the same number of patches in every image"),
+        )
+        return ThrowMasks(masked, thrown), counts
+
+    def masks(
+        self,
+        batch_size: int,
+        num_patches: int | None = None,
+        bool_masked_pos: torch.Tensor | None = None,
+        bool_thrown_pos: torch.Tensor | None = None,
+        patch_attention: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[ThrowMasks, tuple[int, int]]:
+        """A forward's masks and their (masked, thrown) patch counts per image: the given masks win
+        (`given_masks`); else attention-driven masks from `patch_attention` (B, N) (strategy "amt");
+        else random masks (the baseline's `mask_ratio`, or `warmup_mask_ratio` before any map exists).
+        `noise` (B, units) drives the draw; drawn with `generator` (torch's global one) when None."""
+        num_patches = self.patch_grid**2 if num_patches is None else num_patches
+        if bool_thrown_pos is not None and bool_masked_pos is None:
+            raise ValueError("bool_thrown_pos needs bool_masked_pos: give both masks, or neither to draw them")
+        if bool_masked_pos is not None:
+            return self.given_masks(bool_masked_pos, bool_thrown_pos, (batch_size, num_patches), device)
+        if num_patches != self.patch_grid**2:
+            raise ValueError("masks for another image size must be passed as bool_masked_pos / bool_thrown_pos")
+        if noise is None:
+            noise = torch.rand(batch_size, self.num_units, generator=generator, device=device)
+        check_shape("noise", noise, (batch_size, self.num_units), " (one value per mask unit)")
+        noise = _on(noise, device)
+        if self.strategy == "amt" and patch_attention is not None:
+            check_shape("patch_attention", patch_attention, (batch_size, num_patches))
+            unit_weights = units_from_patches(_on(patch_attention, device).float(), self.patch_grid, self.unit_size)
+            return self.guided_masks(unit_weights, noise), self.patch_counts(num_patches, throwing=True)
+        ratio = self.mask_ratio if self.strategy == "random" else self.warmup_mask_ratio
+        return self.random_masks(noise, ratio), self.patch_counts(num_patches, throwing=False)
 
     def __call__(
         self,

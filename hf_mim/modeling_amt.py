@@ -31,7 +31,6 @@ from .masking import (
     ThrowMasks,
     indices_from_bool_masked_pos,
     normalized_cls_attention,
-    units_from_patches,
 )
 from .modeling_common import (
     MIMPreTrainedModel,
@@ -48,12 +47,14 @@ from .modeling_common import (
     init_vit_weights,
     tag_beit_rescaled_layers,
 )
-from .objectives import masked_mse, normalize_per_token, patchify, unpatchify
+from .objectives import elementwise_loss, normalize_per_token, patchify, predictions_to_pixels, weighted_token_mean
 
 # Classifier head init: MAE's fine-tuning (trunc-normal 2e-5) and BEiT/SimMIM's (trunc-normal 0.02).
 CLASSIFIER_INIT_STD = {"mae": 2e-5, "simmim": 0.02}
 # Official mask-count rounding: mae-AMT uses int(), SimMIM-AMT ceil().
 COUNT_ROUNDING = {"mae": "floor", "simmim": "ceil"}
+# The hosts' pixel losses: MAE's MSE per patch, SimMIM's L1 per pixel.
+PIXEL_LOSS = {"mae": "mse", "simmim": "l1"}
 
 
 @dataclass
@@ -177,12 +178,14 @@ class AmtModel(AmtPreTrainedModel):
         interpolate_pos_encoding: bool = False,
         output_hidden_states: bool = False,
         output_attentions: bool = False,
+        counts: tuple[int, int] | None = None,
     ):
         """The encoder on a masked image, as the variant does it. Returns (EncoderOutput, MAE's
         index form of the removed patches or None).
 
         MAE: only the visible patches enter (raster order). SimMIM: masked patches become the mask
-        token before positions are added, thrown patches are dropped after.
+        token before positions are added, thrown patches are dropped after. `counts`: the (masked,
+        thrown) patches per image of `masks` (`AttentionMaskGenerator.masks`), which fix the encoder's sequence length.
         """
         if masks is None:
             encoded = self.encoder(
@@ -192,8 +195,9 @@ class AmtModel(AmtPreTrainedModel):
                 output_attentions=output_attentions,
             )
             return encoded, None
+        num_masked, num_thrown = counts
         if self.config.variant == "mae":
-            removed = indices_from_bool_masked_pos(masks.bool_masked_pos | masks.bool_thrown_pos)
+            removed = indices_from_bool_masked_pos(masks.bool_masked_pos | masks.bool_thrown_pos, num_masked + num_thrown)
             encoded = self.encoder(
                 pixel_values,
                 ids_keep=removed.ids_keep,
@@ -202,7 +206,7 @@ class AmtModel(AmtPreTrainedModel):
                 output_attentions=output_attentions,
             )
             return encoded, removed
-        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos).ids_keep if masks.bool_thrown_pos.any() else None
+        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos, num_thrown).ids_keep if num_thrown else None
         encoded = self.encoder(
             pixel_values,
             ids_keep=ids_unthrown,
@@ -235,35 +239,33 @@ class AmtModel(AmtPreTrainedModel):
         output_hidden_states, output_attentions, return_dict = self.output_flags(
             output_hidden_states, output_attentions, return_dict
         )
-        masks = None
+        masks = counts = None
         if bool_masked_pos is not None or bool_thrown_pos is not None:
             rows, cols = self.encoder.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
-            shape = (pixel_values.shape[0], rows * cols)
-            empty = torch.zeros(shape, dtype=torch.bool, device=pixel_values.device)
-            masks = check_masks(
-                bool_masked_pos.to(pixel_values.device) if bool_masked_pos is not None else empty,
-                bool_thrown_pos.to(pixel_values.device) if bool_thrown_pos is not None else empty,
-                shape,
+            masks, counts = amt_mask_generator(self.config).given_masks(
+                bool_masked_pos, bool_thrown_pos, (pixel_values.shape[0], rows * cols), pixel_values.device
             )
-        encoded, _ = self.encode(pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions)
+        encoded, _ = self.encode(
+            pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions, counts
+        )
         return backbone_output(
             encoded.last_hidden_state, self.pooler, self.add_pooling_layer, encoded.hidden_states, encoded.attentions, return_dict
         )
 
 
-def check_masks(bool_masked_pos: torch.Tensor, bool_thrown_pos: torch.Tensor, shape: tuple[int, int]) -> ThrowMasks:
-    """Validate given masks: (B, N) each, disjoint, the same counts in every image."""
-    for name, mask in (("bool_masked_pos", bool_masked_pos), ("bool_thrown_pos", bool_thrown_pos)):
-        if tuple(mask.shape) != tuple(shape):
-            raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(mask.shape)}")
-    masked, thrown = bool_masked_pos.bool(), bool_thrown_pos.bool()
-    if (masked & thrown).any():
-        raise ValueError("a patch cannot be both masked and thrown (bool_masked_pos & bool_thrown_pos overlap)")
-    for name, mask in (("bool_masked_pos", masked), ("bool_thrown_pos", thrown)):
-        counts = mask.sum(dim=1)
-        if (counts != counts[0]).any():
-            raise ValueError(f"{name} must select the same number of patches in every image, got {counts.tolist()}")
-    return ThrowMasks(masked, thrown)
+def amt_mask_generator(config: AmtConfig, attention_maps=None) -> AttentionMaskGenerator:
+    """The masks `config` asks for (per example from `attention_maps`, the loop's store, when given)."""
+    return AttentionMaskGenerator(
+        patch_grid=config.image_size // config.patch_size,
+        patch_size=config.patch_size,
+        unit_size=config.mask_patch_size // config.patch_size,
+        mask_ratio=config.mask_ratio,
+        throw_ratio=config.throw_ratio,
+        warmup_mask_ratio=config.effective_warmup_mask_ratio,
+        rounding=COUNT_ROUNDING[config.variant],
+        strategy=config.masking_strategy,
+        store=attention_maps,
+    )
 
 
 class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
@@ -309,18 +311,7 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
     def mask_generator(self, attention_maps=None) -> AttentionMaskGenerator:
         """How the data pipeline masks each example, from `attention_maps` (the loop's per-example store;
         None: no maps, warm-up masks)."""
-        config = self.config
-        return AttentionMaskGenerator(
-            patch_grid=config.image_size // config.patch_size,
-            patch_size=config.patch_size,
-            unit_size=config.mask_patch_size // config.patch_size,
-            mask_ratio=config.mask_ratio,
-            throw_ratio=config.throw_ratio,
-            warmup_mask_ratio=config.effective_warmup_mask_ratio,
-            rounding=COUNT_ROUNDING[config.variant],
-            strategy=config.masking_strategy,
-            store=attention_maps,
-        )
+        return amt_mask_generator(self.config, attention_maps)
 
     @property
     def uses_attention_maps(self) -> bool:
@@ -351,39 +342,6 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
             return normalized_cls_attention(cls_attention, encoder.num_prefix_tokens, grid)
         finally:
             self.train(was_training)
-
-    def resolve_masks(
-        self,
-        pixel_values: torch.Tensor,
-        bool_masked_pos: torch.Tensor | None,
-        bool_thrown_pos: torch.Tensor | None,
-        patch_attention: torch.Tensor | None,
-        noise: torch.Tensor | None,
-        num_patches: int,
-    ) -> ThrowMasks:
-        """Given masks win; else AMT masks from `patch_attention`; else random masks (the baseline's
-        `mask_ratio`, or `warmup_mask_ratio` for AMT before any attention exists)."""
-        batch_size = pixel_values.shape[0]
-        if bool_thrown_pos is not None and bool_masked_pos is None:
-            raise ValueError("bool_thrown_pos needs bool_masked_pos: give both masks, or neither to draw them")
-        if bool_masked_pos is not None:
-            thrown = bool_thrown_pos if bool_thrown_pos is not None else torch.zeros_like(bool_masked_pos, dtype=torch.bool)
-            return check_masks(bool_masked_pos.to(pixel_values.device), thrown.to(pixel_values.device), (batch_size, num_patches))
-        generator = self.mask_generator()
-        num_units = generator.num_units
-        if generator.patch_grid**2 != num_patches:
-            raise ValueError("masks for another image size must be passed as bool_masked_pos / bool_thrown_pos")
-        if noise is None:
-            noise = torch.rand(batch_size, num_units, device=pixel_values.device)
-        elif tuple(noise.shape) != (batch_size, num_units):
-            raise ValueError(f"noise must have shape {(batch_size, num_units)} (one value per mask unit), got {tuple(noise.shape)}")
-        if self.config.masking_strategy == "amt" and patch_attention is not None:
-            if tuple(patch_attention.shape) != (batch_size, num_patches):
-                raise ValueError(f"patch_attention must have shape {(batch_size, num_patches)}, got {tuple(patch_attention.shape)}")
-            unit_weights = units_from_patches(patch_attention.float(), generator.patch_grid, generator.unit_size)
-            return generator.guided_masks(unit_weights, noise)
-        ratio = self.config.mask_ratio if self.config.masking_strategy == "random" else self.config.effective_warmup_mask_ratio
-        return generator.random_masks(noise, ratio)
 
     # ----------------------------------------------------------------------------------- forward
     def forward(
@@ -426,12 +384,14 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
         patch_size = self.config.patch_size
         grid = self.amt.encoder.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
         num_patches = grid[0] * grid[1]
-        masks = self.resolve_masks(pixel_values, bool_masked_pos, bool_thrown_pos, patch_attention, noise, num_patches)
+        masks, counts = self.mask_generator().masks(
+            pixel_values.shape[0], num_patches, bool_masked_pos, bool_thrown_pos, patch_attention, noise, pixel_values.device
+        )
         # the K unthrown patches, raster order: what is predicted
-        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos).ids_keep
+        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos, counts[1]).ids_keep
 
         encoded, removed = self.amt.encode(
-            pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions
+            pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions, counts
         )
         if self.config.variant == "mae":
             predictions = self.decoder(encoded.last_hidden_state, removed.ids_restore, grid, ids_predict=ids_unthrown)[:, 1:]
@@ -442,11 +402,10 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
         target = normalize_per_token(raw, eps=1e-6) if self.config.norm_pix_loss else raw
         target = gather_tokens(target, ids_unthrown)
         weights = torch.gather(masks.bool_masked_pos, 1, ids_unthrown)
+        per_patch = elementwise_loss(predictions.float(), target.float(), PIXEL_LOSS[self.config.variant]).mean(dim=-1)
         if self.config.variant == "mae":
-            per_patch = ((predictions.float() - target.float()) ** 2).mean(dim=-1)
-            loss = masked_mse(predictions.float(), target.float(), weights)
+            loss = weighted_token_mean(per_patch, weights)
         else:
-            per_patch = (predictions.float() - target.float()).abs().mean(dim=-1)
             # SimMIM: sum |error| over masked pixels and channels / (masked pixels + 1e-5) / channels
             masked_pixels = weights.sum() * patch_size**2
             loss = (per_patch * weights).sum() * target.shape[-1] / (masked_pixels + 1e-5) / self.config.num_channels
@@ -458,7 +417,11 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
             predictions=predictions,
             bool_masked_pos=masks.bool_masked_pos,
             bool_thrown_pos=masks.bool_thrown_pos,
-            reconstruction=self._reconstruction(predictions.detach(), raw, ids_unthrown, grid),
+            # predictions pasted at their patches (thrown patches 0), in the input's pixel space
+            reconstruction=predictions_to_pixels(
+                predictions.detach(), raw, patch_size, grid, self.config.num_channels,
+                norm_eps=1e-6 if self.config.norm_pix_loss else None, patch_ids=ids_unthrown,
+            ),
             patch_loss=patch_loss,
             patch_scores=patch_attention,
             patch_labels=masks.bool_masked_pos.long() + 2 * masks.bool_thrown_pos.long(),
@@ -467,21 +430,6 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
             attentions=encoded.attentions,
         )
         return output if return_dict else output.to_tuple()
-
-    def _reconstruction(
-        self, predictions: torch.Tensor, raw: torch.Tensor, ids_unthrown: torch.Tensor, grid: tuple[int, int]
-    ) -> torch.Tensor:
-        """Predictions pasted at their patches (thrown patches 0), un-normalised with the true patch
-        statistics when the target was norm-pix (as MAE's visualisations do)."""
-        raw_unthrown = gather_tokens(raw, ids_unthrown).float()
-        pixels = predictions.float()
-        if self.config.norm_pix_loss:
-            mean = raw_unthrown.mean(dim=-1, keepdim=True)
-            var = raw_unthrown.var(dim=-1, keepdim=True)
-            pixels = pixels * torch.sqrt(var + 1e-6) + mean
-        full = torch.zeros_like(raw, dtype=torch.float32)
-        full.scatter_(1, ids_unthrown.unsqueeze(-1).expand(-1, -1, full.shape[-1]), pixels)
-        return unpatchify(full, self.config.patch_size, grid, self.config.num_channels)
 
 
 class AmtForImageClassification(ImageClassificationMixin, AmtPreTrainedModel):

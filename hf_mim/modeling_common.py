@@ -832,6 +832,31 @@ def reinitialize(module: nn.Module, init_fn: Callable[[nn.Module], None]) -> Non
     module.apply(init_fn)
 
 
+def starts_as_copy(target: nn.Module, source: nn.Module) -> None:
+    """Declare that `target` starts as an exact copy of `source` (dBOT's stage-0 teacher of the student,
+    ExtreMA's momentum branch of the online one, a per-block relative position table of the shared
+    one): each submodule of `target` whose namesake in `source` has the same type is tagged, and
+    `init_as_copy`, called from `_init_weights`, copies the namesake's direct parameters into it.
+    `source` must be registered first, so that it is initialised (or loaded) before `target`."""
+    source_modules = dict(source.named_modules())
+    for name, module in target.named_modules():
+        twin = source_modules.get(name)
+        if twin is not None and type(twin) is type(module):
+            module._copy_source = (twin,)  # in a tuple: not registered as a submodule
+
+
+def init_as_copy(module: nn.Module) -> bool:
+    """From `_init_weights`: copy the direct parameters of a module tagged by `starts_as_copy` from its
+    source; tensors loaded from a checkpoint are left alone (init.copy_ checks the flag). False when
+    `module` is not such a copy."""
+    source = getattr(module, "_copy_source", None)
+    if source is None:
+        return False
+    for name, tensor in module.named_parameters(recurse=False):
+        init.copy_(tensor, getattr(source[0], name))
+    return True
+
+
 # --------------------------------------------------------------------------------------------------
 # Class attention (CaiT): a query token that reads the patch tokens without changing them (ExtreMA)
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_dbot import DbotConfig
-from .masking import RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices
+from .masking import RandomMaskGenerator, indices_from_bool_masked_pos, num_masked_patches
 from .modeling_common import (
     MIMPreTrainedModel,
     MIMTrainingEventsMixin,
@@ -31,10 +31,12 @@ from .modeling_common import (
     builds_pretrained_encoder,
     ViTEncoder,
     backbone_output,
+    init_as_copy,
     init_vit_weights,
     reinitialize,
+    starts_as_copy,
 )
-from .objectives import normalize_per_token, smooth_l1, weighted_token_mean
+from .objectives import elementwise_loss, normalize_per_token, weighted_token_mean
 from .teachers import FrozenTeacherMixin
 
 
@@ -109,14 +111,7 @@ class DbotPreTrainedModel(MIMPreTrainedModel):
         if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=self.config.classifier_init_std)
             init.zeros_(module.bias)
-        twin_name = getattr(module, "student_twin", None)
-        if twin_name is not None:
-            # Stage-0 teacher = the student's own initialisation (official main_pretrain.py). The student
-            # is initialised (or loaded) before the teacher; only tensors that were not loaded from a
-            # checkpoint are touched (init.copy_ checks the flag).
-            twin = self.dbot.encoder.get_submodule(twin_name)
-            for name, tensor in module.named_parameters(recurse=False):
-                init.copy_(tensor, getattr(twin, name))
+        init_as_copy(module)  # the stage-0 teacher is the student's own initialisation (official main_pretrain.py)
 
 
 class DbotModel(DbotPreTrainedModel):
@@ -171,7 +166,9 @@ class DbotModel(DbotPreTrainedModel):
         )
         ids_keep = None
         if bool_masked_pos is not None:
-            ids_keep = indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device)).ids_keep
+            ids_keep = indices_from_bool_masked_pos(
+                bool_masked_pos.to(pixel_values.device), num_masked_patches(bool_masked_pos.shape[-1], self.config.mask_ratio)
+            ).ids_keep
         encoded = self.encoder(
             pixel_values,
             ids_keep=ids_keep,
@@ -216,10 +213,7 @@ class DbotForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin, Dbo
         teacher = build_vit_encoder(self.config, depth, use_final_norm=self.config.teacher_use_final_norm, drop_path_rate=0.0)
         teacher.requires_grad_(False)
         teacher.eval()
-        student_modules = dict(self.dbot.encoder.named_modules())
-        for name, module in teacher.named_modules():
-            if name in student_modules and type(student_modules[name]) is type(module):
-                module.student_twin = name  # read by _init_weights: where the stage-0 copy comes from
+        starts_as_copy(teacher, self.dbot.encoder)
         return teacher
 
     def train(self, mode: bool = True):
@@ -266,8 +260,8 @@ class DbotForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin, Dbo
 
         patch_embeddings = self.dbot.encoder.embeddings.patch_embeddings
         grid = patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        mask = mae_mask_indices(
-            bool_masked_pos, noise, pixel_values.shape[0], grid[0] * grid[1], self.config.mask_ratio, pixel_values.device
+        mask = self.mask_generator().masks(
+            pixel_values.shape[0], grid[0] * grid[1], bool_masked_pos, noise, pixel_values.device
         )
 
         encoded = self.dbot.encoder(
@@ -293,7 +287,7 @@ class DbotForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin, Dbo
             raise ValueError(
                 f"teacher width {targets.shape[-1]} differs from the prediction width {predictions.shape[-1]}"
             )
-        token_loss = smooth_l1(prediction_tokens.float(), targets.float(), beta=self.config.smooth_l1_beta).mean(dim=-1)
+        token_loss = elementwise_loss(prediction_tokens.float(), targets.float(), "smooth_l1", self.config.smooth_l1_beta).mean(dim=-1)
         loss = weighted_token_mean(token_loss, weights)
         patch_loss = token_loss[:, -mask.bool_masked_pos.shape[1]:].detach()
 

@@ -30,9 +30,8 @@ from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_extrema import ExtremaConfig
 from .masking import (
     DisjointMaskGenerator,
-    MultiMaskIndices,
     multi_mask_indices_from_bool_masked_pos,
-    multi_masking,
+    num_visible_patches,
 )
 from .modeling_common import (
     MIMPreTrainedModel,
@@ -42,9 +41,11 @@ from .modeling_common import (
     MeanPooler,
     builds_pretrained_encoder,
     VisionEmbeddings,
+    init_as_copy,
     init_vit_weights,
     make_blocks,
     run_blocks,
+    starts_as_copy,
 )
 from .objectives import byol_loss
 
@@ -254,14 +255,7 @@ class ExtremaPreTrainedModel(MIMPreTrainedModel):
             # official fine-tuning: trunc_normal(0.02) then x init_scale (0.001); bias 0
             init.trunc_normal_(module.weight, std=self.config.classifier_init_std)
             init.zeros_(module.bias)
-        twin_name = getattr(module, "student_twin", None)
-        if twin_name is not None:
-            # The momentum branch starts as an exact copy of the online branch (official builder). Online
-            # modules are registered, hence initialised or loaded, first; tensors loaded from a checkpoint
-            # are left alone (init.copy_ checks the flag).
-            twin = self.get_submodule(twin_name)
-            for name, tensor in module.named_parameters(recurse=False):
-                init.copy_(tensor, getattr(twin, name))
+        init_as_copy(module)  # the momentum branch starts as an exact copy of the online one (official builder)
 
 
 class ExtremaModel(ExtremaPreTrainedModel):
@@ -339,7 +333,9 @@ class ExtremaModel(ExtremaPreTrainedModel):
                     f"ExtremaModel takes one mask per image, bool_masked_pos of shape (batch, num_patches); got "
                     f"{tuple(bool_masked_pos.shape)} (several masks: ExtremaForMaskedImageModeling)"
                 )
-            ids_keep = multi_mask_indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device)).ids_keep[:, 0]
+            ids_keep = multi_mask_indices_from_bool_masked_pos(
+                bool_masked_pos.to(pixel_values.device), num_visible_patches(bool_masked_pos.shape[-1], self.config.mask_ratio)
+            ).ids_keep[:, 0]
         encoded = self.encoder(
             pixel_values,
             ids_keep=ids_keep,
@@ -387,14 +383,11 @@ class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedMod
         self.extrema.encoder.embeddings.position_embeddings.requires_grad_(False)
         self.projector = build_projector(config)
         self.predictor = build_predictor(config)
-        # Registered after the online modules: `_init_weights` copies them into these (see `student_twin`).
+        # Registered after the online modules: `_init_weights` copies them into these (`starts_as_copy`).
         self.momentum_encoder = ExtremaEncoder(config, drop_path_rate=0.0)
         self.momentum_projector = build_projector(config)
-        for prefix, online, momentum in self._branch_pairs():
-            online_modules = dict(online.named_modules())
-            for name, module in momentum.named_modules():
-                if name in online_modules and type(online_modules[name]) is type(module):
-                    module.student_twin = f"{prefix}.{name}" if name else prefix
+        for _, online, momentum in self._branch_pairs():
+            starts_as_copy(momentum, online)
         self.momentum_encoder.requires_grad_(False)
         self.momentum_projector.requires_grad_(False)
         self.momentum_encoder.eval()
@@ -428,36 +421,6 @@ class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedMod
             self.config.num_masks,
             disjoint=self.config.disjoint_masks,
         )
-
-    def masks(
-        self,
-        batch_size: int,
-        num_patches: int,
-        device: torch.device,
-        bool_masked_pos: torch.Tensor | None = None,
-        noise: torch.Tensor | None = None,
-    ) -> MultiMaskIndices:
-        """The K masks of every image, from `bool_masked_pos`, else from `noise`, else drawn from the config."""
-        if bool_masked_pos is not None:
-            if bool_masked_pos.ndim == 2:
-                bool_masked_pos = bool_masked_pos[:, None]
-            if bool_masked_pos.ndim != 3 or bool_masked_pos.shape[0] != batch_size or bool_masked_pos.shape[2] != num_patches:
-                raise ValueError(
-                    f"bool_masked_pos must have shape ({batch_size}, num_masks, {num_patches}) or "
-                    f"({batch_size}, {num_patches}), got {tuple(bool_masked_pos.shape)}"
-                )
-            return multi_mask_indices_from_bool_masked_pos(bool_masked_pos.to(device))
-        if noise is None:
-            shape = (batch_size, num_patches)
-            if not self.config.disjoint_masks:
-                shape = (batch_size, self.config.num_masks, num_patches)
-            noise = torch.rand(shape, device=device)
-        elif noise.shape[0] != batch_size or noise.shape[-1] != num_patches or noise.ndim not in (2, 3):
-            raise ValueError(
-                f"noise must have shape ({batch_size}, {num_patches}) (disjoint masks) or "
-                f"({batch_size}, num_masks, {num_patches}) (independent masks), got {tuple(noise.shape)}"
-            )
-        return multi_masking(noise.to(device), self.config.mask_ratio, self.config.num_masks)
 
     # ---------------------------------------------------------------- momentum branch
 
@@ -567,7 +530,7 @@ class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedMod
         patch_embeddings = self.extrema.encoder.embeddings.patch_embeddings
         grid = patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
         batch_size = pixel_values.shape[0]
-        mask = self.masks(batch_size, grid[0] * grid[1], pixel_values.device, bool_masked_pos, noise)
+        mask = self.mask_generator().masks(batch_size, grid[0] * grid[1], bool_masked_pos, noise, pixel_values.device)
         num_masks = mask.ids_keep.shape[1]
 
         # Online branch: all K masks in one pass, batch-major rows (b * K + k).

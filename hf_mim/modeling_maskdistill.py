@@ -36,11 +36,13 @@ from .modeling_common import (
     PatchEmbeddings,
     RelativePositionBias,
     backbone_output,
+    init_as_copy,
     init_beit_weights,
     make_blocks,
+    starts_as_copy,
     tag_beit_rescaled_layers,
 )
-from .objectives import patchify, smooth_l1, unpatchify, weighted_token_mean
+from .objectives import elementwise_loss, patchify, predictions_to_pixels, weighted_token_mean
 from .teachers import FrozenTeacher, FrozenTeacherMixin, normalize_teacher_tokens, resolve_teacher_path  # noqa: F401 (re-exported)
 
 
@@ -137,7 +139,7 @@ class MaskDistillEncoder(nn.Module):
             self.rel_pos_bias.requires_grad_(False)
             for layer in self.layers:
                 layer.rel_pos_bias = RelativePositionBias(grid, config.num_attention_heads)
-                layer.rel_pos_bias.copy_from_shared = True
+                starts_as_copy(layer.rel_pos_bias, self.rel_pos_bias)
         self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps) if use_final_norm else None
 
     def forward(
@@ -185,18 +187,10 @@ class MaskDistillPreTrainedModel(MIMPreTrainedModel):
             if module.mask_token is not None:
                 init.trunc_normal_(module.mask_token, std=std)
         elif isinstance(module, RelativePositionBias):
-            if getattr(module, "copy_from_shared", False):
-                shared = self._shared_relative_position_bias()
-                if shared is not None:
-                    init.copy_(module.relative_position_bias_table, shared.relative_position_bias_table)
-                    return
-            init.zeros_(module.relative_position_bias_table)
+            if not init_as_copy(module):  # a per-block table starts as the shared one
+                init.zeros_(module.relative_position_bias_table)
         else:
             init_beit_weights(module, std)
-
-    def _shared_relative_position_bias(self) -> RelativePositionBias | None:
-        backbone = self if isinstance(self, MaskDistillModel) else getattr(self, "maskdistill", None)
-        return backbone.encoder.rel_pos_bias if backbone is not None else None
 
 
 class MaskDistillModel(MaskDistillPreTrainedModel):
@@ -326,11 +320,8 @@ class MaskDistillForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMix
         if pixel_values is None:
             raise ValueError("MaskDistillForMaskedImageModeling needs pixel_values")
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        batch_size = pixel_values.shape[0]
-        if bool_masked_pos is None:
-            generator = self.mask_generator()
-            bool_masked_pos = torch.stack([generator() for _ in range(batch_size)])
-        bool_masked_pos = bool_masked_pos.to(device=pixel_values.device, dtype=torch.bool)
+        grid = self.maskdistill.get_input_embeddings().check_pixel_values(pixel_values, interpolate_pos_encoding)
+        bool_masked_pos = self.mask_generator().masks(pixel_values.shape[0], grid[0] * grid[1], bool_masked_pos, pixel_values.device)
 
         outputs = self.maskdistill(
             pixel_values,
@@ -355,7 +346,9 @@ class MaskDistillForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMix
             targets = self.normalize_targets(raw)
             if targets.shape != predictions.shape:
                 raise ValueError(f"targets of shape {tuple(targets.shape)} do not match predictions {tuple(predictions.shape)}")
-            patch_loss = self._elementwise_loss(predictions.float(), targets).mean(dim=-1)
+            patch_loss = elementwise_loss(
+                predictions.float(), targets, self.config.loss, self.config.smooth_l1_beta
+            ).mean(dim=-1)
             loss = weighted_token_mean(patch_loss, bool_masked_pos)
             patch_loss = patch_loss.detach()
             if self.config.target == "pixels":
@@ -374,21 +367,13 @@ class MaskDistillForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMix
         )
         return output if return_dict else output.to_tuple()
 
-    def _elementwise_loss(self, prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if self.config.loss == "smooth_l1":
-            return smooth_l1(prediction, target, beta=self.config.smooth_l1_beta)
-        if self.config.loss == "mse":
-            return (prediction - target) ** 2
-        return (prediction - target).abs()
-
     def _reconstruct(self, predictions: torch.Tensor, raw: torch.Tensor, pixel_values: torch.Tensor) -> torch.Tensor:
         method = self.config.target_normalization
-        if method != "none":
-            mean = raw.mean(dim=-1, keepdim=True)
-            var = raw.var(dim=-1, keepdim=True, unbiased=method == "layer_norm_unbiased")
-            predictions = predictions * torch.sqrt(var + self.config.target_norm_eps) + mean
         grid = (pixel_values.shape[-2] // self.config.patch_size, pixel_values.shape[-1] // self.config.patch_size)
-        return unpatchify(predictions, self.config.patch_size, grid, self.config.num_channels)
+        return predictions_to_pixels(
+            predictions, raw, self.config.patch_size, grid, self.config.num_channels,
+            norm_eps=None if method == "none" else self.config.target_norm_eps, unbiased=method == "layer_norm_unbiased",
+        )
 
 
 class MaskDistillForImageClassification(ImageClassificationMixin, MaskDistillPreTrainedModel):

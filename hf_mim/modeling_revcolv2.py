@@ -35,7 +35,7 @@ from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPoo
 from transformers.utils import ModelOutput, logging
 
 from .configuration_revcolv2 import RevColV2Config
-from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, mae_mask_indices
+from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, num_masked_patches
 from .modeling_common import (
     MIMPreTrainedModel,
     MIMTrainingEventsMixin,
@@ -48,7 +48,7 @@ from .modeling_common import (
     init_vit_weights,
     resize_position_table,
 )
-from .objectives import masked_mse, patchify, pixel_targets, smooth_l1, unpatchify, weighted_token_mean
+from .objectives import elementwise_loss, masked_mse, patchify, pixel_targets, predictions_to_pixels, weighted_token_mean
 from .reversible import clamp_alpha, run_column
 from .teachers import FrozenTeacherMixin, normalize_teacher_tokens
 
@@ -447,7 +447,9 @@ class RevColV2Model(RevColV2PreTrainedModel):
         output_hidden_states, _, return_dict = self.output_flags(output_hidden_states, None, return_dict)
         mask = None
         if bool_masked_pos is not None:
-            mask = indices_from_bool_masked_pos(bool_masked_pos.to(pixel_values.device))
+            mask = indices_from_bool_masked_pos(
+                bool_masked_pos.to(pixel_values.device), num_masked_patches(bool_masked_pos.shape[-1], self.config.mask_ratio)
+            )
         columns = self.run_columns(pixel_values, mask, interpolate_pos_encoding)
         top = columns.levels[-1]
         pooled = None
@@ -531,8 +533,8 @@ class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin,
         output_hidden_states, _, return_dict = self.output_flags(output_hidden_states, None, return_dict)
 
         grid = self.revcolv2.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        mask = mae_mask_indices(
-            bool_masked_pos, noise, pixel_values.shape[0], grid[0] * grid[1], self.config.mask_ratio, pixel_values.device
+        mask = self.mask_generator().masks(
+            pixel_values.shape[0], grid[0] * grid[1], bool_masked_pos, noise, pixel_values.device
         )
         columns = self.revcolv2.run_columns(pixel_values, mask, interpolate_pos_encoding)
         prefix = self.revcolv2.num_prefix_tokens
@@ -543,10 +545,7 @@ class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin,
             )
             if targets.shape != predictions.shape:
                 raise ValueError(f"teacher targets of shape {tuple(targets.shape)} do not match predictions {tuple(predictions.shape)}")
-            if self.config.teacher_loss == "smooth_l1":
-                per_patch = smooth_l1(predictions.float(), targets, beta=self.config.smooth_l1_beta).mean(dim=-1)
-            else:
-                per_patch = ((predictions.float() - targets) ** 2).mean(dim=-1)
+            per_patch = elementwise_loss(predictions.float(), targets, self.config.teacher_loss, self.config.smooth_l1_beta).mean(dim=-1)
             loss = weighted_token_mean(per_patch, mask.bool_masked_pos)  # the masked positions only
             patch_loss, reconstruction = per_patch.detach(), None
         else:
@@ -574,15 +573,11 @@ class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin,
         target = pixel_targets(pixel_values.float(), patch_size, self.config.norm_pix_loss, self.config.norm_pix_eps)
         weights = mask.bool_masked_pos
         loss = masked_mse(predictions.float(), target.float(), weights)
-        patch_loss = ((predictions.detach().float() - target.float()) ** 2).mean(dim=-1)
-
-        with torch.no_grad():
-            pixels = predictions.detach().float()
-            if self.config.norm_pix_loss:
-                mean = raw.mean(dim=-1, keepdim=True)
-                std = torch.sqrt(raw.var(dim=-1, keepdim=True) + self.config.norm_pix_eps)
-                pixels = pixels * std + mean
-            reconstruction = unpatchify(pixels, patch_size, grid, self.config.num_channels)
+        patch_loss = elementwise_loss(predictions.detach().float(), target.float(), "mse").mean(dim=-1)
+        reconstruction = predictions_to_pixels(
+            predictions.detach(), raw, patch_size, grid, self.config.num_channels,
+            norm_eps=self.config.norm_pix_eps if self.config.norm_pix_loss else None,
+        )
         return loss, patch_loss, reconstruction
 
 

@@ -52,9 +52,59 @@ def pixel_targets(pixel_values: torch.Tensor, patch_size: int, norm_pix: bool, e
     return normalize_per_token(target, eps=eps) if norm_pix else target
 
 
+def unnormalize_per_token(normalized: torch.Tensor, reference: torch.Tensor, eps: float, unbiased: bool = True) -> torch.Tensor:
+    """Inverse of `normalize_per_token` with `reference`'s statistics: normalized * sqrt(var + eps) + mean."""
+    mean = reference.mean(dim=-1, keepdim=True)
+    var = reference.var(dim=-1, keepdim=True, unbiased=unbiased)
+    return normalized * torch.sqrt(var + eps) + mean
+
+
+def predictions_to_pixels(
+    predictions: torch.Tensor,
+    raw_patches: torch.Tensor,
+    patch_size: int,
+    grid_size: tuple[int, int],
+    num_channels: int,
+    norm_eps: float | None,
+    unbiased: bool = True,
+    patch_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Pixel predictions (B, K, p*p*C) back to images (B, C, H, W) in the input's pixel space, for pictures.
+
+    Targets normalised per patch (`norm_eps` not None: norm-pix / LayerNorm-without-affine targets) are
+    un-normalised with the true patches' statistics (`raw_patches` (B, N, p*p*C), as MAE's
+    visualisations do). `patch_ids` (B, K): the patches the K predictions belong to (others stay 0);
+    None: all N in raster order.
+    """
+    pixels = predictions.float()
+    raw = raw_patches.float()
+    if patch_ids is not None:
+        raw = torch.gather(raw, 1, patch_ids.unsqueeze(-1).expand(-1, -1, raw.shape[-1]))
+    if norm_eps is not None:
+        pixels = unnormalize_per_token(pixels, raw, norm_eps, unbiased)
+    if patch_ids is not None:
+        full = torch.zeros_like(raw_patches, dtype=torch.float32)
+        pixels = full.scatter(1, patch_ids.unsqueeze(-1).expand(-1, -1, full.shape[-1]), pixels)
+    return unpatchify(pixels, patch_size, grid_size, num_channels)
+
+
 def smooth_l1(prediction: torch.Tensor, target: torch.Tensor, beta: float) -> torch.Tensor:
     """Element-wise smooth-L1: 0.5 d^2 / beta where |d| < beta, |d| - 0.5 beta elsewhere (torch's SmoothL1Loss)."""
     return F.smooth_l1_loss(prediction, target, reduction="none", beta=beta)
+
+
+LOSSES = ("mse", "l1", "smooth_l1")
+
+
+def elementwise_loss(prediction: torch.Tensor, target: torch.Tensor, loss: str, beta: float = 1.0) -> torch.Tensor:
+    """The one loss selector: element-wise "mse" (d^2), "l1" (|d|) or "smooth_l1" (with `beta`)."""
+    if loss == "mse":
+        return (prediction - target) ** 2
+    if loss == "l1":
+        return (prediction - target).abs()
+    if loss == "smooth_l1":
+        return smooth_l1(prediction, target, beta)
+    raise ValueError(f"loss must be one of {', '.join(map(repr, LOSSES))}, got {loss!r}")
 
 
 def weighted_token_mean(per_token_loss: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -65,7 +115,7 @@ def weighted_token_mean(per_token_loss: torch.Tensor, weights: torch.Tensor) -> 
 
 def masked_mse(prediction: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """MAE's loss: mean squared error per token (over channels), averaged over the weighted tokens."""
-    return weighted_token_mean(((prediction - target) ** 2).mean(dim=-1), weights)
+    return weighted_token_mean(elementwise_loss(prediction, target, "mse").mean(dim=-1), weights)
 
 
 def byol_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
