@@ -65,7 +65,8 @@ def schedule_factor(
     - "constant": 1, no warm-up (as transformers'); "constant_with_warmup": 1 after the warm-up;
     - one of `TRANSFORMERS_KINDS`: transformers' `get_scheduler` multiplier (warm-up included).
 
-    The four native kinds equal transformers' of the same name when `min_lr_ratio` is 0. Steps past `total_steps` stay at the final value.
+    The four native kinds equal transformers' of the same name when `min_lr_ratio` is 0. Steps past
+    `total_steps` stay at the final value.
     """
     _check(warmup_steps, total_steps, min_lr_ratio)
     if step < 0:
