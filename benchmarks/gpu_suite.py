@@ -367,7 +367,7 @@ def inference_section(args, sizes, device, meter, budget, results: dict) -> None
 def input_section(args, sizes, budget, results: dict) -> None:
     """The input pipeline with every core as workers: hf_mim (folder, parquet) vs official torchvision."""
     rows = results.setdefault("input", [])
-    batch = sizes["input_batch"]
+    batch = results["meta"]["input_batch"] = sizes["input_batch"]
     with tempfile.TemporaryDirectory(prefix="gpu_suite_input_") as folder:
         root = Path(folder)
         paths = bench_input_pipeline.make_photos(root, sizes["photos"], sizes["photo_size"])
@@ -438,7 +438,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['model']} | {r['batch']} | {_cell(r.get('img_s'))} | {_cell(r.get('peak_mib'), '.0f')} "
                          f"| {r.get('skipped') or r.get('error') or ''} |")
     if results.get("input"):
-        lines += ["", "Input pipeline (224 crops + flip + masks, batch 16; hf_mim leaves normalisation to the GPU)", "",
+        lines += ["", f"Input pipeline (224 crops + flip + masks, batch {meta.get('input_batch')}; hf_mim leaves "
+                  "normalisation to the GPU)", "",
                   "| pipeline | workers | img/s | img/cpu-s | vs official | note |", "|---|---:|---:|---:|---:|---|"]
         for r in results["input"]:
             lines.append(f"| {r['pipeline']} | {r['workers']} | {_cell(r.get('img_s'))} | {_cell(r.get('img_cpu_s'))} "
