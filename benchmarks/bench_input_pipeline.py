@@ -13,9 +13,11 @@ size, quality 90; `--photo-size` for others) and deliver batches of 16 training 
                PretrainingCollator(MaskedImageTransform(224), RandomMaskGenerator(14, 0.75)) ->
                make_dataloader, with the transform's `min_decode_side` as run_mim passes it (JPEGs
                larger than any crop needs are decoded at reduced scale; none at 500 x 375): the
-               same crop/flip/normalisation plus a mask per image, per-example
+               same crop/flip plus a mask per image, per-example
                seeding (exact resume) and bad-image handling; from an image folder, from 4 parquet
-               shards and from 4 WebDataset tar shards holding the same files.
+               shards and from 4 WebDataset tar shards holding the same files. Its batches are uint8:
+               the training loop normalises them on the accelerator (`batch_to_device`), so that
+               float work is not in these rows; what it would cost on this CPU is printed below them.
 
 For each number of DataLoader workers (default 0 and 2) every configuration is run `--repeats` times
 (one pass over the data each, the order alternating), and the best pass is kept. Reported:
@@ -153,6 +155,20 @@ def one_pass(loader) -> tuple[int, float, float]:
     return images, time.perf_counter() - wall, cpu_seconds() - cpu
 
 
+def normalize_cost(batch_size: int) -> None:
+    """What the device-side normalisation of one uint8 batch would cost on this CPU (one thread)."""
+    from hf_mim.data import MaskedImageTransform
+
+    transform = MaskedImageTransform(224)
+    pixels = torch.randint(0, 256, (batch_size, 3, 224, 224), dtype=torch.uint8)
+    begin = time.process_time()
+    for _ in range(20):
+        transform.normalize(pixels)
+    seconds = (time.process_time() - begin) / 20
+    print(f"\nnormalising one uint8 batch of {batch_size} on this CPU (done on the accelerator in training): "
+          f"{1000 * seconds:.1f} ms, {1000 * seconds / batch_size:.2f} ms per image")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", type=int, default=512)
@@ -205,6 +221,7 @@ def main() -> None:
                 rate, per_cpu = results[(name, workers)]
                 ratio = per_cpu / results[(official, workers)][1]
                 print(f"{name:32s} {workers:7d} {rate:8.1f} {per_cpu:10.1f} {ratio:11.2f}x")
+        normalize_cost(args.batch_size)
         if len(args.workers) > 1:
             low, high = min(args.workers), max(args.workers)
             print(f"\nscaling of img/s from {low} to {high} workers:")

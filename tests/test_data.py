@@ -25,6 +25,7 @@ from hf_mim.data import (
     EvalTransform,
     MaskedImageTransform,
     PretrainingCollator,
+    batch_to_device,
     decode_image,
     embedded_digits_dir,
     embedded_pretraining_dir,
@@ -417,9 +418,36 @@ def test_masked_image_transform_matches_the_pillow_pipeline():
         as_torchvision = F.normalize(F.to_tensor(F.to_pil_image(pixels)), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
         assert torch.equal(transform.normalize(pixels), as_torchvision)
     examples = [{"image": photo(i, (90, 70)), "example_id": i} for i in range(3)]
-    batch = PretrainingCollator(transform, seed=3)(examples)["pixel_values"]
+    batch = PretrainingCollator(transform, seed=3, uint8_pixels=False)(examples)["pixel_values"]
     singles = [transform(ex["image"], example_generator(3, 0, ex["example_id"])) for ex in examples]
-    assert torch.equal(batch, torch.stack(singles))
+    assert batch.dtype == torch.float32 and torch.equal(batch, torch.stack(singles))
+
+
+def test_uint8_batches_are_normalised_on_the_device_bitwise_as_before():
+    """The collators deliver uint8 pixels; `batch_to_device` normalises them once per batch: bitwise the
+    float32 batch the collator made before (per-image transform, torchvision's ToTensor + Normalize)."""
+    from torchvision.transforms import functional as F
+
+    transform = MaskedImageTransform(48)
+    examples = [{"image": photo(i, (90, 70)), "example_id": i, "label": i % 2} for i in range(4)]
+    for collator_class in (PretrainingCollator, ClassificationCollator):
+        collator = collator_class(transform, seed=3)
+        batch = collator(examples)
+        assert batch["pixel_values"].dtype == torch.uint8 and batch["pixel_values"].shape == (4, 3, 48, 48)
+        before = collator_class(transform, seed=3, uint8_pixels=False)(examples)["pixel_values"]
+        assert before.dtype == torch.float32
+        on_device = batch_to_device(batch, torch.device("cpu"), collator)
+        assert on_device["pixel_values"].dtype == torch.float32 and torch.equal(on_device["pixel_values"], before)
+        torchvision = torch.stack([F.normalize(F.to_tensor(F.to_pil_image(p)), IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
+                                   for p in batch["pixel_values"]])
+        assert torch.equal(on_device["pixel_values"], torchvision)
+        assert torch.equal(on_device["labels"], batch["labels"]) and torch.equal(on_device["example_id"], batch["example_id"])
+    # float batches (EvalTransform, two-view, timm) pass through; uint8 pixels without their collator: one clear error
+    evaluation = ClassificationCollator(EvalTransform(24))
+    float_batch = evaluation(examples)
+    assert torch.equal(batch_to_device(dict(float_batch), "cpu", evaluation)["pixel_values"], float_batch["pixel_values"])
+    with pytest.raises(ValueError, match="uint8 pixels"):
+        batch_to_device(PretrainingCollator(transform)(examples), "cpu", None)
 
 
 def test_eval_transform():

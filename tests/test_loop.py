@@ -112,6 +112,27 @@ def test_loop_finish_turns_a_failed_push_into_status_1(tmp_path):
     assert loop.finish(lambda: None) == 0
 
 
+def test_torch_compile_trains_as_eager_and_checkpoints_the_plain_keys(tmp_path):
+    """--torch_compile (backend "eager": dynamo's graph capture, ~3 s here; aot_eager takes ~18 s on these
+    2 cores and runs in the slow run_mim test; inductor is what a GPU run uses) gives the eager run's
+    weights within float tolerance, compiles in place (no `_orig_mod.` keys in checkpoints), and its
+    checkpoints resume in an eager run."""
+    from safetensors.torch import load_file
+
+    eager, eager_model = train_toy(toy_args(tmp_path / "eager"), total_steps=3)
+    compiled_args = toy_args(tmp_path / "compiled", torch_compile=True, torch_compile_backend="eager")
+    compiled, compiled_model = train_toy(compiled_args, total_steps=3)
+    assert compiled.model._compiled_call_impl is not None and eager.model._compiled_call_impl is None
+    for ours, theirs in zip(compiled_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    assert set(load_file(tmp_path / "compiled" / "checkpoint-2" / "model.safetensors")) == {"weight", "bias"}
+    resumed, resumed_model = train_toy(
+        toy_args(tmp_path / "resumed", resume_from_checkpoint=str(tmp_path / "compiled" / "checkpoint-2")), total_steps=3
+    )
+    for ours, theirs in zip(resumed_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------ shared flags
 
 
@@ -127,9 +148,15 @@ def test_shared_flags_take_each_scripts_defaults_and_are_checked_once():
     for argv, message in ((["--train_dir", "x", "--dataset_name", "y"], "not both"),
                           (["--push_to_hub"], "--hub_model_id"),
                           (["--min_lr_ratio", "2"], "--min_lr_ratio must be in [0, 1]"),
-                          (["--picture_steps", "0"], "--picture_steps must be >= 1")):
+                          (["--picture_steps", "0"], "--picture_steps must be >= 1"),
+                          (["--torch_compile_backend", "no_such_backend"], "not a torch.compile backend")):
         with pytest.raises(SystemExit):
             validate_shared_flags(parser, parser.parse_args(argv), at_least_one=("picture_steps",))
+    assert not args.torch_compile
+    for argv in (["--torch_compile"], ["--torch_compile_mode", "max-autotune"], ["--torch_compile_backend", "aot_eager"]):
+        compiled = parser.parse_args(argv)
+        validate_shared_flags(parser, compiled)
+        assert compiled.torch_compile, argv  # a backend or mode implies --torch_compile, as in transformers
 
 
 # ----------------------------------------------------------------------------------------- the protocol

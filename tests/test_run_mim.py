@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -243,3 +244,22 @@ def test_every_method_pretrains_through_the_one_generic_loop(model_type, extra, 
     if model_type == "extrema":  # the momentum encoder, ready for the paper's linear probe
         momentum = json.loads((out / "momentum_encoder" / "config.json").read_text())
         assert momentum["pooling"] == "class_attention" and (out / "momentum_encoder" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_torch_compile_gives_the_eager_losses_and_plain_checkpoint_keys(tmp_path):
+    """run_mim --torch_compile (backend aot_eager: dynamo + AOTAutograd on a CPU, minutes with inductor
+    on 2 cores): the same logged losses as eager within float tolerance, and no `_orig_mod.` keys in the
+    checkpoint or the saved model."""
+    common = [*TINY, "--max_train_steps", 2, "--checkpointing_steps", 2]
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--torch_compile", "--torch_compile_backend", "aot_eager"])):
+        log = run_mim(*common, *extra, "--output_dir", tmp_path / name).stderr
+        losses[name] = [json.loads(found)["loss"] for found in re.findall(r"INFO run_mim: step \d+ (\{.*?\})", log)]
+    assert len(losses["eager"]) == 2
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-5, abs=1e-6)
+    for path in (tmp_path / "compiled" / "checkpoint-2" / "model.safetensors", tmp_path / "compiled" / "model.safetensors"):
+        keys = load_file(path).keys()
+        assert keys == load_file(tmp_path / "eager" / path.relative_to(tmp_path / "compiled")).keys()
+        assert not any("_orig_mod" in key for key in keys)
+

@@ -155,8 +155,8 @@ class ClassificationLoop(TrainingLoop):
         self.eval_history: list[dict] = []
 
     def training_batch(self, batch, epoch):
-        pixel_values = batch["pixel_values"].to(self.accelerator.device, non_blocking=True)
-        targets = batch["labels"].to(self.accelerator.device, non_blocking=True)
+        batch = self.to_device({"pixel_values": batch["pixel_values"], "labels": batch["labels"]})
+        pixel_values, targets = batch["pixel_values"], batch["labels"]
         if self.mixup is not None:  # a pure function of (seed, step, micro step, rank): exact on resume
             mix_id = (self.global_step * self.args.gradient_accumulation_steps + self.micro_step) * self.run.world
             pixel_values, targets = self.mixup(pixel_values, targets, mix_id + self.accelerator.process_index)

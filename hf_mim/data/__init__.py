@@ -6,6 +6,7 @@ and the embedded offline sample data.
     collator = PretrainingCollator(MaskedImageTransform(224), RandomMaskGenerator(14, 0.75), seed=seed)
     loader = make_dataloader(ds, collator, batch_size=64, num_workers=4)
     for epoch in ...: ds.set_epoch(epoch); collator.set_epoch(epoch); for batch in loader: ...
+        batch = batch_to_device(batch, device, collator)  # uint8 pixels normalised on the device
 """
 
 from .collators import (
@@ -13,6 +14,7 @@ from .collators import (
     NON_MODEL_KEYS,
     ClassificationCollator,
     PretrainingCollator,
+    batch_to_device,
     example_generator,
     example_seed,
     pop_decode_counts,
@@ -60,6 +62,7 @@ __all__ = [
     "ResizeTransform",
     "TwoViewTransform",
     "PretrainingCollator",
+    "batch_to_device",
     "check_max_pixels",
     "count_examples",
     "decode_image",

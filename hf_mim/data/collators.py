@@ -7,7 +7,10 @@ exactly.
 
 Batches hold only tensors (Accelerate's batch dispatching broadcasts tensors):
 
-- `pixel_values` (B, 3, H, W) float32
+- `pixel_values` (B, 3, H, W): uint8 where the transform can batch its normalisation
+  (`uint8_batches`, e.g. `MaskedImageTransform`), float32 otherwise. uint8 batches are turned into
+  normalised float32 by `batch_to_device` on the accelerator, once per batch: the CPU workers do no
+  float work and copy a quarter of the bytes (bitwise what torchvision's ToTensor + Normalize give)
 - `bool_masked_pos` (B, N) bool            (PretrainingCollator with a mask generator)
 - `crop_box` (B, 4) float64, `flipped` (B,) bool   (a mask generator that follows the crop, e.g. AMT's;
   `finish` then adds `bool_masked_pos`, `bool_thrown_pos` and `patch_attention` in the main process)
@@ -35,6 +38,7 @@ from PIL import Image
 
 DECODE_COUNT_KEYS = ("images_converted", "images_skipped")
 NON_MODEL_KEYS = ("example_id",) + DECODE_COUNT_KEYS
+PIXEL_KEY = "pixel_values"  # and pixel_values_2, ... (two-view methods)
 
 
 def example_seed(seed: int, epoch: int, example_id: int, stream: str = "") -> int:
@@ -51,15 +55,33 @@ def example_generator(seed: int, epoch: int, example_id: int, stream: str = "") 
     return generator
 
 
+def batch_to_device(batch: dict[str, torch.Tensor], device, collator=None) -> dict[str, torch.Tensor]:
+    """`batch` on `device` (non-blocking copies, which pinned memory overlaps with compute), its uint8
+    pixel entries normalised there into float32 by `collator.normalize_pixels`: ToTensor + Normalize
+    once per batch on the accelerator rather than per image in the DataLoader workers."""
+    batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+    normalize = getattr(collator, "normalize_pixels", None)
+    if normalize is not None:
+        return normalize(batch)
+    if any(key.startswith(PIXEL_KEY) and value.dtype == torch.uint8 for key, value in batch.items()):
+        raise ValueError(f"the batch holds uint8 pixels but {type(collator).__name__} cannot normalise them: "
+                         "pass the hf_mim collator that made the batch")
+    return batch
+
+
 def pop_decode_counts(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Remove the decode counters from `batch` and return their sums as 0-d tensors (no host sync)."""
     return {key: batch.pop(key).sum() for key in DECODE_COUNT_KEYS if key in batch}
 
 
 class _SeededCollator:
-    def __init__(self, transform: Callable[..., torch.Tensor], seed: int = 0):
+    """`uint8_pixels=False`: normalised float32 pixels from the collator itself (no `batch_to_device`
+    needed), at the cost of that float work in the workers."""
+
+    def __init__(self, transform: Callable[..., torch.Tensor], seed: int = 0, uint8_pixels: bool = True):
         self.transform = transform
         self.seed = int(seed)
+        self.uint8_pixels = bool(uint8_pixels)
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
 
     @property
@@ -90,16 +112,26 @@ class _SeededCollator:
         return self.transform(image, generator), None, None
 
     def _normalized(self, pixel_values: list) -> list | torch.Tensor:
-        """One vectorised ToTensor + Normalize over the batch's uint8 pixels (see `_pixels`)."""
+        """The batch's uint8 pixels (see `_pixels`) stacked, left uint8 for `normalize_pixels` on the
+        device, or (`uint8_pixels=False`) normalised here in one vectorised call."""
         if getattr(self.transform, "uint8_batches", False):
-            return self.transform.normalize(torch.stack(pixel_values))
+            stacked = torch.stack(pixel_values)
+            return stacked if self.uint8_pixels else self.transform.normalize(stacked)
         return pixel_values
+
+    def normalize_pixels(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`batch` with its uint8 pixel entries replaced by the transform's ToTensor + Normalize, on
+        whatever device they are (see `batch_to_device`); float entries are left as they are."""
+        for key, value in batch.items():
+            if key.startswith(PIXEL_KEY) and value.dtype == torch.uint8:
+                batch[key] = self.transform.normalize(value)
+        return batch
 
     def _common(self, examples: Sequence[dict[str, Any]], pixel_values: list | torch.Tensor) -> dict[str, torch.Tensor]:
         """`pixel_values` is a (B, 3, H, W) tensor, or holds one tensor per example, or a tuple of views
         per example (two-view methods): views after the first become `pixel_values_2`, `pixel_values_3`, ..."""
         if isinstance(pixel_values, torch.Tensor):
-            batch = {"pixel_values": pixel_values.to(torch.float32)}
+            batch = {"pixel_values": pixel_values if pixel_values.dtype == torch.uint8 else pixel_values.to(torch.float32)}
         elif isinstance(pixel_values[0], (tuple, list)):
             batch = {
                 ("pixel_values" if view == 0 else f"pixel_values_{view + 1}"): torch.stack(
@@ -134,8 +166,9 @@ class PretrainingCollator(_SeededCollator):
         transform: Callable[..., torch.Tensor],
         mask_generator: Callable[[torch.Generator], torch.Tensor] | None = None,
         seed: int = 0,
+        uint8_pixels: bool = True,
     ):
-        super().__init__(transform, seed)
+        super().__init__(transform, seed, uint8_pixels)
         self.mask_generator = mask_generator
         self.masks_in_finish = bool(getattr(mask_generator, "needs_crop_box", False))
 

@@ -7,7 +7,7 @@ Speed (the pretraining input pipeline is what bounds MIM on accelerators): `Mask
 crops and resizes on the decoded image's uint8 pixels with torch's antialiased uint8 kernels (about
 4x faster than Pillow's resize here, and within 1 intensity level of it, the same filter), and leaves
 ToTensor + Normalize to one vectorised call per batch (`normalize`), bitwise what torchvision computes
-per image.
+per image, which the collators leave to the accelerator (`hf_mim.data.batch_to_device`).
 """
 
 from __future__ import annotations
@@ -152,9 +152,10 @@ class MaskedImageTransform:
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 (..., 3, H, W) -> float32 ToTensor (/255) + Normalize, the same float operations as
-        torchvision's `to_tensor` + `normalize` (bitwise equal), on a whole batch at once."""
-        mean = torch.tensor(self.mean, dtype=torch.float32).view(-1, 1, 1)
-        std = torch.tensor(self.std, dtype=torch.float32).view(-1, 1, 1)
+        torchvision's `to_tensor` + `normalize` (bitwise equal), on a whole batch at once, on the
+        pixels' device (IEEE-rounded elementwise ops: the same bits on an accelerator)."""
+        mean = torch.tensor(self.mean, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, dtype=torch.float32, device=pixels.device).view(-1, 1, 1)
         return pixels.to(torch.float32).div_(255).sub_(mean).div_(std)
 
     def transform_with_params(

@@ -31,6 +31,12 @@ SHARED_FLAGS = [
     ("model", "config_overrides", dict()),
     ("model", "attn_implementation", dict(default="sdpa", choices=["eager", "sdpa", "flash_attention_2"])),
     ("model", "gradient_checkpointing", dict(action="store_true")),
+    ("model", "torch_compile", dict(action="store_true", help="torch.compile the model after accelerator.prepare "
+                                    "(in place: checkpoints keep the plain module's keys)")),
+    ("model", "torch_compile_backend", dict(help="torch.compile backend (default inductor; 'aot_eager' for debugging); "
+                                            "implies --torch_compile")),
+    ("model", "torch_compile_mode", dict(choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                                         help="torch.compile mode; implies --torch_compile")),
     ("optim", "per_device_train_batch_size", dict(type=int, default=32)),
     ("optim", "learning_rate", dict(type=float, help="absolute lr; default base_learning_rate x total batch / 256")),
     ("optim", "base_learning_rate", dict(type=float)),
@@ -88,11 +94,26 @@ def validate_shared_flags(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("give either --dataset_name or --train_dir, not both")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    check_compile_flags(parser, args)
     ranges = {kind: SHARED_RANGES[kind] + tuple(more_ranges.get(kind, ())) for kind in SHARED_RANGES}
     check_positive_flags(parser, args, **ranges)
     check_example_flags(parser, args)
     if not 0 <= args.min_lr_ratio <= 1:
         parser.error(f"--min_lr_ratio must be in [0, 1], got {args.min_lr_ratio}")
+
+
+def check_compile_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """--torch_compile_backend / --torch_compile_mode imply --torch_compile (as in transformers'
+    TrainingArguments); an unknown backend is one parser error naming the flag."""
+    if getattr(args, "torch_compile_backend", None) or getattr(args, "torch_compile_mode", None):
+        args.torch_compile = True
+    if getattr(args, "torch_compile_backend", None):
+        import torch._dynamo
+
+        known = torch._dynamo.list_backends(exclude_tags=())
+        if args.torch_compile_backend not in known:
+            parser.error(f"--torch_compile_backend {args.torch_compile_backend!r} is not a torch.compile backend "
+                         f"(known: {', '.join(known)})")
 
 
 def uses_embedded_data(args: argparse.Namespace) -> bool:
@@ -107,4 +128,4 @@ def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, tab
             setattr(args, name, value)
 
 
-__all__ = ["SHARED_FLAGS", "add_shared_flags", "fill_defaults", "uses_embedded_data", "validate_shared_flags"]
+__all__ = ["SHARED_FLAGS", "add_shared_flags", "check_compile_flags", "fill_defaults", "uses_embedded_data", "validate_shared_flags"]

@@ -16,6 +16,8 @@ import time
 
 import torch
 
+from ..data import batch_to_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -95,7 +97,8 @@ def refresh_attention_maps(model, store, dataloader, accelerator) -> dict[str, f
         if batch is None:
             pixel_values = torch.zeros(1, config.num_channels, config.image_size, config.image_size, device=accelerator.device)
         else:
-            pixel_values = batch["pixel_values"].to(accelerator.device, non_blocking=True)
+            pixel_values = batch_to_device({"pixel_values": batch["pixel_values"]}, accelerator.device,
+                                           getattr(dataloader, "collate_fn", None))["pixel_values"]
         with accelerator.autocast():
             scores = model(pixel_values=pixel_values, attention_scores_only=True, return_dict=True).attention_map
         if batch is not None:

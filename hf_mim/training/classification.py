@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import batch_to_device
 from .overrides import parse_overrides
 from .arguments import uses_embedded_data
 from .checkpoint import write_json_atomic
@@ -85,8 +86,10 @@ def evaluate(model, dataloader, accelerator) -> dict:
     meter = AccuracyMeter((1, 5))
     with torch.no_grad(), accelerator.autocast():
         for batch in dataloader:
-            logits = model(pixel_values=batch["pixel_values"].to(accelerator.device)).logits
-            meter.update(logits.float(), batch["labels"].to(accelerator.device))
+            batch = batch_to_device({key: batch[key] for key in ("pixel_values", "labels")}, accelerator.device,
+                                    getattr(dataloader, "collate_fn", None))
+            logits = model(pixel_values=batch["pixel_values"]).logits
+            meter.update(logits.float(), batch["labels"])
     for name, module in model.named_modules():
         module.training = was_training[name]
     meter = meter.reduce(accelerator)

@@ -119,6 +119,20 @@ def optimizer_steps(args, examples: int | None, total_batch: int, minimum: int =
     return steps
 
 
+def compile_in_place(model, args) -> None:
+    """`--torch_compile`: `model.compile(...)` (nn.Module.compile) on the prepared model, after any DDP
+    wrapping, as accelerate's dynamo plugin orders it. In place rather than `torch.compile(model)`, whose
+    wrapper would put `_orig_mod.` in front of every key of every checkpoint: checkpoints and the saved
+    model stay interchangeable between compiled and eager runs."""
+    if not getattr(args, "torch_compile", False):
+        return
+    options = {"backend": getattr(args, "torch_compile_backend", None) or "inductor"}
+    if getattr(args, "torch_compile_mode", None):
+        options["mode"] = args.torch_compile_mode
+    logger.info("torch.compile of the model: %s", options)
+    model.compile(**options)
+
+
 def run_script(script: str, train, args) -> int:
     """Run `train(args, phase)`: setup mistakes end in one line (exit status 2), a non-finite loss in its
     advice (status 1)."""
@@ -198,8 +212,14 @@ class TrainingLoop:
         return []
 
     def training_batch(self, batch: dict, epoch: int) -> dict:
-        """The collated batch as the loss needs it, on the device."""
-        return {key: value.to(self.accelerator.device, non_blocking=True) for key, value in batch.items()}
+        """The collated batch as the loss needs it, on the device (uint8 pixels normalised there)."""
+        return self.to_device(batch)
+
+    def to_device(self, batch: dict) -> dict:
+        """`batch` on the device, its uint8 pixels normalised there by the collator (`batch_to_device`)."""
+        from ..data import batch_to_device
+
+        return batch_to_device(batch, self.accelerator.device, self.collator)
 
     def compute_loss(self, batch: dict):
         """(loss, model output) of one micro-batch."""
@@ -233,6 +253,7 @@ class TrainingLoop:
         hyper-parameters applied over the checkpoint's)."""
         accelerator = self.accelerator
         self.model, self.optimizer = accelerator.prepare(self.model, self.optimizer)
+        compile_in_place(self.model, self.args)
         fresh_groups = optimizer_hyperparameters(self.optimizer)
         for obj in [self.schedule, *self.checkpointed_objects()]:
             accelerator.register_for_checkpointing(obj)
@@ -368,6 +389,7 @@ __all__ = [
     "RunStart",
     "TrainingLoop",
     "check_replicas_in_sync",
+    "compile_in_place",
     "finish_run",
     "forward_inputs",
     "gather_positions",

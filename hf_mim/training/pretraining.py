@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..data import batch_to_device
 from .conventions import hub_kwargs
 from .loop import forward_inputs
 from .overrides import parse_overrides
@@ -91,8 +92,8 @@ def evaluate_pretraining_loss(model, dataloader, collator, accelerator, seed: in
         torch.manual_seed(seed)
         with accelerator.autocast():
             for batch in dataloader:
-                batch = collator.finish(batch, 0)
-                inputs = {key: value.to(accelerator.device) for key, value in forward_inputs(model, batch).items()}
+                batch = batch_to_device(collator.finish(batch, 0), accelerator.device, collator)
+                inputs = forward_inputs(model, batch)
                 images = inputs["pixel_values"].shape[0]
                 total += torch.tensor([float(model(**inputs).loss) * images, images], dtype=torch.float64, device=accelerator.device)
     model.train(was_training)
