@@ -15,6 +15,7 @@ import torch
 from hf_mim import MODEL_FAMILIES
 
 HOSTS = {"amt": [{"variant": "mae"}, {"variant": "simmim"}]}
+PYRAMIDS = {"revcolv2": ("multi_scale",)}  # RevColV2 resamples its own levels; it has no one-block (ViTDet) pyramid
 
 
 def count(module: torch.nn.Module) -> float:
@@ -29,10 +30,10 @@ def main() -> None:
     print(f"| method | pyramid | out_features ({args.size}) | strides | maps at {args.image_size}^2 | encoder params (M) | backbone params (M) |")
     print("|---|---|---|---|---|---|---|")
     for model_type, family in MODEL_FAMILIES.items():
-        if family.backbone_class is None or model_type == "revcolv2":
+        if family.backbone_class is None:
             continue
         for extra in HOSTS.get(model_type, [{}]):
-            for pyramid in ("multi_scale", "simple"):
+            for pyramid in PYRAMIDS.get(model_type, ("multi_scale", "simple")):
                 config = family.config_class.from_preset(args.size, backbone_pyramid=pyramid, **extra)
                 with torch.device("meta"):
                     backbone = family.backbone_class(config)
@@ -47,10 +48,8 @@ def main() -> None:
                     f"{count(backbone):.2f} (trainable {trainable:.2f}) |"
                 )
                 # the stride rule is what a (tiny, patch 8) backbone of the same kind returns
-                tiny = family.config_class.from_preset(
-                    "tiny", num_hidden_layers=4, backbone_pyramid=pyramid,
-                    backbone_pyramid_channels=16, **extra,
-                )
+                vit = {} if model_type == "revcolv2" else dict(num_hidden_layers=4, backbone_pyramid_channels=16)
+                tiny = family.config_class.from_preset("tiny", backbone_pyramid=pyramid, **vit, **extra)
                 small = family.backbone_class(tiny).eval()
                 with torch.no_grad():
                     maps = small(torch.randn(1, 3, 64, 64)).feature_maps

@@ -30,7 +30,7 @@ TARGETS = ("pixels", "teacher")
 TEACHER_LOSSES = ("mse", "smooth_l1")
 FUSION_TYPES = ("linear", "up_linear", "identity")
 POOLING_TYPES = ("mean", "cls")
-PYRAMID_TYPES = ("simple", "none")
+PYRAMID_TYPES = ("multi_scale", "none")  # the names of backbone_common (`configuration_common.BACKBONE_PYRAMIDS`)
 
 
 _UNSET = object()  # an argument not given at all (None given explicitly follows transformers' rule)
@@ -87,8 +87,10 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin,
         classifier_pooling: "mean" (mean of the top-level patch tokens + fc_norm, as RevCol v1 and MAE
             fine-tuning) or "cls" (top-level cls token + fc_norm; needs `use_cls_token`).
         backbone_pyramid: how `RevColV2Backbone` turns the last top-down column's levels into feature
-            maps: "simple" resamples level l by 4 / 2**l (strides 4, 8, 16, 32 at patch 16: ViTDet/BEiT
-            style, deconvolutions up, max-pool down), "none" keeps every level at the patch stride.
+            maps: "multi_scale" resamples level l by 4 / 2**l (strides 4, 8, 16, 32 at patch 16: the BEiT / MAE
+            UperNet recipe's deconvolutions up, max-pool down, as the ViT backbones' "multi_scale"), "none"
+            keeps every level at the patch stride. Configs saved with the earlier name "simple" for the
+            same pyramid load as "multi_scale".
         out_features / out_indices: backbone stages among `stage_names` = ["stem", "stage1", ...] (the
             names transformers' backbones use; stage k is level k-1; the old "level0".. names still load);
             default all levels.
@@ -159,7 +161,7 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin,
         smooth_l1_beta: float = 1.0,
         use_cls_token: bool = True,
         classifier_pooling: str = "mean",
-        backbone_pyramid: str = "simple",
+        backbone_pyramid: str = "multi_scale",
         initializer_range: float = 0.02,
         classifier_init_std: float = 2e-5,
         **kwargs,
@@ -200,7 +202,7 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin,
         self.smooth_l1_beta = smooth_l1_beta
         self.use_cls_token = use_cls_token
         self.classifier_pooling = classifier_pooling
-        self.backbone_pyramid = backbone_pyramid
+        self.backbone_pyramid = "multi_scale" if backbone_pyramid == "simple" else backbone_pyramid  # the earlier name
         self.initializer_range = initializer_range
         self.classifier_init_std = classifier_init_std
         out_features = kwargs.pop("out_features", _UNSET)

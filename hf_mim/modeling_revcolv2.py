@@ -34,6 +34,7 @@ from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BackboneOutput, BaseModelOutputWithPooling
 from transformers.utils import ModelOutput, logging
 
+from .backbone_common import PYRAMID_SCALES, ChannelLayerNorm, init_pyramid_module
 from .configuration_revcolv2 import RevColV2Config
 from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, num_masked_patches
 from .modeling_common import (
@@ -286,10 +287,8 @@ class RevColV2PreTrainedModel(MIMPreTrainedModel):
             init.constant_(module.alpha, self.config.alpha_init)
         elif isinstance(module, RevColV2MaskTokens):
             init.normal_(module.weight, std=self.config.initializer_range)
-        elif isinstance(module, nn.ConvTranspose2d):
-            init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                init.zeros_(module.bias)
+        elif isinstance(module, nn.ConvTranspose2d):  # the backbone pyramid, as the ViT backbones'
+            init_pyramid_module(module)
         elif module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
             init.trunc_normal_(module.weight, std=self.config.classifier_init_std)
             init.zeros_(module.bias)
@@ -601,15 +600,15 @@ class RevColV2ForImageClassification(ImageClassificationMixin, RevColV2PreTraine
         self.post_init()
 
 
-class RevColV2ChannelNorm(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map."""
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden_states.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+def level_scale(level: int) -> float:
+    """Resampling of level l in the "multi_scale" pyramid: 4 / 2**l (`backbone_common.PYRAMID_SCALES` for
+    four levels: strides 4, 8, 16, 32 at patch 16)."""
+    return PYRAMID_SCALES[level] if level < len(PYRAMID_SCALES) else 4.0 / 2**level
 
 
 def _resampler(config: RevColV2Config, level: int) -> nn.Module:
-    """ViTDet/BEiT simple pyramid: level l at stride patch * 4 / 2**l (deconvolutions up, max-pool down)."""
+    """The BEiT / MAE multi-scale resampling of level l by `level_scale(l)`: deconvolutions up (a channel
+    LayerNorm + GELU between two), identity, max-pooling down."""
     dim = config.hidden_size
     if config.backbone_pyramid == "none" or level == 2:
         return nn.Identity()
@@ -617,7 +616,7 @@ def _resampler(config: RevColV2Config, level: int) -> nn.Module:
         layers: list[nn.Module] = []
         for step in range(2 - level):
             if step > 0:
-                layers += [RevColV2ChannelNorm(dim, eps=config.layer_norm_eps), nn.GELU()]
+                layers += [ChannelLayerNorm(dim, eps=config.layer_norm_eps), nn.GELU()]
             layers.append(nn.ConvTranspose2d(dim, dim, kernel_size=2, stride=2))
         return nn.Sequential(*layers)
     return nn.MaxPool2d(kernel_size=2 ** (level - 2), stride=2 ** (level - 2))
@@ -627,7 +626,7 @@ class RevColV2Backbone(BackboneMixin, RevColV2PreTrainedModel):
     """Multi-level feature maps for dense heads (UperNet, Mask2Former, ... through `AutoBackbone`).
 
     Stages: "stem" (the patch embedding) and "stage1" .. "stage{L}", the levels of the last top-down
-    column, each LayerNorm-ed and reshaped to (B, C, h, w); with `backbone_pyramid="simple"` level l is
+    column, each LayerNorm-ed and reshaped to (B, C, h, w); with `backbone_pyramid="multi_scale"` level l is
     resampled by 4 / 2**l (strides 4, 8, 16, 32 at patch 16 for 4 levels). The whole autoencoder body
     runs; weights load from pretraining and classification checkpoints (`revcolv2.` prefix).
     """
@@ -645,6 +644,16 @@ class RevColV2Backbone(BackboneMixin, RevColV2PreTrainedModel):
         )
         self.num_features = [config.hidden_size] * (config.num_levels + 1)
         self.post_init()
+
+    @property
+    def feature_strides(self) -> list[float]:
+        """Stride in pixels of each returned feature map (as the ViT backbones report it)."""
+        patch, pyramid = self.config.patch_size, self.config.backbone_pyramid
+        strides = []
+        for name in self.out_features:
+            index = self.stage_names.index(name)
+            strides.append(float(patch) if index == 0 or pyramid == "none" else patch / level_scale(index - 1))
+        return strides
 
     def forward(
         self,

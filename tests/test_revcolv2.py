@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import gc
 import logging
 import re
@@ -427,6 +429,27 @@ def test_model_classifier_and_backbone_shapes():
     assert [tuple(m.shape) for m in maps] == [(2, 32, 4, 4), (2, 32, 16, 16), (2, 32, 2, 2)]
     flat = RevColV2Backbone(tiny(backbone_pyramid="none")).eval()
     assert [tuple(m.shape) for m in flat(pixel_values).feature_maps] == [(2, 32, 4, 4)] * 4
+
+
+def test_backbone_pyramid_names_and_strides_follow_the_vit_backbones(tmp_path):
+    """"multi_scale" as in backbone_common (the earlier "simple" of saved configs still loads as it), and
+    `feature_strides` reported like the ViT backbones': what the maps measure."""
+    assert tiny().backbone_pyramid == "multi_scale"
+    config = tiny()
+    config.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    saved["backbone_pyramid"] = "simple"  # a config written before the rename
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert RevColV2Config.from_pretrained(tmp_path).backbone_pyramid == "multi_scale"
+    pixel_values = torch.randn(1, 3, 64, 64)
+    for overrides in ({}, {"out_features": ["stem", "stage2", "stage4"]}, {"backbone_pyramid": "none"}):
+        backbone = RevColV2Backbone(tiny(**overrides)).eval()
+        with torch.no_grad():
+            maps = backbone(pixel_values).feature_maps
+        assert [64 / m.shape[-1] for m in maps] == backbone.feature_strides, overrides
+    assert RevColV2Backbone(tiny()).feature_strides == [2.0, 4.0, 8.0, 16.0]  # patch 8: strides 4..32 at patch 16
+    norm = RevColV2Backbone(tiny()).resamplers[1][1]
+    assert type(norm).__name__ == "ChannelLayerNorm"  # backbone_common's, not a copy
 
 
 def test_upernet_runs_on_the_backbone():

@@ -573,6 +573,7 @@ def prepare_stream(
     max_buffer_input_shards: int | None = 1,
     max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     decode_min_side: int | None = None,
+    mask_column: str | None = None,
 ) -> IterableDataset:
     """Split by node (world_size > 1), shuffle, decode + id, drop bad images.
 
@@ -584,6 +585,8 @@ def prepare_stream(
     in `images_converted`), other larger images are skipped (counted in `images_skipped`).
     `decode_min_side` (e.g. the transform's `min_decode_side`): JPEGs much larger than the transform
     can use are decoded at 1/2, 1/4 or 1/8 scale by libjpeg, keeping the shorter side >= it.
+    `mask_column` (semantic segmentation): its segmentation map is decoded too, into "mask"
+    (`hf_mim.data.segmentation.DecodePairs`).
 
     `max_buffer_input_shards` goes to `IterableDataset.shuffle`. The default here, 1, fills the buffer
     from one shard at a time (shard order is still reshuffled every epoch). datasets' own default (10,
@@ -594,7 +597,7 @@ def prepare_stream(
     num_workers > 0.
     """
     check_max_pixels(max_image_pixels)
-    keep = [image_column] + ([label_column] if label_column else [])
+    keep = [image_column] + ([label_column] if label_column else []) + ([mask_column] if mask_column else [])
     if ds.column_names is not None:
         missing = [c for c in keep if c not in ds.column_names]
         if missing:
@@ -613,6 +616,10 @@ def prepare_stream(
         shuffle_kwargs = {} if max_buffer_input_shards is None else {"max_buffer_input_shards": max_buffer_input_shards}
         ds = ds.shuffle(seed=seed, buffer_size=buffer_size, **shuffle_kwargs)
     decode = _DecodeExamples(image_column, label_column, min_size, stats, max_image_pixels, decode_min_side)
+    if mask_column is not None:
+        from .segmentation import DecodePairs
+
+        decode = DecodePairs(image_column, label_column, min_size, stats, max_image_pixels, decode_min_side, mask_column=mask_column)
     ds = ds.map(decode, remove_columns=ds.column_names)
     return ds.filter(_keep)
 

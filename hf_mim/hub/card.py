@@ -182,3 +182,49 @@ def widget_examples(
         entries.append(entry)
     model.train(was_training)
     return entries
+
+
+def segmentation_eval_results(results: Mapping, dataset_type: str, dataset_name: str, split: str,
+                              dataset_config: str | None = None) -> list[EvalResult]:
+    """mIoU and pixel accuracy (given in percent) as model-index entries in fractions."""
+    common = dict(task_type="image-segmentation", dataset_type=dataset_type, dataset_name=dataset_name,
+                  dataset_config=dataset_config, dataset_split=split)
+    return [
+        EvalResult(metric_type="mean_iou", metric_name="mIoU", metric_value=round(results["mean_iou"] / 100, 4), **common),
+        EvalResult(metric_type="accuracy", metric_name="pixel accuracy",
+                   metric_value=round(results["pixel_accuracy"] / 100, 4), **common),
+    ]
+
+
+def render_segmentation_card(model: PreTrainedModel, repo_id: str, results: Mapping | None, dataset_type: str,
+                             dataset_name: str, split: str, run: Mapping[str, object], license: str = "apache-2.0",
+                             datasets: Sequence[str] | None = None, is_demo: bool = False) -> ModelCard:
+    """The card of a run_semantic_segmentation.py folder: metadata (image-segmentation, model-index with
+    mIoU / pixel accuracy), how to load it, the metrics per class and the recipe."""
+    backbone = model.config.backbone_config.model_type
+    card_data = ModelCardData(
+        library_name="transformers", pipeline_tag="image-segmentation", license=license,
+        tags=["hf_mim", backbone, "upernet", "semantic-segmentation", "vision", "custom_code"],
+        datasets=list(datasets) if datasets else None, model_name=repo_id.split("/")[-1],
+        eval_results=segmentation_eval_results(results, dataset_type, dataset_name, split) if results else None,
+    )
+    lines = [
+        f"# {repo_id.split('/')[-1]}", "",
+        f"transformers' `UperNetForSemanticSegmentation` over the hf_mim `{type(model.backbone).__name__}` "
+        f"({backbone}), fine-tuned with `training_scripts/run_semantic_segmentation.py` on {dataset_name}."
+        + (" A demonstration run on the small embedded set, not a paper result." if is_demo else ""), "",
+        "```python", "from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation", "",
+        f'processor = AutoImageProcessor.from_pretrained("{repo_id}")',
+        f'model = AutoModelForSemanticSegmentation.from_pretrained("{repo_id}", trust_remote_code=True)',
+        "logits = model(**processor(image, return_tensors=\"pt\")).logits  # (1, labels, H, W)", "```", "",
+    ]
+    if results:
+        lines += [f"## Results ({dataset_name}, {split})", "",
+                  f"mIoU {results['mean_iou']:.2f}, pixel accuracy {results['pixel_accuracy']:.2f}, "
+                  f"mean accuracy {results['mean_accuracy']:.2f} (percent).", "", "| class | IoU |", "|---|---|"]
+        lines += [f"| {model.config.id2label[i]} | {'-' if iou is None else f'{iou:.2f}'} |"
+                  for i, iou in enumerate(results["per_class_iou"])]
+        lines.append("")
+    lines += ["## Training", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {key} | {value} |" for key, value in run.items()]
+    return ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")

@@ -1,4 +1,5 @@
-"""Top-k accuracy without the Hub (`evaluate.load("accuracy")` needs network access)."""
+"""Top-k accuracy and segmentation metrics (confusion matrix: mIoU, pixel accuracy, per-class IoU)
+without the Hub (`evaluate.load(...)` needs network access)."""
 
 from __future__ import annotations
 
@@ -84,3 +85,59 @@ class AccuracyMeter:
 
     def __repr__(self) -> str:
         return f"AccuracyMeter(total={self.total}, correct={self.correct})"
+
+
+class SegmentationMeter:
+    """Semantic-segmentation metrics from a confusion matrix (rows: true class, columns: prediction),
+    the mmseg / `evaluate`'s mean_iou definitions without the Hub: per-class IoU = TP / (TP + FP + FN),
+    mIoU = mean over classes present in the labels or predictions (NaN classes skipped), pixel accuracy
+    = TP summed / labelled pixels. Pixels labelled `ignore_index` (padding, "other") are not counted.
+    `reduce(accelerator)` sums the matrix over processes (a collective: call it everywhere)."""
+
+    def __init__(self, num_labels: int, ignore_index: int = 255):
+        self.num_labels = int(num_labels)
+        self.ignore_index = ignore_index
+        self.confusion = torch.zeros(self.num_labels, self.num_labels, dtype=torch.int64)
+
+    def update(self, predictions: torch.Tensor, labels: torch.Tensor) -> None:
+        """`predictions` and `labels`: class ids of the same shape (any), on any device."""
+        if predictions.shape != labels.shape:
+            raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} do not match")
+        labels = labels.detach().reshape(-1).to(torch.int64)
+        predictions = predictions.detach().reshape(-1).to(torch.int64).to(labels.device)
+        valid = labels != self.ignore_index
+        labels, predictions = labels[valid], predictions[valid]
+        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_labels):
+            raise ValueError(
+                f"label ids must lie in [0, {self.num_labels}) or be {self.ignore_index} (ignored); got "
+                f"{labels.min().item()}..{labels.max().item()}: check --reduce_labels and the label set"
+            )
+        counts = torch.bincount(labels * self.num_labels + predictions.clamp(0, self.num_labels - 1),
+                                minlength=self.num_labels ** 2)
+        self.confusion += counts.reshape(self.num_labels, self.num_labels).cpu()
+
+    def reduce(self, accelerator) -> "SegmentationMeter":
+        merged = SegmentationMeter(self.num_labels, self.ignore_index)
+        merged.confusion = accelerator.reduce(self.confusion.to(accelerator.device), reduction="sum").cpu()
+        return merged
+
+    def compute(self) -> dict:
+        """{"mean_iou", "pixel_accuracy", "mean_accuracy" (percent), "per_class_iou": [percent or None],
+        "eval_pixels"}; a class absent from labels and predictions has IoU None and is left out of the means."""
+        confusion = self.confusion.to(torch.float64)
+        labelled = confusion.sum()
+        if labelled == 0:
+            raise ValueError("SegmentationMeter has seen no labelled pixel")
+        true_positive = confusion.diagonal()
+        union = confusion.sum(0) + confusion.sum(1) - true_positive
+        per_class = [None if u == 0 else 100.0 * float(t / u) for t, u in zip(true_positive, union)]
+        present = [value for value in per_class if value is not None]
+        in_labels = confusion.sum(1) > 0
+        accuracy = true_positive[in_labels] / confusion.sum(1)[in_labels]
+        return {
+            "mean_iou": sum(present) / len(present),
+            "pixel_accuracy": 100.0 * float(true_positive.sum() / labelled),
+            "mean_accuracy": 100.0 * float(accuracy.mean()),
+            "per_class_iou": per_class,
+            "eval_pixels": int(labelled),
+        }
