@@ -508,6 +508,6 @@ def test_wheel_installs_commands_that_train_outside_the_repository(tmp_path):
                    "--per_device_train_batch_size", 8, "--num_warmup_steps", 0, "--output_dir", outside / "finetune",
                    env_extra=env, cwd=outside)
     assert finetune.returncode == 0, finetune.stderr[-4000:]
-    for command in ("hf-mim-convert", "hf-mim-export"):
+    for command in ("hf-mim-segment", "hf-mim-convert", "hf-mim-export"):
         shown = run([venv / "bin" / command], "--help", env_extra=env, cwd=outside)
         assert shown.returncode == 0 and "usage" in shown.stdout.lower(), command + shown.stderr[-2000:]
