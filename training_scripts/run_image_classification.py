@@ -41,9 +41,9 @@ import sys
 import torch
 
 import hf_mim  # noqa: F401  (registers every hf_mim model with the Auto classes)
-from hf_mim.data import ClassificationCollator, load_labelled_data, make_dataloader, prepare_stream
-from hf_mim.data.finetune_transforms import SeededMixup, finetune_train_transform
-from hf_mim.data.fractions import check_fraction, class_balanced_subset
+from hf_mim.data import load_labelled_data
+from hf_mim.data.finetune_transforms import SeededMixup
+from hf_mim.data.fractions import class_balanced_subset
 from hf_mim.training import (
     RunHyperparameters, StagedSchedule, TrainingLoop, UserInputError, attach_batchnorm_probe, fold_batchnorm_probe,
     freeze_backbone, linear_probe_train_mode, linear_scaled_lr, optimizer_steps, run_script, start_run,
@@ -52,9 +52,9 @@ from hf_mim.training.arguments import add_shared_flags, fill_defaults, uses_embe
 from hf_mim.training.conventions import SWITCH, checkpoint_every, hub_kwargs
 from hf_mim.training.classification import (
     EMBEDDED_DEMO_DEFAULTS, HEAD_NAME, MODE_DEFAULTS, base_config, build_model, build_optimizer,
-    describe_lr_scales, evaluate, evaluation_dataloader, mixup_active, write_outputs,
+    build_dataloaders, describe_lr_scales, evaluate, mixup_active, write_outputs,
 )
-from hf_mim.training.knn import DEFAULT_K, DEFAULT_TEMPERATURE, run_knn
+from hf_mim.training.knn import add_protocol_flags, check_protocol_flags, run_knn
 
 logger = logging.getLogger("run_image_classification")
 
@@ -95,13 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     aug.add_argument("--randaug", help="timm RandAugment spec: finetune 'rand-m9-mstd0.5-inc1', linear_probe 'none'")
     aug.add_argument("--reprob", type=float, help="RandomErasing probability: finetune 0.25, linear_probe 0")
     run.add_argument("--eval_steps", type=int, help="evaluate every N steps (always at the end)")
-    protocols = parser.add_argument_group("evaluation protocols (k-NN, label fractions)")
-    protocols.add_argument("--train_fraction", type=float, default=1.0,
-                           help="train on a fixed, seeded, class-balanced subset of the labelled training data, "
-                           "e.g. 0.01 or 0.1 (semi-supervised protocol); 1: all")
-    protocols.add_argument("--knn_k", type=int, default=DEFAULT_K, help="--mode knn: neighbours that vote (DINO: 20)")
-    protocols.add_argument("--knn_temperature", type=float, default=DEFAULT_TEMPERATURE,
-                           help="--mode knn: a neighbour votes exp(cosine similarity / T) (DINO: 0.07)")
+    add_protocol_flags(parser)
     args = parser.parse_args(argv)
     if uses_embedded_data(args):
         fill_defaults(args, parser, EMBEDDED_DEMO_DEFAULTS[args.mode])
@@ -133,15 +127,7 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser.error("mixup/cutmix (mode 'batch') needs an even --per_device_train_batch_size (or --mixup 0 --cutmix 0)")
     if args.randaug.lower() != "none" and not args.randaug.startswith("rand"):
         parser.error(f"--randaug takes a timm RandAugment spec such as 'rand-m9-mstd0.5-inc1', or 'none'; got {args.randaug!r}")
-    try:
-        check_fraction(args.train_fraction)
-    except ValueError as error:
-        parser.error(str(error))
-    if args.knn_k < 1 or not args.knn_temperature > 0:
-        parser.error(f"--knn_k must be >= 1 and --knn_temperature > 0, got {args.knn_k} and {args.knn_temperature}")
-    if args.mode == "knn" and args.validation_split.lower() == "none":
-        parser.error("--mode knn evaluates on validation data: not with --validation_split none")
-
+    check_protocol_flags(args, parser)
 
 class ClassificationLoop(TrainingLoop):
     """Cross-entropy (or timm's soft-target loss under mixup/cutmix), evaluation every --eval_steps."""
@@ -196,21 +182,6 @@ class ClassificationLoop(TrainingLoop):
 
     def resumed(self, trainer_state):
         self.eval_history = trainer_state.get("eval_history", [])
-
-
-def build_dataloaders(args: argparse.Namespace, data, image_size: int, accelerator):
-    """(stream, collator, loader) of this rank's training share, and the evaluation loader (or None)."""
-    world = accelerator.num_processes
-    stream = prepare_stream(data.train, data.image_column, seed=args.seed, buffer_size=args.shuffle_buffer_size,
-                            rank=accelerator.process_index, world_size=world, label_column=data.label_column,
-                            max_image_pixels=args.max_image_pixels)
-    collator = ClassificationCollator(finetune_train_transform(image_size, args.randaug, args.reprob), seed=args.seed)
-    dataloader = make_dataloader(stream, collator, batch_size=args.per_device_train_batch_size,
-                                 num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
-    eval_dataloader = None
-    if data.validation is not None:
-        eval_dataloader = evaluation_dataloader(args, *data.validation, image_size, accelerator)
-    return stream, collator, dataloader, eval_dataloader
 
 
 def main(argv: list[str] | None = None) -> int:

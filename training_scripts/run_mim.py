@@ -25,32 +25,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
-
 
 import hf_mim  # noqa: F401  (registers every hf_mim model with the Auto classes)
-from hf_mim.data import (
-    PretrainingCollator,
-    ResizeTransform,
-    count_examples,
-    embedded_pretraining_dir,
-    load_image_stream,
-    make_dataloader,
-    prepare_stream,
-)
-from hf_mim.hub import finish_run_folder, save_hub_folder
-from hf_mim.hub.card import pretraining_eval_results
+from hf_mim.data import PretrainingCollator, ResizeTransform, count_examples, make_dataloader, prepare_stream
 from hf_mim.registry import family_for
 from hf_mim.training import (
     AttentionMapStore, RunHyperparameters, StagedSchedule, TrainingLoop, UserInputError, build_adamw, forward_inputs,
     linear_scaled_lr, optimizer_steps, refresh_attention_maps, run_script, start_run, weight_decay_param_groups,
-    write_json_atomic,
 )
 from hf_mim.training.arguments import add_shared_flags, fill_defaults, uses_embedded_data, validate_shared_flags
-from hf_mim.training.conventions import (
-    checkpoint_every, hold_out, hub_kwargs, limit, output_image_processor, training_examples,
+from hf_mim.training.conventions import checkpoint_every, hub_kwargs, training_examples
+from hf_mim.training.pretraining import (
+    build_pretraining_model, data_source, evaluate_pretraining_loss, load_stream, load_validation_stream, run_summary,
+    save_mim_picture_of, write_outputs,
 )
-from hf_mim.training.pretraining import build_pretraining_model, evaluate_pretraining_loss, save_mim_picture_of
 from hf_mim.training.visualize import log_pictures
 
 logger = logging.getLogger("run_mim")
@@ -111,50 +99,6 @@ EMBEDDED_DEMO_DEFAULTS = {
     "num_train_epochs": 400.0,
     "picture_steps": 100,
 }
-
-
-def data_source(args: argparse.Namespace) -> dict:
-    """The training data's source: keywords of load_image_stream and count_examples."""
-    if uses_embedded_data(args):
-        return {"train_dir": str(embedded_pretraining_dir()), "split": "train"}
-    return {
-        "dataset_name": args.dataset_name,
-        "dataset_config_name": args.dataset_config_name,
-        "train_dir": args.train_dir,
-        "split": args.train_split,
-    }
-
-
-def load_stream(args: argparse.Namespace):
-    """The training stream (--train_val_split: without its held-out part; --max_train_samples: its first N)."""
-    raw, image_column, label_column = load_raw(args, data_source(args))
-    return limit(hold_out(raw, image_column, args.train_val_split, validation=False), args.max_train_samples), image_column, label_column
-
-
-def load_raw(args: argparse.Namespace, source: dict):
-    column = None if uses_embedded_data(args) else args.image_column_name
-    return load_image_stream(**source, image_column_name=column, load_kwargs=hub_kwargs(args, revision=False))
-
-
-def load_validation_stream(args: argparse.Namespace):
-    """(raw stream, image column) to evaluate the loss on: --validation_dir (its 'validation' split, else
-    all of it), --validation_split of the training source, or the --train_val_split part; None: no
-    evaluation."""
-    if args.validation_dir:
-        try:
-            raw, column, _ = load_raw(args, {"train_dir": args.validation_dir, "split": args.validation_split or "validation"})
-        except ValueError:
-            if args.validation_split:
-                raise
-            raw, column, _ = load_raw(args, {"train_dir": args.validation_dir, "split": "train"})
-    elif args.validation_split:
-        raw, column, _ = load_raw(args, {**data_source(args), "split": args.validation_split})
-    elif args.train_val_split is not None:
-        raw, column, _ = load_raw(args, data_source(args))
-        raw = hold_out(raw, column, args.train_val_split, validation=True)
-    else:
-        return None
-    return limit(raw, args.max_eval_samples), column
 
 
 class PretrainingLoop(TrainingLoop):
@@ -283,54 +227,6 @@ def train(args: argparse.Namespace, phase=None) -> int:
     summary = run_summary(args, config, total_batch, lr, total_steps, world)
     return loop.finish(lambda: write_outputs(args, loop.unwrapped, loop.last_batch, run.output_dir, summary, loop.elapsed,
                                              results=results, eval_history=loop.eval_history, accelerator=accelerator))
-
-
-def run_summary(args, config, total_batch: int, lr: float, total_steps: int, world: int) -> dict:
-    return {
-        "method": config.model_type,
-        "data": "embedded sample photos (hf_mim demo)" if uses_embedded_data(args) else (args.dataset_name or args.train_dir),
-        "image size": config.image_size,
-        "mask ratio": config.mask_ratio,
-        "optimizer steps": total_steps,
-        "stages": args.num_stages,
-        "batch (total)": total_batch,
-        "learning rate": f"{lr:.3g} (AdamW {args.adam_beta1}, {args.adam_beta2}; weight decay {args.weight_decay})",
-        "schedule": f"{args.lr_scheduler_type}, warm-up {args.num_warmup_steps} steps per stage",
-        "processes": world,
-    }
-
-
-def write_outputs(args, model, batch, output_dir: Path, summary: dict, elapsed: float, results=None, eval_history=(),
-                  accelerator=None) -> None:
-    """The Hub-ready folder: weights, config with full auto_map, code, processor, card, args, pictures, the
-    validation loss (eval_results.json, card), and every extra backbone the method exports (e.g.
-    ExtreMA's momentum encoder, what it linear-probes); the final picture also goes to the trackers."""
-    save_hub_folder(model, output_dir, image_processor=output_image_processor(args, model.config.image_size))
-    for name, backbone in model.exported_backbones().items():
-        logger.info("wrote the %s backbone to %s", name, save_hub_folder(backbone, output_dir / name))
-    if batch is not None:
-        path = save_mim_picture_of(model, batch, output_dir / "mim_picture.png")
-        if accelerator is not None:
-            log_pictures(accelerator, {"mim_picture": path}, summary["optimizer steps"])
-    summary = {**summary, "wall time": f"{elapsed / 60:.1f} min"}
-    eval_results = []
-    if results is not None:
-        dataset_type, dataset_name, split = validation_names(args)
-        summary["validation loss"] = f"{results['eval_loss']:.4f} ({results['eval_examples']} images of {dataset_name}, {split}, fixed masks)"
-        write_json_atomic(output_dir / "eval_results.json", {**results, "step": summary["optimizer steps"], "dataset": dataset_name,
-                                                            "split": split, "history": list(eval_history)})
-        eval_results = pretraining_eval_results(results["eval_loss"], dataset_type, dataset_name, split, args.dataset_config_name)
-    finish_run_folder(output_dir, model, args, run=summary, results=eval_results, is_demo=uses_embedded_data(args))
-
-
-def validation_names(args) -> tuple[str, str, str]:
-    """(dataset id, readable name, split) of the validation source, for the card's model-index."""
-    if args.validation_dir:
-        return Path(args.validation_dir).name, f"local data ({Path(args.validation_dir).name})", args.validation_split or "validation"
-    source = args.dataset_name or (Path(args.train_dir).name if args.train_dir else "hf_mim-embedded-photos")
-    name = source if args.dataset_name else f"local data ({source})" if args.train_dir else "hf_mim embedded sample photos"
-    split = args.validation_split or f"{args.train_val_split:g} of {args.train_split} held out"
-    return source, name, split
 
 
 if __name__ == "__main__":

@@ -264,6 +264,24 @@ def write_outputs(args, model, output_dir: Path, results, eval_history, total_ba
     finish_run_folder(output_dir, model, args, run=summary, results=eval_results, is_demo=uses_embedded_data(args))
 
 
+def build_dataloaders(args: argparse.Namespace, data, image_size: int, accelerator):
+    """(stream, collator, loader) of this rank's training share, and the evaluation loader (or None)."""
+    from ..data import ClassificationCollator, make_dataloader, prepare_stream
+    from ..data.finetune_transforms import finetune_train_transform
+
+    world = accelerator.num_processes
+    stream = prepare_stream(data.train, data.image_column, seed=args.seed, buffer_size=args.shuffle_buffer_size,
+                            rank=accelerator.process_index, world_size=world, label_column=data.label_column,
+                            max_image_pixels=args.max_image_pixels)
+    collator = ClassificationCollator(finetune_train_transform(image_size, args.randaug, args.reprob), seed=args.seed)
+    dataloader = make_dataloader(stream, collator, batch_size=args.per_device_train_batch_size,
+                                 num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
+    eval_dataloader = None
+    if data.validation is not None:
+        eval_dataloader = evaluation_dataloader(args, *data.validation, image_size, accelerator)
+    return stream, collator, dataloader, eval_dataloader
+
+
 def evaluation_dataloader(args: argparse.Namespace, raw, image_column: str, label_column: str, image_size: int, accelerator):
     """This rank's share of a stream, unshuffled, through the evaluation transform, every example once."""
     from ..data import ClassificationCollator, EvalTransform, make_dataloader, prepare_stream
@@ -306,7 +324,7 @@ def write_knn_outputs(args, model, output_dir: Path, results: dict, elapsed: flo
 
 
 __all__ = [
-    "EMBEDDED_DEMO_DEFAULTS", "HEAD_NAME", "MODE_DEFAULTS", "base_config", "build_feature_model", "build_model",
-    "build_optimizer", "describe_lr_scales", "evaluate", "evaluation_dataloader", "is_classifier", "label_fraction_note", "mixup_active",
-    "reset_head", "write_knn_outputs", "write_outputs",
+    "EMBEDDED_DEMO_DEFAULTS", "HEAD_NAME", "MODE_DEFAULTS", "base_config", "build_dataloaders", "build_feature_model",
+    "build_model", "build_optimizer", "describe_lr_scales", "evaluate", "evaluation_dataloader", "is_classifier",
+    "label_fraction_note", "mixup_active", "reset_head", "write_knn_outputs", "write_outputs",
 ]

@@ -142,6 +142,31 @@ def knn_evaluate(
     return results
 
 
+def add_protocol_flags(parser) -> None:
+    """The evaluation-protocol flags of run_image_classification.py: k-NN's and the label fraction."""
+    protocols = parser.add_argument_group("evaluation protocols (k-NN, label fractions)")
+    protocols.add_argument("--train_fraction", type=float, default=1.0,
+                           help="train on a fixed, seeded, class-balanced subset of the labelled training data, "
+                           "e.g. 0.01 or 0.1 (semi-supervised protocol); 1: all")
+    protocols.add_argument("--knn_k", type=int, default=DEFAULT_K, help="--mode knn: neighbours that vote (DINO: 20)")
+    protocols.add_argument("--knn_temperature", type=float, default=DEFAULT_TEMPERATURE,
+                           help="--mode knn: a neighbour votes exp(cosine similarity / T) (DINO: 0.07)")
+
+
+def check_protocol_flags(args, parser) -> None:
+    """One-line parser errors for the protocol flags."""
+    from ..data.fractions import check_fraction
+
+    try:
+        check_fraction(args.train_fraction)
+    except ValueError as error:
+        parser.error(str(error))
+    if args.knn_k < 1 or not args.knn_temperature > 0:
+        parser.error(f"--knn_k must be >= 1 and --knn_temperature > 0, got {args.knn_k} and {args.knn_temperature}")
+    if args.mode == "knn" and args.validation_split.lower() == "none":
+        parser.error("--mode knn evaluates on validation data: not with --validation_split none")
+
+
 def run_knn(args, data, phase=None) -> int:
     """--mode knn: the frozen base model's features, the training bank gathered over processes, the
     validation accuracy; logged, tracked, written to eval_results.json and the card."""
@@ -182,5 +207,5 @@ def run_knn(args, data, phase=None) -> int:
 
 __all__ = [
     "DEFAULT_BANK_CHUNK", "DEFAULT_K", "DEFAULT_TEMPERATURE", "build_feature_bank", "extract_features",
-    "gather_uneven", "knn_evaluate", "knn_votes", "run_knn",
+    "add_protocol_flags", "check_protocol_flags", "gather_uneven", "knn_evaluate", "knn_votes", "run_knn",
 ]
