@@ -128,7 +128,7 @@ def clip_teacher(config):
 
 def model_rows(sizes: dict) -> list[dict]:
     """(name, how to build it, batch) of the train/flash/compile table, in order of importance."""
-    from hf_mim.registry import MODEL_FAMILIES
+    from hf_mim.auto import MODEL_FAMILIES
 
     rows = []
 

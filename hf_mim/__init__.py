@@ -44,7 +44,7 @@ from .modeling_amt import (
     AmtModel,
     AmtPreTrainedModel,
 )
-from .registry import MODEL_FAMILIES, ModelFamily, register_all
+from .auto import MODEL_FAMILIES, ModelFamily, register_all
 
 __version__ = "0.1.0"
 

@@ -25,7 +25,7 @@ from hf_mim import (
 )
 from hf_mim.hub import full_auto_map, save_hub_folder
 from hf_mim.hub.card import render_model_card
-from hf_mim.registry import family_for
+from hf_mim.auto import family_for
 from hf_mim.training.optim import layer_decay_param_groups, vit_layer_id
 
 # variant -> (model type, backbone class, config overrides)

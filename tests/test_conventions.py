@@ -281,7 +281,7 @@ def test_validation_loss_uses_the_same_masks_every_evaluation(fresh_accelerate_s
 
     from hf_mim import DbotConfig, DbotForMaskedImageModeling
     from hf_mim.data import PretrainingCollator, embedded_pretraining_dir, load_image_stream, make_dataloader, prepare_stream
-    from hf_mim.registry import family_for
+    from hf_mim.auto import family_for
     from hf_mim.training.pretraining import evaluate_pretraining_loss
 
     torch.manual_seed(0)
@@ -454,7 +454,7 @@ def test_every_direct_import_is_declared_and_every_requirement_used():
 
 def test_a_missing_extra_names_the_install_command(monkeypatch, tmp_path):
     from hf_mim.data import embedded_digits_dir
-    from hf_mim.extras import MissingExtraError
+    from hf_mim.utils.extras import MissingExtraError
 
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # as if scikit-learn were not installed
     with pytest.raises(MissingExtraError, match=r"the embedded digits needs sklearn, which is not installed: pip install 'hf_mim\[demo\]'"):

@@ -14,7 +14,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from hf_mim import AmtConfig, AmtForMaskedImageModeling
-from hf_mim.registry import MODEL_FAMILIES
+from hf_mim.auto import MODEL_FAMILIES
 
 TOLERANCE = 1e-5
 

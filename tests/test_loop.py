@@ -13,7 +13,7 @@ from torch import nn
 
 import hf_mim
 from hf_mim.modeling_common import MIMTrainingEventsMixin
-from hf_mim.registry import MODEL_FAMILIES
+from hf_mim.auto import MODEL_FAMILIES
 from hf_mim.training import (
     AttentionMapStore,
     RunHyperparameters,

@@ -15,7 +15,7 @@ from hf_mim.masking import (
 )
 from hf_mim.modeling_common import init_as_copy, starts_as_copy
 from hf_mim.objectives import elementwise_loss, normalize_per_token, patchify, predictions_to_pixels
-from hf_mim.registry import MODEL_FAMILIES
+from hf_mim.auto import MODEL_FAMILIES
 
 
 def per_example(generator_kind, batch_size: int, seed: int) -> torch.Tensor:

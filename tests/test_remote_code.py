@@ -109,3 +109,22 @@ def test_pipelines_run_offline_on_remote_code(model_type, tmp_path):
     assert abs(report["scores"] - 1.0) < 1e-4
     assert report["features"] == [1, 17, 32]
     assert report["pooled"] == [1, 32]
+
+
+def test_the_flat_folder_holds_only_files_copied_next_to_checkpoints():
+    """hf_mim/*.py is the model zone (issue 13): every flat file but __init__.py is Hub code of some family
+    (or of the UperNet wrapper); tooling (the family table, CLIs, optional-dependency hints) lives in
+    subpackages."""
+    from pathlib import Path
+
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    from hf_mim.hub import model_zone_files
+
+    root = Path(__import__("hf_mim").__file__).parent
+    copied = {path.name for model_type in MODEL_FAMILIES for path in model_zone_files(model_type)}
+    upernet = root / "modeling_upernet.py"
+    if upernet.exists():
+        copied |= {upernet.name, *(Path(f).name for f in get_relative_import_files(str(upernet)))}
+    flat = {path.name for path in root.glob("*.py")} - {"__init__.py"}
+    assert flat - copied == set(), f"tooling files in the flat model zone: {sorted(flat - copied)}"

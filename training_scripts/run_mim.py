@@ -28,7 +28,7 @@ import sys
 
 import hf_mim  # noqa: F401  (registers every hf_mim model with the Auto classes)
 from hf_mim.data import PretrainingCollator, ResizeTransform, count_examples, make_dataloader, prepare_stream
-from hf_mim.registry import family_for
+from hf_mim.auto import family_for
 from hf_mim.training import (
     AttentionMapStore, RunHyperparameters, StagedSchedule, TrainingLoop, UserInputError, build_adamw, forward_inputs,
     linear_scaled_lr, optimizer_steps, refresh_attention_maps, run_script, start_run, weight_decay_param_groups,

@@ -149,7 +149,7 @@ def embedded_pretraining_dir(cache_dir: str | os.PathLike | None = None) -> Path
             except Exception as error:  # noqa: BLE001 - e.g. a name that would need a download
                 logger.info("embedded image %s unavailable: %s", key, error)
         if len(rows) < PRETRAINING_SHARDS:
-            from ..extras import MissingExtraError
+            from ..utils.extras import MissingExtraError
 
             raise MissingExtraError(
                 f"only {len(rows)} embedded images could be loaded (scikit-image, scikit-learn, matplotlib): "
@@ -181,7 +181,7 @@ def embedded_digits_dir(cache_dir: str | os.PathLike | None = None, image_size: 
     target = Path(cache_dir or default_cache_dir()) / f"digits-{image_size}-{DIGITS_VERSION}"
 
     def build(tmp: Path) -> None:
-        from ..extras import require
+        from ..utils.extras import require
 
         load_digits = require("sklearn.datasets", "demo", "the embedded digits").load_digits
         train_test_split = require("sklearn.model_selection", "demo", "the embedded digits").train_test_split

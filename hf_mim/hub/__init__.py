@@ -8,13 +8,11 @@ from .export import (
     save_hub_folder,
 )
 from .push import HUB_IGNORE_PATTERNS, HubPushError, push_folder_to_hub
-from .run_folder import finish_run_folder
 
 __all__ = [
     "HUB_IGNORE_PATTERNS",
     "HubPushError",
     "build_image_processor",
-    "finish_run_folder",
     "full_auto_map",
     "model_zone_files",
     "push_folder_to_hub",

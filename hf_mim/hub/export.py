@@ -15,7 +15,7 @@ from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 from ..data.transforms import eval_resize_size
-from ..registry import family_for
+from ..auto import family_for
 
 EVAL_CROP_PCT = 0.875  # MAE / BEiT evaluation: short side to size / 0.875, centre crop
 

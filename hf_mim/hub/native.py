@@ -238,7 +238,7 @@ def load_hf_mim_model(model_name_or_path: str, **kwargs) -> PreTrainedModel:
     """The hf_mim classifier or backbone saved in a folder or Hub repo (the class its config names)."""
     from transformers import AutoConfig
 
-    from ..registry import family_for
+    from ..auto import family_for
 
     config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
     family = family_for(config.model_type)

@@ -29,7 +29,7 @@ HUB_IGNORE_PATTERNS = [
     "**/*.token",
     ".env",
     "**/.env",
-    # the native form inside a run folder goes to the main branch on its own (run_folder.NATIVE_DIR)
+    # the native form inside a run folder goes to the main branch on its own (hf_mim.training.run_folder.NATIVE_DIR)
     "native/**",
 ]
 

@@ -131,7 +131,7 @@ def base_config(args: argparse.Namespace):
     """The config the run starts from (image size, depth), before labels are known."""
     from transformers import AutoConfig
 
-    from ..registry import family_for
+    from ..auto import family_for
 
     overrides = parse_overrides(args.config_overrides)
     if args.model_name_or_path:
@@ -145,7 +145,7 @@ def build_model(args: argparse.Namespace, id2label: dict[int, str]):
     only when it was trained on the same labels) or randomly initialised."""
     from transformers import AutoConfig, AutoModelForImageClassification
 
-    from ..registry import family_for
+    from ..auto import family_for
 
     overrides = parse_overrides(args.config_overrides)
     overrides.update(id2label=id2label, label2id={name: i for i, name in id2label.items()}, drop_path_rate=args.drop_path_rate)
@@ -184,7 +184,7 @@ def build_feature_model(args: argparse.Namespace):
     fine-tuned `fc_norm` feature), or a randomly initialised baseline."""
     from transformers import AutoModel
 
-    from ..registry import family_for
+    from ..auto import family_for
 
     overrides = parse_overrides(args.config_overrides)
     if args.model_name_or_path:
@@ -242,7 +242,8 @@ def run_summary(args, config, total_batch: int, lr: float, total_steps: int, ela
 
 def write_outputs(args, model, output_dir: Path, results, eval_history, total_batch, lr, total_steps, elapsed, world) -> None:
     """The Hub-ready folder: weights, config (labels, full auto_map), code, processor, card, args, results."""
-    from ..hub import finish_run_folder, save_hub_folder
+    from ..hub import save_hub_folder
+    from .run_folder import finish_run_folder
     from ..hub.card import classification_eval_results
 
     save_hub_folder(model, output_dir, image_processor=output_image_processor(args, model.config.image_size))
@@ -296,7 +297,8 @@ def evaluation_dataloader(args: argparse.Namespace, raw, image_column: str, labe
 def write_knn_outputs(args, model, output_dir: Path, results: dict, elapsed: float, world: int) -> None:
     """`--mode knn`: the evaluated feature model as a Hub-ready folder whose card and model-index carry the
     k-NN accuracy, and `eval_results.json`."""
-    from ..hub import build_image_processor, finish_run_folder, save_hub_folder
+    from ..hub import build_image_processor, save_hub_folder
+    from .run_folder import finish_run_folder
     from ..hub.card import classification_eval_results
 
     save_hub_folder(model, output_dir, image_processor=build_image_processor(model.config.image_size))

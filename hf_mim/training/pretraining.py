@@ -27,7 +27,7 @@ def build_pretraining_model(args, saved_config: dict | None = None):
     checkpoint's config (e.g. after a dBOT stage change), which wins."""
     from transformers import AutoConfig, AutoModelForMaskedImageModeling
 
-    from ..registry import family_for
+    from ..auto import family_for
 
     family = family_for(args.model_type)
     overrides = parse_overrides(args.config_overrides)
@@ -184,7 +184,8 @@ def write_outputs(args, model, batch, output_dir: Path, summary: dict, elapsed: 
     """The Hub-ready folder: weights, config with full auto_map, code, processor, card, args, pictures, the
     validation loss (eval_results.json, card), and every extra backbone the method exports (e.g.
     ExtreMA's momentum encoder, what it linear-probes); the final picture also goes to the trackers."""
-    from ..hub import finish_run_folder, save_hub_folder
+    from .run_folder import finish_run_folder
+    from ..hub import save_hub_folder
     from ..hub.card import pretraining_eval_results
 
     save_hub_folder(model, output_dir, image_processor=output_image_processor(args, model.config.image_size))

@@ -26,7 +26,7 @@ from argparse import Namespace
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..extras import MissingExtraError
+from ..utils.extras import MissingExtraError
 from .checkpoint import (
     TMP_PREFIX,
     TRASH_PREFIX,

@@ -48,7 +48,7 @@ def backbone_config(args):
     UperNet folder) or a named size; --config_overrides and --drop_path_rate applied."""
     from transformers import AutoConfig
 
-    from ..registry import family_for
+    from ..auto import family_for
 
     overrides = parse_overrides(args.config_overrides)
     overrides["drop_path_rate"] = args.drop_path_rate

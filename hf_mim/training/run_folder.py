@@ -10,10 +10,10 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from ..training.checkpoint import write_json_atomic
-from ..training.run_setup import public_args
-from .card import render_model_card, widget_examples
-from .push import push_folder_to_hub
+from .checkpoint import write_json_atomic
+from .run_setup import public_args
+from ..hub.card import render_model_card, widget_examples
+from ..hub.push import push_folder_to_hub
 
 logger = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ RUN_FILES = ("training_args.json", "eval_results.json", PICTURE)
 
 def native_form(model: PreTrainedModel):
     """(native model, max difference) when a native class computes `model` exactly, else None (logged)."""
-    from .native import NotExpressible, to_native
+    from ..hub.native import NotExpressible, to_native
 
     if not type(model).__name__.endswith("ForImageClassification"):
         return None

@@ -46,6 +46,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pushed to {url}")
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -17,26 +17,26 @@ from transformers import (
     PreTrainedModel,
 )
 
-from .configuration_amt import AmtConfig
-from .configuration_dbot import DbotConfig
-from .configuration_extrema import ExtremaConfig
-from .configuration_maskdistill import MaskDistillConfig
-from .configuration_revcolv2 import RevColV2Config
-from .modeling_amt import AmtBackbone, AmtForImageClassification, AmtForMaskedImageModeling, AmtModel
-from .modeling_dbot import DbotBackbone, DbotForImageClassification, DbotForMaskedImageModeling, DbotModel
-from .modeling_extrema import (
+from ..configuration_amt import AmtConfig
+from ..configuration_dbot import DbotConfig
+from ..configuration_extrema import ExtremaConfig
+from ..configuration_maskdistill import MaskDistillConfig
+from ..configuration_revcolv2 import RevColV2Config
+from ..modeling_amt import AmtBackbone, AmtForImageClassification, AmtForMaskedImageModeling, AmtModel
+from ..modeling_dbot import DbotBackbone, DbotForImageClassification, DbotForMaskedImageModeling, DbotModel
+from ..modeling_extrema import (
     ExtremaBackbone,
     ExtremaForImageClassification,
     ExtremaForMaskedImageModeling,
     ExtremaModel,
 )
-from .modeling_maskdistill import (
+from ..modeling_maskdistill import (
     MaskDistillBackbone,
     MaskDistillForImageClassification,
     MaskDistillForMaskedImageModeling,
     MaskDistillModel,
 )
-from .modeling_revcolv2 import (
+from ..modeling_revcolv2 import (
     RevColV2Backbone,
     RevColV2ForImageClassification,
     RevColV2ForMaskedImageModeling,
@@ -63,7 +63,7 @@ class ModelFamily:
 
     def pretraining_transform(self, config: PreTrainedConfig):
         """The per-example transform the pretraining collator applies (seeded by the collator)."""
-        from .data import MaskedImageTransform, TwoViewTransform
+        from ..data import MaskedImageTransform, TwoViewTransform
 
         transform_class = TwoViewTransform if self.two_views else MaskedImageTransform
         scale = self.crop_scale

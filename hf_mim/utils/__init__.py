@@ -1,0 +1,1 @@
+"""Small helpers every tooling subpackage (data, training, hub) may use. Tooling zone."""
