@@ -280,7 +280,9 @@ def test_validation_loss_uses_the_same_masks_every_evaluation(fresh_accelerate_s
     from accelerate import Accelerator
 
     from hf_mim import DbotConfig, DbotForMaskedImageModeling
-    from hf_mim.data import PretrainingCollator, embedded_pretraining_dir, load_image_stream, make_dataloader, prepare_stream
+    from hf_mim.data import (
+        PretrainingCollator, batch_to_device, embedded_pretraining_dir, load_image_stream, make_dataloader, prepare_stream,
+    )
     from hf_mim.auto import family_for
     from hf_mim.training.pretraining import evaluate_pretraining_loss
 
@@ -298,9 +300,10 @@ def test_validation_loss_uses_the_same_masks_every_evaluation(fresh_accelerate_s
     second = evaluate_pretraining_loss(model, loader, collator, accelerator, seed=1)
     assert first == second and first["eval_examples"] == 10 and model.training
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad():  # uint8 batches normalised as the loop does (batch_to_device)
+        batches = [batch_to_device(b, "cpu", collator) for b in loader]
         by_hand = [(float(model(pixel_values=b["pixel_values"], bool_masked_pos=b["bool_masked_pos"]).loss), len(b["pixel_values"]))
-                   for b in loader]
+                   for b in batches]
     assert first["eval_loss"] == pytest.approx(sum(loss * n for loss, n in by_hand) / 10, abs=1e-6)
     collator.set_epoch(1)
     assert evaluate_pretraining_loss(model, loader, collator, accelerator, seed=1)["eval_loss"] != first["eval_loss"]
