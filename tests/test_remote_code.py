@@ -78,7 +78,8 @@ def test_every_head_loads_remotely_with_identical_outputs(model_type, tmp_path):
     assert all(diff == 0.0 for diff in diffs.values()), diffs
 
 
-@pytest.mark.parametrize("model_type", sorted(MODEL_FAMILIES))
+# one family in the default suite (the pipeline machinery is shared), every family with -m slow
+@pytest.mark.parametrize("model_type", [t if t == "dbot" else pytest.param(t, marks=pytest.mark.slow) for t in sorted(MODEL_FAMILIES)])
 def test_pipelines_run_offline_on_remote_code(model_type, tmp_path):
     family = MODEL_FAMILIES[model_type]
     torch.manual_seed(0)

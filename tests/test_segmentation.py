@@ -349,3 +349,24 @@ def test_missing_label_set_and_column_are_one_line_errors(workspace, capsys, fre
         assert error.value.code == 2
         assert expected in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_train_val_split_and_sample_limits_select_fixed_disjoint_pairs(tmp_path):
+    """The examples' --train_val_split / --max_train_samples / --max_eval_samples (transformers' flag names)
+    on segmentation pairs: a held-out part chosen by example id, disjoint from training, limits on top."""
+    from hf_mim.data.segmentation import load_segmentation_data
+
+    write_pairs_parquet(tmp_path / "pairs", "train", count=16, seed=3)
+    args = load_script().parse_args([*TINY, "--train_dir", str(tmp_path / "pairs"), "--train_val_split", "0.25",
+                                     "--output_dir", str(tmp_path / "out")])
+
+    def keys(stream):
+        return [example["__key__"] for example in stream]
+
+    data = load_segmentation_data(args, embedded=False, image_size=32, need_count=True)
+    train, held_out = keys(data.train), keys(data.validation[0])
+    assert set(train).isdisjoint(held_out) and len(train) + len(held_out) == 16 and held_out
+    assert data.num_examples == 12 and keys(load_segmentation_data(args, False, 32, False).validation[0]) == held_out
+    args.max_train_samples, args.max_eval_samples = 3, 1
+    limited = load_segmentation_data(args, embedded=False, image_size=32, need_count=True)
+    assert keys(limited.train) == train[:3] and keys(limited.validation[0]) == held_out[:1] and limited.num_examples == 3

@@ -39,7 +39,7 @@ from hf_mim.training import RunHyperparameters, StagedSchedule, TrainingLoop, Us
 from hf_mim.training.arguments import add_shared_flags, fill_defaults, uses_embedded_data, validate_shared_flags
 from hf_mim.training.checkpoint import write_json_atomic
 from hf_mim.training.segmentation import (
-    EMBEDDED_DEFAULTS, EMBEDDED_MODEL, RECIPE_DEFAULTS, SCHEDULES, build_model, build_optimizer, evaluate, write_outputs,
+    EMBEDDED_DEFAULTS, EMBEDDED_MODEL, RECIPE_DEFAULTS, build_model, build_optimizer, evaluate, write_outputs,
 )
 
 logger = logging.getLogger("run_semantic_segmentation")
@@ -54,9 +54,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         model_name_or_path={"help": "a pretraining, classification or segmentation folder, or a Hub id"},
         model_type={"help": "random-init baseline (without --model_name_or_path): an hf_mim method"},
         output_dir={"default": "outputs/run_semantic_segmentation"},
+        validation_dir={"help": "a separate folder of validation pairs"},
+        per_device_eval_batch_size={"default": 1},
+        lr_scheduler_type={"default": None, "help": "transformers' get_scheduler names; the recipe's poly (power 1) "
+                           "decay is 'linear' (the default)"},
     )
     data, model, optim, run = groups["data"], groups["model"], groups["optim"], groups["run"]
-    data.add_argument("--validation_dir", help="a separate folder of validation pairs")
     data.add_argument("--validation_split", default="validation", help="'none': no evaluation")
     data.add_argument("--segmentation_column_name", help="default: detected (annotation, segmentation_map, mask, ...)")
     data.add_argument("--num_labels", type=int, help="classes after --reduce_labels (scene_parse_150: 150)")
@@ -67,8 +70,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                        help="then train the same recipe from random initialisation and report both mIoUs (default with embedded data)")
     optim.add_argument("--layer_decay", type=float, help="layer-wise lr decay (recipe 0.65)")
     optim.add_argument("--drop_path_rate", type=float)
-    optim.add_argument("--lr_scheduler_type", choices=sorted(SCHEDULES), help="recipe poly (power 1)")
-    optim.add_argument("--per_device_eval_batch_size", type=int, default=1)
     aug = parser.add_argument_group("augmentation and evaluation")
     aug.add_argument("--crop_size", type=int, help="training crop and sliding window (recipe 512)")
     aug.add_argument("--scale_size", type=int, help="images are resized to fit (4x, 1x) this (default: --crop_size)")
@@ -212,7 +213,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
     total_steps = optimizer_steps(args, args.num_train_examples or data.num_examples, total_batch)
     args.num_warmup_steps = min(args.num_warmup_steps, total_steps)
     optimizer = build_optimizer(args, model, args.learning_rate)
-    kind = SCHEDULES[args.lr_scheduler_type]
+    kind = args.lr_scheduler_type
     schedule = StagedSchedule(optimizer, base_lr=args.learning_rate, steps_per_stage=[total_steps],
                               warmup_steps=args.num_warmup_steps, min_lr_ratio=args.min_lr_ratio, kind=kind)
     hyperparameters = RunHyperparameters.from_args(args, args.learning_rate, total_steps, lr_scheduler_type=kind)

@@ -392,12 +392,18 @@ def data_source(args, embedded: bool, image_size: int) -> dict:
 
 def load_segmentation_data(args, embedded: bool, image_size: int, need_count: bool) -> SegmentationData:
     """Training and validation pairs of the flags (--dataset_name / --train_dir / --validation_dir,
-    --*_split, --image_column_name, --segmentation_column_name), or the embedded set."""
+    --*_split, --train_val_split, --max_train_samples / --max_eval_samples, --image_column_name,
+    --segmentation_column_name), or the embedded set."""
+    from .splits import hold_out, limit, training_examples
+
     source = data_source(args, embedded, image_size)
     split = "train" if embedded else args.train_split
     train, image, mask = load_pairs(source, split, args.image_column_name, args.segmentation_column_name)
     validation = None
-    if args.validation_split.lower() != "none":
+    if args.train_val_split is not None:  # a fixed held-out part of the training source (by example id)
+        validation = (limit(hold_out(train, image, args.train_val_split, validation=True), args.max_eval_samples), image, mask)
+        train = hold_out(train, image, args.train_val_split, validation=False)
+    elif args.validation_split.lower() != "none":
         val_source = {"train_dir": args.validation_dir} if args.validation_dir else source
         try:
             validation = load_pairs(val_source, "validation" if embedded else args.validation_split,
@@ -406,7 +412,12 @@ def load_segmentation_data(args, embedded: bool, image_size: int, need_count: bo
             if "split" not in str(error).lower():
                 raise
             logger.warning("no validation split %r (%s): no evaluation; give --validation_dir", args.validation_split, error)
+    if validation is not None and args.train_val_split is None:
+        validation = (limit(validation[0], args.max_eval_samples), *validation[1:])
+    train = limit(train, args.max_train_samples)
     count = count_pairs(source, split) if need_count else None
+    if count is not None and (args.train_val_split is not None or args.max_train_samples is not None):
+        count = training_examples(args, count)
     return SegmentationData(train, image, mask, validation, count)
 
 

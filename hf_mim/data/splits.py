@@ -8,6 +8,8 @@ run, process and epoch, whatever the seed, and never seen in training.
 
 from __future__ import annotations
 
+import math
+
 from .collators import example_seed
 from .images import example_id
 
@@ -36,4 +38,14 @@ def limit(raw_stream, max_samples: int | None):
     return raw_stream if max_samples is None else raw_stream.take(max_samples)
 
 
-__all__ = ["hold_out", "limit"]
+def training_examples(args, source_examples: int) -> int:
+    """How many training examples remain of `source_examples` under --train_val_split / --max_train_samples."""
+    examples = source_examples
+    if args.train_val_split is not None:
+        examples = max(1, math.floor(examples * (1 - args.train_val_split)))
+    if args.max_train_samples is not None:
+        examples = min(examples, args.max_train_samples)
+    return examples
+
+
+__all__ = ["hold_out", "limit", "training_examples"]

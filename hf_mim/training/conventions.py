@@ -13,9 +13,8 @@ the concept exists in hf_mim, and one table of the flags that do not, each refus
 from __future__ import annotations
 
 import argparse
-import math
 
-from ..data.splits import hold_out, limit  # noqa: F401  (re-exported: the flags' data side)
+from ..data.splits import hold_out, limit, training_examples  # noqa: F401  (re-exported: the flags' data side)
 from .schedule import ALL_KINDS, UNSUPPORTED_KINDS
 
 # flags of transformers' examples (and of the Trainer flags their READMEs pass) that have no meaning
@@ -132,16 +131,6 @@ def hub_kwargs(args: argparse.Namespace, revision: bool = True) -> dict:
     if revision:
         kwargs.update(revision=args.model_revision, trust_remote_code=args.trust_remote_code)
     return kwargs
-
-
-def training_examples(args: argparse.Namespace, source_examples: int) -> int:
-    """How many training examples remain of `source_examples` under --train_val_split / --max_train_samples."""
-    examples = source_examples
-    if args.train_val_split is not None:
-        examples = max(1, math.floor(examples * (1 - args.train_val_split)))
-    if args.max_train_samples is not None:
-        examples = min(examples, args.max_train_samples)
-    return examples
 
 
 def checkpoint_every(args: argparse.Namespace, examples: int | None, total_batch: int) -> int | None:

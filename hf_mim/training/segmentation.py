@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import write_json_atomic
+from .conventions import hub_kwargs
 from .metrics import SegmentationMeter
 from .optim import build_adamw, layer_decay_param_groups
 from .overrides import parse_overrides
@@ -27,7 +28,7 @@ IGNORE_INDEX = 255
 # path 0.1, UperNet channels 512 (transformers' default), auxiliary FCN head weight 0.4.
 RECIPE_DEFAULTS = dict(crop_size=512, learning_rate=1e-4, weight_decay=0.05, layer_decay=0.65, num_warmup_steps=1500,
                        max_train_steps=160_000, per_device_train_batch_size=16, drop_path_rate=0.1,
-                       lr_scheduler_type="poly", decode_head_channels=512, adam_beta2=0.999)
+                       lr_scheduler_type="linear", decode_head_channels=512, adam_beta2=0.999)
 
 # The embedded digits-on-textures set (800 / 200 images of 64 x 64): 300 steps of batch 8 (3 epochs),
 # a narrow UperNet, lr 2e-3; about 6 minutes on 2 shared CPU cores. Measured: too short for this set, the
@@ -40,7 +41,7 @@ EMBEDDED_DEFAULTS = dict(crop_size=64, learning_rate=2e-3, num_warmup_steps=15, 
 EMBEDDED_MODEL = dict(model_type="dbot", model_size="tiny",
                       config_overrides="image_size=64,hidden_size=96,num_hidden_layers=4,num_attention_heads=3")
 
-SCHEDULES = {"poly": "linear", "cosine": "cosine"}  # poly with power 1 (the recipe's) is a straight line
+# the recipe's poly decay has power 1: a straight line to 0 after warm-up, transformers' "linear"
 
 
 def backbone_config(args):
@@ -54,7 +55,7 @@ def backbone_config(args):
     overrides["drop_path_rate"] = args.drop_path_rate
     if args.model_name_or_path:
         check_local_path("--model_name_or_path", args.model_name_or_path)
-        saved = AutoConfig.from_pretrained(args.model_name_or_path)
+        saved = AutoConfig.from_pretrained(args.model_name_or_path, **hub_kwargs(args))
         saved = getattr(saved, "backbone_config", None) or saved
         family = family_for(saved.model_type)
         values = {k: v for k, v in saved.to_dict().items() if k not in ("out_features", "out_indices", "stage_names")}
@@ -73,9 +74,10 @@ def build_model(args, id2label: dict[int, str]):
     family, backbone_cfg = backbone_config(args)
     backbone_cfg._attn_implementation = args.attn_implementation
     labels = dict(id2label=id2label, label2id={name: i for i, name in id2label.items()})
-    if args.model_name_or_path and AutoConfig.from_pretrained(args.model_name_or_path).model_type == "upernet":
+    if args.model_name_or_path and AutoConfig.from_pretrained(args.model_name_or_path, **hub_kwargs(args)).model_type == "upernet":
         model, info = MIMUperNetForSemanticSegmentation.from_pretrained(
-            args.model_name_or_path, backbone_config=backbone_cfg, ignore_mismatched_sizes=True, output_loading_info=True, **labels)
+            args.model_name_or_path, backbone_config=backbone_cfg, ignore_mismatched_sizes=True, output_loading_info=True,
+            **hub_kwargs(args), **labels)
         return model, sorted(info["missing_keys"]) + sorted(k for k, *_ in info["mismatched_keys"])
     backbone = family.backbone_class(backbone_cfg)
     channels = list(backbone.channels)
@@ -86,7 +88,8 @@ def build_model(args, id2label: dict[int, str]):
     model = MIMUperNetForSemanticSegmentation(config)
     missing = [f"backbone.{name}" for name, _ in model.backbone.named_parameters()]
     if args.model_name_or_path and not args.random_init:
-        loaded, info = family.backbone_class.from_pretrained(args.model_name_or_path, config=backbone_cfg, output_loading_info=True)
+        loaded, info = family.backbone_class.from_pretrained(args.model_name_or_path, config=backbone_cfg, output_loading_info=True,
+                                                             **hub_kwargs(args))
         model.backbone = loaded
         missing = [f"backbone.{key}" for key in sorted(info["missing_keys"])]
         logger.info("encoder weights loaded from %s; not in the checkpoint (initialised): %s", args.model_name_or_path,
@@ -198,5 +201,5 @@ def write_outputs(args, model, output_dir: Path, results: dict | None, summary: 
         logger.info("pushed to %s", url)
 
 
-__all__ = ["EMBEDDED_DEFAULTS", "EMBEDDED_MODEL", "RECIPE_DEFAULTS", "SCHEDULES", "backbone_config", "build_model", "build_optimizer",
+__all__ = ["EMBEDDED_DEFAULTS", "EMBEDDED_MODEL", "RECIPE_DEFAULTS", "backbone_config", "build_model", "build_optimizer",
            "evaluate", "padded_logits", "segmentation_processor", "slide_logits", "write_outputs"]
