@@ -15,7 +15,7 @@ from .configuration_common import (
     check_positive_numbers,
     config_error,
 )
-from .teachers import IMAGENET_MEAN, IMAGENET_STD, TeacherConfigMixin, as_list
+from .teachers import TeacherConfigMixin
 
 
 class DbotConfig(ViTBackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin, PreTrainedConfig):
@@ -141,13 +141,8 @@ class DbotConfig(ViTBackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin, 
         self.target_norm_eps = target_norm_eps
         self.smooth_l1_beta = smooth_l1_beta
         self.stage = stage
-        self.teacher_name_or_path = teacher_name_or_path
-        self.teacher_layer = teacher_layer
-        self.teacher_hidden_size = teacher_hidden_size
-        self.teacher_image_mean = as_list(teacher_image_mean)
-        self.teacher_image_std = as_list(teacher_image_std)
-        self.image_mean = as_list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
-        self.image_std = as_list(image_std) if image_std is not None else list(IMAGENET_STD)
+        self.set_teacher_fields(teacher_name_or_path, teacher_layer, teacher_hidden_size, teacher_image_mean,
+                                teacher_image_std, image_mean, image_std)
         self.use_mean_pooling = use_mean_pooling
         self.initializer_range = initializer_range
         self.classifier_init_std = classifier_init_std

@@ -10,15 +10,7 @@ from __future__ import annotations
 
 from transformers import PreTrainedConfig
 
-from .teachers import (  # noqa: F401 (teacher_token_width, as_list re-exported)
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TARGET_NORMALIZATIONS,
-    TEACHER_LAYERS,
-    TeacherConfigMixin,
-    as_list,
-    teacher_token_width,
-)
+from .teachers import TARGET_NORMALIZATIONS, TeacherConfigMixin
 from .configuration_common import (
     ViTBackboneConfigMixin,
     PresetConfigMixin,
@@ -155,13 +147,8 @@ class MaskDistillConfig(ViTBackboneConfigMixin, PresetConfigMixin, TeacherConfig
         self.drop_path_rate = drop_path_rate
         self.layer_scale_init_value = layer_scale_init_value
         self.target = target
-        self.teacher_name_or_path = teacher_name_or_path
-        self.teacher_layer = teacher_layer
-        self.teacher_hidden_size = teacher_hidden_size
-        self.teacher_image_mean = as_list(teacher_image_mean)
-        self.teacher_image_std = as_list(teacher_image_std)
-        self.image_mean = as_list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
-        self.image_std = as_list(image_std) if image_std is not None else list(IMAGENET_STD)
+        self.set_teacher_fields(teacher_name_or_path, teacher_layer, teacher_hidden_size, teacher_image_mean,
+                                teacher_image_std, image_mean, image_std)
         self.target_normalization = target_normalization
         self.target_norm_eps = target_norm_eps
         self.loss = loss

@@ -24,7 +24,7 @@ from .configuration_common import (
     check_positive_int,
     config_error,
 )
-from .teachers import IMAGENET_MEAN, IMAGENET_STD, TARGET_NORMALIZATIONS, TeacherConfigMixin, as_list
+from .teachers import TARGET_NORMALIZATIONS, TeacherConfigMixin
 
 TARGETS = ("pixels", "teacher")
 TEACHER_LOSSES = ("mse", "smooth_l1")
@@ -188,13 +188,8 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin,
         self.norm_pix_loss = norm_pix_loss
         self.norm_pix_eps = norm_pix_eps
         self.target = target
-        self.teacher_name_or_path = teacher_name_or_path
-        self.teacher_layer = teacher_layer
-        self.teacher_hidden_size = teacher_hidden_size
-        self.teacher_image_mean = as_list(teacher_image_mean)
-        self.teacher_image_std = as_list(teacher_image_std)
-        self.image_mean = as_list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
-        self.image_std = as_list(image_std) if image_std is not None else list(IMAGENET_STD)
+        self.set_teacher_fields(teacher_name_or_path, teacher_layer, teacher_hidden_size, teacher_image_mean,
+                                teacher_image_std, image_mean, image_std)
         self.teacher_head_level = teacher_head_level
         self.target_normalization = target_normalization
         self.target_norm_eps = target_norm_eps

@@ -82,6 +82,17 @@ class TeacherConfigMixin:
     image_mean, image_std: the student's input normalisation, undone before the teacher's is applied.
     """
 
+    def set_teacher_fields(self, teacher_name_or_path, teacher_layer, teacher_hidden_size, teacher_image_mean,
+                           teacher_image_std, image_mean, image_std) -> None:
+        """Store the fields above (lists for the normalisations; the student's default to ImageNet's)."""
+        self.teacher_name_or_path = teacher_name_or_path
+        self.teacher_layer = teacher_layer
+        self.teacher_hidden_size = teacher_hidden_size
+        self.teacher_image_mean = as_list(teacher_image_mean)
+        self.teacher_image_std = as_list(teacher_image_std)
+        self.image_mean = as_list(image_mean) if image_mean is not None else list(IMAGENET_MEAN)
+        self.image_std = as_list(image_std) if image_std is not None else list(IMAGENET_STD)
+
     def validate_teacher_fields(self, optional_width: bool = False) -> None:
         check_choice("teacher_layer", self.teacher_layer, TEACHER_LAYERS)
         if not (optional_width and self.teacher_hidden_size is None):
