@@ -370,3 +370,62 @@ def test_train_val_split_and_sample_limits_select_fixed_disjoint_pairs(tmp_path)
     args.max_train_samples, args.max_eval_samples = 3, 1
     limited = load_segmentation_data(args, embedded=False, image_size=32, need_count=True)
     assert keys(limited.train) == train[:3] and keys(limited.validation[0]) == held_out[:1] and limited.num_examples == 3
+
+
+# ------------------------------------------------------------------------------------ the embedded set
+
+
+@pytest.mark.parametrize("name, area", [("square", 1.0), ("disk", np.pi / 4), ("triangle", 0.5),
+                                         ("cross", 2 * 0.3 - 0.3 * 0.3)])
+def test_embedded_shapes_have_their_geometric_area(name, area):
+    """Each class is the shape its name says: its filled fraction of the box, by hand (cross: two bars of
+    width 0.3 minus their overlap)."""
+    from hf_mim.data.segmentation import shape_mask
+
+    assert abs(shape_mask(name, 200).mean() - area) < 0.02
+
+
+def test_embedded_set_maps_are_exact_and_reproducible(tmp_path):
+    """800 / 200 pairs with the label table; every labelled object is one flat colour in the image (the
+    map is exact, not drawn separately); a second build writes the same bytes."""
+    import pandas as pd
+
+    from hf_mim.data.segmentation import EMBEDDED_ID2LABEL, embedded_segmentation_dir
+
+    folder = embedded_segmentation_dir(tmp_path / "a", image_size=32)
+    assert json.loads((folder / "id2label.json").read_text()) == {str(k): v for k, v in EMBEDDED_ID2LABEL.items()}
+    frames = {split: pd.read_parquet(folder / split) for split in ("train", "validation")}
+    assert {split: len(frame) for split, frame in frames.items()} == {"train": 800, "validation": 200}
+    seen = set()
+    for row in frames["validation"].itertuples():
+        image = np.asarray(Image.open(io.BytesIO(row.image["bytes"])).convert("RGB")).astype(int)
+        labels = np.asarray(Image.open(io.BytesIO(row.annotation["bytes"])))
+        assert labels.shape == (32, 32) and (labels > 0).any()
+        for label in np.unique(labels[labels > 0]):
+            seen.add(int(label))
+            colours = np.unique(image[labels == label].reshape(-1, 3), axis=0)
+            assert len(colours) <= 3, (row.__key__, label)  # 1-3 objects of one class, one colour each
+    assert seen == set(range(1, len(EMBEDDED_ID2LABEL)))
+    again = embedded_segmentation_dir(tmp_path / "b", image_size=32)
+    assert (again / "validation" / "validation-00000-of-00001.parquet").read_bytes() == \
+        (folder / "validation" / "validation-00000-of-00001.parquet").read_bytes()
+
+
+@pytest.mark.slow
+def test_embedded_default_compares_with_random_initialisation(workspace, tmp_path, fresh_accelerate_state):
+    """No data flags and a checkpoint: the embedded set, then the same recipe from random initialisation
+    in <output_dir>/random_init, both mIoUs in comparison.json and on stdout."""
+    from hf_mim import DbotConfig, DbotForMaskedImageModeling
+    from hf_mim.hub import save_hub_folder
+
+    save_hub_folder(DbotForMaskedImageModeling(DbotConfig.from_preset("tiny", image_size=64, num_hidden_layers=4)), tmp_path / "pre")
+    out = tmp_path / "seg"
+    result = run_script(workspace, "--model_name_or_path", str(tmp_path / "pre"), "--output_dir", str(out),
+                        "--max_train_steps", "2", "--max_eval_samples", "4", "--decode_head_channels", "16")
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert comparison["checkpoint"] == str(tmp_path / "pre")
+    assert f"mIoU pretrained={comparison['pretrained']:.2f} random_init={comparison['random_init']:.2f}" in result.stdout
+    for folder in (out, out / "random_init"):
+        results = json.loads((folder / "eval_results.json").read_text())
+        assert len(results["per_class_iou"]) == 5
+    assert json.loads((out / "random_init" / "config.json").read_text())["id2label"]["1"] == "disk"

@@ -3,7 +3,7 @@
 Accelerate on streaming datasets.
 
     accelerate launch training_scripts/run_semantic_segmentation.py --model_name_or_path outputs/run_mim
-        # embedded digits-on-textures set (offline, minutes), compared with random initialisation
+        # embedded shapes-on-textures set (offline, minutes), compared with random initialisation
     accelerate launch training_scripts/run_semantic_segmentation.py --model_name_or_path <folder or Hub id> \
         --dataset_name scene_parse_150 --num_labels 150 --reduce_labels --per_device_train_batch_size 2
 
@@ -48,7 +48,7 @@ logger = logging.getLogger("run_semantic_segmentation")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = add_shared_flags(
-        parser, {"data": "data (none given: the embedded digits on textures)", "model": "model",
+        parser, {"data": "data (none given: the embedded shapes on textures)", "model": "model",
                  "optim": "optimisation (None: the ADE20K recipe)", "run": "outputs"},
         train_dir={"help": "parquet files, or a folder images/<split>/*.jpg + annotations/<split>/*.png"},
         model_name_or_path={"help": "a pretraining, classification or segmentation folder, or a Hub id"},

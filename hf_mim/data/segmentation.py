@@ -1,5 +1,5 @@
 """Semantic-segmentation data: streams of (image, segmentation map) pairs, the ADE20K recipe's joint
-augmentation, a seeded collator, and the embedded offline set (digits pasted on textures).
+augmentation, a seeded collator, and the embedded offline set (shapes drawn on textures).
 
 Sources (`load_segmentation_data`): a Hub dataset or parquet files with an image column and a
 segmentation-map column (the `scene_parse_150` layout: `image`, `annotation`), or a folder of pairs
@@ -310,9 +310,10 @@ def count_pairs(source: dict, split: str) -> int:
 
 # --------------------------------------------------------------------------------------------- embedded set
 
-SEGMENTATION_VERSION = "v1"
+SEGMENTATION_VERSION = "v2"
 EMBEDDED_SIZES = {"train": 800, "validation": 200}
-EMBEDDED_ID2LABEL = {0: "background", **{digit + 1: f"digit {digit}" for digit in range(10)}}
+EMBEDDED_SHAPES = ("disk", "square", "triangle", "cross")
+EMBEDDED_ID2LABEL = {0: "background", **{index + 1: name for index, name in enumerate(EMBEDDED_SHAPES)}}
 
 
 def _texture(rng: np.random.RandomState, size: int) -> np.ndarray:
@@ -324,40 +325,57 @@ def _texture(rng: np.random.RandomState, size: int) -> np.ndarray:
     return out
 
 
-def _compose(rng: np.random.RandomState, digits, indices: np.ndarray, size: int):
-    """One image and its exact map: 1-3 digits (random size, place, colour) over a texture; class = digit + 1."""
+def shape_mask(name: str, side: int) -> np.ndarray:
+    """A filled `name` shape in a side x side box, (side, side) bool: drawn at 4x and reduced, so small
+    shapes keep their outline."""
+    from PIL import ImageDraw
+
+    big = side * 4
+    canvas = Image.new("L", (big, big), 0)
+    draw = ImageDraw.Draw(canvas)
+    if name == "disk":
+        draw.ellipse([0, 0, big - 1, big - 1], fill=255)
+    elif name == "square":
+        draw.rectangle([0, 0, big - 1, big - 1], fill=255)
+    elif name == "triangle":
+        draw.polygon([(big / 2, 0), (big - 1, big - 1), (0, big - 1)], fill=255)
+    elif name == "cross":
+        draw.rectangle([big * 0.35, 0, big * 0.65, big - 1], fill=255)
+        draw.rectangle([0, big * 0.35, big - 1, big * 0.65], fill=255)
+    else:
+        raise ValueError(f"unknown shape {name!r}; expected one of {EMBEDDED_SHAPES}")
+    return np.asarray(canvas.resize((side, side), Image.Resampling.BILINEAR)) > 127
+
+
+def _compose(rng: np.random.RandomState, size: int):
+    """One image and its exact map: 1-3 filled shapes (random kind, size 5/16-11/16 of the image, place and
+    colour; later ones cover earlier ones) over a texture; class = index in EMBEDDED_SHAPES + 1."""
     image, mask = _texture(rng, size), np.zeros((size, size), dtype=np.uint8)
     for _ in range(rng.randint(1, 4)):
-        index = int(indices[rng.randint(len(indices))])
-        side = rng.randint(size * 5 // 16, size // 2 + 1)
-        glyph = Image.fromarray((digits.images[index] * 255 / 16).astype(np.uint8)).resize((side, side), Image.Resampling.BILINEAR)
-        shape = np.asarray(glyph) > 127
+        kind = rng.randint(len(EMBEDDED_SHAPES))
+        side = rng.randint(size * 5 // 16, size * 11 // 16 + 1)
+        shape = shape_mask(EMBEDDED_SHAPES[kind], side)
         top, left = rng.randint(0, size - side + 1), rng.randint(0, size - side + 1)
-        colour = rng.rand(3) * 255
-        image[top:top + side, left:left + side][shape] = colour
-        mask[top:top + side, left:left + side][shape] = digits.target[index] + 1
+        image[top:top + side, left:left + side][shape] = rng.rand(3) * 255
+        mask[top:top + side, left:left + side][shape] = kind + 1
     return Image.fromarray(np.clip(image, 0, 255).astype(np.uint8)), Image.fromarray(mask)
 
 
 def embedded_segmentation_dir(cache_dir=None, image_size: int = 64) -> Path:
-    """`<dir>/train` (800 images, 4 parquet shards) and `<dir>/validation` (200): scikit-learn's digits
-    (the train / validation digits of `embedded_digits_dir`) pasted on random textures, lossless PNG, with
-    exact maps (class = digit + 1, 0 = background): columns `image`, `annotation`, `__key__`. Written once."""
+    """`<dir>/train` (800 images, 4 parquet shards) and `<dir>/validation` (200): filled shapes (disk,
+    square, triangle, cross) in random colours on random textures, lossless PNG, with exact maps
+    (0 = background): columns `image`, `annotation`, `__key__`. Generated (nothing to download: the
+    segmentation demo works offline with the base install), written once."""
     from datasets import Features, Value
     from datasets import Image as ImageFeature
 
     target = Path(cache_dir or default_cache_dir()) / f"segmentation-{image_size}-{SEGMENTATION_VERSION}"
 
     def build(tmp: Path) -> None:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-
-        digits = load_digits()
-        train_idx, val_idx = train_test_split(np.arange(len(digits.target)), test_size=359, stratify=digits.target, random_state=0)
         features = Features({"image": ImageFeature(), "annotation": ImageFeature(), "__key__": Value("string")})
-        for split, indices, shards in (("train", train_idx, 4), ("validation", val_idx, 1)):
-            rng = np.random.RandomState(len(split))
-            pairs = [_compose(rng, digits, indices, image_size) for _ in range(EMBEDDED_SIZES[split])]
+        for split, seed, shards in (("train", 5, 4), ("validation", 10, 1)):
+            rng = np.random.RandomState(seed)
+            pairs = [_compose(rng, image_size) for _ in range(EMBEDDED_SIZES[split])]
             (tmp / split).mkdir()
             for shard in range(shards):
                 part = list(range(shard, len(pairs), shards))

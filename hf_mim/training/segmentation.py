@@ -169,7 +169,7 @@ def segmentation_processor(args):
 
 def dataset_names(args, embedded: bool) -> tuple[str, str]:
     if embedded:
-        return "hf_mim-embedded-segmentation", "hf_mim embedded digits on textures (scikit-learn digits)"
+        return "hf_mim-embedded-segmentation", "hf_mim embedded shapes on textures (generated)"
     if args.dataset_name:
         return args.dataset_name, args.dataset_name + (f" ({args.dataset_config_name})" if args.dataset_config_name else "")
     return Path(args.train_dir).name, f"local data ({Path(args.train_dir).name})"
