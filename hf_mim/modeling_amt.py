@@ -462,17 +462,5 @@ class AmtBackbone(ViTBackboneMixin, BackboneMixin, AmtPreTrainedModel):
         self.init_pyramid(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.amt.get_input_embeddings()
-
-    def stage_hidden_states(self, pixel_values, interpolate_pos_encoding, output_attentions):
-        encoded = self.amt.encoder(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=True,
-            output_attentions=output_attentions,
-        )
-        return encoded.hidden_states, encoded.attentions, self.amt.encoder.num_prefix_tokens
-
 
 __all__ = ["AmtPreTrainedModel", "AmtModel", "AmtForMaskedImageModeling", "AmtForImageClassification", "AmtBackbone"]
