@@ -279,14 +279,14 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
             self.amt.encoder.embeddings.position_embeddings.requires_grad_(False)
         self.mask_generator()  # fails now, naming the fields, if the ratios leave no visible unit
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
         """Saved as the class that dispatches: transformers' custom-object saving writes the saved object's
         class into `auto_map`, so the hosts are not registered themselves (`_auto_class = None`) and their
         code files are copied here; `auto_map` names `AmtForMaskedImageModeling` (`MIMPreTrainedModel`)."""
-        if AmtForMaskedImageModeling.is_remote_code():
+        if is_main_process and AmtForMaskedImageModeling.is_remote_code():
             os.makedirs(save_directory, exist_ok=True)
             custom_object_save(self, save_directory)
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
 
     # ----------------------------------------------------------------------------------- masking
     def mask_generator(self, attention_maps=None) -> AttentionMaskGenerator:
@@ -441,14 +441,18 @@ class AmtMaeForMaskedImageModeling(AmtForMaskedImageModeling):
         self.post_init()
 
     @staticmethod
-    def forward_encoder(encoder: ViTEncoder, pixel_values: torch.Tensor, masks: ThrowMasks, counts: tuple[int, int], **flags):
+    def forward_encoder(
+        encoder: ViTEncoder, pixel_values: torch.Tensor, masks: ThrowMasks, counts: tuple[int, int], **flags
+    ):
         """The encoder on the visible patches only (raster order). Returns (encoder output, index form of
         the removed patches: the decoder's unshuffle). Also `AmtModel`'s, given masks."""
         num_masked, num_thrown = counts
         removed = indices_from_bool_masked_pos(masks.bool_masked_pos | masks.bool_thrown_pos, num_masked + num_thrown)
         return encoder(pixel_values, ids_keep=removed.ids_keep, **flags), removed
 
-    def forward_decoder(self, hidden_states: torch.Tensor, removed: MaskIndices, grid, ids_unthrown: torch.Tensor) -> torch.Tensor:
+    def forward_decoder(
+        self, hidden_states: torch.Tensor, removed: MaskIndices, grid: tuple[int, int], ids_unthrown: torch.Tensor
+    ) -> torch.Tensor:
         """Mask tokens for the removed patches, positions, thrown patches dropped: predictions (B, K, p*p*C)
         of the unthrown patches (the cls row dropped)."""
         return self.decoder(hidden_states, removed.ids_restore, grid, ids_predict=ids_unthrown)[:, 1:]
@@ -460,8 +464,8 @@ class AmtMaeForMaskedImageModeling(AmtForMaskedImageModeling):
 
 
 class AmtSimMIMForMaskedImageModeling(AmtForMaskedImageModeling):
-    """AMT hosted by SimMIM (SimMIM-AMT's `simmim.py`): a BEiT-style ViT; masked patches become the mask
-    token in place, thrown patches are dropped after the position embedding; a per-token linear head
+    """AMT hosted by SimMIM (SimMIM-AMT's `models/simmim.py`): a BEiT-style ViT; masked patches become the
+    mask token in place, thrown patches are dropped after the position embedding; a per-token linear head
     (SimMIM's 1x1 conv + pixel shuffle, in patchify order); L1 over the masked pixels."""
 
     _auto_class = None  # saved as AmtForMaskedImageModeling (see `save_pretrained`)
@@ -484,14 +488,18 @@ class AmtSimMIMForMaskedImageModeling(AmtForMaskedImageModeling):
         self.post_init()
 
     @staticmethod
-    def forward_encoder(encoder: ViTEncoder, pixel_values: torch.Tensor, masks: ThrowMasks, counts: tuple[int, int], **flags):
+    def forward_encoder(
+        encoder: ViTEncoder, pixel_values: torch.Tensor, masks: ThrowMasks, counts: tuple[int, int], **flags
+    ):
         """The encoder on every unthrown patch, the masked ones as the mask token (set before the positions
         are added; thrown patches are dropped after). Returns (encoder output, None). Also `AmtModel`'s."""
         num_thrown = counts[1]
         ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos, num_thrown).ids_keep if num_thrown else None
         return encoder(pixel_values, ids_keep=ids_unthrown, bool_masked_pos=masks.bool_masked_pos, **flags), None
 
-    def forward_decoder(self, hidden_states: torch.Tensor, removed: None, grid, ids_unthrown: torch.Tensor) -> torch.Tensor:
+    def forward_decoder(
+        self, hidden_states: torch.Tensor, removed: None, grid: tuple[int, int], ids_unthrown: torch.Tensor
+    ) -> torch.Tensor:
         """One linear map per unthrown patch token (the cls token dropped): (B, K, p*p*C)."""
         return self.decoder(hidden_states[:, 1:])
 

@@ -104,7 +104,9 @@ def unprefix_simmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 SIMMIM_AMT_REFRESH_EPOCHS = 40
 
 
-def mae_settings(settings: Settings, state: Mapping[str, torch.Tensor], classifier: bool, official: OfficialFile | None) -> None:
+def mae_settings(
+    settings: Settings, state: Mapping[str, torch.Tensor], classifier: bool, official: OfficialFile | None
+) -> None:
     """mae-AMT: heads from `args.model` (or the width), the decoder from its weights, the AMT settings from `args`."""
     hidden = state["cls_token"].shape[-1]
     settings.encoder_heads(hidden, "args.model")
@@ -126,7 +128,9 @@ def mae_settings(settings: Settings, state: Mapping[str, torch.Tensor], classifi
         )
 
 
-def simmim_settings(settings: Settings, state: Mapping[str, torch.Tensor], classifier: bool, official: OfficialFile | None) -> None:
+def simmim_settings(
+    settings: Settings, state: Mapping[str, torch.Tensor], classifier: bool, official: OfficialFile | None
+) -> None:
     """SimMIM-AMT: heads and the AMT settings from the yacs `config`; gamma_1 unused (the released blocks)."""
     patch_size = state["patch_embed.proj.weight"].shape[-1]
     if not settings.from_file("num_attention_heads", "config.MODEL.VIT.NUM_HEADS"):
