@@ -41,8 +41,10 @@ from .modeling_amt import (
     AmtBackbone,
     AmtForImageClassification,
     AmtForMaskedImageModeling,
+    AmtMaeForMaskedImageModeling,
     AmtModel,
     AmtPreTrainedModel,
+    AmtSimMIMForMaskedImageModeling,
 )
 from .auto import MODEL_FAMILIES, ModelFamily, register_all
 
@@ -79,6 +81,8 @@ __all__ = [
     "AmtModel",
     "AmtPreTrainedModel",
     "AmtForMaskedImageModeling",
+    "AmtMaeForMaskedImageModeling",
+    "AmtSimMIMForMaskedImageModeling",
     "AmtForImageClassification",
     "AmtBackbone",
     "MODEL_FAMILIES",

@@ -123,8 +123,9 @@ class ViTBackboneMixin:
     """The `<M>Backbone` of a plain-ViT method. Bases: `(ViTBackboneMixin, BackboneMixin, <M>PreTrainedModel)`.
 
     The subclass builds its encoder under the method's `base_model_prefix` (so pretraining and
-    classification checkpoints load), without a final norm, calls `init_pyramid(config)` and
-    `post_init()`, and implements `stage_hidden_states`.
+    classification checkpoints load), without a final norm, and calls `init_pyramid(config)` and
+    `post_init()`. `get_input_embeddings` is transformers' default (it recurses into `base_model`);
+    `stage_hidden_states` reads the base model's `encoder` (override it for an encoder with another call).
     """
 
     def init_pyramid(self, config) -> None:
@@ -226,8 +227,16 @@ class ViTBackboneMixin:
         self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool, output_attentions: bool
     ) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None, int]:
         """(every stage's tokens: embedding output then each block's output, attentions or None, number of
-        prefix tokens before the patches)."""
-        raise NotImplementedError
+        prefix tokens before the patches): the base model's `encoder` run on the full image, its
+        `embeddings.num_prefix_tokens` (1 with a cls token, 0 without: ExtreMA)."""
+        encoder = self.base_model.encoder
+        encoded = encoder(
+            pixel_values,
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=True,
+            output_attentions=output_attentions,
+        )
+        return encoded.hidden_states, encoded.attentions, encoder.embeddings.num_prefix_tokens
 
     def forward(
         self,
@@ -248,7 +257,7 @@ class ViTBackboneMixin:
         )
         grid = self.get_input_embeddings().check_pixel_values(pixel_values, interpolate_pos_encoding)
         if self.relative_position_biases is not None:
-            encoder = getattr(self, self.base_model_prefix).encoder
+            encoder = self.base_model.encoder
             hidden_states, attentions, num_prefix_tokens = self.run_encoder_with_bias(
                 encoder, pixel_values, interpolate_pos_encoding, output_attentions
             )

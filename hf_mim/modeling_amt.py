@@ -6,21 +6,29 @@ image. A training crop's map then orders its mask units by weighted sampling wit
 first r are masked (reconstructed), the next t thrown (seen by nobody, not reconstructed, not in the
 loss), the rest visible. Until the first refresh the masks are uniformly random.
 
-- variant "mae": the encoder sees the visible patches; the decoder fills mask tokens for masked and
-  thrown patches, adds positions, then drops the thrown ones; MSE on the masked patches.
-- variant "simmim": masked patches become the mask token in place, thrown patches are dropped after the
-  position embedding; a per-token linear head (SimMIM's 1x1 conv + pixel shuffle); L1 on masked pixels.
-- `masking_strategy="random"` gives the plain MAE / SimMIM baselines.
+Two host classes share that masking (`AmtForMaskedImageModeling`, which builds the host of
+`config.variant`):
+- `AmtMaeForMaskedImageModeling` (variant "mae"): the encoder sees the visible patches; the decoder fills
+  mask tokens for masked and thrown patches, adds positions, then drops the thrown ones; MSE on the
+  masked patches.
+- `AmtSimMIMForMaskedImageModeling` (variant "simmim"): masked patches become the mask token in place,
+  thrown patches are dropped after the position embedding; a per-token linear head (SimMIM's 1x1 conv +
+  pixel shuffle); L1 on masked pixels.
+Each host class also holds the few facts its host decides for the other classes (initialisation,
+classifier init, mask-count rounding, how a masked image enters the encoder, the pretraining crop).
+`masking_strategy="random"` gives the plain MAE / SimMIM baselines.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
+from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
@@ -28,6 +36,7 @@ from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_amt import AmtConfig
 from .masking import (
     AttentionMaskGenerator,
+    MaskIndices,
     ThrowMasks,
     indices_from_bool_masked_pos,
     normalized_cls_attention,
@@ -49,17 +58,10 @@ from .modeling_common import (
 )
 from .objectives import elementwise_loss, normalize_per_token, patchify, predictions_to_pixels, weighted_token_mean
 
-# Classifier head init: MAE's fine-tuning (trunc-normal 2e-5) and BEiT/SimMIM's (trunc-normal 0.02).
-CLASSIFIER_INIT_STD = {"mae": 2e-5, "simmim": 0.02}
-# Official mask-count rounding: mae-AMT uses int(), SimMIM-AMT ceil().
-COUNT_ROUNDING = {"mae": "floor", "simmim": "ceil"}
-# The hosts' pixel losses: MAE's MSE per patch, SimMIM's L1 per pixel.
-PIXEL_LOSS = {"mae": "mse", "simmim": "l1"}
-
 
 @dataclass
 class AmtMaskedImageModelingOutput(ModelOutput):
-    """Output of `AmtForMaskedImageModeling`.
+    """Output of `AmtForMaskedImageModeling` (either host).
 
     loss: MAE: MSE over masked patches; SimMIM: L1 over masked pixels.
     predictions: (B, K, p*p*C) pixel predictions of the K unthrown patches, raster order, patchify layout
@@ -88,11 +90,18 @@ class AmtMaskedImageModelingOutput(ModelOutput):
     attention_map: torch.Tensor | None = None
 
 
+def amt_host(config: AmtConfig) -> type[AmtForMaskedImageModeling]:
+    """The host class of `config.variant` (`AMT_HOSTS`). Besides pretraining, it holds what its host decides
+    for every AMT class of that variant: the initialisation, the classifier head's init, the mask-count
+    rounding, how a masked image enters the encoder, the pretraining crop."""
+    return AMT_HOSTS[config.variant]
+
+
 def build_encoder(config: AmtConfig, use_final_norm: bool, use_mask_token: bool) -> ViTEncoder:
-    """MAE: plain ViT with a sin-cos table. SimMIM: BEiT-style ViT (layer scale, learned absolute
-    positions, a mask token when pretraining; k bias is inert under softmax, so a fused qkv bias equals
-    BEiT's q/v biases)."""
-    simmim = config.variant == "simmim"
+    """The host's ViT: MAE's plain ViT with a sin-cos table, or SimMIM's BEiT-style ViT (layer scale,
+    learned absolute positions; k bias is inert under softmax, so a fused qkv bias equals BEiT's q/v
+    biases), as the config's fields say. Blocks are tagged with their depth for BEiT's rescaled init
+    (read by SimMIM's `init_module` only)."""
     encoder = ViTEncoder(
         config,
         image_size=config.image_size,
@@ -110,8 +119,7 @@ def build_encoder(config: AmtConfig, use_final_norm: bool, use_mask_token: bool)
         use_mask_token=use_mask_token,
         layer_scale_attention=config.apply_attention_layer_scale,
     )
-    if simmim:
-        tag_beit_rescaled_layers(encoder.layers)
+    tag_beit_rescaled_layers(encoder.layers)
     return encoder
 
 
@@ -122,17 +130,16 @@ class AmtPreTrainedModel(MIMPreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        """MAE variant: MAE's initialisation; SimMIM variant: BEiT's. The position table is the sin-cos
-        table or trunc-normal, as `position_embedding_type` says."""
+        """The host's initialisation (`init_module`: MAE's or BEiT's); the position table is the sin-cos
+        table or trunc-normal, as `position_embedding_type` says; a classifier head trunc-normal with the
+        host's `classifier_init_std`."""
+        host = amt_host(self.config)
         std = self.config.initializer_range
         if module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, std=CLASSIFIER_INIT_STD[self.config.variant])
+            init.trunc_normal_(module.weight, std=host.classifier_init_std)
             init.zeros_(module.bias)
             return
-        if self.config.variant == "mae":
-            init_vit_weights(module, token_std=std)
-        else:
-            init_beit_weights(module, std)
+        host.init_module(module, std)
         if isinstance(module, VisionEmbeddings):
             if self.config.position_embedding_type == "sincos":
                 init.copy_(module.position_embeddings, module.sincos_table())
@@ -141,7 +148,8 @@ class AmtPreTrainedModel(MIMPreTrainedModel):
 
 
 class AmtModel(AmtPreTrainedModel):
-    """The ViT backbone of an AMT model. Nothing is masked unless masks are given.
+    """The ViT backbone of an AMT model. Nothing is masked unless masks are given (then the host's
+    `forward_encoder` runs).
 
     With `add_pooling_layer` and `config.use_mean_pooling` (MAE fine-tuning) the final LayerNorm is
     replaced by `pooler.fc_norm` on the mean of the patch tokens; otherwise `pooler_output` is the cls
@@ -171,52 +179,6 @@ class AmtModel(AmtPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.encoder.embeddings.patch_embeddings
 
-    def encode(
-        self,
-        pixel_values: torch.Tensor,
-        masks: ThrowMasks | None,
-        interpolate_pos_encoding: bool = False,
-        output_hidden_states: bool = False,
-        output_attentions: bool = False,
-        counts: tuple[int, int] | None = None,
-    ):
-        """The encoder on a masked image, as the variant does it. Returns (EncoderOutput, MAE's
-        index form of the removed patches or None).
-
-        MAE: only the visible patches enter (raster order). SimMIM: masked patches become the mask
-        token before positions are added, thrown patches are dropped after. `counts`: the (masked,
-        thrown) patches per image of `masks` (`AttentionMaskGenerator.masks`), which fix the encoder's sequence length.
-        """
-        if masks is None:
-            encoded = self.encoder(
-                pixel_values,
-                interpolate_pos_encoding=interpolate_pos_encoding,
-                output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions,
-            )
-            return encoded, None
-        num_masked, num_thrown = counts
-        if self.config.variant == "mae":
-            removed = indices_from_bool_masked_pos(masks.bool_masked_pos | masks.bool_thrown_pos, num_masked + num_thrown)
-            encoded = self.encoder(
-                pixel_values,
-                ids_keep=removed.ids_keep,
-                interpolate_pos_encoding=interpolate_pos_encoding,
-                output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions,
-            )
-            return encoded, removed
-        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos, num_thrown).ids_keep if num_thrown else None
-        encoded = self.encoder(
-            pixel_values,
-            ids_keep=ids_unthrown,
-            bool_masked_pos=masks.bool_masked_pos,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=output_hidden_states,
-            output_attentions=output_attentions,
-        )
-        return encoded, None
-
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
@@ -239,15 +201,19 @@ class AmtModel(AmtPreTrainedModel):
         output_hidden_states, output_attentions, return_dict = self.output_flags(
             output_hidden_states, output_attentions, return_dict
         )
-        masks = counts = None
-        if bool_masked_pos is not None or bool_thrown_pos is not None:
-            rows, cols = self.encoder.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
+        flags = dict(
+            interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+        )
+        if bool_masked_pos is None and bool_thrown_pos is None:
+            encoded = self.encoder(pixel_values, **flags)
+        else:
+            rows, cols = self.get_input_embeddings().check_pixel_values(pixel_values, interpolate_pos_encoding)
             masks, counts = amt_mask_generator(self.config).given_masks(
                 bool_masked_pos, bool_thrown_pos, (pixel_values.shape[0], rows * cols), pixel_values.device
             )
-        encoded, _ = self.encode(
-            pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions, counts
-        )
+            encoded, _ = amt_host(self.config).forward_encoder(self.encoder, pixel_values, masks, counts, **flags)
         return backbone_output(
             encoded.last_hidden_state, self.pooler, self.add_pooling_layer, encoded.hidden_states, encoded.attentions, return_dict
         )
@@ -262,50 +228,65 @@ def amt_mask_generator(config: AmtConfig, attention_maps=None) -> AttentionMaskG
         mask_ratio=config.mask_ratio,
         throw_ratio=config.throw_ratio,
         warmup_mask_ratio=config.effective_warmup_mask_ratio,
-        rounding=COUNT_ROUNDING[config.variant],
+        rounding=amt_host(config).mask_count_rounding,
         strategy=config.masking_strategy,
         store=attention_maps,
     )
 
 
 class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
-    """MAE or SimMIM pretraining with attention-driven masking and throwing.
+    """AMT pretraining, laid out as MAE's `models_mae.py`: `forward` = masks -> `forward_encoder` ->
+    `forward_decoder` -> `forward_loss`. This class is what both hosts share: the attention-driven
+    masking, the attention refresh (`attention_scores`), the training events the generic loop calls
+    (`MIMTrainingEventsMixin`: `mask_generator(attention_maps)` draws per-example masks from the loop's
+    attention-map store, `attention_refresh_steps(total_steps)` says when the refresh pass,
+    `forward(attention_scores_only=True)`, runs), the pixel targets and the output. The hosts,
+    `AmtMaeForMaskedImageModeling` and `AmtSimMIMForMaskedImageModeling`, each bring their `__init__`
+    (the decoder), `forward_encoder`, `forward_decoder` and `forward_loss`.
 
-    Training events (`MIMTrainingEventsMixin`) the generic loop calls: `mask_generator(attention_maps)`
-    (per-example masks drawn from the loop's attention-map store), `attention_refresh_steps(total_steps)`
-    (when to refresh; the pass runs `forward(attention_scores_only=True)`, i.e. `attention_scores`).
+    `AmtForMaskedImageModeling(config)`, `.from_pretrained(...)` and the Auto classes build the host of
+    `config.variant`: `__new__` picks the subclass when called on this class itself. transformers has no
+    per-config choice of class within one model type (Auto mappings choose by config class, or by
+    `architectures`, which a fresh config lacks); this way one registered class, one `auto_map` entry,
+    loads both hosts' folders, old ones included. A host class built directly refuses a config of the
+    other variant.
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^amt\.pooler\.", r"^classifier\."]
 
+    # each host sets these (see `AmtMaeForMaskedImageModeling`)
+    host_variant: str
+    replaces_masked_patches: bool  # masked patches become the encoder's mask token (else they are dropped)
+    mask_count_rounding: str
+    classifier_init_std: float
+    pretraining_crop_scale: tuple[float, float]
+
+    def __new__(cls, config: AmtConfig | None = None, *args, **kwargs):
+        if cls is AmtForMaskedImageModeling and config is not None:
+            cls = amt_host(config)
+        return super().__new__(cls)
+
     def __init__(self, config: AmtConfig):
         super().__init__(config)
-        self.amt = AmtModel(config, add_pooling_layer=False, use_mask_token=config.variant == "simmim")
-        pixels_per_patch = config.patch_size**2 * config.num_channels
+        if config.variant != self.host_variant:
+            raise ValueError(
+                f"{type(self).__name__} is the {self.host_variant!r} host but config.variant={config.variant!r}: "
+                "build AmtForMaskedImageModeling(config), which picks the host, or change variant"
+            )
+        self.amt = AmtModel(config, add_pooling_layer=False, use_mask_token=self.replaces_masked_patches)
         if config.position_embedding_type == "sincos":
             # a fixed sin-cos table during pretraining (MAE); learnable again when fine-tuning
             self.amt.encoder.embeddings.position_embeddings.requires_grad_(False)
-        if config.variant == "mae":
-            self.decoder = MaeDecoder(
-                config,
-                input_dim=config.hidden_size,
-                dim=config.decoder_hidden_size,
-                depth=config.decoder_num_hidden_layers,
-                num_heads=config.decoder_num_attention_heads,
-                output_dim=pixels_per_patch,
-                grid_size=config.image_size // config.patch_size,
-                mlp_ratio=config.mlp_ratio,
-                qkv_bias=config.qkv_bias,
-                layer_norm_eps=config.layer_norm_eps,
-            )
-        else:
-            # SimMIM's 1x1 conv + PixelShuffle is one linear map per token; outputs in patchify order
-            self.decoder = nn.Linear(config.hidden_size, pixels_per_patch)
         self.mask_generator()  # fails now, naming the fields, if the ratios leave no visible unit
-        self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.amt.get_input_embeddings()
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
+        """Saved as the class that dispatches: transformers' custom-object saving writes the saved object's
+        class into `auto_map`, so the hosts are not registered themselves (`_auto_class = None`) and their
+        code files are copied here; `auto_map` names `AmtForMaskedImageModeling` (`MIMPreTrainedModel`)."""
+        if is_main_process and AmtForMaskedImageModeling.is_remote_code():
+            os.makedirs(save_directory, exist_ok=True)
+            custom_object_save(self, save_directory)
+        return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
 
     # ----------------------------------------------------------------------------------- masking
     def mask_generator(self, attention_maps=None) -> AttentionMaskGenerator:
@@ -373,7 +354,7 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
             `forward` so that DDP / FSDP / DeepSpeed wrappers gather sharded weights as for a training step.
         """
         if pixel_values is None:
-            raise ValueError("AmtForMaskedImageModeling needs pixel_values")
+            raise ValueError(f"{type(self).__name__} needs pixel_values")
         if attention_scores_only:
             output = AmtMaskedImageModelingOutput(attention_map=self.attention_scores(pixel_values, interpolate_pos_encoding))
             return output if (return_dict if return_dict is not None else self.config.return_dict) else output.to_tuple()
@@ -382,33 +363,25 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
         )
 
         patch_size = self.config.patch_size
-        grid = self.amt.encoder.embeddings.patch_embeddings.check_pixel_values(pixel_values, interpolate_pos_encoding)
-        num_patches = grid[0] * grid[1]
+        grid = self.amt.get_input_embeddings().check_pixel_values(pixel_values, interpolate_pos_encoding)
         masks, counts = self.mask_generator().masks(
-            pixel_values.shape[0], num_patches, bool_masked_pos, bool_thrown_pos, patch_attention, noise, pixel_values.device
+            pixel_values.shape[0], grid[0] * grid[1], bool_masked_pos, bool_thrown_pos, patch_attention, noise,
+            pixel_values.device,
         )
         # the K unthrown patches, raster order: what is predicted
         ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos, counts[1]).ids_keep
 
-        encoded, removed = self.amt.encode(
-            pixel_values, masks, interpolate_pos_encoding, output_hidden_states, output_attentions, counts
+        encoded, removed = self.forward_encoder(
+            self.amt.encoder, pixel_values, masks, counts, interpolate_pos_encoding=interpolate_pos_encoding,
+            output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
-        if self.config.variant == "mae":
-            predictions = self.decoder(encoded.last_hidden_state, removed.ids_restore, grid, ids_predict=ids_unthrown)[:, 1:]
-        else:
-            predictions = self.decoder(encoded.last_hidden_state[:, 1:])
+        predictions = self.forward_decoder(encoded.last_hidden_state, removed, grid, ids_unthrown)
 
         raw = patchify(pixel_values.float(), patch_size)  # targets in float32 under autocast too
         target = normalize_per_token(raw, eps=1e-6) if self.config.norm_pix_loss else raw
         target = gather_tokens(target, ids_unthrown)
         weights = torch.gather(masks.bool_masked_pos, 1, ids_unthrown)
-        per_patch = elementwise_loss(predictions.float(), target.float(), PIXEL_LOSS[self.config.variant]).mean(dim=-1)
-        if self.config.variant == "mae":
-            loss = weighted_token_mean(per_patch, weights)
-        else:
-            # SimMIM: sum |error| over masked pixels and channels / (masked pixels + 1e-5) / channels
-            masked_pixels = weights.sum() * patch_size**2
-            loss = (per_patch * weights).sum() * target.shape[-1] / (masked_pixels + 1e-5) / self.config.num_channels
+        loss, per_patch = self.forward_loss(predictions, target, weights)
 
         patch_loss = torch.zeros(masks.bool_masked_pos.shape, dtype=torch.float32, device=per_patch.device)
         patch_loss.scatter_(1, ids_unthrown, per_patch.detach())
@@ -432,9 +405,125 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
 
+class AmtMaeForMaskedImageModeling(AmtForMaskedImageModeling):
+    """AMT hosted by MAE (mae-AMT's `models_mae.py`): the encoder sees only the visible patches; the
+    decoder fills mask tokens for the masked and thrown patches, adds its positions, drops the thrown
+    ones and predicts the pixels of the rest; MSE on the masked patches (per-patch normalised pixels
+    with `norm_pix_loss`)."""
+
+    _auto_class = None  # saved as AmtForMaskedImageModeling (see `save_pretrained`)
+    host_variant = "mae"
+    # what MAE decides for every AMT class of this variant (base model, classifier, backbone, data)
+    replaces_masked_patches = False  # the encoder drops the masked patches: no mask token
+    mask_count_rounding = "floor"  # mae-AMT: int(N r) masked, int(N (r + t)) masked + thrown
+    classifier_init_std = 2e-5  # MAE fine-tuning: trunc-normal(2e-5) head
+    pretraining_crop_scale = (0.2, 1.0)  # RandomResizedCrop(scale=(0.2, 1)) + flip
+
+    @staticmethod
+    def init_module(module: nn.Module, std: float) -> None:
+        """MAE's initialisation (xavier-uniform linears and patch projection, N(0, std) tokens)."""
+        init_vit_weights(module, token_std=std)
+
+    def __init__(self, config: AmtConfig):
+        super().__init__(config)  # the encoder (`amt`) and the attention-driven masking
+        self.decoder = MaeDecoder(
+            config,
+            input_dim=config.hidden_size,
+            dim=config.decoder_hidden_size,
+            depth=config.decoder_num_hidden_layers,
+            num_heads=config.decoder_num_attention_heads,
+            output_dim=config.patch_size**2 * config.num_channels,
+            grid_size=config.image_size // config.patch_size,
+            mlp_ratio=config.mlp_ratio,
+            qkv_bias=config.qkv_bias,
+            layer_norm_eps=config.layer_norm_eps,
+        )
+        self.post_init()
+
+    @staticmethod
+    def forward_encoder(
+        encoder: ViTEncoder, pixel_values: torch.Tensor, masks: ThrowMasks, counts: tuple[int, int], **flags
+    ):
+        """The encoder on the visible patches only (raster order). Returns (encoder output, index form of
+        the removed patches: the decoder's unshuffle). Also `AmtModel`'s, given masks."""
+        num_masked, num_thrown = counts
+        removed = indices_from_bool_masked_pos(masks.bool_masked_pos | masks.bool_thrown_pos, num_masked + num_thrown)
+        return encoder(pixel_values, ids_keep=removed.ids_keep, **flags), removed
+
+    def forward_decoder(
+        self, hidden_states: torch.Tensor, removed: MaskIndices, grid: tuple[int, int], ids_unthrown: torch.Tensor
+    ) -> torch.Tensor:
+        """Mask tokens for the removed patches, positions, thrown patches dropped: predictions (B, K, p*p*C)
+        of the unthrown patches (the cls row dropped)."""
+        return self.decoder(hidden_states, removed.ids_restore, grid, ids_predict=ids_unthrown)[:, 1:]
+
+    def forward_loss(self, predictions: torch.Tensor, target: torch.Tensor, weights: torch.Tensor):
+        """(MSE per patch averaged over the masked patches, per-patch loss)."""
+        per_patch = elementwise_loss(predictions.float(), target.float(), "mse").mean(dim=-1)
+        return weighted_token_mean(per_patch, weights), per_patch
+
+
+class AmtSimMIMForMaskedImageModeling(AmtForMaskedImageModeling):
+    """AMT hosted by SimMIM (SimMIM-AMT's `models/simmim.py`): a BEiT-style ViT; masked patches become the
+    mask token in place, thrown patches are dropped after the position embedding; a per-token linear head
+    (SimMIM's 1x1 conv + pixel shuffle, in patchify order); L1 over the masked pixels."""
+
+    _auto_class = None  # saved as AmtForMaskedImageModeling (see `save_pretrained`)
+    host_variant = "simmim"
+    # what SimMIM decides for every AMT class of this variant (base model, classifier, backbone, data)
+    replaces_masked_patches = True  # masked patches become the encoder's mask token
+    mask_count_rounding = "ceil"  # SimMIM-AMT: ceil(N r) masked, ceil(N (r + t)) masked + thrown
+    classifier_init_std = 0.02  # BEiT fine-tuning: trunc-normal(0.02) head
+    pretraining_crop_scale = (0.67, 1.0)  # RandomResizedCrop(scale=(0.67, 1), ratio 3/4-4/3) + flip
+
+    @staticmethod
+    def init_module(module: nn.Module, std: float) -> None:
+        """BEiT's initialisation (trunc-normal, attn.proj / mlp.fc2 rescaled by depth)."""
+        init_beit_weights(module, std)
+
+    def __init__(self, config: AmtConfig):
+        super().__init__(config)  # the encoder (`amt`, with a mask token) and the attention-driven masking
+        # SimMIM's 1x1 conv + PixelShuffle is one linear map per token; outputs in patchify order
+        self.decoder = nn.Linear(config.hidden_size, config.patch_size**2 * config.num_channels)
+        self.post_init()
+
+    @staticmethod
+    def forward_encoder(
+        encoder: ViTEncoder, pixel_values: torch.Tensor, masks: ThrowMasks, counts: tuple[int, int], **flags
+    ):
+        """The encoder on every unthrown patch, the masked ones as the mask token (set before the positions
+        are added; thrown patches are dropped after). Returns (encoder output, None). Also `AmtModel`'s."""
+        num_thrown = counts[1]
+        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos, num_thrown).ids_keep if num_thrown else None
+        return encoder(pixel_values, ids_keep=ids_unthrown, bool_masked_pos=masks.bool_masked_pos, **flags), None
+
+    def forward_decoder(
+        self, hidden_states: torch.Tensor, removed: None, grid: tuple[int, int], ids_unthrown: torch.Tensor
+    ) -> torch.Tensor:
+        """One linear map per unthrown patch token (the cls token dropped): (B, K, p*p*C)."""
+        return self.decoder(hidden_states[:, 1:])
+
+    def forward_loss(self, predictions: torch.Tensor, target: torch.Tensor, weights: torch.Tensor):
+        """(SimMIM's L1: sum |error| over masked pixels and channels / (masked pixels + 1e-5) / channels,
+        per-patch loss)."""
+        per_patch = elementwise_loss(predictions.float(), target.float(), "l1").mean(dim=-1)
+        masked_pixels = weights.sum() * self.config.patch_size**2
+        loss = (per_patch * weights).sum() * target.shape[-1] / (masked_pixels + 1e-5) / self.config.num_channels
+        return loss, per_patch
+
+
+# variant -> host class (`amt_host`)
+AMT_HOSTS: dict[str, type[AmtForMaskedImageModeling]] = {
+    "mae": AmtMaeForMaskedImageModeling,
+    "simmim": AmtSimMIMForMaskedImageModeling,
+}
+
+
 class AmtForImageClassification(ImageClassificationMixin, AmtPreTrainedModel):
     """Fine-tuning model: MAE variant = mean of patch tokens -> fc_norm -> linear (global pool); SimMIM
-    variant = final norm -> cls token -> linear. Pretraining-only parts of a checkpoint are ignored."""
+    variant = final norm -> cls token -> linear. Pretraining-only parts of a checkpoint are ignored.
+    One class for both hosts: they differ only in the pooling (the config's `use_mean_pooling`) and the
+    head's init (the host's `classifier_init_std`)."""
 
     _keys_to_ignore_on_load_unexpected = [r"^decoder\.", r"^amt\.encoder\.layernorm\.", r"embeddings\.mask_token$"]
 
@@ -462,17 +551,13 @@ class AmtBackbone(ViTBackboneMixin, BackboneMixin, AmtPreTrainedModel):
         self.init_pyramid(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.amt.get_input_embeddings()
 
-    def stage_hidden_states(self, pixel_values, interpolate_pos_encoding, output_attentions):
-        encoded = self.amt.encoder(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=True,
-            output_attentions=output_attentions,
-        )
-        return encoded.hidden_states, encoded.attentions, self.amt.encoder.num_prefix_tokens
-
-
-__all__ = ["AmtPreTrainedModel", "AmtModel", "AmtForMaskedImageModeling", "AmtForImageClassification", "AmtBackbone"]
+__all__ = [
+    "AmtPreTrainedModel",
+    "AmtModel",
+    "AmtForMaskedImageModeling",
+    "AmtMaeForMaskedImageModeling",
+    "AmtSimMIMForMaskedImageModeling",
+    "AmtForImageClassification",
+    "AmtBackbone",
+]

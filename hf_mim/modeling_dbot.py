@@ -369,17 +369,5 @@ class DbotBackbone(ViTBackboneMixin, BackboneMixin, DbotPreTrainedModel):
         self.init_pyramid(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.dbot.get_input_embeddings()
-
-    def stage_hidden_states(self, pixel_values, interpolate_pos_encoding, output_attentions):
-        encoded = self.dbot.encoder(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=True,
-            output_attentions=output_attentions,
-        )
-        return encoded.hidden_states, encoded.attentions, self.dbot.encoder.num_prefix_tokens
-
 
 __all__ = ["DbotPreTrainedModel", "DbotModel", "DbotForMaskedImageModeling", "DbotForImageClassification", "DbotBackbone"]

@@ -621,18 +621,6 @@ class ExtremaBackbone(ViTBackboneMixin, BackboneMixin, ExtremaPreTrainedModel):
         self.init_pyramid(config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.extrema.get_input_embeddings()
-
-    def stage_hidden_states(self, pixel_values, interpolate_pos_encoding, output_attentions):
-        encoded = self.extrema.encoder(
-            pixel_values,
-            interpolate_pos_encoding=interpolate_pos_encoding,
-            output_hidden_states=True,
-            output_attentions=output_attentions,
-        )
-        return encoded.hidden_states, encoded.attentions, 0
-
 
 __all__ = [
     "ExtremaPreTrainedModel",

@@ -444,9 +444,6 @@ class MaskDistillBackbone(ViTBackboneMixin, BackboneMixin, MaskDistillPreTrained
         (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_unused()
         return loaded
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.maskdistill.get_input_embeddings()
-
     def stage_hidden_states(self, pixel_values, interpolate_pos_encoding, output_attentions):
         _, hidden_states, attentions = self.maskdistill.encoder(
             pixel_values, None, interpolate_pos_encoding, True, output_attentions

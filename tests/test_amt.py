@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import subprocess
 import sys
@@ -12,7 +13,8 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import load_fixture, max_abs_diff
+from helpers import load_fixture, max_abs_diff, run_without_hf_mim
+from transformers import AutoModelForMaskedImageModeling
 
 import hf_mim  # noqa: F401  (registers the Auto classes)
 from hf_mim.configuration_amt import AmtConfig
@@ -29,7 +31,15 @@ from hf_mim.masking import (
     units_to_patches,
     weighted_order,
 )
-from hf_mim.modeling_amt import AmtForImageClassification, AmtForMaskedImageModeling, AmtModel
+from hf_mim.auto import family_for
+from hf_mim.hub import save_hub_folder
+from hf_mim.modeling_amt import (
+    AmtForImageClassification,
+    AmtForMaskedImageModeling,
+    AmtMaeForMaskedImageModeling,
+    AmtModel,
+    AmtSimMIMForMaskedImageModeling,
+)
 from hf_mim.objectives import unpatchify
 
 TOL = 1e-5
@@ -562,3 +572,86 @@ def test_simmim_warmup_masks_follow_mask_ratio_unless_set(tmp_path):
     model.save_pretrained(tmp_path)
     reloaded = AmtForMaskedImageModeling.from_pretrained(tmp_path, mask_ratio=0.3)
     assert reloaded.config.effective_warmup_mask_ratio == 0.3
+
+
+# --------------------------------------------------------------------------------------------------
+# Two host classes behind one registered class
+# --------------------------------------------------------------------------------------------------
+
+HOSTS = {"mae": AmtMaeForMaskedImageModeling, "simmim": AmtSimMIMForMaskedImageModeling}
+
+
+@pytest.mark.parametrize("variant", sorted(HOSTS))
+def test_the_shared_class_builds_and_loads_the_host_of_the_variant(variant, tmp_path):
+    config = tiny(variant)
+    host, other = HOSTS[variant], HOSTS["simmim" if variant == "mae" else "mae"]
+    for model in (AmtForMaskedImageModeling(config), AmtForMaskedImageModeling(config=config),
+                  AutoModelForMaskedImageModeling.from_config(config), host(config)):
+        assert type(model) is host and isinstance(model, AmtForMaskedImageModeling)
+    with pytest.raises(ValueError, match=f"config.variant='{variant}'"):
+        other(config)
+
+    torch.manual_seed(0)
+    model = AmtForMaskedImageModeling(config).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    # the folder maps the class that dispatches, and carries its code
+    assert saved["auto_map"]["AutoModelForMaskedImageModeling"] == "modeling_amt.AmtForMaskedImageModeling"
+    assert saved["architectures"] == [host.__name__] and (tmp_path / "modeling_amt.py").exists()
+    # folders saved before the hosts were classes name the shared class: they load to the host too
+    saved["architectures"] = ["AmtForMaskedImageModeling"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    units = 16 if variant == "mae" else 4
+    kwargs = dict(pixel_values=torch.randn(2, 3, 32, 32), patch_attention=torch.rand(2, 16), noise=torch.rand(2, units))
+    expected = model(**kwargs).loss
+    for loader in (AmtForMaskedImageModeling, AutoModelForMaskedImageModeling, host):
+        loaded = loader.from_pretrained(tmp_path).eval()
+        assert type(loaded) is host and torch.equal(loaded(**kwargs).loss, expected), loader
+
+
+def test_each_host_brings_its_crop_and_classifier_init():
+    """What a host decides for the other classes: the pretraining crop (mae-AMT 0.2-1, SimMIM-AMT
+    0.67-1) and the classifier head's init (MAE trunc-normal 2e-5, BEiT 0.02)."""
+    family = family_for("amt")
+    assert family.pretraining_transform(tiny("mae")).scale == (0.2, 1.0)
+    assert family.pretraining_transform(tiny("simmim")).scale == (0.67, 1.0)
+    torch.manual_seed(0)
+    for variant, std in (("mae", 2e-5), ("simmim", 0.02)):
+        weight = AmtForImageClassification(tiny(variant, num_labels=200)).classifier.weight
+        assert abs(weight.std().item() / std - 1) < 0.05, variant
+
+
+@pytest.mark.slow  # one fresh interpreter (~14 s); the MAE host's folder loads remotely in test_remote_code
+def test_both_hosts_load_remotely_and_save_again_as_the_shared_class(tmp_path):
+    """Without hf_mim: each host's folder loads through AutoModelForMaskedImageModeling (trust_remote_code)
+    as that host, computes the same loss, and saved again still maps the class that dispatches."""
+    torch.manual_seed(0)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    expected, folders = {}, {}
+    for variant in HOSTS:
+        model = AmtForMaskedImageModeling(tiny(variant)).eval()
+        units = 16 if variant == "mae" else 4
+        noise = torch.rand(2, units)
+        expected[variant] = (model(pixel_values, noise=noise).loss.item(), noise.tolist())
+        folders[variant] = str(save_hub_folder(model, tmp_path / variant))
+    result = run_without_hf_mim(
+        f"""
+        import json, torch, transformers
+        pixel_values = torch.tensor({pixel_values.tolist()})
+        report = {{}}
+        for variant, folder in {folders!r}.items():
+            loss, noise = {expected!r}[variant]
+            model = transformers.AutoModelForMaskedImageModeling.from_pretrained(folder, trust_remote_code=True).eval()
+            again = folder + "_again"
+            model.save_pretrained(again)
+            auto_map = json.load(open(again + "/config.json"))["auto_map"]["AutoModelForMaskedImageModeling"]
+            reloaded = transformers.AutoModelForMaskedImageModeling.from_pretrained(again, trust_remote_code=True).eval()
+            diff = abs(reloaded(pixel_values, noise=torch.tensor(noise)).loss.item() - loss)
+            report[variant] = [type(model).__name__, type(reloaded).__name__, auto_map, diff]
+        print(json.dumps(report))
+        """,
+        tmp_path,
+    )
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    for variant, host in HOSTS.items():
+        assert report[variant] == [host.__name__, host.__name__, "modeling_amt.AmtForMaskedImageModeling", 0.0], report

@@ -5,6 +5,7 @@ Tooling-zone file (never copied to the Hub). Adding a method means adding one `M
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from transformers import (
@@ -22,7 +23,7 @@ from ..configuration_dbot import DbotConfig
 from ..configuration_extrema import ExtremaConfig
 from ..configuration_maskdistill import MaskDistillConfig
 from ..configuration_revcolv2 import RevColV2Config
-from ..modeling_amt import AmtBackbone, AmtForImageClassification, AmtForMaskedImageModeling, AmtModel
+from ..modeling_amt import AmtBackbone, AmtForImageClassification, AmtForMaskedImageModeling, AmtModel, amt_host
 from ..modeling_dbot import DbotBackbone, DbotForImageClassification, DbotForMaskedImageModeling, DbotModel
 from ..modeling_extrema import (
     ExtremaBackbone,
@@ -56,20 +57,16 @@ class ModelFamily:
     backbone_class: type[PreTrainedModel] | None = None
     # Pretraining augmentation, as the paper trains: RandomResizedCrop scale range + horizontal flip;
     # `two_views` adds a second view with the same crop and independent colour jitter (ExtreMA).
-    crop_scale: tuple[float, float] = (0.2, 1.0)
+    # A function of the config where the config picks the recipe (AMT: its MAE or SimMIM host's crop).
+    crop_scale: tuple[float, float] | Callable[[PreTrainedConfig], tuple[float, float]] = (0.2, 1.0)
     two_views: bool = False
-    # A method hosted by several pretraining frameworks (AMT: MAE or SimMIM) trains with the host's crop.
-    crop_scale_by_variant: dict[str, tuple[float, float]] | None = None
 
     def pretraining_transform(self, config: PreTrainedConfig):
         """The per-example transform the pretraining collator applies (seeded by the collator)."""
         from ..data import MaskedImageTransform, TwoViewTransform
 
         transform_class = TwoViewTransform if self.two_views else MaskedImageTransform
-        scale = self.crop_scale
-        variant = getattr(config, "variant", None)
-        if self.crop_scale_by_variant and variant in self.crop_scale_by_variant:
-            scale = self.crop_scale_by_variant[variant]
+        scale = self.crop_scale(config) if callable(self.crop_scale) else self.crop_scale
         return transform_class(config.image_size, scale=scale)
 
     def auto_classes(self) -> dict[str, type]:
@@ -134,9 +131,9 @@ MODEL_FAMILIES: dict[str, ModelFamily] = {
         masked_image_modeling_class=AmtForMaskedImageModeling,
         image_classification_class=AmtForImageClassification,
         backbone_class=AmtBackbone,
-        # the hosts' own pretraining crops: mae-AMT RandomResizedCrop(scale 0.2-1) + flip, SimMIM-AMT
-        # scale 0.67-1 (ratio 3/4-4/3) + flip; the crop box also crops the stored attention map
-        crop_scale_by_variant={"mae": (0.2, 1.0), "simmim": (0.67, 1.0)},
+        # the host's own pretraining crop (`pretraining_crop_scale` of its class: mae-AMT 0.2-1, SimMIM-AMT
+        # 0.67-1); the crop box also crops the stored attention map
+        crop_scale=lambda config: amt_host(config).pretraining_crop_scale,
     ),
 }
 

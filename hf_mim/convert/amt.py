@@ -5,13 +5,16 @@ the settings the weights cannot tell come from the file's `args` (mae-AMT `misc.
 (SimMIM-AMT `utils.save_checkpoint`)):
 - mae-AMT pretraining (`models_mae.MaskedAutoencoderViT`, MAE layout: `cls_token`, `pos_embed`, `blocks.*`,
   `norm`, `decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks.*`, `decoder_norm`,
-  `decoder_pred`) -> `AmtForMaskedImageModeling(variant="mae")`;
+  `decoder_pred`) -> `AmtMaeForMaskedImageModeling`;
 - mae-AMT fine-tuned (`models_vit.VisionTransformer`, global pool: `fc_norm` + `head`, no `norm`)
   -> `AmtForImageClassification(variant="mae")`;
 - SimMIM-AMT pretraining (`SimMIM`: BEiT-style `encoder.*` with q/v biases and `gamma_1`/`gamma_2`, head
-  `decoder.0` = 1x1 conv followed by PixelShuffle) -> `AmtForMaskedImageModeling(variant="simmim")`;
+  `decoder.0` = 1x1 conv followed by PixelShuffle) -> `AmtSimMIMForMaskedImageModeling`;
 - SimMIM-AMT fine-tuned (BEiT-style blocks, `norm` + cls token + `head`)
   -> `AmtForImageClassification(variant="simmim")`.
+
+What differs between the two hosts' files is one `HostLayout` each (`HOST_LAYOUTS`): the pretraining
+head's keys and their rules, the qkv-bias key, the settings read from the file, the head's reshaping.
 
 The released SimMIM-AMT `Block.forward` never multiplies the attention branch by `gamma_1`, so models
 converted from it get `apply_attention_layer_scale=False` and `gamma_1` is dropped (reported): the converted
@@ -23,7 +26,8 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -50,7 +54,8 @@ GAMMA_1_UNUSED = (
 )
 
 
-def encoder_rules(variant: str, apply_attention_layer_scale: bool) -> list[tuple[str, str]]:
+def encoder_rules(apply_attention_layer_scale: bool) -> list[tuple[str, str]]:
+    """Either host's ViT (MAE/timm or BEiT-style keys, unprefixed) and a fine-tuned file's head."""
     rules = [
         (r"cls_token", P + "embeddings.cls_token"),
         (r"pos_embed", P + "embeddings.position_embeddings"),
@@ -61,21 +66,9 @@ def encoder_rules(variant: str, apply_attention_layer_scale: bool) -> list[tuple
         (r"fc_norm\.(weight|bias)", r"amt.pooler.fc_norm.\1"),
         (r"head\.(weight|bias)", r"classifier.\1"),
     ]
-    if variant == "simmim":
-        rules.append((r"mask_token", P + "embeddings.mask_token"))
-        rules.append((r"decoder\.0\.(weight|bias)", r"decoder.\1"))  # rows already permuted, see `simmim_head`
     if apply_attention_layer_scale:
         rules.append((r"blocks\.(\d+)\.gamma_1", P + r"layers.\1.ls1.gamma"))
     return rules
-
-
-MAE_DECODER_RULES = [
-    (r"decoder_embed\.(weight|bias)", r"decoder.decoder_embed.\1"),
-    (r"mask_token", r"decoder.mask_token"),
-    (rf"decoder_blocks\.(\d+)\.{VIT_BLOCK_PARTS}", r"decoder.layers.\1.\2.\3"),
-    (r"decoder_norm\.(weight|bias)", r"decoder.decoder_norm.\1"),
-    (r"decoder_pred\.(weight|bias)", r"decoder.decoder_pred.\1"),
-]
 
 
 def drop_rules(apply_attention_layer_scale: bool) -> dict[str, str]:
@@ -111,83 +104,56 @@ def unprefix_simmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 SIMMIM_AMT_REFRESH_EPOCHS = 40
 
 
-def infer_config(
-    state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None, official: OfficialFile | None = None
-) -> tuple[AmtConfig, Settings]:
-    """Dimensions from the weights; heads and the AMT settings (mask / throw ratios, norm_pix_loss, mask unit,
-    refresh interval) from the file's own `args` (mae-AMT) or yacs `config` (SimMIM-AMT), else the
-    variant's official defaults (printed as such) or required flags."""
-    overrides = dict(overrides or {})
-    for key in ("cls_token", "patch_embed.proj.weight"):
-        if key not in state:
-            raise CheckpointFormatError(f"not an AMT (MAE / SimMIM ViT) checkpoint: key {key!r} is missing")
-    if "pos_embed" not in state:
-        raise CheckpointFormatError(
-            "no absolute position embedding (`pos_embed`): only SimMIM-AMT's USE_APE=True layout (the released "
-            "config) is supported, not relative position biases"
-        )
-    settings = Settings(official, overrides)
-    variant = overrides.get("variant") or detect_variant(state)
-    settings.weights("variant", variant, "BEiT-style q/v biases or SimMIM keys" if variant == "simmim" else "MAE/timm keys")
+def mae_settings(
+    settings: Settings, state: Mapping[str, torch.Tensor], classifier: bool, official: OfficialFile | None
+) -> None:
+    """mae-AMT: heads from `args.model` (or the width), the decoder from its weights, the AMT settings from `args`."""
     hidden = state["cls_token"].shape[-1]
-    patch_weight = state["patch_embed.proj.weight"]
-    patch_size = patch_weight.shape[-1]
-    num_patches = state["pos_embed"].shape[1] - 1
-    grid = math.isqrt(num_patches)
-    if grid * grid != num_patches:
-        raise CheckpointFormatError(f"pos_embed has {num_patches} patch rows, not a square grid")
-    depth = count_indexed(state, "blocks.")
-    qkv_bias = ("blocks.0.attn.q_bias" if variant == "simmim" else "blocks.0.attn.qkv.bias") in state or depth == 0
-    settings.weights("image_size", grid * patch_size, f"pos_embed {grid}x{grid} patches")
-    settings.weights("patch_size", patch_size, "patch_embed.proj kernel")
-    settings.weights("num_channels", patch_weight.shape[1], "patch_embed.proj input channels")
-    settings.weights("hidden_size", hidden, "cls_token width")
-    settings.weights("num_hidden_layers", depth, "blocks.*")
-    if "blocks.0.mlp.fc1.weight" in state:
-        settings.weights("mlp_ratio", state["blocks.0.mlp.fc1.weight"].shape[0] / hidden, "blocks.0.mlp.fc1 width / hidden")
-    settings.weights("qkv_bias", qkv_bias, "q/v or qkv bias present")
-    layer_scale = 0.1 if "blocks.0.gamma_2" in state else 0.0  # the init value only; trained gammas are loaded
-    settings.weights("layer_scale_init_value", layer_scale, "blocks.0.gamma_2 present" if layer_scale else "no gamma_2")
-    classifier = is_classifier_state(state)
+    settings.encoder_heads(hidden, "args.model")
+    if "decoder_embed.weight" in state:
+        decoder_width, decoder_depth = state["decoder_embed.weight"].shape[0], count_indexed(state, "decoder_blocks.")
+        settings.weights("decoder_hidden_size", decoder_width, "decoder_embed width")
+        settings.weights("decoder_num_hidden_layers", decoder_depth, "decoder_blocks.*")
+        settings.mae_decoder_heads(hidden, decoder_width, decoder_depth, "args.model")
     if classifier:
-        settings.weights("num_labels", state["head.weight"].shape[0], "head rows")
-        settings.weights("use_mean_pooling", "fc_norm.weight" in state, "fc_norm present" if "fc_norm.weight" in state else "no fc_norm")
-    if variant == "mae":
-        settings.encoder_heads(hidden, "args.model")
-        if "decoder_embed.weight" in state:
-            decoder_width, decoder_depth = state["decoder_embed.weight"].shape[0], count_indexed(state, "decoder_blocks.")
-            settings.weights("decoder_hidden_size", decoder_width, "decoder_embed width")
-            settings.weights("decoder_num_hidden_layers", decoder_depth, "decoder_blocks.*")
-            settings.mae_decoder_heads(hidden, decoder_width, decoder_depth, "args.model")
-        if classifier:
-            settings.from_file("drop_path_rate", "args.drop_path")
-        else:
-            settings.from_file("mask_ratio", "args.mask_ratio")
-            settings.from_file("throw_ratio", "args.throw_ratio")
-            settings.from_file("norm_pix_loss", "args.norm_pix_loss")
-            epochs = official.setting("args.epochs") if official else None
-            if epochs:
-                settings.from_file(
-                    "amt_interval", "args.loc_interval", transform=lambda every: every / epochs, why=f"of args.epochs={epochs}"
-                )
-    else:
-        if not settings.from_file("num_attention_heads", "config.MODEL.VIT.NUM_HEADS"):
-            settings.encoder_heads(hidden, "config.MODEL.NAME")
-        settings.set(
-            "apply_attention_layer_scale", False, "official code: released SimMIM-AMT blocks never apply gamma_1"
+        settings.from_file("drop_path_rate", "args.drop_path")
+        return
+    settings.from_file("mask_ratio", "args.mask_ratio")
+    settings.from_file("throw_ratio", "args.throw_ratio")
+    settings.from_file("norm_pix_loss", "args.norm_pix_loss")
+    epochs = official.setting("args.epochs") if official else None
+    if epochs:
+        settings.from_file(
+            "amt_interval", "args.loc_interval", transform=lambda every: every / epochs, why=f"of args.epochs={epochs}"
         )
-        settings.from_file("drop_path_rate", "config.MODEL.DROP_PATH_RATE")
-        if not classifier:
-            settings.from_file("mask_ratio", "config.DATA.MASK_RATIO")
-            settings.from_file("warmup_mask_ratio", "config.DATA.MASK_RATIO", why="random masks before the first refresh")
-            settings.from_file("throw_ratio", "config.DATA.THROW_RATIO")
-            if not settings.from_file("mask_patch_size", "config.DATA.MASK_PATCH_SIZE"):
-                settings.default("mask_patch_size", 2 * patch_size, "SimMIM-AMT masks 2 x 2 patches (32 px at patch 16)")
-            settings.from_file(
-                "amt_interval", "config.TRAIN.EPOCHS", transform=lambda epochs: SIMMIM_AMT_REFRESH_EPOCHS / epochs,
-                why=f"refresh every {SIMMIM_AMT_REFRESH_EPOCHS} epochs, hard-coded",
-            )
-    return AmtConfig(**settings.finish()), settings
+
+
+def simmim_settings(
+    settings: Settings, state: Mapping[str, torch.Tensor], classifier: bool, official: OfficialFile | None
+) -> None:
+    """SimMIM-AMT: heads and the AMT settings from the yacs `config`; gamma_1 unused (the released blocks)."""
+    patch_size = state["patch_embed.proj.weight"].shape[-1]
+    if not settings.from_file("num_attention_heads", "config.MODEL.VIT.NUM_HEADS"):
+        settings.encoder_heads(state["cls_token"].shape[-1], "config.MODEL.NAME")
+    settings.set("apply_attention_layer_scale", False, "official code: released SimMIM-AMT blocks never apply gamma_1")
+    settings.from_file("drop_path_rate", "config.MODEL.DROP_PATH_RATE")
+    if classifier:
+        return
+    settings.from_file("mask_ratio", "config.DATA.MASK_RATIO")
+    settings.from_file("warmup_mask_ratio", "config.DATA.MASK_RATIO", why="random masks before the first refresh")
+    settings.from_file("throw_ratio", "config.DATA.THROW_RATIO")
+    if not settings.from_file("mask_patch_size", "config.DATA.MASK_PATCH_SIZE"):
+        settings.default("mask_patch_size", 2 * patch_size, "SimMIM-AMT masks 2 x 2 patches (32 px at patch 16)")
+    settings.from_file(
+        "amt_interval", "config.TRAIN.EPOCHS", transform=lambda epochs: SIMMIM_AMT_REFRESH_EPOCHS / epochs,
+        why=f"refresh every {SIMMIM_AMT_REFRESH_EPOCHS} epochs, hard-coded",
+    )
+
+
+def mae_head(state: Mapping[str, torch.Tensor], config: AmtConfig) -> Mapping[str, torch.Tensor]:
+    """MAE's decoder loads as it is; its sin-cos table must be the one hf_mim recomputes."""
+    check_decoder_sincos_table(state, config)
+    return state
 
 
 def simmim_head(weight: torch.Tensor, bias: torch.Tensor, patch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,32 +174,126 @@ def simmim_head(weight: torch.Tensor, bias: torch.Tensor, patch_size: int) -> tu
     return linear.contiguous(), bias.reshape(channels, pixels).transpose(0, 1).reshape(-1).contiguous()
 
 
+def simmim_head_state(state: Mapping[str, torch.Tensor], config: AmtConfig) -> Mapping[str, torch.Tensor]:
+    """The 1x1 conv's rows permuted into the Linear's patchify order (`simmim_head`)."""
+    weight, bias = simmim_head(state["decoder.0.weight"], state["decoder.0.bias"], config.patch_size)
+    return {**state, "decoder.0.weight": weight, "decoder.0.bias": bias}
+
+
+@dataclass(frozen=True)
+class HostLayout:
+    """How one host's official files differ: the evidence for detecting it, the key holding a block's qkv
+    bias, the pretraining head (a key that must be there, its renaming rules, its reshaping), and the
+    settings read from the file."""
+
+    evidence: str
+    qkv_bias_key: str
+    head_key: str
+    head_missing: str
+    head_rules: list[tuple[str, str]]
+    prepare_head: Callable[[Mapping[str, torch.Tensor], AmtConfig], Mapping[str, torch.Tensor]]
+    settings: Callable[[Settings, Mapping[str, torch.Tensor], bool, OfficialFile | None], None]
+
+
+HOST_LAYOUTS = {
+    "mae": HostLayout(
+        evidence="MAE/timm keys",
+        qkv_bias_key="blocks.0.attn.qkv.bias",
+        head_key="decoder_pred.weight",
+        head_missing="not an mae-AMT pretraining checkpoint: `decoder_pred` is missing",
+        head_rules=[
+            (r"decoder_embed\.(weight|bias)", r"decoder.decoder_embed.\1"),
+            (r"mask_token", r"decoder.mask_token"),
+            (rf"decoder_blocks\.(\d+)\.{VIT_BLOCK_PARTS}", r"decoder.layers.\1.\2.\3"),
+            (r"decoder_norm\.(weight|bias)", r"decoder.decoder_norm.\1"),
+            (r"decoder_pred\.(weight|bias)", r"decoder.decoder_pred.\1"),
+        ],
+        prepare_head=mae_head,
+        settings=mae_settings,
+    ),
+    "simmim": HostLayout(
+        evidence="BEiT-style q/v biases or SimMIM keys",
+        qkv_bias_key="blocks.0.attn.q_bias",
+        head_key="decoder.0.weight",
+        head_missing="not a SimMIM-AMT pretraining checkpoint: the head `decoder.0` is missing",
+        head_rules=[
+            (r"mask_token", P + "embeddings.mask_token"),
+            (r"decoder\.0\.(weight|bias)", r"decoder.\1"),  # rows already permuted, see `simmim_head`
+        ],
+        prepare_head=simmim_head_state,
+        settings=simmim_settings,
+    ),
+}
+
+
+def infer_config(
+    state: Mapping[str, torch.Tensor], overrides: Mapping[str, object] | None = None, official: OfficialFile | None = None
+) -> tuple[AmtConfig, Settings]:
+    """Dimensions from the weights; heads and the AMT settings (mask / throw ratios, norm_pix_loss, mask unit,
+    refresh interval) from the file's own `args` (mae-AMT) or yacs `config` (SimMIM-AMT), else the
+    variant's official defaults (printed as such) or required flags."""
+    overrides = dict(overrides or {})
+    for key in ("cls_token", "patch_embed.proj.weight"):
+        if key not in state:
+            raise CheckpointFormatError(f"not an AMT (MAE / SimMIM ViT) checkpoint: key {key!r} is missing")
+    if "pos_embed" not in state:
+        raise CheckpointFormatError(
+            "no absolute position embedding (`pos_embed`): only SimMIM-AMT's USE_APE=True layout (the released "
+            "config) is supported, not relative position biases"
+        )
+    settings = Settings(official, overrides)
+    variant = overrides.get("variant") or detect_variant(state)
+    host = HOST_LAYOUTS[variant]
+    settings.weights("variant", variant, host.evidence)
+    hidden = state["cls_token"].shape[-1]
+    patch_weight = state["patch_embed.proj.weight"]
+    patch_size = patch_weight.shape[-1]
+    num_patches = state["pos_embed"].shape[1] - 1
+    grid = math.isqrt(num_patches)
+    if grid * grid != num_patches:
+        raise CheckpointFormatError(f"pos_embed has {num_patches} patch rows, not a square grid")
+    depth = count_indexed(state, "blocks.")
+    qkv_bias = host.qkv_bias_key in state or depth == 0
+    settings.weights("image_size", grid * patch_size, f"pos_embed {grid}x{grid} patches")
+    settings.weights("patch_size", patch_size, "patch_embed.proj kernel")
+    settings.weights("num_channels", patch_weight.shape[1], "patch_embed.proj input channels")
+    settings.weights("hidden_size", hidden, "cls_token width")
+    settings.weights("num_hidden_layers", depth, "blocks.*")
+    if "blocks.0.mlp.fc1.weight" in state:
+        settings.weights("mlp_ratio", state["blocks.0.mlp.fc1.weight"].shape[0] / hidden, "blocks.0.mlp.fc1 width / hidden")
+    settings.weights("qkv_bias", qkv_bias, "q/v or qkv bias present")
+    layer_scale = 0.1 if "blocks.0.gamma_2" in state else 0.0  # the init value only; trained gammas are loaded
+    settings.weights("layer_scale_init_value", layer_scale, "blocks.0.gamma_2 present" if layer_scale else "no gamma_2")
+    classifier = is_classifier_state(state)
+    if classifier:
+        settings.weights("num_labels", state["head.weight"].shape[0], "head rows")
+        settings.weights("use_mean_pooling", "fc_norm.weight" in state, "fc_norm present" if "fc_norm.weight" in state else "no fc_norm")
+    host.settings(settings, state, classifier, official)
+    return AmtConfig(**settings.finish()), settings
+
+
 def convert_amt_checkpoint(
     state: Mapping[str, torch.Tensor] | OfficialFile, overrides: Mapping[str, object] | None = None
 ) -> tuple[AmtForMaskedImageModeling | AmtForImageClassification, ConversionReport]:
-    """Build the hf_mim model holding the official weights; fine-tuned files give the classifier.
-    `state` may be an `OfficialFile`, whose args / yacs config then set what the weights cannot."""
+    """Build the hf_mim model holding the official weights; fine-tuned files give the classifier, pretraining
+    files the host of their variant. `state` may be an `OfficialFile`, whose args / yacs config then set what
+    the weights cannot."""
     official = state if isinstance(state, OfficialFile) else None
     state = unprefix_simmim(official.state if official else state)
     config, settings = infer_config(state, overrides, official)
     report = ConversionReport(source=official)
     report.record_config(config, settings)
-    classifier = is_classifier_state(state)
-    if config.variant == "simmim" and "decoder.0.weight" in state:
-        weight, bias = simmim_head(state["decoder.0.weight"], state["decoder.0.bias"], config.patch_size)
-        state = {**state, "decoder.0.weight": weight, "decoder.0.bias": bias}
-    rules = encoder_rules(config.variant, config.apply_attention_layer_scale)
-    if config.variant == "mae" and not classifier:
-        if "decoder_pred.weight" not in state:
-            raise CheckpointFormatError("not an mae-AMT pretraining checkpoint: `decoder_pred` is missing")
-        check_decoder_sincos_table(state, config)
-        rules = MAE_DECODER_RULES + rules
-    if config.variant == "simmim" and not classifier and "decoder.0.weight" not in state:
-        raise CheckpointFormatError("not a SimMIM-AMT pretraining checkpoint: the head `decoder.0` is missing")
+    host = HOST_LAYOUTS[config.variant]
+    rules = encoder_rules(config.apply_attention_layer_scale)
+    if not is_classifier_state(state):
+        if host.head_key not in state:
+            raise CheckpointFormatError(host.head_missing)
+        state = host.prepare_head(state, config)
+        rules = host.head_rules + rules
     converted = rename_keys(state, rules, drop_rules(config.apply_attention_layer_scale), report)
     converted.update(merge_qkv_bias(state, P + "layers."))
     model: AmtForMaskedImageModeling | AmtForImageClassification = (
-        AmtForImageClassification(config) if classifier else AmtForMaskedImageModeling(config)
+        AmtForImageClassification(config) if is_classifier_state(state) else AmtForMaskedImageModeling(config)
     )
     missing, unexpected = model.load_state_dict(converted, strict=False)
     if unexpected:
