@@ -297,6 +297,28 @@ def test_folder_loads_without_hf_mim(straight_run, tmp_path):
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=1e-5)
 
 
+def test_segmentation_folder_loads_whole(workspace, straight_run):
+    """A folder of this script given as --model_name_or_path loads every weight (nothing fresh); with
+    another label set only the two classifiers start fresh, and the run says so."""
+    from hf_mim.training.segmentation import build_model
+
+    out, _ = straight_run
+    script = load_script()
+    saved = load_file(str(out / "model.safetensors"))
+    args = script.parse_args(["--model_name_or_path", str(out), "--train_dir", str(workspace["pairs"]), "--num_labels", "4",
+                              "--crop_size", "32"])
+    model, missing = build_model(args, {i: str(i) for i in range(4)})
+    assert missing == []
+    state = model.state_dict()
+    for key, tensor in saved.items():
+        assert torch.equal(state[key], tensor), key
+    args.num_labels = 5
+    model, missing = build_model(args, {i: str(i) for i in range(5)})
+    assert missing and all(key.split(".")[0] in ("decode_head", "auxiliary_head") and ".classifier." in key for key in missing)
+    assert model.config.num_labels == 5 and torch.equal(model.state_dict()["backbone.dbot.encoder.layers.0.attn.qkv.weight"],
+                                                        saved["backbone.dbot.encoder.layers.0.attn.qkv.weight"])
+
+
 def test_pretraining_checkpoint_loads_into_the_backbone(workspace, tmp_path, fresh_accelerate_state):
     """Encoder weights load from a run_mim.py-style folder; the model reports what it did not provide."""
     from hf_mim import DbotConfig, DbotForMaskedImageModeling
@@ -414,7 +436,7 @@ def test_embedded_set_maps_are_exact_and_reproducible(tmp_path):
 @pytest.mark.slow
 def test_embedded_default_compares_with_random_initialisation(workspace, tmp_path, fresh_accelerate_state):
     """No data flags and a checkpoint: the embedded set, then the same recipe from random initialisation
-    in <output_dir>/random_init, both mIoUs in comparison.json and on stdout."""
+    in the sibling <output_dir>-random_init, both mIoUs in comparison.json and on stdout."""
     from hf_mim import DbotConfig, DbotForMaskedImageModeling
     from hf_mim.hub import save_hub_folder
 
@@ -425,7 +447,9 @@ def test_embedded_default_compares_with_random_initialisation(workspace, tmp_pat
     comparison = json.loads((out / "comparison.json").read_text())
     assert comparison["checkpoint"] == str(tmp_path / "pre")
     assert f"mIoU pretrained={comparison['pretrained']:.2f} random_init={comparison['random_init']:.2f}" in result.stdout
-    for folder in (out, out / "random_init"):
+    baseline = tmp_path / "seg-random_init"
+    for folder in (out, baseline):
         results = json.loads((folder / "eval_results.json").read_text())
         assert len(results["per_class_iou"]) == 5
-    assert json.loads((out / "random_init" / "config.json").read_text())["id2label"]["1"] == "disk"
+    assert json.loads((baseline / "config.json").read_text())["id2label"]["1"] == "disk"
+    assert not (out / "random_init").exists()

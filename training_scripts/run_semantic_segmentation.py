@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     data.add_argument("--reduce_labels", action="store_true", help="map 0 ('other') to 255 (ignored), k to k-1 (ADE20K)")
     model.add_argument("--decode_head_channels", type=int, help="UperNet width (recipe 512)")
     model.add_argument("--compare_random_init", action="store_true",
-                       help="then train the same recipe from random initialisation and report both mIoUs (default with embedded data)")
+                       help="then train the same recipe from random initialisation (into <output_dir>-random_init) and report both "
+                       "mIoUs (default with embedded data)")
     optim.add_argument("--layer_decay", type=float, help="layer-wise lr decay (recipe 0.65)")
     optim.add_argument("--drop_path_rate", type=float)
     aug = parser.add_argument_group("augmentation and evaluation")
@@ -175,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     if status or not args.compare_random_init:
         return status
     baseline = copy.copy(args)
-    baseline.random_init, baseline.output_dir = True, str(Path(args.output_dir) / "random_init")
+    # a sibling folder: <output_dir> stays exactly what is published (an upload of it takes no second model)
+    output = Path(args.output_dir)
+    baseline.random_init, baseline.output_dir = True, str(output.with_name(output.name + "-random_init"))
     baseline.push_to_hub, baseline.resume_from_checkpoint = False, args.resume_from_checkpoint and "latest"
     status = run_script("run_semantic_segmentation.py", train, baseline)
     results = [json.loads((Path(d) / "eval_results.json").read_text()) for d in (args.output_dir, baseline.output_dir)
