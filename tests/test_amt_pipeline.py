@@ -135,6 +135,7 @@ def test_refresh_pass_fills_the_store_with_every_image():
         assert torch.allclose(store.get(example_id), reference, atol=1e-3)  # stored in float16
 
 
+@pytest.mark.slow  # ~30 s of subprocess runs: in CI's slow phase (keeps the default suite near 10 min)
 def test_run_mim_refreshes_and_resumes_exactly_across_a_refresh(tmp_path):
     """6 steps, refresh after step 3 (amt_interval 0.5), checkpoint at 3: the store is saved with the
     checkpoint, and resuming from it gives bitwise the weights of the uninterrupted run, although every

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import hf_mim
@@ -52,6 +53,7 @@ def test_extrema_momentum_encoder_is_linear_probed(tmp_path):
     assert torch.equal(probed, momentum[key])
 
 
+@pytest.mark.slow  # ~30 s of subprocess runs: in CI's slow phase (keeps the default suite near 10 min)
 def test_amt_both_hosts_fine_tune_from_their_pretraining_checkpoint(tmp_path):
     """MAE host: mean pool + fc_norm; SimMIM host: final norm + cls; the decoder and SimMIM's mask token
     are pretraining-only."""

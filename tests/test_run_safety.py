@@ -89,6 +89,7 @@ def test_no_credential_in_any_written_file(script, tmp_path):
 # ------------------------------------------------------------------------------------------ resume
 
 
+@pytest.mark.slow  # ~30 s of subprocess runs: in CI's slow phase (keeps the default suite near 10 min)
 def test_resume_applies_this_runs_learning_rate_and_length_so_the_nan_advice_holds(tmp_path):
     """A run diverges at step k; resumed from the checkpoint the error names, with a lower learning rate
     and a longer schedule, it trains past k to the new end, logging what changed."""
