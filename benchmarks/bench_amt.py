@@ -168,7 +168,7 @@ def bench_variant(variant: str, args: argparse.Namespace, device: torch.device, 
     refreshes = model.attention_refresh_steps(epochs)  # in epoch units: the same events as in steps
     random_epochs = refreshes[0] if refreshes else epochs
     before = next(  # the random row matching the masks used until the first refresh
-        row for row in rows if row.random_ratio is not None and math.isclose(row.random_ratio, config.warmup_mask_ratio)
+        row for row in rows if row.random_ratio is not None and math.isclose(row.random_ratio, config.effective_warmup_mask_ratio)
     )
     for i, kind in enumerate(("wall", "cpu")):
         refresh_cost = len(refreshes) * per_image["refresh"][i]
