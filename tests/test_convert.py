@@ -185,19 +185,19 @@ def test_official_model_names_give_the_heads_and_a_bare_unofficial_decoder_is_re
     named = OfficialFile(None, "", {}, "", args={"model": "mae_vit_base_patch16"})
     settings = Settings(named)
     settings.encoder_heads(768, "args.model")
-    settings.mae_decoder_heads(768, 512, 8, "args.model")
+    settings.mae_decoder_heads(512, 8, "args.model")
     assert settings.finish() == {"num_attention_heads": 12, "decoder_num_attention_heads": 16}
     assert settings.sources["num_attention_heads"] == "file: args.model='mae_vit_base_patch16' (ViT-B)"
     assert settings.sources["decoder_num_attention_heads"] == "file: args.model='mae_vit_base_patch16' (MAE decoder)"
 
     bare = Settings(None)
     bare.encoder_heads(768)
-    bare.mae_decoder_heads(768, 512, 8)
+    bare.mae_decoder_heads(512, 8)
     assert bare.finish() == {"num_attention_heads": 12, "decoder_num_attention_heads": 16}
     assert bare.sources["num_attention_heads"].startswith("default: official ViT of width 768")
 
     unofficial = Settings(None)
-    unofficial.mae_decoder_heads(768, 256, 4)  # divisible by 16: a silent 16 would convert with wrong numbers
+    unofficial.mae_decoder_heads(256, 4)  # divisible by 16: a silent 16 would convert with wrong numbers
     with pytest.raises(CheckpointFormatError, match="--decoder_num_attention_heads"):
         unofficial.finish()
 

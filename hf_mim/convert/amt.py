@@ -41,6 +41,7 @@ from .common import (
     VIT_BLOCK_PARTS,
     check_decoder_sincos_table,
     count_indexed,
+    mae_decoder_rules,
     merge_qkv_bias,
     rename_keys,
 )
@@ -110,11 +111,7 @@ def mae_settings(
     """mae-AMT: heads from `args.model` (or the width), the decoder from its weights, the AMT settings from `args`."""
     hidden = state["cls_token"].shape[-1]
     settings.encoder_heads(hidden, "args.model")
-    if "decoder_embed.weight" in state:
-        decoder_width, decoder_depth = state["decoder_embed.weight"].shape[0], count_indexed(state, "decoder_blocks.")
-        settings.weights("decoder_hidden_size", decoder_width, "decoder_embed width")
-        settings.weights("decoder_num_hidden_layers", decoder_depth, "decoder_blocks.*")
-        settings.mae_decoder_heads(hidden, decoder_width, decoder_depth, "args.model")
+    settings.mae_decoder(state, "args.model")
     if classifier:
         settings.from_file("drop_path_rate", "args.drop_path")
         return
@@ -201,13 +198,7 @@ HOST_LAYOUTS = {
         qkv_bias_key="blocks.0.attn.qkv.bias",
         head_key="decoder_pred.weight",
         head_missing="not an mae-AMT pretraining checkpoint: `decoder_pred` is missing",
-        head_rules=[
-            (r"decoder_embed\.(weight|bias)", r"decoder.decoder_embed.\1"),
-            (r"mask_token", r"decoder.mask_token"),
-            (rf"decoder_blocks\.(\d+)\.{VIT_BLOCK_PARTS}", r"decoder.layers.\1.\2.\3"),
-            (r"decoder_norm\.(weight|bias)", r"decoder.decoder_norm.\1"),
-            (r"decoder_pred\.(weight|bias)", r"decoder.decoder_pred.\1"),
-        ],
+        head_rules=mae_decoder_rules(),
         prepare_head=mae_head,
         settings=mae_settings,
     ),

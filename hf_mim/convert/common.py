@@ -20,6 +20,18 @@ MAE_DECODER_HEADS = 16
 VIT_BLOCK_PARTS = r"(norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(weight|bias)"
 
 
+def mae_decoder_rules(pred: str = "decoder_pred") -> list[tuple[str, str]]:
+    """Renames of an official MAE decoder (dBOT, mae-AMT) into `MaeDecoder` under `decoder.`; `pred`: the
+    name of its output projection (dBOT's file calls it `decoder_predp`)."""
+    return [
+        (r"decoder_embed\.(weight|bias)", r"decoder.decoder_embed.\1"),
+        (r"mask_token", r"decoder.mask_token"),
+        (rf"decoder_blocks\.(\d+)\.{VIT_BLOCK_PARTS}", r"decoder.layers.\1.\2.\3"),
+        (r"decoder_norm\.(weight|bias)", r"decoder.decoder_norm.\1"),
+        (rf"{pred}\.(weight|bias)", r"decoder.decoder_pred.\1"),
+    ]
+
+
 # Official model names (MAE / timm / BEiT / ExtreMA `--model`, `-a`) -> (width, heads) of the ViT they build.
 VIT_SIZES = {"small": (384, 6), "base": (768, 12), "large": (1024, 16), "huge": (1280, 16)}
 MODEL_NAME_SIZE = re.compile(r"(?:^|_)(?:vit|beit)_(small|base|large|huge)(?:_|$)")
@@ -96,7 +108,17 @@ class Settings:
             f"and the file names no official model: pass {flag} N",
         )
 
-    def mae_decoder_heads(self, width: int, decoder_width: int, decoder_depth: int, *keys: str) -> None:
+    def mae_decoder(self, state: Mapping[str, torch.Tensor], *keys: str) -> None:
+        """An MAE decoder's settings (dBOT, mae-AMT), when `state` holds one: width and depth from the
+        weights, then its heads (`mae_decoder_heads`, reading the model name from `keys`)."""
+        if "decoder_embed.weight" not in state:
+            return
+        decoder_width, decoder_depth = state["decoder_embed.weight"].shape[0], count_indexed(state, "decoder_blocks.")
+        self.weights("decoder_hidden_size", decoder_width, "decoder_embed width")
+        self.weights("decoder_num_hidden_layers", decoder_depth, "decoder_blocks.*")
+        self.mae_decoder_heads(decoder_width, decoder_depth, *keys)
+
+    def mae_decoder_heads(self, decoder_width: int, decoder_depth: int, *keys: str) -> None:
         """MAE decoders: every official `mae_vit_*` model has 16 decoder heads; without such a name only the
         official 512-wide, 8-block decoder is known, anything else is a required flag."""
         for key in keys:

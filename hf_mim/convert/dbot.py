@@ -24,6 +24,7 @@ from .common import (
     VIT_BLOCK_PARTS,
     check_decoder_sincos_table,
     count_indexed,
+    mae_decoder_rules,
     rename_keys,
 )
 
@@ -38,13 +39,7 @@ def encoder_rules(prefix: str) -> list[tuple[str, str]]:
     ]
 
 
-DECODER_RULES = [
-    (r"decoder_embed\.(weight|bias)", r"decoder.decoder_embed.\1"),
-    (r"mask_token", r"decoder.mask_token"),
-    (rf"decoder_blocks\.(\d+)\.{VIT_BLOCK_PARTS}", r"decoder.layers.\1.\2.\3"),
-    (r"decoder_norm\.(weight|bias)", r"decoder.decoder_norm.\1"),
-    (r"decoder_predp\.(weight|bias)", r"decoder.decoder_pred.\1"),
-]
+DECODER_RULES = mae_decoder_rules("decoder_predp")  # dBOT names its output projection `decoder_predp`
 
 CLASSIFIER_RULES = [
     (r"fc_norm\.(weight|bias)", r"dbot.pooler.fc_norm.\1"),
@@ -86,11 +81,7 @@ def infer_config(
         settings.weights("mlp_ratio", state["blocks.0.mlp.fc1.weight"].shape[0] / hidden, "blocks.0.mlp.fc1 width / hidden")
     settings.weights("qkv_bias", "blocks.0.attn.qkv.bias" in state or depth == 0, "blocks.0.attn.qkv.bias present")
     settings.encoder_heads(hidden, "args.model")
-    if "decoder_embed.weight" in state:
-        decoder_width, decoder_depth = state["decoder_embed.weight"].shape[0], count_indexed(state, "decoder_blocks.")
-        settings.weights("decoder_hidden_size", decoder_width, "decoder_embed width")
-        settings.weights("decoder_num_hidden_layers", decoder_depth, "decoder_blocks.*")
-        settings.mae_decoder_heads(hidden, decoder_width, decoder_depth, "args.model")
+    settings.mae_decoder(state, "args.model")
     if teacher_state is not None:
         settings.weights("teacher_depth", count_indexed(teacher_state, "blocks."), "teacher file blocks.*")
     else:
