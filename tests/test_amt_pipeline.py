@@ -167,6 +167,7 @@ def test_run_mim_refreshes_and_resumes_exactly_across_a_refresh(tmp_path):
         assert picture.width > 5 * 32  # input, masked, patch loss, attention with patch kinds, reconstruction, recon + visible
 
 
+@pytest.mark.slow  # ~15 s of subprocess runs: in CI's slow phase (keeps the default suite near 10 min)
 def test_baseline_strategy_never_refreshes(tmp_path):
     out = tmp_path / "random"
     log = run_mim(*TINY, "--model_type", "amt", "--max_train_steps", 3, "--output_dir", out,

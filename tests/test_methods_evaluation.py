@@ -27,6 +27,7 @@ def run_classification(*args) -> subprocess.CompletedProcess:
     return result
 
 
+@pytest.mark.slow  # ~15 s of subprocess runs: in CI's slow phase (keeps the default suite near 10 min)
 def test_maskdistill_fine_tunes_with_layer_decay(tmp_path):
     torch.manual_seed(0)
     save_hub_folder(hf_mim.MaskDistillForMaskedImageModeling(hf_mim.MaskDistillConfig.from_preset("tiny")), tmp_path / "pre")
@@ -36,6 +37,7 @@ def test_maskdistill_fine_tunes_with_layer_decay(tmp_path):
     assert json.loads((tmp_path / "ft" / "config.json").read_text())["model_type"] == "maskdistill"
 
 
+@pytest.mark.slow  # ~15 s of subprocess runs: in CI's slow phase (keeps the default suite near 10 min)
 def test_extrema_momentum_encoder_is_linear_probed(tmp_path):
     """ExtreMA's evaluation: the momentum encoder, class-attention token, BatchNorm + linear probe."""
     torch.manual_seed(0)
