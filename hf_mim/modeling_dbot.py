@@ -222,9 +222,6 @@ class DbotForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin, Dbo
         self.teacher.eval()
         return self
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.dbot.get_input_embeddings()
-
     def mask_generator(self, attention_maps=None) -> RandomMaskGenerator:
         """How the data pipeline masks an image for this model: MAE uniform random masking at mask_ratio."""
         return RandomMaskGenerator(self.config.image_size // self.config.patch_size, self.config.mask_ratio)

@@ -407,9 +407,6 @@ class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedMod
         self.momentum_projector.eval()
         return self
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.extrema.get_input_embeddings()
-
     # ---------------------------------------------------------------- masks
 
     def mask_generator(self, attention_maps=None) -> DisjointMaskGenerator:

@@ -293,9 +293,6 @@ class MaskDistillForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMix
             min_aspect=self.config.mask_min_aspect,
         )
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.maskdistill.get_input_embeddings()
-
     # ---- objective -----------------------------------------------------------------------------
 
     def forward(

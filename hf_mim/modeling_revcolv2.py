@@ -503,9 +503,6 @@ class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin,
 
     teacher = FrozenTeacherMixin.external_teacher
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.revcolv2.get_input_embeddings()
-
     def mask_generator(self, attention_maps=None) -> RandomMaskGenerator:
         """How the data pipeline masks an image for this model: uniform random masking at mask_ratio."""
         return RandomMaskGenerator(self.config.image_size // self.config.patch_size, self.config.mask_ratio)
