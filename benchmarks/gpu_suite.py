@@ -91,6 +91,18 @@ class Budget:
     def charge(self, section: str, begin: float) -> None:
         self.spent[section] += time.perf_counter() - begin
 
+    def cases(self, section: str, keys: list[dict], rows: list[dict]):
+        """Yields each case's key (e.g. {"columns": 4, "engine": ...}) while the section's time allows (the
+        first always runs), charging the time until the next one is asked for; the rest become
+        "time cap" rows."""
+        for index, key in enumerate(keys):
+            if not self.allows(section, first=index == 0):
+                rows.append({**key, "skipped": "time cap"})
+                continue
+            begin = time.perf_counter()
+            yield key
+            self.charge(section, begin)
+
 
 # --------------------------------------------------------------------------------------------- models
 
@@ -304,22 +316,16 @@ def columns_section(args, sizes, device, budget, results: dict) -> None:
     options = Namespace(device=str(device), image_size=sizes["image_size"], patch_size=8 if tiny else 16,
                         width=32 if tiny else 768, heads=2 if tiny else 12, blocks=1, batch=sizes["columns_batch"],
                         threads=torch.get_num_threads())
-    first = True
-    for columns in sizes["columns"]:
-        for engine in bench_revcolv2_memory.ENGINES:
-            if not budget.allows("columns", first=first):
-                rows.append({"columns": columns, "engine": engine, "skipped": "time cap"})
-                continue
-            first, begin = False, time.perf_counter()
-            try:
-                measured = bench_revcolv2_memory.memory_worker(options, columns, engine)
-                rows.append({"columns": columns, "engine": engine, "step_mib": measured["step_peak"] / 2**20,
-                             "total_mib": (measured["step_peak"] + measured["held"]) / 2**20})
-            except Exception as error:  # noqa: BLE001
-                rows.append({"columns": columns, "engine": engine, "error": f"{type(error).__name__}: {error}"[:200]})
-            budget.charge("columns", begin)
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    keys = [{"columns": columns, "engine": engine} for columns in sizes["columns"] for engine in bench_revcolv2_memory.ENGINES]
+    for key in budget.cases("columns", keys, rows):
+        try:
+            measured = bench_revcolv2_memory.memory_worker(options, key["columns"], key["engine"])
+            rows.append({**key, "step_mib": measured["step_peak"] / 2**20,
+                         "total_mib": (measured["step_peak"] + measured["held"]) / 2**20})
+        except Exception as error:  # noqa: BLE001
+            rows.append({**key, "error": f"{type(error).__name__}: {error}"[:200]})
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def inference_section(args, sizes, device, meter, budget, results: dict) -> None:
@@ -339,27 +345,21 @@ def inference_section(args, sizes, device, meter, budget, results: dict) -> None
         "ViT-L (transformers)": ViTModel._from_config(vit_config, attn_implementation="sdpa", add_pooling_layer=False),
     }
     autocast = (lambda: torch.autocast(device.type, dtype=sizes["dtype"])) if sizes["dtype"] != torch.float32 else nullcontext
-    first = True
-    for batch in sizes["inference_batches"]:
-        for name, model in models.items():
-            if not budget.allows("inference", first=first):
-                rows.append({"model": name, "batch": batch, "skipped": "time cap"})
-                continue
-            first, begin = False, time.perf_counter()
-            model.to(device).eval()
-            pixels = torch.randn(batch, 3, config.image_size, config.image_size, device=device)
+    keys = [{"model": name, "batch": batch} for batch in sizes["inference_batches"] for name in models]
+    for key in budget.cases("inference", keys, rows):
+        model, batch = models[key["model"]], key["batch"]
+        model.to(device).eval()
+        pixels = torch.randn(batch, 3, config.image_size, config.image_size, device=device)
 
-            def forward():
-                with torch.no_grad(), autocast():
-                    model(pixel_values=pixels)
+        def forward():
+            with torch.no_grad(), autocast():
+                model(pixel_values=pixels)
 
-            try:
-                seconds = time_step(meter, forward, sizes["warmup"], sizes["steps"])
-                rows.append({"model": name, "batch": batch, "img_s": batch / seconds,
-                             "peak_mib": meter.memory(forward)[0] / 2**20})
-            except Exception as error:  # noqa: BLE001 (e.g. out of memory at the largest batch)
-                rows.append({"model": name, "batch": batch, "error": f"{type(error).__name__}: {error}"[:120]})
-            budget.charge("inference", begin)
+        try:
+            seconds = time_step(meter, forward, sizes["warmup"], sizes["steps"])
+            rows.append({**key, "img_s": batch / seconds, "peak_mib": meter.memory(forward)[0] / 2**20})
+        except Exception as error:  # noqa: BLE001 (e.g. out of memory at the largest batch)
+            rows.append({**key, "error": f"{type(error).__name__}: {error}"[:120]})
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
@@ -377,20 +377,13 @@ def input_section(args, sizes, budget, results: dict) -> None:
             "hf_mim folder": lambda w: bench_input_pipeline.hf_mim_loader(root / "folder" / "train", batch, w),
             "hf_mim parquet": lambda w: bench_input_pipeline.hf_mim_loader(root / "parquet", batch, w),
         }
-        first = True
-        for workers in sizes["workers"]:
-            for name, build in loaders.items():
-                if not budget.allows("input", first=first):
-                    rows.append({"pipeline": name, "workers": workers, "skipped": "time cap"})
-                    continue
-                first, begin = False, time.perf_counter()
-                try:
-                    images, wall, cpu = bench_input_pipeline.one_pass(build(workers))
-                    rows.append({"pipeline": name, "workers": workers, "img_s": images / wall,
-                                 "img_cpu_s": images / max(cpu, 1e-9)})
-                except Exception as error:  # noqa: BLE001 (e.g. torchvision missing)
-                    rows.append({"pipeline": name, "workers": workers, "error": f"{type(error).__name__}: {error}"[:120]})
-                budget.charge("input", begin)
+        keys = [{"pipeline": name, "workers": workers} for workers in sizes["workers"] for name in loaders]
+        for key in budget.cases("input", keys, rows):
+            try:
+                images, wall, cpu = bench_input_pipeline.one_pass(loaders[key["pipeline"]](key["workers"]))
+                rows.append({**key, "img_s": images / wall, "img_cpu_s": images / max(cpu, 1e-9)})
+            except Exception as error:  # noqa: BLE001 (e.g. torchvision missing)
+                rows.append({**key, "error": f"{type(error).__name__}: {error}"[:120]})
     official = {row["workers"]: row.get("img_s") for row in rows if row["pipeline"].startswith("official")}
     for row in rows:
         if row.get("img_s") and official.get(row["workers"]):
