@@ -30,13 +30,13 @@ import hf_mim  # noqa: F401  (registers every hf_mim model with the Auto classes
 from hf_mim.data import PretrainingCollator, ResizeTransform, count_examples, make_dataloader, prepare_stream
 from hf_mim.auto import family_for
 from hf_mim.training import (
-    AttentionMapStore, RunHyperparameters, StagedSchedule, TrainingLoop, UserInputError, build_adamw, forward_inputs,
-    linear_scaled_lr, optimizer_steps, refresh_attention_maps, run_script, start_run, weight_decay_param_groups,
+    AttentionMapStore, RunHyperparameters, TrainingLoop, UserInputError, forward_inputs, optimizer_steps,
+    refresh_attention_maps, run_script, start_run,
 )
 from hf_mim.training.arguments import add_shared_flags, fill_defaults, uses_embedded_data, validate_shared_flags
 from hf_mim.training.conventions import checkpoint_every, hub_kwargs, training_examples
 from hf_mim.training.pretraining import (
-    build_pretraining_model, data_source, evaluate_pretraining_loss, load_stream, load_validation_stream, run_summary,
+    build_pretraining_model, build_pretraining_optimization, data_source, evaluate_pretraining_loss, load_stream, load_validation_stream, run_summary,
     save_mim_picture_of, write_outputs,
 )
 from hf_mim.training.visualize import log_pictures
@@ -201,15 +201,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
         eval_data = (make_dataloader(eval_stream, eval_collator, batch_size=args.per_device_eval_batch_size, drop_last=False,
                                      **loader_options), eval_collator)
 
-    # --- optimisation ---
-    steps_per_stage = total_steps // args.num_stages
-    stage_lengths = [steps_per_stage] * (args.num_stages - 1) + [total_steps - steps_per_stage * (args.num_stages - 1)]
-    if args.num_warmup_steps is None:
-        args.num_warmup_steps = max(1, round(0.05 * steps_per_stage))
-    lr = args.learning_rate if args.learning_rate is not None else linear_scaled_lr(args.base_learning_rate, total_batch)
-    optimizer = build_adamw(weight_decay_param_groups(model, args.weight_decay), lr=lr, betas=(args.adam_beta1, args.adam_beta2))
-    schedule = StagedSchedule(optimizer, base_lr=lr, steps_per_stage=stage_lengths, warmup_steps=args.num_warmup_steps,
-                              min_lr_ratio=args.min_lr_ratio, kind=args.lr_scheduler_type)
+    optimizer, schedule, lr = build_pretraining_optimization(args, model, total_steps, total_batch)
     hyperparameters = RunHyperparameters.from_args(args, lr, total_steps, lr_scheduler_type=args.lr_scheduler_type)
 
     loop = PretrainingLoop(args, run, model, optimizer, schedule, hyperparameters, (dataloader, stream, collator),

@@ -65,6 +65,25 @@ def build_pretraining_model(args, saved_config: dict | None = None):
     return family.masked_image_modeling_class(config), config
 
 
+def build_pretraining_optimization(args, model, total_steps: int, total_batch: int):
+    """(optimizer, schedule, lr) of a pretraining run: AdamW over the weight-decay groups, and the per-step
+    warm-up + decay restarted at every stage (`--num_stages`: the last stage takes the remainder). lr is
+    --learning_rate, else --base_learning_rate x total batch / 256; warm-up defaults to 5 % of a stage.
+    One function for run_mim.py and the trajectory tests, so the tests check the optimisation the script runs."""
+    from .optim import build_adamw, weight_decay_param_groups
+    from .schedule import StagedSchedule, linear_scaled_lr
+
+    steps_per_stage = total_steps // args.num_stages
+    stage_lengths = [steps_per_stage] * (args.num_stages - 1) + [total_steps - steps_per_stage * (args.num_stages - 1)]
+    if args.num_warmup_steps is None:
+        args.num_warmup_steps = max(1, round(0.05 * steps_per_stage))
+    lr = args.learning_rate if args.learning_rate is not None else linear_scaled_lr(args.base_learning_rate, total_batch)
+    optimizer = build_adamw(weight_decay_param_groups(model, args.weight_decay), lr=lr, betas=(args.adam_beta1, args.adam_beta2))
+    schedule = StagedSchedule(optimizer, base_lr=lr, steps_per_stage=stage_lengths, warmup_steps=args.num_warmup_steps,
+                              min_lr_ratio=args.min_lr_ratio, kind=args.lr_scheduler_type)
+    return optimizer, schedule, lr
+
+
 def check_pretraining_weights(args, missing_keys) -> None:
     """Refuse weights that lack parts of the pretraining model (a classifier checkpoint has no decoder,
     teacher or predictor): they would silently train from random initialisation."""
@@ -217,6 +236,7 @@ def validation_names(args) -> tuple[str, str, str]:
 
 
 __all__ = [
-    "build_pretraining_model", "check_pretraining_weights", "data_source", "evaluate_pretraining_loss", "load_stream",
-    "load_validation_stream", "run_summary", "save_mim_picture_of", "write_outputs",
+    "build_pretraining_model", "build_pretraining_optimization", "check_pretraining_weights", "data_source",
+    "evaluate_pretraining_loss", "load_stream", "load_validation_stream", "run_summary", "save_mim_picture_of",
+    "write_outputs",
 ]
