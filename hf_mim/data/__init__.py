@@ -19,7 +19,7 @@ from .collators import (
     example_seed,
     pop_decode_counts,
 )
-from .embedded import default_cache_dir, embedded_digits_dir, embedded_pretraining_dir
+from .embedded import default_cache_dir, embedded_digits_dir, embedded_mnist_dir, embedded_pretraining_dir
 from .images import (
     DEFAULT_MAX_IMAGE_PIXELS,
     DecodeStats,
@@ -69,6 +69,7 @@ __all__ = [
     "decode_image_with_status",
     "default_cache_dir",
     "embedded_digits_dir",
+    "embedded_mnist_dir",
     "embedded_pretraining_dir",
     "example_generator",
     "example_id",

