@@ -30,7 +30,7 @@ def build_pretraining_model(args, saved_config: dict | None = None):
     from ..auto import family_for
 
     family = family_for(args.model_type)
-    overrides = parse_overrides(args.config_overrides)
+    overrides = {**getattr(args, "recipe_config", {}), **parse_overrides(args.config_overrides)}  # the user's win
     for name in ("image_size", "patch_size", "mask_ratio", "mask_patch_size", "teacher_name_or_path"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
