@@ -105,6 +105,11 @@ class MIMTrainingEventsMixin:
 
     # True when `start_new_stage` does something: `--num_stages` > 1 is refused otherwise.
     has_training_stages = False
+    # Pretraining weight decay: name substrings kept out of it besides every 1-D tensor (norms, biases, layer
+    # scale); None: the fine-tuning convention (hf_mim.training.DEFAULT_SKIP_NAMES: tokens, position tables).
+    # A method whose official pretraining decays its cls / mask tokens (timm `add_weight_decay` with no skip
+    # list, as MAE) sets ().
+    pretraining_no_weight_decay: tuple[str, ...] | None = None
 
     @property
     def uses_attention_maps(self) -> bool:

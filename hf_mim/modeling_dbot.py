@@ -189,6 +189,7 @@ class DbotForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin, Dbo
     only and is never saved."""
 
     has_training_stages = True  # start_new_stage: teacher <- student, student re-initialised
+    pretraining_no_weight_decay = ()  # official: timm add_weight_decay, no skip list (cls and mask tokens decayed)
 
     _keys_to_ignore_on_load_unexpected = [r"^dbot\.pooler\.", r"^classifier\."]
 
