@@ -824,17 +824,14 @@ def tag_beit_rescaled_layers(layers: nn.ModuleList) -> None:
         layer.mlp.fc2.rescale_layer_id = layer_id
 
 
-def reinitialize(module: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:
-    """Re-draw every weight under `module` (e.g. dBOT's student at a stage boundary).
-
-    transformers marks loaded tensors and modules as initialised and its init functions then skip
-    them; this clears the marks first so the re-initialisation really happens.
-    """
+def forget_initialization(module: nn.Module) -> None:
+    """Clear transformers' "already initialised" marks under `module`: they are set on loaded tensors and
+    make its init functions skip them, so a re-initialisation (dBOT's student at a stage boundary) would
+    silently keep the old weights."""
     for sub in module.modules():
         sub.__dict__.pop("_is_hf_initialized", None)
         for tensor in list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False)):
             tensor.__dict__.pop("_is_hf_initialized", None)
-    module.apply(init_fn)
 
 
 def starts_as_copy(target: nn.Module, source: nn.Module) -> None:
