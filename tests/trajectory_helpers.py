@@ -87,8 +87,9 @@ def run_trajectory(argv: list[str], model, epochs: list[list[dict]], num_example
                    refresh_batches: list[dict] | None = None) -> Trajectory:
     """Train `model` as `run_mim.py <argv>` would, over the fixed `epochs` of batches (`num_examples`
     images per epoch; the run's length comes from --num_train_epochs or --max_train_steps in `argv`, as in
-    the script). `refresh_batches`: the whole images (with `example_id`) an attention refresh reads.
-    Needs a fresh Accelerate state (the `fresh_accelerate_state` fixture)."""
+    the script). `argv` names a data source (e.g. `--train_dir`, never read): without one run_mim would fill
+    in its embedded demo's defaults (lr, size). `refresh_batches`: the whole images (with `example_id`) an
+    attention refresh reads. Needs a fresh Accelerate state (the `fresh_accelerate_state` fixture)."""
     args = run_mim.parse_args(argv)
     run = start_run(args)
     total_batch = run.total_batch(args)
