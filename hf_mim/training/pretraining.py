@@ -78,7 +78,9 @@ def build_pretraining_optimization(args, model, total_steps: int, total_batch: i
     if args.num_warmup_steps is None:
         args.num_warmup_steps = max(1, round(0.05 * steps_per_stage))
     lr = args.learning_rate if args.learning_rate is not None else linear_scaled_lr(args.base_learning_rate, total_batch)
-    optimizer = build_adamw(weight_decay_param_groups(model, args.weight_decay), lr=lr, betas=(args.adam_beta1, args.adam_beta2))
+    skip = getattr(model, "pretraining_no_weight_decay", None)  # the method's official exclusions (MIMTrainingEventsMixin)
+    groups = weight_decay_param_groups(model, args.weight_decay, **({} if skip is None else {"skip_names": skip}))
+    optimizer = build_adamw(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
     schedule = StagedSchedule(optimizer, base_lr=lr, steps_per_stage=stage_lengths, warmup_steps=args.num_warmup_steps,
                               min_lr_ratio=args.min_lr_ratio, kind=args.lr_scheduler_type)
     return optimizer, schedule, lr
