@@ -394,15 +394,6 @@ class MaskDistillForImageClassification(ImageClassificationMixin, MaskDistillPre
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """As PreTrainedModel's; loading re-creates parameters, so the unused shared table (the loading
-        place of a pretraining checkpoint's table, copied into every block) is frozen again here."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
-        model.maskdistill.encoder.rel_pos_bias.requires_grad_(False)
-        return loaded
-
 
 class MaskDistillBackbone(ViTBackboneMixin, BackboneMixin, MaskDistillPreTrainedModel):
     """MaskDistill feature maps for dense heads (UperNet through `AutoBackbone`), BEiT's segmentation
@@ -433,13 +424,6 @@ class MaskDistillBackbone(ViTBackboneMixin, BackboneMixin, MaskDistillPreTrained
         """The shared pretraining table (copied into every block) gets no gradient here: frozen, so DDP
         does not stop on a trainable parameter without a gradient (the backbone holds no mask token)."""
         self.maskdistill.encoder.rel_pos_bias.requires_grad_(False)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """As PreTrainedModel's; loading re-creates parameters, so the unused ones are frozen again."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_unused()
-        return loaded
 
     def stage_hidden_states(self, pixel_values, interpolate_pos_encoding, output_attentions):
         _, hidden_states, attentions = self.maskdistill.encoder(
