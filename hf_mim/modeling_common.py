@@ -138,8 +138,12 @@ class MIMTrainingEventsMixin:
     def start_new_stage(self) -> None:
         """At every stage boundary of a multi-stage run (`has_training_stages`)."""
 
+    def on_train_step_start(self, progress: float) -> None:
+        """Before the first forward of every optimizer step, with `progress` = steps done / total steps (e.g.
+        ExtreMA's momentum update, which the official code applies inside the forward, before the teacher pass)."""
+
     def on_train_step_end(self, progress: float) -> None:
-        """After every optimizer step, with `progress` = steps done / total steps (e.g. momentum updates)."""
+        """After every optimizer step, with `progress` = steps done / total steps."""
 
     def attention_refresh_steps(self, total_steps: int) -> list[int]:
         """Optimizer steps after which the attention maps are refreshed (see `uses_attention_maps`)."""

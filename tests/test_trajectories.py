@@ -24,6 +24,87 @@ def official_steps(method: str) -> tuple[dict, dict, dict, list[dict]]:
     return record, load_file(str(folder / "inputs.safetensors")), load_file(str(folder / "steps.safetensors")), after
 
 
+# ------------------------------------------------------------------------------------------------ ExtreMA
+
+
+EXTREMA_FLAGS = [  # the official README command as run_mim flags (batch, lr, epochs and momentum as in trajectory.json)
+    "--model_type", "extrema", "--train_dir", "unused", "--base_learning_rate", "1.28", "--weight_decay", "0.1",
+    "--adam_beta1", "0.9", "--adam_beta2", "0.95", "--num_warmup_steps", "2", "--lr_scheduler_type", "cosine",
+    "--config_overrides", "ema_momentum=0.95,drop_path_rate=0.0",
+]
+
+
+@pytest.fixture(scope="module")
+def extrema_trajectory(tmp_path_factory):
+    from helpers import reset_accelerate_state
+
+    from hf_mim.convert.extrema import convert_extrema_checkpoint
+
+    record, inputs, steps, after = official_steps("extrema")
+    folder = tmp_path_factory.mktemp("extrema_trajectory")
+    initial = load_file(str(TRAJECTORIES / "extrema" / "official_state_dict.safetensors"))
+    model, _ = convert_extrema_checkpoint(initial, {"num_attention_heads": 2})
+    model.double().save_pretrained(folder / "start")  # float64, as the official run (see the README)
+    batches = [{"pixel_values": inputs["pixel_values"][step % record["iters_per_epoch"]].double(),
+                "pixel_values_2": inputs["pixel_values_2"][step % record["iters_per_epoch"]].double(),
+                "bool_masked_pos": inputs["bool_masked_pos"][step]}  # (B, masks, N)
+               for step in range(record["total_steps"])]
+    reset_accelerate_state()
+    try:
+        loop = run_mim_steps(EXTREMA_FLAGS, folder / "start", batches, folder / "run")
+    finally:
+        reset_accelerate_state()
+    fixed = {key: value for key, value in initial.items() if key.endswith("pos_embed")}  # never change (README)
+    return record, steps, [{**fixed, **state} for state in after], loop
+
+
+def official_extrema_names(state: dict) -> dict:
+    from hf_mim.convert.common import rename_keys
+    from hf_mim.convert.extrema import PRETRAINING_RULES
+
+    return rename_keys({key.removeprefix("module."): value for key, value in state.items()}, PRETRAINING_RULES)
+
+
+def test_extrema_steps_reproduce_the_official_weights(extrema_trajectory):
+    """Online encoder, projector, predictor (AdamW, wd 0.1 on weights only), the frozen sin-cos tables, and the momentum
+    branch (EMA before the teacher forward of every step, the first included) after each of 6 steps: 1 warm-up epoch
+    of 2 iterations, then cosine."""
+    record, steps, after, loop = extrema_trajectory
+    assert len(loop.states) == record["total_steps"] == 6
+    worst = {}
+    for step, (ours, official) in enumerate(zip(loop.states, after), start=1):
+        differences = relative_differences(ours, official_extrema_names(official))
+        key = max(differences, key=differences.get)
+        worst[step] = (key, differences[key])
+    assert all(value <= REL_TOL for _, value in worst.values()), worst
+
+
+def test_extrema_lr_momentum_and_loss_per_step_are_the_official_ones(extrema_trajectory):
+    """The official lr is set per iteration from the fractional epoch (epoch + i / iters): warm-up from 0 over
+    warm-up epochs x iters steps, then half-cycle cosine to 0; the momentum follows a cosine from ema_momentum to 1 in
+    the same fractional epoch, i.e. at step s of T: 1 - (1 + cos(pi s / T)) / 2 (1 - m0)."""
+    record, steps, _, loop = extrema_trajectory
+    assert torch.allclose(torch.tensor(loop.lrs, dtype=torch.float64).amax(1), steps["lr"].amax(1), rtol=1e-12, atol=0)
+    momenta = [loop.unwrapped.momentum_at(step / record["total_steps"]) for step in range(record["total_steps"])]
+    assert torch.allclose(torch.tensor(momenta, dtype=torch.float64), steps["ema_momentum"], rtol=1e-12, atol=0)
+    assert torch.allclose(torch.tensor(loop.losses, dtype=torch.float64), steps["loss"], rtol=1e-5, atol=0)
+
+
+def test_extrema_weight_decay_groups_are_the_official_ones(extrema_trajectory):
+    """timm's add_weight_decay with the model's no_weight_decay(): 1-D tensors, biases, cls_token (and the frozen
+    pos_embed) are not decayed; the predictor's and projector's weights are, like the encoder's."""
+    record, _, _, loop = extrema_trajectory
+    from hf_mim.convert.common import rename_keys
+    from hf_mim.convert.extrema import PRETRAINING_RULES
+
+    official = {}
+    for group in record["param_groups"]:
+        for name in rename_keys({name: torch.zeros(1) for name in group["params"]}, PRETRAINING_RULES):
+            official[name] = group["weight_decay"]
+    ours = {name: group["weight_decay"] for group in loop.optimizer.param_groups for name in group["param_names"]}
+    assert ours == official
+
+
 # ------------------------------------------------------------------------------------------------ what the steps rely on
 
 

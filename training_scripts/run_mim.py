@@ -126,6 +126,7 @@ class PretrainingLoop(TrainingLoop):
         if self.schedule.is_stage_boundary(step):
             self.unwrapped.start_new_stage()
             logger.info("step %d: stage %d starts", step, self.schedule.stage_of(step))
+        self.unwrapped.on_train_step_start(progress=step / self.total_steps)
 
     def after_step(self, step, output):
         self.unwrapped.on_train_step_end(progress=step / self.total_steps)
