@@ -122,6 +122,9 @@ class MIMTrainingEventsMixin:
 
     # True when `start_new_stage` does something: `--num_stages` > 1 is refused otherwise.
     has_training_stages = False
+    # Name parts of >= 2-D parameters the optimizer does not decay (1-D ones never are): the official
+    # optimizer's skip list (its `no_weight_decay()`). None: the tooling's default list.
+    no_weight_decay_names: tuple[str, ...] | None = None
 
     @property
     def uses_attention_maps(self) -> bool:

@@ -376,6 +376,8 @@ class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedMod
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^extrema\.pooler\.", r"^classifier\."]
+    # official `no_weight_decay()`: {pos_embed, cls_token} (1-D tensors and biases are never decayed)
+    no_weight_decay_names = ("cls_token", "position_embeddings")
 
     def __init__(self, config: ExtremaConfig):
         super().__init__(config)

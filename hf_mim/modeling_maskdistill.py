@@ -263,6 +263,9 @@ class MaskDistillForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMix
     masked patches with smooth-L1. The teacher is frozen and not saved (see the module docstring)."""
 
     _keys_to_ignore_on_load_unexpected = [r"^maskdistill\.pooler\.", r"^classifier\.", r"layers\.\d+\.rel_pos_bias\."]
+    # BEiT v2's pretraining `no_weight_decay()` is {pos_embed, cls_token}: the mask token and the shared relative
+    # position table ARE decayed (1-D tensors and biases are not)
+    no_weight_decay_names = ("cls_token",)
     # no `_keys_to_ignore_on_save`: transformers matches exact names there, and the teacher is not a
     # submodule, so it has no key to drop
 

@@ -105,6 +105,62 @@ def test_extrema_weight_decay_groups_are_the_official_ones(extrema_trajectory):
     assert ours == official
 
 
+# ------------------------------------------------------------------------------------------------ MaskDistill
+
+
+MASKDISTILL_FLAGS = [  # BEiT v2's PRETRAINING.md command as run_mim flags (batch, lr, warm-up and clip as in trajectory.json)
+    "--model_type", "maskdistill", "--train_dir", "unused", "--learning_rate", "5e-3", "--weight_decay", "0.05",
+    "--adam_beta1", "0.9", "--adam_beta2", "0.999", "--max_grad_norm", "0.3", "--num_warmup_steps", "3",
+    "--min_lr_ratio", str(1e-5 / 5e-3), "--lr_scheduler_type", "cosine", "--config_overrides", "drop_path_rate=0.0",
+]
+
+
+@pytest.fixture(scope="module")
+def maskdistill_trajectory(tmp_path_factory):
+    from helpers import reset_accelerate_state
+
+    from hf_mim.convert.maskdistill import convert_maskdistill_checkpoint, convert_openai_clip_visual, save_teacher_folder
+
+    record, inputs, steps, after = official_steps("maskdistill")
+    folder = tmp_path_factory.mktemp("maskdistill_trajectory")
+    teacher = convert_openai_clip_visual(load_file(str(TRAJECTORIES / "maskdistill" / "official_teacher_state_dict.safetensors")),
+                                         num_attention_heads=record["teacher"]["heads"])
+    save_teacher_folder(teacher, folder / "teacher")  # float32, as the official teacher runs
+    initial = load_file(str(TRAJECTORIES / "maskdistill" / "official_state_dict.safetensors"))
+    model, _ = convert_maskdistill_checkpoint(initial, {"teacher_name_or_path": str(folder / "teacher")})
+    model.double().save_pretrained(folder / "start")  # float64, as the official run (see the README)
+    batches = [{"pixel_values": inputs["pixel_values"][step % record["iters_per_epoch"]],
+                "bool_masked_pos": inputs["bool_masked_pos"][step]} for step in range(record["total_steps"])]
+    reset_accelerate_state()
+    try:
+        loop = run_mim_steps(MASKDISTILL_FLAGS, folder / "start", batches, folder / "run")
+    finally:
+        reset_accelerate_state()
+    return record, steps, after, loop, initial
+
+
+def official_maskdistill_names(state: dict) -> dict:
+    from hf_mim.convert.common import merge_qkv_bias, rename_keys
+    from hf_mim.convert.maskdistill import DROP, STUDENT_RULES, P
+
+    return {**rename_keys(state, STUDENT_RULES, DROP), **merge_qkv_bias(state, P + "layers.")}
+
+
+def test_maskdistill_weight_decay_groups_are_the_official_ones(maskdistill_trajectory):
+    """optim_factory.get_parameter_groups with skip list {pos_embed, cls_token}: 1-D tensors and biases are not
+    decayed, cls_token is not, and mask_token and the shared relative position table ARE decayed."""
+    record, _, _, loop, _ = maskdistill_trajectory
+    from hf_mim.convert.maskdistill import P
+
+    official = {}
+    for group in record["param_groups"]:
+        for name in official_maskdistill_names({name: torch.zeros(1) for name in group["params"]}):
+            official[name] = group["weight_decay"]
+    official[P + "layers.0.attn.qkv.bias"] = official[P + "layers.1.attn.qkv.bias"] = 0.0  # q_bias, v_bias: 1-D
+    ours = {name: group["weight_decay"] for group in loop.optimizer.param_groups for name in group["param_names"]}
+    assert ours == official
+
+
 # ------------------------------------------------------------------------------------------------ what the steps rely on
 
 
