@@ -111,7 +111,8 @@ def test_extrema_weight_decay_groups_are_the_official_ones(extrema_trajectory):
 MASKDISTILL_FLAGS = [  # BEiT v2's PRETRAINING.md command as run_mim flags (batch, lr, warm-up and clip as in trajectory.json)
     "--model_type", "maskdistill", "--train_dir", "unused", "--learning_rate", "5e-3", "--weight_decay", "0.05",
     "--adam_beta1", "0.9", "--adam_beta2", "0.999", "--max_grad_norm", "0.3", "--num_warmup_steps", "3",
-    "--min_lr_ratio", str(1e-5 / 5e-3), "--lr_scheduler_type", "cosine", "--config_overrides", "drop_path_rate=0.0",
+    "--min_lr_ratio", str(1e-5 / 5e-3), "--lr_scheduler_type", "cosine", "--warmup_style", "beit",
+    "--config_overrides", "drop_path_rate=0.0",
 ]
 
 
@@ -144,6 +145,31 @@ def official_maskdistill_names(state: dict) -> dict:
     from hf_mim.convert.maskdistill import DROP, STUDENT_RULES, P
 
     return {**rename_keys(state, STUDENT_RULES, DROP), **merge_qkv_bias(state, P + "layers.")}
+
+
+def test_maskdistill_steps_reproduce_the_official_weights(maskdistill_trajectory):
+    """BEiT v2's engine with the frozen CLIP teacher's normalised tokens as targets and smooth-L1: AdamW (0.9, 0.999),
+    weight decay 0.05 on every >= 2-D tensor but cls_token (mask token and relative position table included),
+    the gradient norm clipped to 0.3 (active in steps 1 and 3), np.linspace warm-up over 3 steps then cosine."""
+    record, steps, after, loop, _ = maskdistill_trajectory
+    assert len(loop.states) == record["total_steps"] == 6
+    assert sum(norm > 0.3 for norm in steps["grad_norm"].tolist()) == 2  # clipping really happens, and not always
+    worst = {}
+    for step, (ours, official) in enumerate(zip(loop.states, after), start=1):
+        differences = relative_differences(ours, official_maskdistill_names(official))
+        key = max(differences, key=differences.get)
+        worst[step] = (key, differences[key])
+    assert all(value <= REL_TOL for _, value in worst.values()), worst
+
+
+def test_maskdistill_lr_weight_decay_and_loss_per_step_are_the_official_ones(maskdistill_trajectory):
+    """utils.cosine_scheduler per iteration: warm-up np.linspace(0, lr, W) (the peak reached at step W - 1), then
+    min_lr + (lr - min_lr)(1 + cos(pi i / (T - W))) / 2; weight decay from the same scheduler (constant here: no
+    --weight_decay_end in the recipe), set on the decayed group every iteration."""
+    record, steps, _, loop, _ = maskdistill_trajectory
+    assert torch.allclose(torch.tensor(loop.lrs, dtype=torch.float64).amax(1), steps["lr"].amax(1), rtol=1e-12, atol=1e-15)
+    assert torch.allclose(torch.tensor(loop.weight_decays, dtype=torch.float64).amax(1), steps["weight_decay"].amax(1))
+    assert torch.allclose(torch.tensor(loop.losses, dtype=torch.float64), steps["loss"], rtol=1e-5, atol=0)
 
 
 def test_maskdistill_weight_decay_groups_are_the_official_ones(maskdistill_trajectory):
@@ -180,3 +206,19 @@ def test_parameters_frozen_at_construction_stay_frozen_after_from_pretrained(mod
         assert {name for name, param in loaded.named_parameters() if not param.requires_grad} == frozen[model_class]
     # a sin-cos table, a momentum branch, a teacher (MaskDistill's teacher is not a submodule; its classifier's shared table is)
     assert frozen[family.masked_image_modeling_class] or frozen[family.image_classification_class]
+
+
+def test_beit_warmup_is_numpy_linspace_and_mae_warmup_reaches_the_peak_one_step_later():
+    """BEiT v2's utils.cosine_scheduler warm-up is np.linspace(0, lr, W) (peak at step W - 1); MAE's / ExtreMA's
+    adjust_learning_rate is lr x step / W (peak at step W); both then decay from the peak at step W."""
+    import numpy as np
+
+    from hf_mim.training.schedule import schedule_factor
+
+    for warmup in (1, 2, 5):
+        beit = [schedule_factor("cosine", step, warmup, 20, warmup_style="beit") for step in range(warmup + 1)]
+        assert np.allclose(beit[:warmup], np.linspace(0, 1, warmup), rtol=0, atol=1e-15) and beit[warmup] == 1.0
+        mae = [schedule_factor("cosine", step, warmup, 20) for step in range(warmup + 1)]
+        assert np.allclose(mae, np.arange(warmup + 1) / warmup, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match="warm-up style"):
+        schedule_factor("inverse_sqrt", 3, 5, 20, warmup_style="beit")
