@@ -222,3 +222,53 @@ def test_beit_warmup_is_numpy_linspace_and_mae_warmup_reaches_the_peak_one_step_
         assert np.allclose(mae, np.arange(warmup + 1) / warmup, rtol=0, atol=1e-15)
     with pytest.raises(ValueError, match="warm-up style"):
         schedule_factor("inverse_sqrt", 3, 5, 20, warmup_style="beit")
+
+
+# ------------------------------------------------------------------------------------------------ RevColV2's recipe
+
+
+# No RevColV2 code or recipe was released, and the paper's settings table could not be read here
+# (../shared/methods/revcolv2.md §0, §5). What is stated or inherited: MIM pre-training with masked (dropped) patches
+# and the reconstruction of the unseen raw patches [abstract, Fig. 2]; RevCol's optimizer code, which the paper says
+# it inherits (optimizer.py: AdamW (0.9, 0.999), eps 1e-8, no decay for ndim <= 1 only, so the column shortcut
+# scales alpha ARE decayed, no layer decay in pre-training) and its configs (weight decay 0.05, gradient clipping
+# 5.0); MAE's lr rule and mask ratio 0.75, which the notes expect. run_mim's defaults differ in beta2 (0.95) and
+# clipping (none): the flags below are what a user passes to get the inherited recipe.
+REVCOLV2_FLAGS = ["--model_type", "revcolv2", "--train_dir", "unused", "--base_learning_rate", "1.5e-4",
+                  "--weight_decay", "0.05", "--adam_beta2", "0.999", "--max_grad_norm", "5.0", "--num_warmup_steps", "2"]
+
+
+def test_revcolv2_recipe_as_run_mim_sets_it_up(tmp_path):
+    from helpers import reset_accelerate_state
+
+    from hf_mim import RevColV2Config, RevColV2ForMaskedImageModeling
+
+    model = RevColV2ForMaskedImageModeling(RevColV2Config.from_preset("tiny"))
+    model.save_pretrained(tmp_path / "start")
+    mask_generator = model.mask_generator()
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"pixel_values": torch.randn(4, 3, 32, 32, generator=generator),
+                "bool_masked_pos": torch.stack([mask_generator(generator) for _ in range(4)])} for _ in range(4)]
+    reset_accelerate_state()
+    try:
+        loop = run_mim_steps(REVCOLV2_FLAGS, tmp_path / "start", batches, tmp_path / "run")
+    finally:
+        reset_accelerate_state()
+    optimizer = loop.optimizer.optimizer  # under accelerate's wrapper
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert all(group["betas"] == (0.9, 0.999) and group["eps"] == 1e-8 for group in optimizer.param_groups)
+    decay = {name: group["weight_decay"] for group in optimizer.param_groups for name in group["param_names"]}
+    parameters = dict(loop.unwrapped.named_parameters())
+    alphas = [name for name in decay if name.endswith(".alpha")]
+    assert alphas and all(decay[name] == 0.05 for name in alphas)  # RevCol: only ndim <= 1 escapes weight decay
+    assert all(decay[name] == 0.0 for name, param in parameters.items() if param.ndim <= 1 and name in decay)
+    layers = [name for name, param in parameters.items() if param.ndim >= 2 and "token" not in name and name in decay]
+    assert all(decay[name] == 0.05 for name in layers)  # (tokens: not in RevCol v1; hf_mim's default list keeps them out)
+    assert "revcolv2.embeddings.position_embeddings" not in decay  # the fixed sin-cos table is not trained
+    assert all(group.get("lr_scale", 1.0) == 1.0 for group in optimizer.param_groups)  # no layer decay in pre-training
+    assert loop.args.max_grad_norm == 5.0
+    peak = 1.5e-4 * 4 / 256  # base lr x total batch / 256
+    assert torch.allclose(torch.tensor([max(lrs) for lrs in loop.lrs]), torch.tensor([0.0, peak / 2, peak, peak / 2]), rtol=1e-12)
+    config = loop.unwrapped.config
+    assert config.mask_ratio == 0.75 and config.norm_pix_loss  # MAE's ratio, per-patch normalised pixel targets
+    assert all(int(mask.sum()) == 16 - int(16 * 0.25) for batch in batches for mask in batch["bool_masked_pos"])
