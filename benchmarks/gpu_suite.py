@@ -201,9 +201,9 @@ def synthetic_batch(model, config, family, batch_size: int, device: torch.device
 
 def step_function(model, optimizer, inputs: dict, autocast):
     def step() -> None:
+        if hasattr(model, "on_train_step_start"):
+            model.on_train_step_start(progress=0.5)  # ExtreMA's momentum update: part of its step
         bench_pretrain.train_step(model, optimizer, autocast, **inputs)
-        if hasattr(model, "on_train_step_end"):
-            model.on_train_step_end(progress=0.5)  # ExtreMA's momentum update: part of its step
     return step
 
 

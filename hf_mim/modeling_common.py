@@ -35,6 +35,23 @@ class MIMPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
 
+    def post_init(self):
+        super().post_init()
+        # what __init__ froze (fixed position tables, momentum branches, teachers): see `from_pretrained`
+        self._frozen_parameter_names = {name for name, param in self.named_parameters() if not param.requires_grad}
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As PreTrainedModel's, with the parameters `__init__` froze frozen again: transformers (5.x) re-creates
+        every loaded parameter with requires_grad=True, which would train a fixed sin-cos table or a momentum
+        encoder by gradient (and put them in the optimizer) in a run started from saved weights."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        for name, param in model.named_parameters():
+            if name in model._frozen_parameter_names:
+                param.requires_grad_(False)
+        return loaded
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Record the whole family in `config.auto_map` before saving: transformers' custom-object saving
         (`register_for_auto_class`, done by `hf_mim` on import; by transformers for remote code) copies
@@ -126,8 +143,12 @@ class MIMTrainingEventsMixin:
     def start_new_stage(self) -> None:
         """At every stage boundary of a multi-stage run (`has_training_stages`)."""
 
+    def on_train_step_start(self, progress: float) -> None:
+        """Before the first forward of every optimizer step, with `progress` = steps done / total steps (e.g.
+        ExtreMA's momentum update, which the official code applies inside the forward, before the teacher pass)."""
+
     def on_train_step_end(self, progress: float) -> None:
-        """After every optimizer step, with `progress` = steps done / total steps (e.g. momentum updates)."""
+        """After every optimizer step, with `progress` = steps done / total steps."""
 
     def attention_refresh_steps(self, total_steps: int) -> list[int]:
         """Optimizer steps after which the attention maps are refreshed (see `uses_attention_maps`)."""

@@ -364,10 +364,11 @@ class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedMod
     encoder + projector on the second view, BYOL loss averaged over the masks.
 
     Training events (`MIMTrainingEventsMixin`, called by the generic loop in `hf_mim.training`):
-    `on_train_step_end(progress)` after every optimizer step applies the EMA update with the cosine
-    momentum schedule. This equals the official order (EMA update at the start of the next step's
-    forward, with the momentum of that step). `update_momentum_encoder(m)` applies one update with an
-    explicit momentum.
+    `on_train_step_start(progress)` before every optimizer step's forward applies the EMA update with the
+    cosine momentum schedule: the official order (the EMA update inside the forward, with the online weights
+    before this step's optimizer update, before the teacher pass; the first step included, which matters
+    when the momentum branch starts different from the online one, as in a released checkpoint).
+    `update_momentum_encoder(m)` applies one update with an explicit momentum.
 
     Linear probing (paper protocol: the momentum encoder, final norm removed, cls token after class
     attention): `model.momentum_backbone().save_pretrained(dir)`, then
@@ -375,6 +376,8 @@ class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedMod
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^extrema\.pooler\.", r"^classifier\."]
+    # official `no_weight_decay()`: {pos_embed, cls_token} (1-D tensors and biases are never decayed)
+    pretraining_no_weight_decay = ("cls_token", "position_embeddings")
 
     def __init__(self, config: ExtremaConfig):
         super().__init__(config)
@@ -447,9 +450,9 @@ class ExtremaForMaskedImageModeling(MIMTrainingEventsMixin, ExtremaPreTrainedMod
         """The scheduled momentum at `progress` (fraction of training done)."""
         return momentum_at(progress, self.config.ema_momentum, self.config.ema_momentum_schedule)
 
-    def on_train_step_end(self, progress: float) -> float:
-        """After each optimizer step (progress = steps done / total): EMA update with the scheduled momentum.
-        Returns the momentum used."""
+    def on_train_step_start(self, progress: float) -> float:
+        """Before each optimizer step's forward (progress = steps done / total, the official fractional epoch
+        / epochs): EMA update with the scheduled momentum. Returns the momentum used."""
         momentum = self.momentum_at(progress)
         self.update_momentum_encoder(momentum)
         return momentum

@@ -263,6 +263,9 @@ class MaskDistillForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMix
     masked patches with smooth-L1. The teacher is frozen and not saved (see the module docstring)."""
 
     _keys_to_ignore_on_load_unexpected = [r"^maskdistill\.pooler\.", r"^classifier\.", r"layers\.\d+\.rel_pos_bias\."]
+    # BEiT v2's pretraining `no_weight_decay()` is {pos_embed, cls_token}: the mask token and the shared relative
+    # position table ARE decayed (1-D tensors and biases are not)
+    pretraining_no_weight_decay = ("cls_token",)
     # no `_keys_to_ignore_on_save`: transformers matches exact names there, and the teacher is not a
     # submodule, so it has no key to drop
 
@@ -394,15 +397,6 @@ class MaskDistillForImageClassification(ImageClassificationMixin, MaskDistillPre
         self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
         self.post_init()
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """As PreTrainedModel's; loading re-creates parameters, so the unused shared table (the loading
-        place of a pretraining checkpoint's table, copied into every block) is frozen again here."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
-        model.maskdistill.encoder.rel_pos_bias.requires_grad_(False)
-        return loaded
-
 
 class MaskDistillBackbone(ViTBackboneMixin, BackboneMixin, MaskDistillPreTrainedModel):
     """MaskDistill feature maps for dense heads (UperNet through `AutoBackbone`), BEiT's segmentation
@@ -433,13 +427,6 @@ class MaskDistillBackbone(ViTBackboneMixin, BackboneMixin, MaskDistillPreTrained
         """The shared pretraining table (copied into every block) gets no gradient here: frozen, so DDP
         does not stop on a trainable parameter without a gradient (the backbone holds no mask token)."""
         self.maskdistill.encoder.rel_pos_bias.requires_grad_(False)
-
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """As PreTrainedModel's; loading re-creates parameters, so the unused ones are frozen again."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        (loaded[0] if isinstance(loaded, tuple) else loaded).freeze_unused()
-        return loaded
 
     def stage_hidden_states(self, pixel_values, interpolate_pos_encoding, output_attentions):
         _, hidden_states, attentions = self.maskdistill.encoder(

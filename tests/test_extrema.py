@@ -135,13 +135,13 @@ def test_bool_masked_pos_gives_the_official_loss(fixture, converted):
     assert max_abs_diff(out.hidden_states[-1].unflatten(0, (2, -1)), official_raster) <= TOL
 
 
-def test_on_train_step_end_is_the_official_in_forward_update(fixture, converted):
-    """Updating after the optimizer step (hf_mim) = updating at the start of the next forward (official)."""
+def test_on_train_step_start_is_the_official_in_forward_update(fixture, converted):
+    """Updating before the step's forward (hf_mim's training event) = the official update inside the forward."""
     inputs, expected = fixture["inputs"], fixture["outputs"]
     model = ExtremaForMaskedImageModeling.from_pretrained(
         converted["pretrain"], ema_momentum=float(inputs["ema_momentum"]), ema_momentum_schedule="constant"
     ).eval()
-    assert model.on_train_step_end(progress=0.3) == pytest.approx(0.99)
+    assert model.on_train_step_start(progress=0.3) == pytest.approx(0.99)
     out = model(inputs["pixel_values"], inputs["target_pixel_values"], noise=inputs["noise"])
     assert max_abs_diff(out.loss, expected["loss"]) <= TOL
     assert max_abs_diff(out.targets, expected["teacher_projection_after_ema_update"]) <= TOL
@@ -284,7 +284,7 @@ def test_cosine_momentum_schedule_values():
     # official adjust_ema_momentum(epoch + i / iters, args) at fractional epoch 30 of 300
     assert momentum_at(30 / 300, 0.996) == pytest.approx(1 - 0.5 * (1 + math.cos(math.pi * 0.1)) * 0.004, abs=1e-12)
     model = ExtremaForMaskedImageModeling(tiny())
-    values = [model.on_train_step_end(progress=step / 4) for step in range(1, 5)]
+    values = [model.on_train_step_start(progress=step / 4) for step in range(1, 5)]
     assert values == sorted(values) and values[-1] == 1.0
     assert values[1] == pytest.approx(0.998)
 

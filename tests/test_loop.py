@@ -171,13 +171,15 @@ def test_every_pretraining_model_declares_the_training_events(family):
     assert model.uses_attention_maps == (family.model_type == "amt")
     assert isinstance(model.attention_refresh_steps(100), list)
     assert set(model.exported_backbones()) == ({"momentum_encoder"} if family.model_type == "extrema" else set())
-    assert model.on_train_step_end(progress=0.5) is None or family.model_type == "extrema"
+    assert model.on_train_step_end(progress=0.5) is None
+    assert model.on_train_step_start(progress=0.5) is None or family.model_type == "extrema"
 
 
 def test_protocol_defaults_do_nothing():
     events = MIMTrainingEventsMixin()
     assert events.mask_generator() is None and events.start_new_stage() is None
-    assert events.on_train_step_end(0.5) is None and events.attention_refresh_steps(10) == []
+    assert events.on_train_step_end(0.5) is None and events.on_train_step_start(0.5) is None
+    assert events.attention_refresh_steps(10) == []
     assert events.training_logs(None) == {} and events.exported_backbones() == {}
     assert not events.has_training_stages and not events.uses_attention_maps
 

@@ -37,6 +37,7 @@ from hf_mim.training.arguments import (
     add_shared_flags, explicit_flags, fill_defaults, uses_embedded_data, validate_shared_flags,
 )
 from hf_mim.training.conventions import checkpoint_every, hub_kwargs, training_examples
+from hf_mim.training.schedule import WARMUP_STYLES
 from hf_mim.training.pretraining import (
     build_pretraining_model, build_pretraining_optimization, data_source, evaluate_pretraining_loss, load_stream, load_validation_stream, run_summary,
     save_mim_picture_of, write_outputs,
@@ -78,6 +79,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "one: MaskDistill, RevColV2 with target=teacher, dBOT's stage 0; its width sets teacher_hidden_size",
     )
     optim.add_argument("--num_stages", type=int, default=1, help="dBOT bootstrap stages (the schedule restarts per stage)")
+    optim.add_argument(
+        "--warmup_style", choices=WARMUP_STYLES, default="mae",
+        help="mae: lr x step / warm-up, the peak after the warm-up (MAE, ExtreMA); beit: np.linspace(0, lr, warm-up), the "
+        "peak at its last step (BEiT v2's cosine_scheduler, MaskDistill's code base)",
+    )
     run.add_argument("--picture_steps", type=int, help="save a picture of the model's work every N steps")
     run.add_argument("--eval_steps", type=int, help="with a validation source: evaluate the loss every N steps (always at the end)")
     groups["data"].add_argument("--validation_split", help="evaluate the pretraining loss on this split of the training source")
@@ -130,6 +136,7 @@ class PretrainingLoop(TrainingLoop):
         if self.schedule.is_stage_boundary(step):
             self.unwrapped.start_new_stage()
             logger.info("step %d: stage %d starts", step, self.schedule.stage_of(step))
+        self.unwrapped.on_train_step_start(progress=step / self.total_steps)
 
     def after_step(self, step, output):
         self.unwrapped.on_train_step_end(progress=step / self.total_steps)

@@ -68,9 +68,11 @@ def build_pretraining_model(args, saved_config: dict | None = None):
 def build_pretraining_optimization(args, model, total_steps: int, total_batch: int):
     """(optimizer, schedule, lr) of a pretraining run: AdamW over the weight-decay groups, and the per-step
     warm-up + decay restarted at every stage (`--num_stages`: the last stage takes the remainder). lr is
-    --learning_rate, else --base_learning_rate x total batch / 256; warm-up defaults to 5 % of a stage.
+    --learning_rate, else --base_learning_rate x total batch / 256; warm-up defaults to 5 % of a stage and
+    reaches the peak as --warmup_style says; parameters named in the model's `pretraining_no_weight_decay`
+    (the official optimizer's skip list) are not decayed, nor are 1-D ones.
     One function for run_mim.py and the trajectory tests, so the tests check the optimisation the script runs."""
-    from .optim import build_adamw, weight_decay_param_groups
+    from .optim import DEFAULT_SKIP_NAMES, build_adamw, weight_decay_param_groups
     from .schedule import StagedSchedule, linear_scaled_lr
 
     steps_per_stage = total_steps // args.num_stages
@@ -78,11 +80,11 @@ def build_pretraining_optimization(args, model, total_steps: int, total_batch: i
     if args.num_warmup_steps is None:
         args.num_warmup_steps = max(1, round(0.05 * steps_per_stage))
     lr = args.learning_rate if args.learning_rate is not None else linear_scaled_lr(args.base_learning_rate, total_batch)
-    skip = getattr(model, "pretraining_no_weight_decay", None)  # the method's official exclusions (MIMTrainingEventsMixin)
-    groups = weight_decay_param_groups(model, args.weight_decay, **({} if skip is None else {"skip_names": skip}))
+    skip = model.pretraining_no_weight_decay  # the method's official exclusions (MIMTrainingEventsMixin)
+    groups = weight_decay_param_groups(model, args.weight_decay, DEFAULT_SKIP_NAMES if skip is None else skip)
     optimizer = build_adamw(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
     schedule = StagedSchedule(optimizer, base_lr=lr, steps_per_stage=stage_lengths, warmup_steps=args.num_warmup_steps,
-                              min_lr_ratio=args.min_lr_ratio, kind=args.lr_scheduler_type)
+                              min_lr_ratio=args.min_lr_ratio, kind=args.lr_scheduler_type, warmup_style=args.warmup_style)
     return optimizer, schedule, lr
 
 
@@ -195,7 +197,7 @@ def run_summary(args, config, total_batch: int, lr: float, total_steps: int, wor
         "stages": args.num_stages,
         "batch (total)": total_batch,
         "learning rate": f"{lr:.3g} (AdamW {args.adam_beta1}, {args.adam_beta2}; weight decay {args.weight_decay})",
-        "schedule": f"{args.lr_scheduler_type}, warm-up {args.num_warmup_steps} steps per stage",
+        "schedule": f"{args.lr_scheduler_type}, warm-up {args.num_warmup_steps} steps per stage ({args.warmup_style} style)",
         "processes": world,
     }
 

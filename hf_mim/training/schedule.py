@@ -41,6 +41,10 @@ UNSUPPORTED_KINDS = {
 # an official recipe's own per-step schedule that no transformers name computes (see `schedule_factor`)
 RECIPE_KINDS = ("simmim_cosine",)
 ALL_KINDS = SCHEDULE_KINDS + TRANSFORMERS_KINDS + RECIPE_KINDS
+# How the linear warm-up reaches the peak: "mae": lr x step / warmup, the peak at step `warmup` (MAE's and ExtreMA's
+# `adjust_learning_rate`); "beit": np.linspace(0, lr, warmup), the peak at step `warmup - 1` (BEiT / BEiT v2
+# `utils.cosine_scheduler`, which MaskDistill trains with); the decay after the warm-up is the same.
+WARMUP_STYLES = ("mae", "beit")
 
 
 def linear_scaled_lr(base_lr: float, total_batch_size: int) -> float:
@@ -48,7 +52,11 @@ def linear_scaled_lr(base_lr: float, total_batch_size: int) -> float:
     return base_lr * total_batch_size / 256
 
 
-def _check(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
+def _check(warmup_steps: int, total_steps: int, min_lr_ratio: float, warmup_style: str = "mae", kind: str = "cosine") -> None:
+    if warmup_style not in WARMUP_STYLES:
+        raise ValueError(f"unknown warm-up style {warmup_style!r}; expected one of {WARMUP_STYLES}")
+    if warmup_style != "mae" and kind not in ("cosine", "linear", "constant_with_warmup"):
+        raise ValueError(f"warm-up style {warmup_style!r} applies to cosine, linear and constant_with_warmup, not to {kind}")
     if warmup_steps < 0:
         raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
     if total_steps < 0:
@@ -58,9 +66,10 @@ def _check(warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
 
 
 def schedule_factor(
-    kind: str, step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0
+    kind: str, step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float = 0.0, warmup_style: str = "mae"
 ) -> float:
-    """Multiplier at `step`: linear warm-up `step / warmup_steps` from 0 (not for "constant"), then `kind`:
+    """Multiplier at `step`: linear warm-up from 0 (not for "constant"; `step / warmup_steps`, or with
+    `warmup_style="beit"` `step / (warmup_steps - 1)`, see `WARMUP_STYLES`), then `kind`:
 
     - "cosine": half-cycle cosine from 1 to `min_lr_ratio` at `total_steps` (MAE);
     - "linear": straight line from 1 to `min_lr_ratio` at `total_steps`;
@@ -74,7 +83,7 @@ def schedule_factor(
     The four native kinds equal transformers' of the same name when `min_lr_ratio` is 0. Steps past
     `total_steps` stay at the final value.
     """
-    _check(warmup_steps, total_steps, min_lr_ratio)
+    _check(warmup_steps, total_steps, min_lr_ratio, warmup_style, kind)
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}")
     if kind in TRANSFORMERS_KINDS:
@@ -88,7 +97,7 @@ def schedule_factor(
     if kind == "constant":  # as transformers': no warm-up
         return 1.0
     if step < warmup_steps:
-        return step / warmup_steps
+        return step / (warmup_steps if warmup_style == "mae" else max(1, warmup_steps - 1))
     if kind == "constant_with_warmup":
         return 1.0
     decay_steps = total_steps - warmup_steps
@@ -135,14 +144,15 @@ class StagedSchedule(LRScheduler):
         min_lr_ratio: final lr of each stage, as a fraction of the base lr.
         kind: "cosine" (default), "linear", "constant" or "constant_with_warmup" (see `schedule_factor`), or
             one of `TRANSFORMERS_KINDS` (transformers' `get_scheduler` lambdas, restarted per stage too).
+        warmup_style: "mae" (default) or "beit", where the linear warm-up reaches the peak (`WARMUP_STYLES`).
         base_lr: if given, the base lr of every group (otherwise each group's lr at construction).
 
-    The stage layout (steps_per_stage, warmup_steps, min_lr_ratio, kind) comes from the constructor;
+    The stage layout (steps_per_stage, warmup_steps, min_lr_ratio, kind, warmup_style) comes from the constructor;
     `load_state_dict` restores the progress (the step counter) and logs where the saved layout or base lrs
     differ: a resumed run follows this run's learning rate and length.
     """
 
-    _LAYOUT_KEYS = ("steps_per_stage", "num_stages", "warmup_steps", "min_lr_ratio", "kind", "stage_starts")
+    _LAYOUT_KEYS = ("steps_per_stage", "num_stages", "warmup_steps", "min_lr_ratio", "kind", "warmup_style", "stage_starts")
 
     def __init__(
         self,
@@ -154,6 +164,7 @@ class StagedSchedule(LRScheduler):
         kind: str = "cosine",
         base_lr: float | None = None,
         last_epoch: int = -1,
+        warmup_style: str = "mae",
     ):
         if isinstance(steps_per_stage, int):
             if num_stages is None:
@@ -167,7 +178,8 @@ class StagedSchedule(LRScheduler):
             raise ValueError(f"every stage needs at least one step, got steps_per_stage={lengths}")
         if kind not in ALL_KINDS:
             raise ValueError(f"unknown schedule kind {kind!r}; expected one of {ALL_KINDS}")
-        _check(warmup_steps, max(lengths), min_lr_ratio)
+        _check(warmup_steps, max(lengths), min_lr_ratio, warmup_style, kind)
+        self.warmup_style: str = warmup_style
         self.steps_per_stage: list[int] = lengths
         self.num_stages: int = len(lengths)
         self.warmup_steps: int = int(warmup_steps)
@@ -204,7 +216,8 @@ class StagedSchedule(LRScheduler):
     def factor(self, step: int) -> float:
         stage = self.stage_of(step)
         return schedule_factor(
-            self.kind, step - self.stage_starts[stage], self.warmup_steps, self.steps_per_stage[stage], self.min_lr_ratio
+            self.kind, step - self.stage_starts[stage], self.warmup_steps, self.steps_per_stage[stage], self.min_lr_ratio,
+            self.warmup_style,
         )
 
     @property
