@@ -16,6 +16,14 @@ training events of `MIMTrainingEventsMixin` (hf_mim/modeling_common.py), which e
 masks per example (`mask_generator`), stage starts (dBOT), per-step updates (ExtreMA's momentum encoder),
 attention refreshes and their per-example store (AMT), extra logs, extra exported backbones.
 
+With labelled data (--labelled_train_dir / --labelled_dataset_name; with no data flag at all, the
+embedded digits) the encoder is measured on what pretraining is for (hf_mim/training/downstream.py):
+--knn_eval_steps N logs its weighted k-NN top-1 (as run_image_classification.py --mode knn) at step 0,
+every N steps and at the end; --downstream_eval finetune | linear_probe | knn (on by default with the
+embedded data) ends the run by training the pretrained encoder and the same architecture at random
+initialisation with one recipe and seed on a few labels, and prints both accuracies in one line.
+Neither changes the run: its weights end bitwise as without them.
+
 Resume is exact: augmentation and masks are a pure function of (seed, epoch, example id), and a
 resumed run skips the batches each rank had already consumed in its current epoch.
 """
@@ -249,10 +257,12 @@ def train(args: argparse.Namespace, phase=None) -> int:
     summary = run_summary(args, config, total_batch, lr, total_steps, world)
 
     def write() -> None:
-        write_outputs(args, loop.unwrapped, loop.last_batch, run.output_dir, summary, loop.elapsed, results=results,
-                      eval_history=loop.eval_history, accelerator=accelerator, knn=knn_results, downstream=downstream)
-        if downstream is not None:
-            print(downstream_line(downstream), flush=True)
+        try:
+            write_outputs(args, loop.unwrapped, loop.last_batch, run.output_dir, summary, loop.elapsed, results=results,
+                          eval_history=loop.eval_history, accelerator=accelerator, knn=knn_results, downstream=downstream)
+        finally:
+            if downstream is not None:  # the run's last word: does pretraining help?
+                print(downstream_line(downstream), flush=True)
 
     return loop.finish(write)
 

@@ -57,6 +57,14 @@ EMBEDDED_LABELLED = {
 LABELLED_DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "train_split",
                        "validation_split", "image_column_name", "label_column_name", "train_val_split",
                        "max_train_samples", "max_eval_samples")
+# run_image_classification.py flags that --downstream_flags refuses: {flag: why}
+NOT_DOWNSTREAM_FLAGS = {
+    **dict.fromkeys(("model_name_or_path", "model_type", "model_size", "config_overrides"),
+                    "the check's models are the run's encoder and its random-init twin"),
+    "mode": "give --downstream_eval",
+    **dict.fromkeys(("output_dir", "with_tracking", "checkpointing_steps", "resume_from_checkpoint", "push_to_hub"),
+                    "the check writes nothing of its own: its numbers go to the run's eval_results.json and card"),
+}
 # those that only mean something for a source given with --labelled_dataset_name / --labelled_train_dir
 SOURCE_LAYOUT_FLAGS = ("dataset_config_name", "validation_dir", "train_split", "validation_split", "image_column_name",
                        "label_column_name")
@@ -142,12 +150,12 @@ def check_labelled_flags(parser, args) -> None:
     if given and not wanted:
         parser.error(f"{given[0]}: nothing evaluates on the labelled data; add --knn_eval_steps N and/or --downstream_eval "
                      "finetune|linear_probe|knn")
-    if args.downstream_flags:
-        tokens = shlex.split(args.downstream_flags)
-        data = [token for token in tokens if token.lstrip("-").split("=")[0] in LABELLED_DATA_FLAGS]
-        if data:
-            parser.error(f"--downstream_flags: give the labelled data with --labelled_{data[0].lstrip('-').split('=')[0]}, "
-                         f"not {data[0]}")
+    for token in shlex.split(args.downstream_flags or ""):
+        name = token.lstrip("-").split("=")[0]
+        if token.startswith("--") and name in LABELLED_DATA_FLAGS:
+            parser.error(f"--downstream_flags: give the labelled data with --labelled_{name}, not {token}")
+        if token.startswith("--") and name in NOT_DOWNSTREAM_FLAGS:
+            parser.error(f"--downstream_flags: not {token} ({NOT_DOWNSTREAM_FLAGS[name]})")
     if args.downstream_eval != "none":
         downstream_args(args, args.model_type or "dbot", world=1)  # the recipe's flags fail here, at parse time
 
