@@ -74,7 +74,7 @@ def labelled(tmp_path_factory):
     (["--downstream_train_fraction", "0"], "--downstream_train_fraction must be in (0, 1], got 0.0"),
     (["--downstream_flags", "--mixup abc"], "run_mim.py --downstream_flags: error: argument --mixup: invalid float value"),
     (["--downstream_flags", "--train_dir z"], "--downstream_flags: give the labelled data with --labelled_train_dir, not --train_dir"),
-    (["--downstream_flags", "--mode=knn"], "--downstream_flags: not --mode=knn (give --downstream_eval)"),
+    (["--downstream_flags=--mode=knn"], "--downstream_flags: not --mode=knn (give --downstream_eval)"),
 ])
 def test_labelled_flag_mistakes_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

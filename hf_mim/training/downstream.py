@@ -93,7 +93,7 @@ def add_labelled_flags(parser) -> None:
     group.add_argument("--downstream_learning_rate", type=float,
                        help="default: finetune 1e-3 (AdamW, layer decay), linear_probe 0.1 (SGD)")
     group.add_argument("--downstream_flags", default="", help=(
-        "more run_image_classification.py flags for the check's recipe, e.g. \"--mixup 0 --cutmix 0 --layer_decay 0.75\" "
+        "more run_image_classification.py flags for the check's recipe, e.g. --downstream_flags=\"--mixup 0 --cutmix 0\" "
         "(its data come from the --labelled_* flags)"))
     group.add_argument("--labelled_embedded", choices=sorted(EMBEDDED_LABELLED), default="digits",
                        help="the embedded labelled set used when no data flag is given")
