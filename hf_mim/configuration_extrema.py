@@ -72,10 +72,10 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
             image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
             projector_hidden_size=64, projection_dim=16, drop_path_rate=0.0,
         ),
-        # hf_mim's own size for the embedded-data demo run (minutes on 2 CPU cores at 64 px); not from the
-        # paper. 64 patches: 5 disjoint masks of 12 visible patches.
+        # hf_mim's own size for the embedded-data demo and the learning benchmark (32 px digits, patch 4; not
+        # from the paper). 64 patches: 5 disjoint masks of 12 visible patches.
         "demo": dict(
-            image_size=64, patch_size=8, hidden_size=192, num_hidden_layers=6, num_attention_heads=3,
+            image_size=32, patch_size=4, hidden_size=128, num_hidden_layers=6, num_attention_heads=4,
             projector_hidden_size=1024, projection_dim=128, drop_path_rate=0.0,
         ),
         "small": dict(hidden_size=384, num_hidden_layers=12, num_attention_heads=6),

@@ -105,9 +105,10 @@ class RevColV2Config(BackboneConfigMixin, PresetConfigMixin, TeacherConfigMixin,
             image_size=32, patch_size=8, hidden_size=32, num_attention_heads=2, num_levels=4,
             blocks_per_level=[1, 1, 1, 1], num_bottom_up_columns=2, num_top_down_columns=2, drop_path_rate=0.0,
         ),
-        # hf_mim's own size for the embedded-data demo run (minutes on 2 CPU cores); not from the paper.
+        # hf_mim's own size for the embedded-data demo and the learning benchmark (32 px digits, patch 4, 64
+        # patches; minutes on 2 CPU cores); not from the paper. Its small-budget recipe: hf_mim/training/recipes.py.
         "demo": dict(
-            image_size=64, patch_size=8, hidden_size=128, num_attention_heads=4, num_levels=4,
+            image_size=32, patch_size=4, hidden_size=128, num_attention_heads=4, num_levels=4,
             blocks_per_level=[1, 1, 1, 1], num_bottom_up_columns=2, num_top_down_columns=1, drop_path_rate=0.0,
         ),
         # ViT-B width; 2 + 1 columns of 4 one-block levels = 12 ViT-B blocks: 89.8 M parameters with the

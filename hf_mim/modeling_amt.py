@@ -418,6 +418,7 @@ class AmtMaeForMaskedImageModeling(AmtForMaskedImageModeling):
     mask_count_rounding = "floor"  # mae-AMT: int(N r) masked, int(N (r + t)) masked + thrown
     classifier_init_std = 2e-5  # MAE fine-tuning: trunc-normal(2e-5) head
     pretraining_crop_scale = (0.2, 1.0)  # RandomResizedCrop(scale=(0.2, 1)) + flip
+    pretraining_no_weight_decay = ()  # mae-AMT: timm add_weight_decay, no skip list (cls and mask tokens decayed)
 
     @staticmethod
     def init_module(module: nn.Module, std: float) -> None:
@@ -475,6 +476,9 @@ class AmtSimMIMForMaskedImageModeling(AmtForMaskedImageModeling):
     mask_count_rounding = "ceil"  # SimMIM-AMT: ceil(N r) masked, ceil(N (r + t)) masked + thrown
     classifier_init_std = 0.02  # BEiT fine-tuning: trunc-normal(0.02) head
     pretraining_crop_scale = (0.67, 1.0)  # RandomResizedCrop(scale=(0.67, 1), ratio 3/4-4/3) + flip
+    # SimMIM's pretraining optimizer: no decay for 1-D tensors, biases and the encoder's no_weight_decay()
+    # ({pos_embed, cls_token}); its mask token is decayed
+    pretraining_no_weight_decay = ("cls_token", "position_embeddings")
 
     @staticmethod
     def init_module(module: nn.Module, std: float) -> None:

@@ -105,6 +105,11 @@ class MIMTrainingEventsMixin:
 
     # True when `start_new_stage` does something: `--num_stages` > 1 is refused otherwise.
     has_training_stages = False
+    # Pretraining weight decay: name substrings kept out of it besides every 1-D tensor (norms, biases, layer
+    # scale); None: the fine-tuning convention (hf_mim.training.DEFAULT_SKIP_NAMES: tokens, position tables).
+    # A method whose official pretraining decays its cls / mask tokens (timm `add_weight_decay` with no skip
+    # list, as MAE) sets ().
+    pretraining_no_weight_decay: tuple[str, ...] | None = None
 
     @property
     def uses_attention_maps(self) -> bool:
@@ -819,17 +824,14 @@ def tag_beit_rescaled_layers(layers: nn.ModuleList) -> None:
         layer.mlp.fc2.rescale_layer_id = layer_id
 
 
-def reinitialize(module: nn.Module, init_fn: Callable[[nn.Module], None]) -> None:
-    """Re-draw every weight under `module` (e.g. dBOT's student at a stage boundary).
-
-    transformers marks loaded tensors and modules as initialised and its init functions then skip
-    them; this clears the marks first so the re-initialisation really happens.
-    """
+def forget_initialization(module: nn.Module) -> None:
+    """Clear transformers' "already initialised" marks under `module`: they are set on loaded tensors and
+    make its init functions skip them, so a re-initialisation (dBOT's student at a stage boundary) would
+    silently keep the old weights."""
     for sub in module.modules():
         sub.__dict__.pop("_is_hf_initialized", None)
         for tensor in list(sub.parameters(recurse=False)) + list(sub.buffers(recurse=False)):
             tensor.__dict__.pop("_is_hf_initialized", None)
-    module.apply(init_fn)
 
 
 def starts_as_copy(target: nn.Module, source: nn.Module) -> None:

@@ -31,9 +31,9 @@ from .modeling_common import (
     builds_pretrained_encoder,
     ViTEncoder,
     backbone_output,
+    forget_initialization,
     init_as_copy,
     init_vit_weights,
-    reinitialize,
     starts_as_copy,
 )
 from .objectives import elementwise_loss, normalize_per_token, weighted_token_mean
@@ -189,6 +189,7 @@ class DbotForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin, Dbo
     only and is never saved."""
 
     has_training_stages = True  # start_new_stage: teacher <- student, student re-initialised
+    pretraining_no_weight_decay = ()  # official: timm add_weight_decay, no skip list (cls and mask tokens decayed)
 
     _keys_to_ignore_on_load_unexpected = [r"^dbot\.pooler\.", r"^classifier\."]
 
@@ -321,16 +322,36 @@ class DbotForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin, Dbo
         student = self.dbot.encoder
         if self.config.teacher_depth != self.config.num_hidden_layers:
             reference = next(student.parameters())
-            self.teacher = self._build_teacher(self.config.num_hidden_layers).to(reference.device, reference.dtype)
+            with torch.random.fork_rng(devices=[]):  # its random init is overwritten: leave the generator as it is
+                self.teacher = self._build_teacher(self.config.num_hidden_layers).to(reference.device, reference.dtype)
             self.config.teacher_depth = self.config.num_hidden_layers
         teacher_state = self.teacher.state_dict()
         for name, tensor in student.state_dict().items():
             if name in teacher_state:
                 teacher_state[name].copy_(tensor)
-        reinitialize(self.dbot, self._init_weights)
-        reinitialize(self.decoder, self._init_weights)
+        self.reinitialize_student()
         self.config.stage += 1
         self.drop_teacher()
+
+    @torch.no_grad()
+    def reinitialize_student(self) -> None:
+        """The student (encoder and decoder) re-drawn as the official `initialize_weights` does at a stage
+        boundary, in its order, so that the same generator state gives the official weights: the decoder's
+        mask token, the patch projection (xavier on its flattened view), the cls token, then every Linear and
+        LayerNorm in module order; the fixed sin-cos tables re-set. The patch projection's bias keeps its
+        trained value: the official code initialises Linear and LayerNorm modules only, and the patch
+        embedding is a Conv2d."""
+        std = self.config.initializer_range
+        for module in (self.dbot, self.decoder):
+            forget_initialization(module)
+        embeddings = self.dbot.encoder.embeddings
+        init_vit_weights(self.decoder, token_std=std)  # its mask token (and fixed table) only
+        projection = embeddings.patch_embeddings.projection.weight
+        nn.init.xavier_uniform_(projection.view(projection.shape[0], -1))
+        init_vit_weights(embeddings, token_std=std)  # the cls token (and fixed table)
+        for module in (*self.dbot.modules(), *self.decoder.modules()):
+            if isinstance(module, (nn.Linear, nn.LayerNorm)):
+                init_vit_weights(module, token_std=std)
 
 
 class DbotForImageClassification(ImageClassificationMixin, DbotPreTrainedModel):

@@ -98,10 +98,10 @@ def test_get_scheduler_names_compute_what_transformers_computes_restarted_per_st
     from transformers import get_scheduler
 
     from hf_mim.training import StagedSchedule, schedule_factor
-    from hf_mim.training.schedule import ALL_KINDS
+    from hf_mim.training.schedule import SCHEDULE_KINDS, TRANSFORMERS_KINDS
 
     warmup, length = 3, 12
-    for kind in ALL_KINDS:
+    for kind in SCHEDULE_KINDS + TRANSFORMERS_KINDS:
         reference_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.5)
         min_lr = 0.1 if "min_lr" in kind else 0.0
         reference = get_scheduler(kind, reference_opt, num_warmup_steps=warmup, num_training_steps=length,

@@ -410,7 +410,7 @@ def test_presets_and_defaults():
     tiny_config = tiny()
     assert tiny_config.image_size // tiny_config.patch_size == 4
     demo = ExtremaConfig.from_preset("demo")
-    assert demo.image_size == 64 and demo.num_masks * demo.num_visible_patches <= demo.num_patches
+    assert demo.image_size == 32 and demo.num_masks * demo.num_visible_patches <= demo.num_patches
 
 
 @pytest.mark.parametrize(

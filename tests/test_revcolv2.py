@@ -351,7 +351,7 @@ def test_presets_and_parameter_counts():
     assert large.config.hidden_size == 1024
     assert 300e6 < sum(p.numel() for p in large.parameters()) < 320e6
     config = RevColV2Config.from_preset("demo")
-    assert (config.image_size, config.patch_size) == (64, 8)
+    assert (config.image_size, config.patch_size) == (32, 4)
     assert config.stage_names == ["stem", "stage1", "stage2", "stage3", "stage4"]  # transformers' backbone names
     assert config.out_features == ["stage1", "stage2", "stage3", "stage4"]
     assert RevColV2Config.from_preset("tiny", out_features=["stage2", "stage4"]).out_indices == [2, 4]

@@ -41,7 +41,9 @@ from hf_mim.training import (
     AttentionMapStore, RunHyperparameters, TrainingLoop, UserInputError, forward_inputs, optimizer_steps,
     refresh_attention_maps, run_script, start_run,
 )
-from hf_mim.training.arguments import add_shared_flags, fill_defaults, uses_embedded_data, validate_shared_flags
+from hf_mim.training.arguments import (
+    add_shared_flags, explicit_flags, fill_defaults, uses_embedded_data, validate_shared_flags,
+)
 from hf_mim.training.conventions import checkpoint_every, hub_kwargs, training_examples
 from hf_mim.training.downstream import (
     KnnMonitor, add_labelled_flags, check_can_read_encoder, check_labelled_flags, downstream_line, load_labelled_source,
@@ -51,6 +53,7 @@ from hf_mim.training.pretraining import (
     build_pretraining_model, build_pretraining_optimization, data_source, evaluate_pretraining_loss, load_stream, load_validation_stream, run_summary,
     save_mim_picture_of, write_outputs,
 )
+from hf_mim.training.recipes import apply_demo_recipe
 from hf_mim.training.visualize import log_pictures
 
 logger = logging.getLogger("run_mim")
@@ -98,6 +101,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                                       "mask_patch_size"), fractions=("mask_ratio",))
     if args.max_train_steps is not None and args.max_train_steps < args.num_stages:
         parser.error("--max_train_steps must be at least --num_stages")
+    args.explicit_flags = explicit_flags(parser, argv)  # the demo recipe fills only what the user left unset
     if uses_embedded_data(args):
         fill_defaults(args, parser, EMBEDDED_DEMO_DEFAULTS)
     check_labelled_flags(parser, args)
@@ -194,23 +198,28 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, phase=None) -> int:
     run = start_run(args)  # the resumed checkpoint's config decides the model's shape (e.g. a dBOT stage)
     accelerator, world, total_batch = run.accelerator, run.world, run.total_batch(args)
+
+    # --- length of training, and the small-budget recipe that depends on it (--model_size demo) ---
+    examples = None
+    if args.max_train_steps is None or args.checkpointing_steps == "epoch":  # counted from what the source records
+        examples = training_examples(args, args.num_train_examples or count_examples(
+            **data_source(args), progress=accelerator.is_local_main_process, load_kwargs=hub_kwargs(args, revision=False)))
+    total_steps = optimizer_steps(args, examples, total_batch, minimum=args.num_stages)
+    recipe = apply_demo_recipe(args, total_steps, total_batch)
+    total_steps = max(total_steps, args.num_stages)
+
     model, config = build_pretraining_model(args, run.saved_state["model_config"] if run.saved_state else None)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     if args.num_stages > 1 and not model.has_training_stages:
         raise UserInputError(f"--num_stages {args.num_stages}: {type(model).__name__} has no training stages")
 
-    # --- data and length of training ---
+    # --- data ---
     raw_stream, image_column, _ = load_stream(args)
     transform = family_for(config.model_type).pretraining_transform(config)
     shard = dict(rank=accelerator.process_index, world_size=world, max_image_pixels=args.max_image_pixels)
     stream = prepare_stream(raw_stream, image_column, seed=args.seed, buffer_size=args.shuffle_buffer_size, **shard,
                             decode_min_side=getattr(transform, "min_decode_side", None))  # large JPEGs at reduced scale
-    examples = None
-    if args.max_train_steps is None or args.checkpointing_steps == "epoch":  # counted from what the source records
-        examples = training_examples(args, args.num_train_examples or count_examples(
-            **data_source(args), progress=accelerator.is_local_main_process, load_kwargs=hub_kwargs(args, revision=False)))
-    total_steps = optimizer_steps(args, examples, total_batch, minimum=args.num_stages)
     attention_maps = AttentionMapStore() if model.uses_attention_maps else None
     collator = PretrainingCollator(transform, mask_generator=model.mask_generator(attention_maps=attention_maps), seed=args.seed)
     loader_options = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
@@ -245,6 +254,8 @@ def train(args: argparse.Namespace, phase=None) -> int:
                            eval_data=eval_data, knn=knn)
     loop.checkpoint_every = checkpoint_every(args, examples, total_batch)
     loop.prepare()
+    if recipe:
+        logger.info("small-budget recipe (--model_size demo, hf_mim/training/recipes.py): %s", recipe)
     logger.info(
         "training %s (%s) for %d steps, batch %d (%d per device x %d processes x %d accumulation), lr %.3g",
         type(loop.unwrapped).__name__, config.model_type, total_steps, total_batch, args.per_device_train_batch_size,

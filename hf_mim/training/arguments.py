@@ -121,6 +121,21 @@ def uses_embedded_data(args: argparse.Namespace) -> bool:
     return not (args.dataset_name or args.train_dir)
 
 
+def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> frozenset[str]:
+    """The flags given on the command line `argv` (None: sys.argv), whatever their value (`--num_stages 1`
+    counts even though 1 is the default): what later defaults must not overwrite. Parsed again with every
+    default suppressed, so only given flags land in the namespace."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        given, _ = parser.parse_known_args(argv)
+    finally:
+        for action, default in saved:
+            action.default = default
+    return frozenset(vars(given))
+
+
 def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, table: dict) -> None:
     """Set every flag of `table` the user left at its parser default to the table's value."""
     for name, value in table.items():
@@ -128,4 +143,7 @@ def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, tab
             setattr(args, name, value)
 
 
-__all__ = ["SHARED_FLAGS", "add_shared_flags", "check_compile_flags", "fill_defaults", "uses_embedded_data", "validate_shared_flags"]
+__all__ = [
+    "SHARED_FLAGS", "add_shared_flags", "check_compile_flags", "explicit_flags", "fill_defaults", "uses_embedded_data",
+    "validate_shared_flags",
+]

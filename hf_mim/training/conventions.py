@@ -104,8 +104,8 @@ EXAMPLE_FLAGS = [
     ("model", "image_processor_name", dict(help="the image processor saved with the model (default: built from the image size)")),
     ("optim", "lr_scheduler_type", dict(type=scheduler_type, default="cosine", help=(
         "transformers' get_scheduler names (linear, cosine, cosine_with_restarts, polynomial, constant, "
-        "constant_with_warmup, inverse_sqrt, cosine_with_min_lr); restarted at every stage (dBOT). Default: "
-        "the papers' per-iteration warm-up + cosine"))),
+        "constant_with_warmup, inverse_sqrt, cosine_with_min_lr), or simmim_cosine (SimMIM's timm cosine as its "
+        "loop steps it); restarted at every stage (dBOT). Default: the papers' per-iteration warm-up + cosine (MAE)"))),
     ("optim", "per_device_eval_batch_size", dict(type=int, default=64)),
 ]
 EXAMPLE_RANGES = dict(at_least_one=("max_train_samples", "max_eval_samples", "per_device_eval_batch_size"))

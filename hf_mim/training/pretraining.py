@@ -30,7 +30,7 @@ def build_pretraining_model(args, saved_config: dict | None = None):
     from ..auto import family_for
 
     family = family_for(args.model_type)
-    overrides = parse_overrides(args.config_overrides)
+    overrides = {**getattr(args, "recipe_config", {}), **parse_overrides(args.config_overrides)}  # the user's win
     for name in ("image_size", "patch_size", "mask_ratio", "mask_patch_size", "teacher_name_or_path"):
         if getattr(args, name) is not None:
             overrides[name] = getattr(args, name)
@@ -78,7 +78,9 @@ def build_pretraining_optimization(args, model, total_steps: int, total_batch: i
     if args.num_warmup_steps is None:
         args.num_warmup_steps = max(1, round(0.05 * steps_per_stage))
     lr = args.learning_rate if args.learning_rate is not None else linear_scaled_lr(args.base_learning_rate, total_batch)
-    optimizer = build_adamw(weight_decay_param_groups(model, args.weight_decay), lr=lr, betas=(args.adam_beta1, args.adam_beta2))
+    skip = getattr(model, "pretraining_no_weight_decay", None)  # the method's official exclusions (MIMTrainingEventsMixin)
+    groups = weight_decay_param_groups(model, args.weight_decay, **({} if skip is None else {"skip_names": skip}))
+    optimizer = build_adamw(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
     schedule = StagedSchedule(optimizer, base_lr=lr, steps_per_stage=stage_lengths, warmup_steps=args.num_warmup_steps,
                               min_lr_ratio=args.min_lr_ratio, kind=args.lr_scheduler_type)
     return optimizer, schedule, lr

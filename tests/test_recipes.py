@@ -1,0 +1,80 @@
+"""The small-budget recipes of `run_mim.py --model_size demo` (hf_mim/training/recipes.py): the documented
+rules by hand, and that they fill only what the user left unset."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from hf_mim.training.recipes import (
+    DEMO_BASE_LEARNING_RATE, apply_demo_recipe, dbot_stages, demo_learning_rate, demo_recipe, extrema_momentum,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training_scripts"))
+import run_mim  # noqa: E402
+
+
+def test_learning_rate_follows_the_linear_rule_with_the_demo_base_rate():
+    assert demo_learning_rate(256) == DEMO_BASE_LEARNING_RATE
+    assert demo_learning_rate(64) == pytest.approx(DEMO_BASE_LEARNING_RATE / 4)
+
+
+@pytest.mark.parametrize("steps, stages", [(150, 1), (399, 1), (400, 2), (1199, 2), (1200, 3), (50_000, 3)])
+def test_dbot_trains_the_official_two_stages_and_a_third_when_each_keeps_its_steps(steps, stages):
+    assert dbot_stages(steps) == stages
+
+
+@pytest.mark.parametrize("steps", [100, 600, 1200, 5000])
+def test_extrema_momentum_horizon_is_a_fixed_fraction_of_the_run(steps):
+    from hf_mim.training.recipes import EXTREMA_HORIZON_FRACTION
+
+    momentum = extrema_momentum(steps)
+    assert 1.0 / (1.0 - momentum) == pytest.approx(EXTREMA_HORIZON_FRACTION * steps)
+
+
+def test_extrema_momentum_never_exceeds_the_papers_and_a_tiny_run_has_no_lag():
+    assert extrema_momentum(10**7) == 0.996  # long runs: the paper's 0.996
+    assert extrema_momentum(20) == 0.0  # a horizon under one step: the teacher is the student
+
+
+def test_maskdistill_without_a_teacher_regresses_pixels_and_with_one_keeps_its_target():
+    assert demo_recipe("maskdistill", 600, 64)[1] == {"target": "pixels"}
+    assert demo_recipe("maskdistill", 600, 64, has_teacher=True)[1] == {}
+    assert demo_recipe("amt", 600, 64) == ({"learning_rate": demo_learning_rate(64)}, {})
+
+
+def parse(*flags):
+    return run_mim.parse_args(["--train_dir", "unused", "--model_size", "demo", *flags])
+
+
+def test_the_recipe_fills_what_the_user_left_unset():
+    args = parse("--model_type", "dbot", "--max_train_steps", "600", "--per_device_train_batch_size", "64")
+    applied = apply_demo_recipe(args, 600, 64)
+    assert applied == {"learning_rate": demo_learning_rate(64), "num_stages": 2}
+    assert args.learning_rate == demo_learning_rate(64) and args.num_stages == 2 and args.recipe_config == {}
+
+
+def test_the_users_flags_and_config_fields_win():
+    args = parse("--model_type", "extrema", "--learning_rate", "3e-4", "--config_overrides", "ema_momentum=0.99")
+    assert apply_demo_recipe(args, 600, 64) == {} and args.learning_rate == 3e-4 and args.recipe_config == {}
+    args = parse("--model_type", "dbot", "--base_learning_rate", "1e-4", "--num_stages", "1")
+    assert apply_demo_recipe(args, 600, 64) == {} and args.learning_rate is None and args.num_stages == 1
+
+
+def test_other_sizes_and_given_weights_get_no_recipe(tmp_path):
+    args = run_mim.parse_args(["--train_dir", "unused", "--model_type", "extrema", "--model_size", "base"])
+    assert apply_demo_recipe(args, 600, 64) == {} and not getattr(args, "recipe_config", {})
+    args = run_mim.parse_args(["--train_dir", "unused", "--model_name_or_path", str(tmp_path)])
+    assert apply_demo_recipe(args, 600, 64) == {}
+
+
+def test_recipe_config_fields_reach_the_model():
+    from hf_mim.training.pretraining import build_pretraining_model
+
+    args = parse("--model_type", "extrema")
+    apply_demo_recipe(args, 600, 64)
+    _, config = build_pretraining_model(args)
+    assert config.ema_momentum == pytest.approx(extrema_momentum(600), abs=1e-6)
+    assert (config.image_size, config.patch_size, config.hidden_size) == (32, 4, 128)  # the demo size
