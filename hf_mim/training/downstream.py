@@ -41,9 +41,10 @@ logger = logging.getLogger(__name__)
 DOWNSTREAM_MODES = ("finetune", "linear_probe", "knn", "none")
 # with the embedded photos (no data flag) and no --downstream_eval: the check that ends the demo
 EMBEDDED_DOWNSTREAM_EVAL = "finetune"
-# the recipe each mode adds to run_image_classification.py's (MODE_DEFAULTS) at demo scale; --downstream_flags wins
+# the recipe each mode adds to run_image_classification.py's (MODE_DEFAULTS) at demo scale, as
+# benchmarks/learning_benchmark.py evaluates; --downstream_flags wins
 DOWNSTREAM_RECIPES = {
-    "finetune": ["--learning_rate", "1e-3"],
+    "finetune": ["--learning_rate", "1e-3", "--layer_decay", "0.75"],
     "linear_probe": ["--learning_rate", "0.1", "--optimizer", "sgd"],  # LARS is made for ~16k batches
     "knn": [],
 }
@@ -88,10 +89,11 @@ def add_labelled_flags(parser) -> None:
         f"{EMBEDDED_DOWNSTREAM_EVAL} with the embedded data, none otherwise"))
     group.add_argument("--downstream_train_fraction", type=float, default=0.1,
                        help="class-balanced fraction of the labelled training split the check trains on")
-    group.add_argument("--downstream_steps", type=int, default=300, help="optimizer steps of each of the two trainings")
+    group.add_argument("--downstream_steps", type=int, default=150,
+                       help="optimizer steps of each of the two trainings (warm-up: the first tenth)")
     group.add_argument("--downstream_batch_size", type=int, default=64, help="total batch of the trainings (split over processes)")
     group.add_argument("--downstream_learning_rate", type=float,
-                       help="default: finetune 1e-3 (AdamW, layer decay), linear_probe 0.1 (SGD)")
+                       help="default: finetune 1e-3 (AdamW, layer decay 0.75), linear_probe 0.1 (SGD)")
     group.add_argument("--downstream_flags", default="", help=(
         "more run_image_classification.py flags for the check's recipe, e.g. --downstream_flags=\"--mixup 0 --cutmix 0\" "
         "(its data come from the --labelled_* flags)"))
