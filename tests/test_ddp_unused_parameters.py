@@ -1,7 +1,8 @@
 """Two gloo ranks pretrain every method through run_mim.py and fine-tune its classifier through
 run_image_classification.py, under DDP with Accelerate's defaults (find_unused_parameters=False): no head
 may hold a trainable parameter without a gradient ("Expected to have finished reduction in the prior
-iteration" at step 2), and the loop's end-of-run check finds the weights of the two ranks identical."""
+iteration" at step 2), and the loop's end-of-run check finds the weights of the two ranks identical; the
+pretraining runs also run the k-NN monitor and the downstream check's two classifiers on both ranks."""
 
 from __future__ import annotations
 
@@ -39,8 +40,10 @@ def test_two_gloo_ranks_pretrain_and_finetune_every_method_through_the_scripts(i
     pretrained = tmp_path / "pretrained"
     log = launch_two_ranks("run_mim.py", 29541 + 2 * index, "--model_type", model_type, "--model_size", "tiny",
                            "--per_device_train_batch_size", "4", "--max_train_steps", "3", "--logging_steps", "1",
+                           "--knn_eval_steps", "2", "--downstream_steps", "2", "--downstream_batch_size", "8",
                            *PRETRAIN_EXTRA.get(model_type, []), "--output_dir", pretrained)
     assert IN_SYNC in log
+    assert "k-NN at step 3: top-1" in log  # the k-NN monitor and the downstream check's classifiers ran on both ranks
     log = launch_two_ranks("run_image_classification.py", 29542 + 2 * index, "--model_name_or_path", pretrained,
                            "--per_device_train_batch_size", "4", "--max_train_steps", "3", "--num_warmup_steps", "1",
                            "--output_dir", tmp_path / "finetuned")

@@ -34,6 +34,7 @@ from hf_mim.training import (
     freeze_backbone,
     linear_probe_train_mode,
 )
+from hf_mim.training.classification import build_optimizer, mixup_active
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "training_scripts" / "run_image_classification.py"
@@ -303,7 +304,7 @@ def test_layer_decay_scales_the_learning_rates(workspace):
                               "--layer_decay", "0.5"])
     assert args.mode == "finetune" and args.weight_decay == 0.05 and args.optimizer == "adamw"
     model = script.build_model(args, dict(enumerate(CLASS_NAMES)))
-    optimizer = script.build_optimizer(args, model, lr=1e-3)
+    optimizer = build_optimizer(args, model, lr=1e-3)
     schedule = StagedSchedule(optimizer, base_lr=1e-3, steps_per_stage=[10], warmup_steps=0)
     assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["betas"] == (0.9, 0.999)
     depth = model.config.num_hidden_layers  # 2: ids 0 (embeddings), 1, 2 (blocks), 3 (fc_norm, head)
@@ -332,11 +333,11 @@ def test_linear_probe_defaults_and_lars_groups(workspace):
                               "--train_dir", "x"])
     assert (args.base_learning_rate, args.weight_decay, args.optimizer) == (0.1, 0.0, "lars")
     assert (args.mixup, args.cutmix, args.randaug, args.reprob, args.drop_path_rate) == (0.0, 0.0, "none", 0.0, 0.0)
-    assert not script.mixup_active(args)
+    assert not mixup_active(args)
     model = script.build_model(args, dict(enumerate(CLASS_NAMES)))
     attach_batchnorm_probe(model)
     assert freeze_backbone(model) == ["classifier.1.weight", "classifier.1.bias"]
-    optimizer = script.build_optimizer(args, model, lr=0.1)
+    optimizer = build_optimizer(args, model, lr=0.1)
     from timm.optim import Lars
 
     assert isinstance(optimizer, Lars)

@@ -15,7 +15,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "run_mim.py"
-TINY = ["--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3"]
+TINY = ["--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3",
+        "--downstream_eval", "none"]  # the downstream check (on by default with the embedded data): tests/test_downstream.py
 
 
 def run_mim(*args, check=True, env_extra=None, timeout=600) -> subprocess.CompletedProcess:

@@ -21,7 +21,8 @@ from hf_mim.training import NonFiniteInputError, check_finite_loss, public_args,
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_MIM = REPO_ROOT / "training_scripts" / "run_mim.py"
 RUN_CLS = REPO_ROOT / "training_scripts" / "run_image_classification.py"
-TINY = ["--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3"]
+TINY = ["--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3",
+        "--downstream_eval", "none"]  # the downstream check (on by default with the embedded data): tests/test_downstream.py
 SECRET = "hf_SeCrEtToKeNfOrTeStInG0123456789"
 ENV_SECRET = "hf_EnViRoNmEnTtOkEn9876543210abcdef"
 
@@ -73,7 +74,7 @@ def test_no_credential_in_any_written_file(script, tmp_path):
     if script == "run_mim":
         result = run(RUN_MIM, *TINY, *common, "--picture_steps", 1, env_extra={"HF_TOKEN": ENV_SECRET})
     else:
-        result = run(RUN_CLS, "--model_type", "dbot", *TINY, "--per_device_train_batch_size", 8, *common,
+        result = run(RUN_CLS, "--model_type", "dbot", *TINY[:TINY.index("--downstream_eval")], "--per_device_train_batch_size", 8, *common,
                      "--num_warmup_steps", 1, "--eval_steps", 1, env_extra={"HF_TOKEN": ENV_SECRET})
     assert result.returncode == 0, result.stderr[-4000:]
     assert "no checkpoint in" in result.stderr and "starting from scratch" in result.stderr

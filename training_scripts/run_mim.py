@@ -16,6 +16,14 @@ training events of `MIMTrainingEventsMixin` (hf_mim/modeling_common.py), which e
 masks per example (`mask_generator`), stage starts (dBOT), per-step updates (ExtreMA's momentum encoder),
 attention refreshes and their per-example store (AMT), extra logs, extra exported backbones.
 
+With labelled data (--labelled_train_dir / --labelled_dataset_name; with no data flag at all, the
+embedded digits) the encoder is measured on what pretraining is for (hf_mim/training/downstream.py):
+--knn_eval_steps N logs its weighted k-NN top-1 (as run_image_classification.py --mode knn) at step 0,
+every N steps and at the end; --downstream_eval finetune | linear_probe | knn (on by default with the
+embedded data) ends the run by training the pretrained encoder and the same architecture at random
+initialisation with one recipe and seed on a few labels, and prints both accuracies in one line.
+Neither changes the run: its weights end bitwise as without them.
+
 Resume is exact: augmentation and masks are a pure function of (seed, epoch, example id), and a
 resumed run skips the batches each rank had already consumed in its current epoch.
 """
@@ -37,6 +45,10 @@ from hf_mim.training.arguments import (
     add_shared_flags, explicit_flags, fill_defaults, uses_embedded_data, validate_shared_flags,
 )
 from hf_mim.training.conventions import checkpoint_every, hub_kwargs, training_examples
+from hf_mim.training.downstream import (
+    KnnMonitor, add_labelled_flags, check_can_read_encoder, check_labelled_flags, downstream_line, load_labelled_source,
+    record_evaluation, run_downstream_check,
+)
 from hf_mim.training.schedule import WARMUP_STYLES
 from hf_mim.training.pretraining import (
     build_pretraining_model, build_pretraining_optimization, data_source, evaluate_pretraining_loss, load_stream, load_validation_stream, run_summary,
@@ -87,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     run.add_argument("--picture_steps", type=int, help="save a picture of the model's work every N steps")
     run.add_argument("--eval_steps", type=int, help="with a validation source: evaluate the loss every N steps (always at the end)")
     groups["data"].add_argument("--validation_split", help="evaluate the pretraining loss on this split of the training source")
+    add_labelled_flags(parser)
     args = parser.parse_args(argv)
     if args.model_name_or_path and args.config_name_or_path:
         parser.error("give either --model_name_or_path or --config_name_or_path, not both")
@@ -97,6 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.explicit_flags = explicit_flags(parser, argv)  # the demo recipe fills only what the user left unset
     if uses_embedded_data(args):
         fill_defaults(args, parser, EMBEDDED_DEMO_DEFAULTS)
+    check_labelled_flags(parser, args)
     return args
 
 
@@ -117,10 +131,11 @@ class PretrainingLoop(TrainingLoop):
     progress_label = "pretraining"
     tracker_project = "run_mim"
 
-    def __init__(self, *loop_args, attention_maps, refresh_loader, refresh_steps, eval_data):
+    def __init__(self, *loop_args, attention_maps, refresh_loader, refresh_steps, eval_data, knn=None):
         super().__init__(*loop_args)
         self.attention_maps, self.refresh_loader, self.refresh_steps = attention_maps, refresh_loader, refresh_steps
         self.eval_data, self.eval_history = eval_data, []  # (loader, collator) of the validation stream, or None
+        self.knn = knn  # the k-NN monitor (--knn_eval_steps), or None
 
     def checkpointed_objects(self):
         return [self.attention_maps] if self.attention_maps is not None else []  # maps resume with the run
@@ -133,6 +148,8 @@ class PretrainingLoop(TrainingLoop):
         return output.loss, output
 
     def before_step(self, step):
+        if step == 0 and self.knn is not None:
+            self.evaluate_knn()  # the curve starts at the random initialisation
         if self.schedule.is_stage_boundary(step):
             self.unwrapped.start_new_stage()
             logger.info("step %d: stage %d starts", step, self.schedule.stage_of(step))
@@ -148,14 +165,27 @@ class PretrainingLoop(TrainingLoop):
             log_pictures(self.accelerator, {"mim_picture": path}, step)
         if self.eval_data is not None and self.args.eval_steps and step % self.args.eval_steps == 0 and step < self.total_steps:
             self.evaluate()
+        if self.knn is not None and step % self.args.knn_eval_steps == 0 and step < self.total_steps:
+            self.evaluate_knn()
 
     def evaluate(self) -> dict:
         """The validation loss on fixed masks, logged (and tracked) at this step."""
         results = evaluate_pretraining_loss(self.unwrapped, *self.eval_data, self.accelerator, self.args.seed)
-        self.eval_history.append({"step": self.global_step, **results})
+        record_evaluation(self.eval_history, self.global_step, results)
         logger.info("eval at step %d: loss %.6f (%d images)", self.global_step, results["eval_loss"], results["eval_examples"])
         if self.args.with_tracking:
             self.accelerator.log(results, step=self.global_step)
+        return results
+
+    def evaluate_knn(self) -> dict:
+        """The encoder's k-NN top-1 at this step (every rank; the run's RNG untouched), logged and tracked."""
+        results = self.knn.evaluate(self.unwrapped)
+        record_evaluation(self.eval_history, self.global_step, results)
+        logger.info("k-NN at step %d: top-1 %.2f%%, top-5 %.2f%% (%d training / %d validation images, %.1f s)", self.global_step,
+                    results["knn_top1"], results["knn_top5"], results["knn_bank_size"], results["knn_eval_examples"],
+                    results["knn_seconds"])
+        if self.args.with_tracking:
+            self.accelerator.log({"knn_top1": results["knn_top1"], "knn_top5": results["knn_top5"]}, step=self.global_step)
         return results
 
     def extra_logs(self, output):
@@ -217,12 +247,18 @@ def train(args: argparse.Namespace, phase=None) -> int:
         eval_data = (make_dataloader(eval_stream, eval_collator, batch_size=args.per_device_eval_batch_size, drop_last=False,
                                      **loader_options), eval_collator)
 
+    labelled = knn = None
+    if args.knn_eval_steps or args.downstream_eval != "none":  # labelled data: errors end the run before training
+        check_can_read_encoder(accelerator)
+        labelled = load_labelled_source(args, config.image_size)
+        knn = KnnMonitor(args, labelled, config.image_size, accelerator) if args.knn_eval_steps else None
+
     optimizer, schedule, lr = build_pretraining_optimization(args, model, total_steps, total_batch)
     hyperparameters = RunHyperparameters.from_args(args, lr, total_steps, lr_scheduler_type=args.lr_scheduler_type)
 
     loop = PretrainingLoop(args, run, model, optimizer, schedule, hyperparameters, (dataloader, stream, collator),
                            attention_maps=attention_maps, refresh_loader=refresh_loader, refresh_steps=refresh_steps,
-                           eval_data=eval_data)
+                           eval_data=eval_data, knn=knn)
     loop.checkpoint_every = checkpoint_every(args, examples, total_batch)
     loop.prepare()
     if recipe:
@@ -234,9 +270,19 @@ def train(args: argparse.Namespace, phase=None) -> int:
     )
     loop.train(phase)
     results = loop.evaluate() if eval_data is not None else None
+    knn_results = loop.evaluate_knn() if knn is not None else None
+    downstream = run_downstream_check(args, run, loop.unwrapped, labelled) if args.downstream_eval != "none" else None
     summary = run_summary(args, config, total_batch, lr, total_steps, world)
-    return loop.finish(lambda: write_outputs(args, loop.unwrapped, loop.last_batch, run.output_dir, summary, loop.elapsed,
-                                             results=results, eval_history=loop.eval_history, accelerator=accelerator))
+
+    def write() -> None:
+        try:
+            write_outputs(args, loop.unwrapped, loop.last_batch, run.output_dir, summary, loop.elapsed, results=results,
+                          eval_history=loop.eval_history, accelerator=accelerator, knn=knn_results, downstream=downstream)
+        finally:
+            if downstream is not None:  # the run's last word: does pretraining help?
+                print(downstream_line(downstream), flush=True)
+
+    return loop.finish(write)
 
 
 if __name__ == "__main__":

@@ -203,10 +203,11 @@ def run_summary(args, config, total_batch: int, lr: float, total_steps: int, wor
 
 
 def write_outputs(args, model, batch, output_dir: Path, summary: dict, elapsed: float, results=None, eval_history=(),
-                  accelerator=None) -> None:
+                  accelerator=None, knn=None, downstream=None) -> None:
     """The Hub-ready folder: weights, config with full auto_map, code, processor, card, args, pictures, the
-    validation loss (eval_results.json, card), and every extra backbone the method exports (e.g.
-    ExtreMA's momentum encoder, what it linear-probes); the final picture also goes to the trackers."""
+    validation loss, the final k-NN (`knn`) and the downstream check (`downstream`) (eval_results.json,
+    card), and every extra backbone the method exports (e.g. ExtreMA's momentum encoder, what it
+    linear-probes); the final picture also goes to the trackers."""
     from .run_folder import finish_run_folder
     from ..hub import save_hub_folder
     from ..hub.card import pretraining_eval_results
@@ -219,13 +220,21 @@ def write_outputs(args, model, batch, output_dir: Path, summary: dict, elapsed: 
         if accelerator is not None:
             log_pictures(accelerator, {"mim_picture": path}, summary["optimizer steps"])
     summary = {**summary, "wall time": f"{elapsed / 60:.1f} min"}
-    eval_results = []
+    eval_results, entries = [], {}
     if results is not None:
         dataset_type, dataset_name, split = validation_names(args)
         summary["validation loss"] = f"{results['eval_loss']:.4f} ({results['eval_examples']} images of {dataset_name}, {split}, fixed masks)"
-        write_json_atomic(output_dir / "eval_results.json", {**results, "step": summary["optimizer steps"], "dataset": dataset_name,
-                                                            "split": split, "history": list(eval_history)})
+        entries = {**results, "dataset": dataset_name, "split": split}
         eval_results = pretraining_eval_results(results["eval_loss"], dataset_type, dataset_name, split, args.dataset_config_name)
+    if knn is not None or downstream is not None:
+        from .downstream import labelled_outputs
+
+        labelled_entries, rows, labelled_results = labelled_outputs(args, knn, downstream, eval_history)
+        entries.update(labelled_entries)
+        summary.update(rows)
+        eval_results += labelled_results
+    if entries:
+        write_json_atomic(output_dir / "eval_results.json", {**entries, "step": summary["optimizer steps"], "history": list(eval_history)})
     finish_run_folder(output_dir, model, args, run=summary, results=eval_results, is_demo=uses_embedded_data(args))
 
 
