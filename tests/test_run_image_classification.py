@@ -368,6 +368,34 @@ def test_seeded_timm_transform_is_pure_and_leaves_global_rngs_alone():
     assert first.shape == (3, 32, 32) and torch.equal(first, again) and not torch.equal(first, other)
 
 
+@pytest.mark.parametrize("randaug", ["none", "rand-m1-n1"])
+def test_scale_and_hflip_reach_both_train_transforms(randaug):
+    """--scale 1 1 keeps the whole image and --hflip 0 never mirrors it (digits), on hf_mim's seeded crop and
+    on timm's RandAugment transform alike; --hflip 1 always mirrors it."""
+    from hf_mim.data import example_generator
+    from hf_mim.data.finetune_transforms import finetune_train_transform
+
+    script = load_script()
+    args = script.parse_args(["--model_type", "dbot", "--train_dir", "x", "--randaug", randaug, "--reprob", "0",
+                              "--scale", "1", "1", "--hflip", "0"])
+    assert tuple(args.scale) == (1.0, 1.0) and args.hflip == 0.0
+    image = Image.new("RGB", (32, 32))
+    image.paste((255, 255, 255), (0, 0, 8, 32))  # a white bar on the left edge
+    for flip, left_is_white in ((0.0, True), (1.0, False)):
+        transform = finetune_train_transform(32, randaug if randaug != "none" else "none", 0.0, (1.0, 1.0), flip)
+        for example in range(6):
+            pixels = transform(image, example_generator(0, 0, example))
+            pixels = pixels.float() if pixels.dtype == torch.uint8 else pixels
+            assert (pixels[0, :, :4].mean() > pixels[0, :, -4:].mean()) == left_is_white
+
+
+@pytest.mark.parametrize("flags, message", [(["--scale", "0.5", "0.2"], "--scale"), (["--hflip", "1.5"], "--hflip")])
+def test_bad_crop_flags_are_one_line_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().parse_args(["--model_type", "dbot", "--train_dir", "x", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_randaugment_posterize_to_zero_bits_gives_a_black_image():
     """'PosterizeIncreasing' at magnitude 10 keeps 0 bits: Pillow 13 raises, older Pillow (and the
     script) return a black image."""

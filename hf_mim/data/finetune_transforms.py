@@ -50,19 +50,26 @@ def seeded_numpy(seed: int):
         np.random.set_state(state)
 
 
-def finetune_train_transform(image_size: int, randaug: str, reprob: float):
-    """timm's `create_transform(is_training=True)` as MAE fine-tunes (RandomResizedCrop 0.08-1 bicubic,
-    flip, RandAugment `randaug`, no colour jitter, RandomErasing 'pixel' with probability `reprob`) when
-    RandAugment or RandomErasing is on; otherwise hf_mim's seeded RandomResizedCrop(0.08-1, bicubic) +
-    flip (MAE's linear probe)."""
+def finetune_train_transform(image_size: int, randaug: str, reprob: float, scale: tuple[float, float] = (0.08, 1.0),
+                             hflip: float = 0.5):
+    """timm's `create_transform(is_training=True)` as MAE fine-tunes (RandomResizedCrop `scale` bicubic, flip
+    with probability `hflip`, RandAugment `randaug`, no colour jitter, RandomErasing 'pixel' with probability
+    `reprob`) when RandAugment or RandomErasing is on; otherwise hf_mim's seeded RandomResizedCrop(`scale`,
+    bicubic) + flip (MAE's linear probe; the flip is on or off: 0 < hflip < 1 needs timm's transform)."""
+    if not 0 < scale[0] <= scale[1] <= 1:
+        raise ValueError(f"--scale must satisfy 0 < MIN <= MAX <= 1, got {scale[0]} {scale[1]}")
+    if not 0 <= hflip <= 1:
+        raise ValueError(f"--hflip must be a probability in [0, 1], got {hflip}")
     randaug = None if randaug.lower() == "none" else randaug
-    if randaug is None and reprob <= 0:
-        return MaskedImageTransform(image_size, scale=(0.08, 1.0), interpolation="bicubic")
+    if randaug is None and reprob <= 0 and hflip in (0.0, 0.5):
+        return MaskedImageTransform(image_size, scale=tuple(scale), interpolation="bicubic", hflip=hflip > 0)
     from timm.data import create_transform
 
     transform = create_transform(
         input_size=image_size,
         is_training=True,
+        scale=tuple(scale),
+        hflip=hflip,
         color_jitter=None,
         auto_augment=randaug,
         interpolation="bicubic",

@@ -274,7 +274,8 @@ def build_dataloaders(args: argparse.Namespace, data, image_size: int, accelerat
     stream = prepare_stream(data.train, data.image_column, seed=args.seed, buffer_size=args.shuffle_buffer_size,
                             rank=accelerator.process_index, world_size=world, label_column=data.label_column,
                             max_image_pixels=args.max_image_pixels)
-    collator = ClassificationCollator(finetune_train_transform(image_size, args.randaug, args.reprob), seed=args.seed)
+    collator = ClassificationCollator(finetune_train_transform(image_size, args.randaug, args.reprob, tuple(args.scale),
+                                                               args.hflip), seed=args.seed)
     dataloader = make_dataloader(stream, collator, batch_size=args.per_device_train_batch_size,
                                  num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
     eval_dataloader = None

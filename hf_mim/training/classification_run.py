@@ -66,6 +66,10 @@ def classification_parser(description: str = "", prog: str | None = None) -> arg
     aug.add_argument("--mixup_mode", default="batch", choices=["batch", "pair", "elem"])
     aug.add_argument("--randaug", help="timm RandAugment spec: finetune 'rand-m9-mstd0.5-inc1', linear_probe 'none'")
     aug.add_argument("--reprob", type=float, help="RandomErasing probability: finetune 0.25, linear_probe 0")
+    aug.add_argument("--scale", type=float, nargs=2, default=(0.08, 1.0), metavar=("MIN", "MAX"),
+                     help="RandomResizedCrop area range (timm's --scale; 0.08 1 as ImageNet; small images of whole "
+                     "objects, e.g. digits, need a larger minimum)")
+    aug.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (timm's --hflip; 0 for digits, text)")
     run.add_argument("--eval_steps", type=int, help="evaluate every N steps (always at the end)")
     add_protocol_flags(parser)
     return parser
@@ -94,7 +98,9 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
         parser, args, at_least_one=("eval_steps",),
         non_negative=("warmup_epochs", "mixup", "cutmix", "reprob", "drop_path_rate"),
     )
-    for name in ("mixup_prob", "mixup_switch_prob", "reprob"):
+    if not 0 < args.scale[0] <= args.scale[1] <= 1:
+        parser.error(f"--scale must satisfy 0 < MIN <= MAX <= 1, got {args.scale[0]} {args.scale[1]}")
+    for name in ("mixup_prob", "mixup_switch_prob", "reprob", "hflip"):
         if not 0 <= getattr(args, name) <= 1:
             parser.error(f"--{name} must be in [0, 1], got {getattr(args, name)}")
     if not 0.0 < args.layer_decay <= 1.0:
