@@ -39,7 +39,7 @@ def test_embedded_default_writes_a_hub_ready_folder(tmp_path):
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_dbot.DbotForImageClassification"
     card = (out / "README.md").read_text()
-    assert "library_name: transformers" in card and "embedded sample photos" in card
+    assert "library_name: transformers" in card and "embedded digits" in card
     assert "hub_token" not in json.loads((out / "training_args.json").read_text())
     with Image.open(out / "mim_picture.png") as picture:
         assert picture.width > 3 * 32

@@ -1,5 +1,5 @@
 """What pretraining is for, measured inside run_mim.py on labelled data (the `--labelled_*` flags; with
-the embedded photos and no data flag, the embedded digits):
+no data flag, the embedded digits):
 
 - the k-NN monitor (`--knn_eval_steps N`): DINO's weighted k-NN top-1 (hf_mim/training/knn.py, as
   `run_image_classification.py --mode knn`) of the encoder being trained, at step 0, every N steps and
@@ -39,7 +39,7 @@ from .run_setup import UserInputError, check_positive_flags
 logger = logging.getLogger(__name__)
 
 DOWNSTREAM_MODES = ("finetune", "linear_probe", "knn", "none")
-# with the embedded photos (no data flag) and no --downstream_eval: the check that ends the demo
+# with the embedded digits (no data flag) and no --downstream_eval: the check that ends the demo
 EMBEDDED_DOWNSTREAM_EVAL = "finetune"
 # the recipe each mode adds to run_image_classification.py's (MODE_DEFAULTS) at demo scale, as
 # benchmarks/learning_benchmark.py evaluates; --downstream_flags wins
@@ -121,7 +121,7 @@ def add_labelled_flags(parser) -> None:
 
 
 def has_labelled_source(args) -> bool:
-    """Labelled data to evaluate on: --labelled_* given, or the embedded digits beside the embedded photos."""
+    """Labelled data to evaluate on: --labelled_* given, or the embedded digits (no data flag: pretraining on their training images)."""
     from .arguments import uses_embedded_data
 
     return bool(args.labelled_dataset_name or args.labelled_train_dir) or uses_embedded_data(args)
@@ -159,7 +159,7 @@ def check_labelled_flags(parser, args) -> None:
                                     (f"--downstream_eval {args.downstream_eval}", args.downstream_eval != "none")) if on]
     if wanted and not has_labelled_source(args):
         parser.error(f"{wanted[0]} needs labelled data: give --labelled_train_dir or --labelled_dataset_name (with a label "
-                     "column and a validation split); the embedded digits go with the embedded photos only (no data flag)")
+                     "column and a validation split); the embedded digits go with the embedded default only (no data flag)")
     if given and not wanted:
         parser.error(f"{given[0]}: nothing evaluates on the labelled data; add --knn_eval_steps N and/or --downstream_eval "
                      "finetune|linear_probe|knn")

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from ..data import batch_to_device, embedded_pretraining_dir, load_image_stream
+from ..data import batch_to_device, embedded_digits_dir, load_image_stream
 from .arguments import uses_embedded_data
 from .checkpoint import write_json_atomic
 from .conventions import hold_out, hub_kwargs, limit, output_image_processor
@@ -146,7 +146,7 @@ def save_mim_picture_of(model, batch: dict, path: Path) -> Path:
 def data_source(args) -> dict:
     """The training data's source: keywords of load_image_stream and count_examples."""
     if uses_embedded_data(args):
-        return {"train_dir": str(embedded_pretraining_dir()), "split": "train"}
+        return {"train_dir": str(embedded_digits_dir() / "train"), "split": "train"}  # images only, labels unused
     return {
         "dataset_name": args.dataset_name,
         "dataset_config_name": args.dataset_config_name,
@@ -190,7 +190,7 @@ def load_validation_stream(args):
 def run_summary(args, config, total_batch: int, lr: float, total_steps: int, world: int) -> dict:
     return {
         "method": config.model_type,
-        "data": "embedded sample photos (hf_mim demo)" if uses_embedded_data(args) else (args.dataset_name or args.train_dir),
+        "data": "embedded digits, training images (hf_mim demo)" if uses_embedded_data(args) else (args.dataset_name or args.train_dir),
         "image size": config.image_size,
         "mask ratio": config.mask_ratio,
         "optimizer steps": total_steps,
@@ -242,8 +242,8 @@ def validation_names(args) -> tuple[str, str, str]:
     """(dataset id, readable name, split) of the validation source, for the card's model-index."""
     if args.validation_dir:
         return Path(args.validation_dir).name, f"local data ({Path(args.validation_dir).name})", args.validation_split or "validation"
-    source = args.dataset_name or (Path(args.train_dir).name if args.train_dir else "hf_mim-embedded-photos")
-    name = source if args.dataset_name else f"local data ({source})" if args.train_dir else "hf_mim embedded sample photos"
+    source = args.dataset_name or (Path(args.train_dir).name if args.train_dir else "hf_mim-embedded-digits")
+    name = source if args.dataset_name else f"local data ({source})" if args.train_dir else "hf_mim embedded digits (training images)"
     split = args.validation_split or f"{args.train_val_split:g} of {args.train_split} held out"
     return source, name, split
 
