@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hf_mim.training.recipes import (
-    DEMO_BASE_LEARNING_RATE, apply_demo_recipe, dbot_stages, demo_learning_rate, demo_recipe, extrema_momentum,
+    DEMO_BASE_LEARNING_RATE, apply_demo_recipe, dbot_stages, demo_learning_rate, demo_recipe,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training_scripts"))
@@ -26,17 +26,8 @@ def test_dbot_trains_the_official_two_stages_and_a_third_when_each_keeps_its_ste
     assert dbot_stages(steps) == stages
 
 
-@pytest.mark.parametrize("steps", [100, 600, 1200, 5000])
-def test_extrema_momentum_horizon_is_a_fixed_fraction_of_the_run(steps):
-    from hf_mim.training.recipes import EXTREMA_HORIZON_FRACTION
-
-    momentum = extrema_momentum(steps)
-    assert 1.0 / (1.0 - momentum) == pytest.approx(EXTREMA_HORIZON_FRACTION * steps)
-
-
-def test_extrema_momentum_never_exceeds_the_papers_and_a_tiny_run_has_no_lag():
-    assert extrema_momentum(10**7) == 0.996  # long runs: the paper's 0.996
-    assert extrema_momentum(20) == 0.0  # a horizon under one step: the teacher is the student
+def test_extrema_keeps_the_papers_momentum_whatever_the_budget():
+    assert demo_recipe("extrema", 600, 64) == ({"learning_rate": demo_learning_rate(64)}, {})
 
 
 def test_maskdistill_without_a_teacher_regresses_pixels_and_with_one_keeps_its_target():
@@ -57,7 +48,7 @@ def test_the_recipe_fills_what_the_user_left_unset():
 
 
 def test_the_users_flags_and_config_fields_win():
-    args = parse("--model_type", "extrema", "--learning_rate", "3e-4", "--config_overrides", "ema_momentum=0.99")
+    args = parse("--model_type", "maskdistill", "--learning_rate", "3e-4", "--config_overrides", "target=teacher")
     assert apply_demo_recipe(args, 600, 64) == {} and args.learning_rate == 3e-4 and args.recipe_config == {}
     args = parse("--model_type", "dbot", "--base_learning_rate", "1e-4", "--num_stages", "1")
     assert apply_demo_recipe(args, 600, 64) == {} and args.learning_rate is None and args.num_stages == 1
@@ -73,8 +64,8 @@ def test_other_sizes_and_given_weights_get_no_recipe(tmp_path):
 def test_recipe_config_fields_reach_the_model():
     from hf_mim.training.pretraining import build_pretraining_model
 
-    args = parse("--model_type", "extrema")
+    args = parse("--model_type", "maskdistill")
     apply_demo_recipe(args, 600, 64)
     _, config = build_pretraining_model(args)
-    assert config.ema_momentum == pytest.approx(extrema_momentum(600), abs=1e-6)
+    assert config.target == "pixels"
     assert (config.image_size, config.patch_size, config.hidden_size) == (32, 4, 128)  # the demo size
