@@ -80,7 +80,7 @@ def build_pretraining_optimization(args, model, total_steps: int, total_batch: i
     if args.num_warmup_steps is None:
         args.num_warmup_steps = max(1, round(0.05 * steps_per_stage))
     lr = args.learning_rate if args.learning_rate is not None else linear_scaled_lr(args.base_learning_rate, total_batch)
-    skip = model.pretraining_no_weight_decay  # the method's official exclusions (MIMTrainingEventsMixin)
+    skip = getattr(model, "pretraining_no_weight_decay", None)  # the method's official exclusions (MIMTrainingEventsMixin)
     groups = weight_decay_param_groups(model, args.weight_decay, DEFAULT_SKIP_NAMES if skip is None else skip)
     optimizer = build_adamw(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
     schedule = StagedSchedule(optimizer, base_lr=lr, steps_per_stage=stage_lengths, warmup_steps=args.num_warmup_steps,
