@@ -85,6 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work_dir", default="outputs/learning_benchmark")
     parser.add_argument("--reuse", action="store_true", help="keep finished runs found in --work_dir")
     parser.add_argument("--pretrain_only", action="store_true", help="pretrain (e.g. in parallel), evaluate later with --reuse")
+    parser.add_argument("--report", action="store_true",
+                        help="only print the table of the runs finished in --work_dir (several benchmark processes, one table)")
     parser.add_argument("--config_overrides", default="", help="config fields for every model, e.g. 'hidden_size=128'")
     parser.add_argument("--mim_args", default="", help="extra run_mim.py flags for every method (quoted)")
     args = parser.parse_args(argv)
@@ -170,6 +172,7 @@ def pretrain_vitmae(args, mim_data: list[str], output_dir: Path) -> float:
         norm_pix_loss=True, layer_norm_eps=dbot.layer_norm_eps, qkv_bias=True,
     )
     model = ViTMAEForPreTraining(config)
+    with_sincos_positions(model)
     steps = mim_args.max_train_steps
     apply_demo_recipe(mim_args, steps, mim_args.per_device_train_batch_size)  # the same lr rule as every method
     mim_args.num_stages = 1  # one MAE run, no dBOT stages
@@ -197,6 +200,24 @@ def pretrain_vitmae(args, mim_data: list[str], output_dir: Path) -> float:
     student.dbot.load_state_dict(vitmae_encoder_as_dbot(model.vit.state_dict()))  # every encoder tensor, no other
     save_hub_folder(student, output_dir)
     return time.perf_counter() - start
+
+
+def with_sincos_positions(model) -> None:
+    """MAE's fixed 2-D sin-cos position tables in a `ViTMAEForPreTraining` built from a config. transformers
+    5.23 leaves both at zero there (`ViTMAEEmbeddings.initialize_weights` returns early once the patch
+    projection is marked initialised, and the decoder's table is zeroed): a model that trains without any
+    position information (measured: its loss stays at 0.75, fine-tuning 27 % vs 70 % from random init).
+    The peer gets the tables MAE and transformers' converted checkpoints have (encoder layout as
+    `initialize_weights` writes it)."""
+    import torch
+    from transformers.models.vit_mae.modeling_vit_mae import build_2d_sinusoidal_position_embedding
+
+    grid = int(model.vit.embeddings.patch_embeddings.num_patches ** 0.5)
+    for table in (model.vit.embeddings.position_embeddings, model.decoder.decoder_pos_embed):
+        sincos = build_2d_sinusoidal_position_embedding(height=grid, width=grid, embed_dim=table.shape[-1], cls_token=True)
+        half = sincos.shape[-1] // 2
+        with torch.no_grad():
+            table.copy_(torch.cat([sincos[..., half:], sincos[..., :half]], dim=-1).reshape(table.shape))
 
 
 def config_patches(config) -> int:
@@ -327,6 +348,10 @@ def main(argv=None) -> None:
     saved = json.loads(results_path.read_text()) if args.reuse and results_path.is_file() else {}
     results, timings, spread = saved.get("top1", {}), saved.get("seconds", {}), saved.get("feature_spread", {})
 
+    if args.report:
+        collect_finished(args, work, results, timings, spread)
+        print_table(args, data_name, results, timings, spread)
+        return
     for method in args.methods:
         pretrained, random_init = work / f"{method}-pretrained", work / f"{method}-random"
         if not (args.reuse and (pretrained / "model.safetensors").is_file()):
@@ -353,6 +378,31 @@ def main(argv=None) -> None:
                                             "feature_spread": spread}, indent=1))
 
     print_table(args, data_name, results, timings, spread)
+
+
+def collect_finished(args, work: Path, results: dict, timings: dict, spread: dict) -> None:
+    """Fill the tables from the run folders of --work_dir: each evaluation's eval_results.json, the linear
+    probe and feature spread of every saved encoder (computed here when missing), each pretraining's wall
+    time from its log (tqdm's elapsed time)."""
+    import re
+
+    for method in args.methods:
+        log = work / f"{method}-pretrain.log"
+        if f"{method} pretrain" not in timings and log.is_file():
+            elapsed = re.findall(r"\[(?:(\d+):)?(\d+):(\d+)<", log.read_text(errors="replace"))
+            if elapsed:
+                hours, minutes, seconds = elapsed[-1]
+                timings[f"{method} pretrain"] = int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds)
+        for init in ("pretrained", "random"):
+            name = f"{method}-{init}"
+            for protocol in EVALS:
+                path = work / f"{name}-{protocol}" / "eval_results.json"
+                if path.is_file():
+                    results.setdefault(name, {})[protocol] = json.loads(path.read_text())["top1"]
+            if (work / name / "model.safetensors").is_file() and "linear" not in results.get(name, {}):
+                features = frozen_features(work / name, args)
+                results.setdefault(name, {})["linear"] = linear_probe(features)
+                spread[name] = feature_spread(features["validation"][0])
 
 
 def print_table(args, data_name: str, results: dict, timings: dict, spread: dict) -> None:
