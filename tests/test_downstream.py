@@ -262,3 +262,33 @@ def test_two_gloo_ranks_give_the_one_rank_numbers(tmp_path):
     assert one["downstream"]["random_init"] == two["downstream"]["random_init"]
     assert one["downstream"]["train_examples"] == two["downstream"]["train_examples"] == 720  # 72 of each digit
     assert one["downstream"]["eval_examples"] == two["downstream"]["eval_examples"] == 359
+
+
+def test_the_borrowed_accelerator_forgets_the_extra_trainings(fresh_accelerate_state):
+    """The check's classifiers train under the run's Accelerator with accumulation 1; afterwards the run's
+    accumulation is back and nothing they prepared or registered stays (no later checkpoint would hold it)."""
+    from accelerate import Accelerator
+
+    from hf_mim.training.downstream import borrowed_accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=4)
+    model = accelerator.prepare(torch.nn.Linear(2, 2))
+    with borrowed_accelerator(accelerator):
+        assert accelerator.gradient_accumulation_steps == 1
+        extra = torch.nn.Linear(2, 2)
+        accelerator.prepare(extra, torch.optim.SGD(extra.parameters(), lr=0.1))
+        accelerator.register_for_checkpointing(torch.optim.lr_scheduler.StepLR(torch.optim.SGD(extra.parameters(), lr=1), 1))
+    assert accelerator.gradient_accumulation_steps == 4
+    assert accelerator._models == [model] and accelerator._optimizers == [] and accelerator._custom_objects == []
+
+
+def test_sharded_engines_are_refused():
+    from accelerate.utils import DistributedType
+
+    from hf_mim.training.downstream import check_can_read_encoder
+    from hf_mim.training.run_setup import UserInputError
+
+    for engine in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(UserInputError, match=f"not under {engine.value}"):
+            check_can_read_encoder(type("Run", (), {"distributed_type": engine})())
+    check_can_read_encoder(type("Run", (), {"distributed_type": DistributedType.MULTI_GPU})())
