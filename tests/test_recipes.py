@@ -21,8 +21,8 @@ def test_learning_rate_follows_the_linear_rule_with_the_demo_base_rate():
     assert demo_learning_rate(64) == pytest.approx(DEMO_BASE_LEARNING_RATE / 4)
 
 
-@pytest.mark.parametrize("steps, stages", [(150, 1), (399, 1), (400, 2), (1199, 2), (1200, 3), (50_000, 3)])
-def test_dbot_trains_the_official_two_stages_and_a_third_when_each_keeps_its_steps(steps, stages):
+@pytest.mark.parametrize("steps, stages", [(150, 1), (400, 1), (599, 1), (600, 2), (899, 2), (900, 3), (50_000, 3)])
+def test_dbot_trains_as_many_stages_as_keep_300_steps_each_up_to_three(steps, stages):
     assert dbot_stages(steps) == stages
 
 
@@ -41,7 +41,7 @@ def parse(*flags):
 
 
 def test_the_recipe_fills_what_the_user_left_unset():
-    args = parse("--model_type", "dbot", "--max_train_steps", "600", "--per_device_train_batch_size", "64")
+    args = parse("--model_type", "dbot", "--max_train_steps", "600", "--per_device_train_batch_size", "64")  # 2 stages
     applied = apply_demo_recipe(args, 600, 64)
     assert applied == {"learning_rate": demo_learning_rate(64), "num_stages": 2}
     assert args.learning_rate == demo_learning_rate(64) and args.num_stages == 2 and args.recipe_config == {}

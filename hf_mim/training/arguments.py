@@ -136,10 +136,11 @@ def explicit_flags(parser: argparse.ArgumentParser, argv: list[str] | None) -> f
     return frozenset(vars(given))
 
 
-def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, table: dict) -> None:
-    """Set every flag of `table` the user left at its parser default to the table's value."""
+def fill_defaults(args: argparse.Namespace, parser: argparse.ArgumentParser, table: dict, given=frozenset()) -> None:
+    """Set every flag of `table` the user left at its parser default to the table's value; flags in `given`
+    (`explicit_flags`: on the command line, even at the default's value) are left alone."""
     for name, value in table.items():
-        if getattr(args, name) == parser.get_default(name):
+        if name not in given and getattr(args, name) == parser.get_default(name):
             setattr(args, name, value)
 
 
