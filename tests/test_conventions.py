@@ -27,7 +27,7 @@ from helpers import reset_accelerate_state
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = {name: REPO_ROOT / "training_scripts" / f"{name}.py" for name in ("run_mim", "run_image_classification")}
 BASE = {"run_mim": [], "run_image_classification": ["--model_type", "dbot"]}
-TINY = ["--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3",
+TINY = ["--model_type", "dbot", "--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3",
         "--downstream_eval", "none"]  # the downstream check (on by default with the embedded data): tests/test_downstream.py
 SECRET = "hf_CoNvEnTiOnSeCrEtToKeN0123456789"
 

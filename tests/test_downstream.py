@@ -29,7 +29,7 @@ from hf_mim.training.downstream import (
 from test_run_image_classification import CLASS_NAMES, write_parquet_split
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "run_mim.py"
-TINY = ["--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3"]
+TINY = ["--model_type", "dbot", "--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3"]
 # a small labelled share of the embedded digits and a 2-step check: the default flow in seconds
 SMALL_CHECK = ["--labelled_max_train_samples", "100", "--labelled_max_eval_samples", "40", "--downstream_steps", "2",
                "--downstream_batch_size", "8"]

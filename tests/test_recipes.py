@@ -69,3 +69,9 @@ def test_recipe_config_fields_reach_the_model():
     _, config = build_pretraining_model(args)
     assert config.target == "pixels"
     assert (config.image_size, config.patch_size, config.hidden_size) == (32, 4, 128)  # the demo size
+
+
+def test_the_embedded_default_trains_amt_unless_a_model_type_is_given():
+    assert run_mim.parse_args([]).model_type == "amt"
+    assert run_mim.parse_args(["--model_type", "dbot"]).model_type == "dbot"  # given, though it is the parser default
+    assert run_mim.parse_args(["--train_dir", "unused"]).model_type == "dbot"  # user data: the parser default

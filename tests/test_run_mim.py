@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 SCRIPT = Path(__file__).resolve().parents[1] / "training_scripts" / "run_mim.py"
-TINY = ["--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3",
+TINY = ["--model_type", "dbot", "--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3",
         "--downstream_eval", "none"]  # the downstream check (on by default with the embedded data): tests/test_downstream.py
 
 
@@ -238,7 +238,7 @@ def test_every_method_pretrains_through_the_one_generic_loop(model_type, extra, 
 
     assert model_type in MODEL_FAMILIES
     out = tmp_path / model_type
-    run_mim("--model_type", model_type, *TINY, *extra, "--max_train_steps", 2, "--output_dir", out)
+    run_mim(*TINY, "--model_type", model_type, *extra, "--max_train_steps", 2, "--output_dir", out)
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == model_type
     assert (out / "mim_picture.png").is_file() and (out / "README.md").is_file()

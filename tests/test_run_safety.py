@@ -21,7 +21,7 @@ from hf_mim.training import NonFiniteInputError, check_finite_loss, public_args,
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RUN_MIM = REPO_ROOT / "training_scripts" / "run_mim.py"
 RUN_CLS = REPO_ROOT / "training_scripts" / "run_image_classification.py"
-TINY = ["--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3",
+TINY = ["--model_type", "dbot", "--model_size", "tiny", "--per_device_train_batch_size", "4", "--logging_steps", "1", "--seed", "3",
         "--downstream_eval", "none"]  # the downstream check (on by default with the embedded data): tests/test_downstream.py
 SECRET = "hf_SeCrEtToKeNfOrTeStInG0123456789"
 ENV_SECRET = "hf_EnViRoNmEnTtOkEn9876543210abcdef"
