@@ -389,7 +389,7 @@ def collect_finished(args, work: Path, results: dict, timings: dict, spread: dic
     for method in args.methods:
         log = work / f"{method}-pretrain.log"
         if f"{method} pretrain" not in timings and log.is_file():
-            elapsed = re.findall(r"\[(?:(\d+):)?(\d+):(\d+)<", log.read_text(errors="replace"))
+            elapsed = re.findall(r"pretraining: 100%[^\[]*\[(?:(\d+):)?(\d+):(\d+)<", log.read_text(errors="replace"))
             if elapsed:
                 hours, minutes, seconds = elapsed[-1]
                 timings[f"{method} pretrain"] = int(hours or 0) * 3600 + int(minutes) * 60 + int(seconds)
