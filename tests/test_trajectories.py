@@ -250,6 +250,16 @@ def extrema_trajectory(tmp_path_factory):
     return record, steps, [{**fixed, **state} for state in after], loop
 
 
+def worst_per_step(states: list[dict], after: list[dict], official_names) -> dict[int, tuple[str, float]]:
+    """{step: (tensor, relative difference)} of the worst tensor after each step, the official states renamed."""
+    worst = {}
+    for step, (ours, official) in enumerate(zip(states, after), start=1):
+        differences = relative_differences(ours, official_names(official))
+        key = max(differences, key=differences.get)
+        worst[step] = (key, differences[key])
+    return worst
+
+
 def official_extrema_names(state: dict) -> dict:
     from hf_mim.convert.common import rename_keys
     from hf_mim.convert.extrema import PRETRAINING_RULES
@@ -263,11 +273,7 @@ def test_extrema_steps_reproduce_the_official_weights(extrema_trajectory):
     of 2 iterations, then cosine."""
     record, steps, after, loop = extrema_trajectory
     assert len(loop.states) == record["total_steps"] == 6
-    worst = {}
-    for step, (ours, official) in enumerate(zip(loop.states, after), start=1):
-        differences = relative_differences(ours, official_extrema_names(official))
-        key = max(differences, key=differences.get)
-        worst[step] = (key, differences[key])
+    worst = worst_per_step(loop.states, after, official_extrema_names)
     assert all(value <= TOL for _, value in worst.values()), worst
 
 
@@ -346,11 +352,7 @@ def test_maskdistill_steps_reproduce_the_official_weights(maskdistill_trajectory
     record, steps, after, loop, _ = maskdistill_trajectory
     assert len(loop.states) == record["total_steps"] == 6
     assert sum(norm > 0.3 for norm in steps["grad_norm"].tolist()) == 2  # clipping really happens, and not always
-    worst = {}
-    for step, (ours, official) in enumerate(zip(loop.states, after), start=1):
-        differences = relative_differences(ours, official_maskdistill_names(official))
-        key = max(differences, key=differences.get)
-        worst[step] = (key, differences[key])
+    worst = worst_per_step(loop.states, after, official_maskdistill_names)
     assert all(value <= TOL for _, value in worst.values()), worst
 
 
