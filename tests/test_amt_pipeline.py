@@ -141,9 +141,12 @@ def test_run_mim_refreshes_and_resumes_exactly_across_a_refresh(tmp_path):
     checkpoint, and resuming from it gives bitwise the weights of the uninterrupted run, although every
     mask after step 3 depends on the refreshed maps. DataLoader workers hold copies of the collator made
     before the refresh: masks are drawn in the training process, so the copies' stale store is never read."""
+    from hf_mim.data import embedded_pretraining_dir
+
+    # the 22 embedded photos (no data flag would pretrain on the 1,438 embedded digits)
     common = [*TINY, "--model_type", "amt", "--max_train_steps", 6, "--checkpointing_steps", 3,
               "--config_overrides", "amt_interval=0.5,drop_path_rate=0.1", "--checkpoints_total_limit", 3,
-              "--dataloader_num_workers", 2]
+              "--dataloader_num_workers", 2, "--train_dir", embedded_pretraining_dir()]
     full = tmp_path / "full"
     log = run_mim(*common, "--output_dir", full)
     assert "attention refresh after steps [3]" in log.stderr
