@@ -50,3 +50,24 @@ def test_linear_probe_separates_separable_features_and_spread_is_by_hand():
     # pairwise cosines 0, 1/sqrt(2), 1/sqrt(2): mean sqrt(2) / 3
     assert spread["mean_cosine"] == pytest.approx(2 ** 0.5 / 3)
     assert spread["feature_std"] == pytest.approx(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]).std(0).mean().item())
+
+
+def test_frozen_evaluations_read_extremas_momentum_encoder_and_fine_tuning_the_online_one(tmp_path):
+    """ExtreMA's paper probes its momentum encoder (class-attention token): the random initialisation is saved
+    with it as run_mim.py saves a pretrained folder, and `probed_encoder` picks it; a method without an exported
+    probing backbone (dBOT) is probed as saved."""
+    from safetensors.torch import load_file
+
+    args = learning_benchmark.parse_args(["--model_size", "tiny", "--image_size", "32", "--patch_size", "8"])
+    learning_benchmark.save_random_init(args, "extrema", tmp_path / "extrema")
+    learning_benchmark.save_random_init(args, "dbot", tmp_path / "dbot")
+    probed = learning_benchmark.probed_encoder(tmp_path / "extrema")
+    assert probed == tmp_path / "extrema" / "momentum_encoder"
+    assert learning_benchmark.probed_encoder(tmp_path / "dbot") == tmp_path / "dbot"
+    import json
+
+    assert json.loads((probed / "config.json").read_text())["pooling"] == "class_attention"
+    momentum = {key.removeprefix("momentum_encoder."): value
+                for key, value in load_file(tmp_path / "extrema" / "model.safetensors").items() if key.startswith("momentum_encoder.")}
+    exported = load_file(probed / "model.safetensors")
+    assert momentum and all(torch.equal(exported[f"encoder.{key}"], value) for key, value in momentum.items())
