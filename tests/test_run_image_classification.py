@@ -539,6 +539,35 @@ def test_merged_lora_equals_unmerged_and_leaves_k_alone():
     assert torch.equal(qkv[32:64], original_qkv[32:64]) and not torch.equal(qkv[:32], original_qkv[:32])
 
 
+def test_lora_trains_through_revcolv2_reversible_columns():
+    """RevColV2 recomputes its blocks in its own backward (`use_reversible`): the adapters' gradients there
+    equal plain autograd's, and the q/v restriction holds (k rows of B get no gradient)."""
+    from hf_mim import RevColV2Config, RevColV2ForImageClassification
+    from hf_mim.training.lora import apply_lora, qkv_part_mask
+
+    grads = []
+    for reversible in (True, False):
+        torch.manual_seed(0)  # layer scale 1 and a non-tiny head: gradients of a visible size
+        config = RevColV2Config.from_preset("tiny", num_labels=3, use_reversible=reversible, layer_scale_init_value=1.0,
+                                            drop_path_rate=0.0)
+        model = apply_lora(RevColV2ForImageClassification(config), 2, qkv_parts=["q", "v"])
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_" in name or "classifier" in name:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+                if "qkv.lora_B" in name:
+                    p.mul_(qkv_part_mask(p.shape[0], ("q", "v"), 2))
+        model.train()(pixel_values=torch.randn(2, 3, 32, 32, generator=generator)).logits.square().sum().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if ".lora_" in name})
+    assert len(grads[0]) == 22  # A and B of 11 qkv projections
+    assert min(g.abs().max().item() for g in grads[1].values()) > 1e-4
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+        if "lora_B" in name:
+            assert grad[qkv_part_mask(grad.shape[0], ("q", "v"), 2) == 0].abs().max() == 0, name
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--lora_rank", "0"], "--lora_rank must be a positive integer, got 0"),
     (["--lora_alpha", "8"], "--lora_alpha needs --lora_rank"),
