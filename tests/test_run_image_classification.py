@@ -132,7 +132,7 @@ def runs(workspace):
         # no data flags: the embedded digits at the tiny model's 32 px
         "lora": ["--model_name_or_path", str(ws["pretrained"]), "--train_dir", str(ws["labelled"]),
                  "--output_dir", str(ws["root"] / "lora"), "--max_train_steps", "3", "--learning_rate", "1e-2",
-                 "--lora_rank", "4", "--lora_qkv_parts", "q", "v", *TINY],
+                 "--lora_rank", "4", "--lora_qkv_parts", "q", "v", "--checkpointing_steps", "2", *TINY],
         "eval_only": ["--model_name_or_path", str(ws["classifier"]), "--train_dir", str(ws["eight"]), "--do_eval",
                       "--output_dir", str(ws["root"] / "eval_only"), *TINY],
         "random_init": ["--model_type", "dbot", "--model_size", "tiny", "--output_dir", str(ws["root"] / "random_init"),
@@ -450,6 +450,21 @@ print("loaded", type(model).__name__)
             assert torch.equal(k, k0) and not torch.equal(q, q0) and not torch.equal(v, v0), key
         elif key in pretrained:
             assert torch.equal(merged[key], pretrained[key]), key  # frozen
+
+
+@pytest.mark.slow
+def test_lora_resume_reproduces_the_uninterrupted_run(workspace, runs):
+    """A LoRA run resumed from its step-2 checkpoint (adapter, head and optimizer state) ends bitwise equal."""
+    succeeded(runs["lora"].result())
+    out = workspace["root"] / "lora_resumed"
+    succeeded(run_script(
+        workspace, "--model_name_or_path", str(workspace["pretrained"]), "--train_dir", str(workspace["labelled"]),
+        "--output_dir", str(out), "--max_train_steps", "3", "--learning_rate", "1e-2", "--lora_rank", "4",
+        "--lora_qkv_parts", "q", "v", *TINY, "--resume_from_checkpoint", str(workspace["root"] / "lora" / "checkpoint-2"),
+    ))
+    for name in ("model.safetensors", "lora_adapter/adapter_model.safetensors"):
+        straight, resumed = load_file(str(workspace["root"] / "lora" / name)), load_file(str(out / name))
+        assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight), name
 
 
 def tiny_lora(rank=4, targets=None, parts=None, **config):
