@@ -133,8 +133,6 @@ def runs(workspace):
         "lora": ["--model_name_or_path", str(ws["pretrained"]), "--train_dir", str(ws["labelled"]),
                  "--output_dir", str(ws["root"] / "lora"), "--max_train_steps", "3", "--learning_rate", "1e-2",
                  "--lora_rank", "4", "--lora_qkv_parts", "q", "v", "--checkpointing_steps", "2", *TINY],
-        "eval_only": ["--model_name_or_path", str(ws["classifier"]), "--train_dir", str(ws["eight"]), "--do_eval",
-                      "--output_dir", str(ws["root"] / "eval_only"), *TINY],
         "random_init": ["--model_type", "dbot", "--model_size", "tiny", "--output_dir", str(ws["root"] / "random_init"),
                         "--max_train_steps", "2", "--per_device_train_batch_size", "8", "--num_warmup_steps", "1",
                         "--per_device_eval_batch_size", "128",
@@ -310,22 +308,36 @@ def hand_top_k(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float
     return 100.0 * top1 / len(labels), 100.0 * top5 / len(labels)
 
 
-def test_do_eval_reports_the_hand_computed_top1_top5(workspace, runs):
-    """--do_eval on a saved classifier: nothing trained, top-1/top-5 equal to the logits' own ranking,
-    in eval_results.json and the card's model-index, the evaluated weights saved unchanged."""
+@pytest.fixture(scope="module")
+def hand_eval(workspace):
+    """(top-1, top-5) of the saved 8-class classifier on its validation images, from its logits by hand."""
     from transformers import AutoModelForImageClassification
 
-    result = succeeded(runs["eval_only"].result())
-    out = workspace["root"] / "eval_only"
     model = AutoModelForImageClassification.from_pretrained(workspace["classifier"])
     logits, labels = validation_logits(model, workspace["eight"])
     top1, top5 = hand_top_k(logits, labels)
     assert len(labels) == 24 and 0 < top1 < top5 < 100  # neither trivial
+    return top1, top5
+
+
+def eval_only(workspace, name: str, *flags: str) -> Path:
+    """run_image_classification.py in-process on the saved classifier and the 8-class data; its output folder."""
+    out = workspace["root"] / name
+    assert load_script().main(["--model_name_or_path", str(workspace["classifier"]), "--train_dir", str(workspace["eight"]),
+                               "--output_dir", str(out), *TINY, *flags]) == 0
+    return out
+
+
+def test_do_eval_reports_the_hand_computed_top1_top5(workspace, hand_eval, fresh_accelerate_state, capsys):
+    """--do_eval on a saved classifier: nothing trained, top-1/top-5 equal to the logits' own ranking,
+    in eval_results.json and the card's model-index, the evaluated weights saved unchanged."""
+    top1, top5 = hand_eval
+    out = eval_only(workspace, "eval_only", "--do_eval")
     results = json.loads((out / "eval_results.json").read_text())
     assert results["top1"] == pytest.approx(top1, abs=1e-4) and results["top5"] == pytest.approx(top5, abs=1e-4)
     assert results["eval_examples"] == 24 and results["mode"] == "eval" and results["split"] == "validation"
-    assert f"mode=eval top1={top1:.2f} top5={top5:.2f} images=24" in result.stdout
-    assert "step 1" not in result.stderr and not list(out.glob("checkpoint-*"))  # no training step
+    assert f"mode=eval top1={top1:.2f} top5={top5:.2f} images=24" in capsys.readouterr().out
+    assert not list(out.glob("checkpoint-*"))
     card = (out / "README.md").read_text()
     assert f"value: {round(top1 / 100, 4)}" in card and f"value: {round(top5 / 100, 4)}" in card
     assert "evaluation only (no training)" in card
@@ -333,16 +345,10 @@ def test_do_eval_reports_the_hand_computed_top1_top5(workspace, runs):
     assert saved.keys() == original.keys() and all(torch.equal(saved[key], original[key]) for key in saved)
 
 
-def test_max_train_steps_zero_is_do_eval(workspace, runs, fresh_accelerate_state, capsys):
-    """--max_train_steps 0 runs the same evaluation (in-process here)."""
-    succeeded(runs["eval_only"].result())
-    expected = json.loads((workspace["root"] / "eval_only" / "eval_results.json").read_text())
-    script = load_script()
-    out = workspace["root"] / "eval_steps0"
-    assert script.main(["--model_name_or_path", str(workspace["classifier"]), "--train_dir", str(workspace["eight"]),
-                        "--max_train_steps", "0", "--output_dir", str(out), *TINY]) == 0
+def test_max_train_steps_zero_is_do_eval(workspace, hand_eval, fresh_accelerate_state, capsys):
+    out = eval_only(workspace, "eval_steps0", "--max_train_steps", "0")
     results = json.loads((out / "eval_results.json").read_text())
-    assert (results["top1"], results["top5"], results["eval_examples"]) == (expected["top1"], expected["top5"], 24)
+    assert (results["top1"], results["top5"], results["eval_examples"]) == (*hand_eval, 24)
     assert "mode=eval" in capsys.readouterr().out
 
 
@@ -372,10 +378,8 @@ def test_do_eval_of_a_pretraining_folder_is_a_clear_error(workspace, capsys):
 
 
 @pytest.mark.slow
-def test_do_eval_on_two_processes_gives_the_one_process_numbers(workspace, runs):
+def test_do_eval_on_two_processes_gives_the_hand_computed_numbers(workspace, hand_eval):
     """Each of two gloo ranks evaluates its shard (the validation split's 2 files); the counts are summed."""
-    succeeded(runs["eval_only"].result())
-    expected = json.loads((workspace["root"] / "eval_only" / "eval_results.json").read_text())
     out = workspace["root"] / "eval_two"
     result = subprocess.run(
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -386,8 +390,8 @@ def test_do_eval_on_two_processes_gives_the_one_process_numbers(workspace, runs)
     )
     succeeded(result)
     results = json.loads((out / "eval_results.json").read_text())
-    assert (results["top1"], results["top5"], results["eval_examples"]) == (expected["top1"], expected["top5"], 24)
-    assert "24 images, 2 processes" in result.stderr
+    assert results["top1"] == pytest.approx(hand_eval[0], abs=1e-4) and results["top5"] == pytest.approx(hand_eval[1], abs=1e-4)
+    assert results["eval_examples"] == 24 and "24 images, 2 processes" in result.stderr
 
 
 # ------------------------------------------------------------------------------------ LoRA
