@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import hf_mim  # noqa: F401  (registers the Auto classes)
-from hf_mim import DbotConfig, DbotForMaskedImageModeling
+from hf_mim import DbotConfig, DbotForImageClassification, DbotForMaskedImageModeling
 from hf_mim.hub import save_hub_folder
 from hf_mim.training import (
     StagedSchedule,
@@ -35,11 +35,14 @@ from hf_mim.training import (
     linear_probe_train_mode,
 )
 from hf_mim.training.classification import build_optimizer, mixup_active
+from helpers import perturbed
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = REPO_ROOT / "training_scripts" / "run_image_classification.py"
 CLASS_NAMES = ["cat", "dog", "bird"]  # ClassLabel order: ids 0, 1, 2
 COLOURS = [(220, 40, 40), (40, 200, 60), (50, 60, 230)]
+EIGHT = {"names": [f"colour{i}" for i in range(8)],
+         "colours": [(r, g, b) for r in (40, 215) for g in (40, 215) for b in (40, 215)]}
 
 
 def load_script():
@@ -57,7 +60,8 @@ def _png(colour, rng: random.Random) -> bytes:
     return buffer.getvalue()
 
 
-def write_parquet_split(folder: Path, split: str, per_class: int, shards: int, with_labels: bool, seed: int) -> None:
+def write_parquet_split(folder: Path, split: str, per_class: int, shards: int, with_labels: bool, seed: int,
+                        names=CLASS_NAMES, colours=COLOURS) -> None:
     """`folder/<split>/<split>-0000k-of-0000n.parquet`: noisy single-colour 40x40 images, one colour per class."""
     from datasets import ClassLabel, Features, Value
     from datasets import Image as ImageFeature
@@ -65,11 +69,11 @@ def write_parquet_split(folder: Path, split: str, per_class: int, shards: int, w
     import pyarrow.parquet as pq
 
     rng = random.Random(seed)
-    rows = [(label, _png(COLOURS[label], rng)) for label in range(len(CLASS_NAMES)) for _ in range(per_class)]
+    rows = [(label, _png(colours[label], rng)) for label in range(len(names)) for _ in range(per_class)]
     rng.shuffle(rows)
     columns = {"image": ImageFeature(), "__key__": Value("string")}
     if with_labels:
-        columns["label"] = ClassLabel(names=CLASS_NAMES)
+        columns["label"] = ClassLabel(names=list(names))
     features = Features(columns)
     (folder / split).mkdir(parents=True, exist_ok=True)
     for shard in range(shards):
@@ -91,11 +95,18 @@ def workspace(tmp_path_factory):
     write_parquet_split(root / "labelled", "train", per_class=8, shards=2, with_labels=True, seed=1)
     write_parquet_split(root / "labelled", "validation", per_class=4, shards=1, with_labels=True, seed=2)
     write_parquet_split(root / "unlabelled", "train", per_class=4, shards=1, with_labels=False, seed=3)
+    # --do_eval: a saved tiny classifier for 8 colour classes (top-5 of 8 is not trivially 100 %)
+    write_parquet_split(root / "eight", "train", per_class=1, shards=1, with_labels=True, seed=4, **EIGHT)
+    write_parquet_split(root / "eight", "validation", per_class=3, shards=2, with_labels=True, seed=5, **EIGHT)
+    torch.manual_seed(1)
+    classifier = DbotForImageClassification(DbotConfig.from_preset(
+        "tiny", id2label=dict(enumerate(EIGHT["names"])), label2id={name: i for i, name in enumerate(EIGHT["names"])}))
+    save_hub_folder(perturbed(classifier), root / "classifier")
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_MIM_CACHE=str(root / "cache"), OMP_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
     return {"root": root, "pretrained": root / "pretrained", "labelled": root / "labelled",
-            "unlabelled": root / "unlabelled", "env": env}
+            "unlabelled": root / "unlabelled", "eight": root / "eight", "classifier": root / "classifier", "env": env}
 
 
 TINY = ["--per_device_train_batch_size", "4", "--per_device_eval_batch_size", "8", "--num_warmup_steps", "1",
@@ -119,6 +130,9 @@ def runs(workspace):
                          "--mode", "linear_probe", "--output_dir", str(ws["root"] / "linear_probe"),
                          "--max_train_steps", "4", *TINY],
         # no data flags: the embedded digits at the tiny model's 32 px
+        "lora": ["--model_name_or_path", str(ws["pretrained"]), "--train_dir", str(ws["labelled"]),
+                 "--output_dir", str(ws["root"] / "lora"), "--max_train_steps", "3", "--learning_rate", "1e-2",
+                 "--lora_rank", "4", "--lora_qkv_parts", "q", "v", "--checkpointing_steps", "2", *TINY],
         "random_init": ["--model_type", "dbot", "--model_size", "tiny", "--output_dir", str(ws["root"] / "random_init"),
                         "--max_train_steps", "2", "--per_device_train_batch_size", "8", "--num_warmup_steps", "1",
                         "--per_device_eval_batch_size", "128",
@@ -272,6 +286,329 @@ def test_linear_probe_folder_loads_without_hf_mim(workspace, runs, tmp_path):
         print("labels", sorted(p["label"] for p in predictions))
     """, tmp_path)
     assert "labels ['bird', 'cat', 'dog']" in result.stdout
+
+
+def validation_logits(model, folder: Path, image_size: int = 32):
+    """(logits, labels) of `model` on every image of `folder`'s validation split, through the evaluation
+    transform, in one batch."""
+    from hf_mim.data import ClassificationCollator, EvalTransform, load_image_stream, prepare_stream
+
+    stream, image_column, label_column = load_image_stream(train_dir=str(folder), split="validation")
+    batch = ClassificationCollator(EvalTransform(image_size))(list(prepare_stream(stream, image_column, seed=0, buffer_size=0,
+                                                                                   label_column=label_column)))
+    with torch.no_grad():
+        return model.eval()(pixel_values=batch["pixel_values"]).logits, batch["labels"]
+
+
+def hand_top_k(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """Top-1 and top-5 (percent) by sorting each row's logits."""
+    order = logits.argsort(dim=-1, descending=True)
+    top1 = sum(int(order[i, 0] == labels[i]) for i in range(len(labels)))
+    top5 = sum(int(labels[i] in order[i, :5].tolist()) for i in range(len(labels)))
+    return 100.0 * top1 / len(labels), 100.0 * top5 / len(labels)
+
+
+@pytest.fixture(scope="module")
+def hand_eval(workspace):
+    """(top-1, top-5) of the saved 8-class classifier on its validation images, from its logits by hand."""
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(workspace["classifier"])
+    logits, labels = validation_logits(model, workspace["eight"])
+    top1, top5 = hand_top_k(logits, labels)
+    assert len(labels) == 24 and 0 < top1 < top5 < 100  # neither trivial
+    return top1, top5
+
+
+def eval_only(workspace, name: str, *flags: str) -> Path:
+    """run_image_classification.py in-process on the saved classifier and the 8-class data; its output folder."""
+    out = workspace["root"] / name
+    assert load_script().main(["--model_name_or_path", str(workspace["classifier"]), "--train_dir", str(workspace["eight"]),
+                               "--output_dir", str(out), *TINY, *flags]) == 0
+    return out
+
+
+def test_do_eval_reports_the_hand_computed_top1_top5(workspace, hand_eval, fresh_accelerate_state, capsys):
+    """--do_eval on a saved classifier: nothing trained, top-1/top-5 equal to the logits' own ranking,
+    in eval_results.json and the card's model-index, the evaluated weights saved unchanged."""
+    top1, top5 = hand_eval
+    out = eval_only(workspace, "eval_only", "--do_eval")
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["top1"] == pytest.approx(top1, abs=1e-4) and results["top5"] == pytest.approx(top5, abs=1e-4)
+    assert results["eval_examples"] == 24 and results["mode"] == "eval" and results["split"] == "validation"
+    assert f"mode=eval top1={top1:.2f} top5={top5:.2f} images=24" in capsys.readouterr().out
+    assert not list(out.glob("checkpoint-*"))
+    card = (out / "README.md").read_text()
+    assert f"value: {round(top1 / 100, 4)}" in card and f"value: {round(top5 / 100, 4)}" in card
+    assert "evaluation only (no training)" in card
+    saved, original = load_file(str(out / "model.safetensors")), load_file(str(workspace["classifier"] / "model.safetensors"))
+    assert saved.keys() == original.keys() and all(torch.equal(saved[key], original[key]) for key in saved)
+
+
+def test_max_train_steps_zero_is_do_eval(workspace, hand_eval, fresh_accelerate_state, capsys):
+    out = eval_only(workspace, "eval_steps0", "--max_train_steps", "0")
+    results = json.loads((out / "eval_results.json").read_text())
+    assert (results["top1"], results["top5"], results["eval_examples"]) == (*hand_eval, 24)
+    assert "mode=eval" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model_type", "dbot", "--do_eval"], "--do_eval evaluates a classifier: give its folder"),
+    (["--model_name_or_path", "x", "--do_eval", "--mode", "linear_probe"], "not with --mode linear_probe"),
+    (["--model_name_or_path", "x", "--max_train_steps", "0", "--lora_rank", "4"], "--do_eval trains nothing"),
+    (["--model_name_or_path", "x", "--do_eval", "--validation_split", "none"], "--do_eval evaluates on validation data"),
+])
+def test_bad_eval_only_flags_are_one_line_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().parse_args(["--train_dir", "x", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_do_eval_of_a_pretraining_folder_is_a_clear_error(workspace, capsys):
+    script = load_script()
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--model_name_or_path", str(workspace["pretrained"]), "--train_dir", str(workspace["eight"]),
+                     "--do_eval", "--output_dir", str(workspace["root"] / "eval_pretrained")])
+    message = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--do_eval evaluates a classifier" in message and "--mode knn" in message
+    with pytest.raises(SystemExit):  # 8 labels in the model, 3 in the data
+        script.main(["--model_name_or_path", str(workspace["classifier"]), "--train_dir", str(workspace["labelled"]),
+                     "--do_eval", "--output_dir", str(workspace["root"] / "eval_labels")])
+    assert "a classifier for 8 labels, the validation data has 3" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_do_eval_on_two_processes_gives_the_hand_computed_numbers(workspace, hand_eval):
+    """Each of two gloo ranks evaluates its shard (the validation split's 2 files); the counts are summed."""
+    out = workspace["root"] / "eval_two"
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29551", str(SCRIPT),
+         "--model_name_or_path", str(workspace["classifier"]), "--train_dir", str(workspace["eight"]), "--do_eval",
+         "--output_dir", str(out), *TINY],
+        capture_output=True, text=True, env=dict(workspace["env"], ACCELERATE_USE_CPU="1"), cwd=workspace["root"], timeout=600,
+    )
+    succeeded(result)
+    results = json.loads((out / "eval_results.json").read_text())
+    assert results["top1"] == pytest.approx(hand_eval[0], abs=1e-4) and results["top5"] == pytest.approx(hand_eval[1], abs=1e-4)
+    assert results["eval_examples"] == 24 and "24 images, 2 processes" in result.stderr
+
+
+# ------------------------------------------------------------------------------------ LoRA
+
+NO_PEFT = """
+import importlib.machinery, importlib.util, sys
+class HidePeft(importlib.machinery.PathFinder):  # peft as if not installed; everything else found as usual
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        if name == "peft" or name.startswith("peft."):
+            return None
+        return super().find_spec(name, path, target)
+sys.meta_path = [HidePeft if finder is importlib.machinery.PathFinder else finder for finder in sys.meta_path]
+assert importlib.util.find_spec("peft") is None
+"""
+
+
+def test_lora_run_saves_the_merged_model_and_the_adapter(workspace, runs, tmp_path):
+    """The saved folder is a plain classifier (loaded where peft cannot be imported) equal to the base
+    model with the saved adapter; only the adapted parts of the weights moved."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageClassification
+
+    result = succeeded(runs["lora"].result())
+    out = workspace["root"] / "lora"
+    # 2 blocks x (A 8x32 + the q and v blocks of B, 2 x 32x4) + head 32x3 + 3
+    assert "LoRA rank 4 (alpha 4) on qkv (qkv restricted to q+v): 1,123 trainable parameters" in result.stderr
+    assert "mode=finetune steps=3" in result.stdout
+    assert (out / "lora_adapter" / "adapter_config.json").is_file()
+    assert (out / "lora_adapter" / "adapter_model.safetensors").is_file()
+
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    code = NO_PEFT + f"""
+import torch, hf_mim
+from transformers import AutoModelForImageClassification
+model = AutoModelForImageClassification.from_pretrained({str(out)!r}).eval()
+assert not any("lora" in name for name in model.state_dict()), "adapter weights in the merged model"
+with torch.no_grad():
+    torch.save(model(pixel_values=torch.load({str(tmp_path / 'pixels.pt')!r})).logits, {str(tmp_path / 'logits.pt')!r})
+print("loaded", type(model).__name__)
+"""
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=workspace["env"], timeout=300)
+    assert loaded.returncode == 0, loaded.stderr[-4000:]
+    assert "loaded DbotForImageClassification" in loaded.stdout
+
+    base = AutoModelForImageClassification.from_pretrained(
+        workspace["pretrained"], id2label=dict(enumerate(CLASS_NAMES)), label2id={n: i for i, n in enumerate(CLASS_NAMES)})
+    adapted = PeftModel.from_pretrained(base, out / "lora_adapter").eval()
+    with torch.no_grad():
+        expected = adapted(pixel_values=pixel_values).logits
+    assert (torch.load(tmp_path / "logits.pt") - expected).abs().max().item() <= 1e-5
+
+    pretrained, merged = load_file(str(workspace["pretrained"] / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    d = 32
+    for key in merged:
+        if key.endswith("attn.qkv.weight"):
+            q, k, v = merged[key].split(d)
+            q0, k0, v0 = pretrained[key].split(d)
+            assert torch.equal(k, k0) and not torch.equal(q, q0) and not torch.equal(v, v0), key
+        elif key in pretrained:
+            assert torch.equal(merged[key], pretrained[key]), key  # frozen
+
+
+@pytest.mark.slow
+def test_lora_resume_reproduces_the_uninterrupted_run(workspace, runs):
+    """A LoRA run resumed from its step-2 checkpoint (adapter, head and optimizer state) ends bitwise equal."""
+    succeeded(runs["lora"].result())
+    out = workspace["root"] / "lora_resumed"
+    succeeded(run_script(
+        workspace, "--model_name_or_path", str(workspace["pretrained"]), "--train_dir", str(workspace["labelled"]),
+        "--output_dir", str(out), "--max_train_steps", "3", "--learning_rate", "1e-2", "--lora_rank", "4",
+        "--lora_qkv_parts", "q", "v", *TINY, "--resume_from_checkpoint", str(workspace["root"] / "lora" / "checkpoint-2"),
+    ))
+    for name in ("model.safetensors", "lora_adapter/adapter_model.safetensors"):
+        straight, resumed = load_file(str(workspace["root"] / "lora" / name)), load_file(str(out / name))
+        assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight), name
+
+
+def tiny_lora(rank=4, targets=None, parts=None, **config):
+    from hf_mim.training.lora import apply_lora
+
+    torch.manual_seed(0)
+    model = DbotForImageClassification(DbotConfig.from_preset("tiny", num_labels=3, **config))
+    return apply_lora(model, rank, target_modules=targets, qkv_parts=parts)
+
+
+@pytest.mark.parametrize("targets, parts, adapter, stored", [
+    # tiny dBOT: width d = 32, 2 blocks, MLP 128; rank 4. qkv: A 4 x d + B 3d x 4 per block
+    (None, None, 2 * (4 * 32 + 96 * 4), 2 * (4 * 32 + 96 * 4)),
+    (["qkv", "fc1"], None, 2 * (4 * 32 + 96 * 4 + 4 * 32 + 128 * 4), 2 * (4 * 32 + 96 * 4 + 4 * 32 + 128 * 4)),
+    # q and v: two rank-4 adapters (A 4 x d, B d x 4 each); stored as rank 8 on qkv (A 8 x d, B 3d x 8)
+    (None, ["q", "v"], 2 * 2 * (4 * 32 + 32 * 4), 2 * (8 * 32 + 96 * 8)),
+    (["qkv", "proj"], ["q"], 2 * (4 * 32 + 32 * 4 + 4 * 32 + 32 * 4), 2 * (4 * 32 + 96 * 4 + 4 * 32 + 32 * 4)),
+])
+def test_lora_trainable_parameters_are_the_hand_count(targets, parts, adapter, stored):
+    from hf_mim.training.lora import describe_lora, lora_parameter_counts
+
+    model = tiny_lora(targets=targets, parts=parts)
+    config = model.base_model.model.config
+    assert (config.hidden_size, config.num_hidden_layers, int(config.hidden_size * config.mlp_ratio)) == (32, 2, 128)
+    head = 32 * 3 + 3
+    counts = lora_parameter_counts(model)
+    assert (counts["adapter"], counts["head"], counts["stored"]) == (adapter, head, stored + head)
+    assert f"{adapter + head:,} trainable parameters" in describe_lora(model)
+
+
+def test_one_lora_step_moves_only_the_adapter_and_the_head(workspace):
+    """AdamW steps (weight decay on) on q/v-restricted LoRA: every base weight bit-identical, the head and
+    the adapter moved, the k rows and cross blocks of B still exactly zero."""
+    from hf_mim.training.lora import qkv_part_mask
+
+    script = load_script()
+    args = script.parse_args(["--model_type", "dbot", "--model_size", "tiny", "--train_dir", "x", "--lora_rank", "4",
+                              "--lora_qkv_parts", "q", "v", "--learning_rate", "1e-2"])
+    model = script.build_model(args, dict(enumerate(CLASS_NAMES)))
+    from hf_mim.training.lora import apply_lora
+
+    model = apply_lora(model, args.lora_rank, qkv_parts=args.lora_qkv_parts)
+    optimizer = build_optimizer(args, model, lr=1e-2)
+    assert all("lora_" in name or "classifier" in name for group in optimizer.param_groups for name in group["param_names"])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    model.train()
+    for _ in range(2):  # the first step moves B (A's gradient is 0 while B is), the second A too
+        loss = nn.functional.cross_entropy(model(pixel_values=torch.randn(4, 3, 32, 32, generator=generator)).logits,
+                                           torch.tensor([0, 1, 2, 0]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    moved = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    adapter = {name for name in before if ".lora_" in name}
+    head = {name for name in before if ".modules_to_save." in name}
+    assert moved == adapter | head and len(adapter) == 4 and len(head) == 2
+    mask = qkv_part_mask(96, ("q", "v"), 4)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            assert p[mask == 0].abs().max() == 0 and p[mask == 1].abs().max() > 0, name
+
+
+def test_merged_lora_equals_unmerged_and_leaves_k_alone():
+    from hf_mim.training.lora import qkv_part_mask
+
+    model = tiny_lora(targets=["qkv", "fc2"], parts=["q", "v"])
+    original_qkv = model.base_model.model.dbot.encoder.layers[0].attn.qkv.base_layer.weight.detach().clone()
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_" in name:  # a trained-looking adapter, within the q/v restriction
+                p.copy_(0.3 * torch.randn(p.shape, generator=generator))
+                if "qkv.lora_B" in name:
+                    p.mul_(qkv_part_mask(96, ("q", "v"), 4))
+    model.eval()
+    pixel_values = torch.randn(3, 3, 32, 32, generator=generator)
+    with torch.no_grad():
+        unmerged = model(pixel_values=pixel_values).logits
+        with model.disable_adapter():
+            plain = model(pixel_values=pixel_values).logits
+        merged_model = model.merge_and_unload()
+        merged = merged_model(pixel_values=pixel_values).logits
+    assert (unmerged - plain).abs().max().item() > 1e-3  # the adapter matters
+    assert (merged - unmerged).abs().max().item() <= 1e-5
+    qkv = merged_model.dbot.encoder.layers[0].attn.qkv.weight
+    assert torch.equal(qkv[32:64], original_qkv[32:64]) and not torch.equal(qkv[:32], original_qkv[:32])
+
+
+def test_lora_trains_through_revcolv2_reversible_columns():
+    """RevColV2 recomputes its blocks in its own backward (`use_reversible`): the adapters' gradients there
+    equal plain autograd's, and the q/v restriction holds (k rows of B get no gradient)."""
+    from hf_mim import RevColV2Config, RevColV2ForImageClassification
+    from hf_mim.training.lora import apply_lora, qkv_part_mask
+
+    grads = []
+    for reversible in (True, False):
+        torch.manual_seed(0)  # layer scale 1 and a non-tiny head: gradients of a visible size
+        config = RevColV2Config.from_preset("tiny", num_labels=3, use_reversible=reversible, layer_scale_init_value=1.0,
+                                            drop_path_rate=0.0)
+        model = apply_lora(RevColV2ForImageClassification(config), 2, qkv_parts=["q", "v"])
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if ".lora_" in name or "classifier" in name:
+                    p.copy_(0.1 * torch.randn(p.shape, generator=generator))
+                if "qkv.lora_B" in name:
+                    p.mul_(qkv_part_mask(p.shape[0], ("q", "v"), 2))
+        model.train()(pixel_values=torch.randn(2, 3, 32, 32, generator=generator)).logits.square().sum().backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if ".lora_" in name})
+    assert len(grads[0]) == 22  # A and B of 11 qkv projections
+    assert min(g.abs().max().item() for g in grads[1].values()) > 1e-4
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grad, grads[1][name], rtol=1e-4, atol=1e-6, msg=name)
+        if "lora_B" in name:
+            assert grad[qkv_part_mask(grad.shape[0], ("q", "v"), 2) == 0].abs().max() == 0, name
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--lora_rank", "0"], "--lora_rank must be a positive integer, got 0"),
+    (["--lora_alpha", "8"], "--lora_alpha needs --lora_rank"),
+    (["--lora_rank", "4", "--mode", "linear_probe"], "use it with --mode finetune"),
+    (["--lora_rank", "4", "--lora_dropout", "1"], "--lora_dropout must be in [0, 1)"),
+    (["--lora_rank", "4", "--lora_target_modules", "proj", "--lora_qkv_parts", "q"], "keep qkv in --lora_target_modules"),
+])
+def test_bad_lora_flags_are_one_line_errors(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script().parse_args(["--model_type", "dbot", "--train_dir", "x", *flags])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_unknown_lora_target_and_missing_peft_name_the_fix(monkeypatch):
+    from hf_mim.training.run_setup import UserInputError
+    from hf_mim.utils.extras import MissingExtraError
+
+    with pytest.raises(UserInputError, match=r"'query' is not a Linear of DbotForImageClassification; available: fc1, fc2, proj, qkv"):
+        tiny_lora(targets=["query"])
+    monkeypatch.setitem(sys.modules, "peft", None)  # import peft raises ImportError
+    with pytest.raises(MissingExtraError, match=r"--lora_rank needs peft, which is not installed: pip install 'hf_mim\[peft\]'"):
+        tiny_lora()
 
 
 # ------------------------------------------------------------------------------------ in-process

@@ -22,6 +22,13 @@ it trains a randomly initialised baseline.
 - `--mode knn` (DINO): no training; weighted k-NN (`--knn_k 20 --knn_temperature 0.07`) of the validation
   images among the training images, on the L2-normalised `pooler_output` of the frozen base model
   (hf_mim/training/knn.py). Several processes share the work; every one holds the whole training bank.
+- `--lora_rank R [--lora_alpha A --lora_dropout P --lora_target_modules qkv ... --lora_qkv_parts q v]`
+  (finetune, needs `pip install 'hf_mim[peft]'`): a LoRA adapter (peft) on every block's fused `qkv`
+  (or the Linears named), the head trained fully; the saved folder holds the merged model (no peft
+  needed to load it), `lora_adapter/` the adapter alone (hf_mim/training/lora.py).
+- `--do_eval` (or `--max_train_steps 0`): no training; top-1/top-5 of the classifier `--model_name_or_path`
+  (a folder or Hub id, a converted official checkpoint included) on the validation data, on as many
+  processes as launched, into `eval_results.json` and the card of `--output_dir`.
 - `--train_fraction 0.01 | 0.1` (any mode): a fixed, seeded, class-balanced subset of the training data
   (SimCLR's and ExtreMA's semi-supervised 1% / 10% protocols; hf_mim/data/fractions.py).
 
@@ -42,7 +49,7 @@ import hf_mim  # noqa: F401  (registers every hf_mim model with the Auto classes
 from hf_mim.training import run_script, start_run
 from hf_mim.training.classification import base_config, build_model, write_outputs
 from hf_mim.training.classification_run import (
-    check_resumed_labels, load_classification_data, parse_classification_args, train_classifier,
+    check_resumed_labels, load_classification_data, parse_classification_args, run_evaluation_only, train_classifier,
 )
 from hf_mim.training.knn import run_knn
 
@@ -61,9 +68,12 @@ def train(args: argparse.Namespace, phase=None) -> int:
     # --- data and labels first (the model's head needs the label set; data errors end the run at once) ---
     need_count = args.num_train_examples is None and (args.max_train_steps is None or args.num_warmup_steps is None
                                                       or args.checkpointing_steps == "epoch")
-    data = load_classification_data(args, base_config(args).image_size, need_count and args.mode != "knn")
+    trains = args.mode != "knn" and not args.do_eval
+    data = load_classification_data(args, base_config(args).image_size, need_count and trains)
     if args.mode == "knn":
         return run_knn(args, data, phase)
+    if args.do_eval:
+        return run_evaluation_only(args, data, phase)
     run = start_run(args)
     check_resumed_labels(run, data.id2label)
 

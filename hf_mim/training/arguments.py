@@ -78,13 +78,14 @@ SHARED_RANGES = dict(
 )
 
 
-def add_shared_flags(parser: argparse.ArgumentParser, titles: dict[str, str], **per_flag: dict) -> dict:
+def add_shared_flags(parser: argparse.ArgumentParser, titles: dict[str, str], own_flags=(), **per_flag: dict) -> dict:
     """Add the shared flags to groups titled `titles` (keys data, model, optim, run); `per_flag[name]`
-    updates a flag's keywords (its default or help). Returns the groups for the script's own flags."""
+    updates a flag's keywords (its default or help); `own_flags`: refused Trainer flags the script
+    declares itself. Returns the groups for the script's own flags."""
     groups = {key: parser.add_argument_group(title) for key, title in titles.items()}
     for group, name, kwargs in SHARED_FLAGS + EXAMPLE_FLAGS:  # EXAMPLE_FLAGS: transformers' examples' names
         groups[group].add_argument(f"--{name}", **{**kwargs, **per_flag.get(name, {})})
-    add_refused_flags(parser)
+    add_refused_flags(parser, accepted=own_flags)
     return groups
 
 

@@ -41,8 +41,10 @@ def reset_head(model) -> None:
 def build_optimizer(args, model, lr: float) -> torch.optim.Optimizer:
     """Fine-tuning (--mode finetune): layer-wise lr decay groups over every parameter; linear probe: the
     head only. --optimizer adamw | lars (timm's, as MAE's linear probe) | sgd. Each group's `lr_scale`
-    is applied by the schedule."""
-    if args.mode == "finetune":
+    is applied by the schedule. LoRA (--lora_rank): the trainable parameters (adapter, head) in plain
+    weight-decay groups, one learning rate, as LoRA recipes (peft's ViT example) train; layer-wise
+    decay is the full fine-tuning recipe's."""
+    if args.mode == "finetune" and not getattr(args, "lora_rank", None):
         # Architectures whose depth is not a plain block index (RevColV2's column grid) say how their
         # parameters map to layers through `layer_id_for_lr_decay`; ViTs use the block index.
         groups = layer_decay_param_groups(
@@ -212,7 +214,8 @@ def dataset_names(args) -> tuple[str, str]:
     return "hf_mim-embedded-digits", EMBEDDED_DATASET
 
 
-def run_summary(args, config, total_batch: int, lr: float, total_steps: int, elapsed: float, world: int) -> dict:
+def run_summary(args, config, total_batch: int, lr: float, total_steps: int, elapsed: float, world: int,
+                lora_note: str | None = None) -> dict:
     summary = {
         "script": "training_scripts/run_image_classification.py",
         "mode": args.mode,
@@ -226,7 +229,10 @@ def run_summary(args, config, total_batch: int, lr: float, total_steps: int, ela
         "learning rate": f"{lr:.3g} ({args.optimizer}; weight decay {args.weight_decay})",
         "schedule": f"cosine, warm-up {args.num_warmup_steps} steps, min lr ratio {args.min_lr_ratio}",
     }
-    if args.mode == "finetune":
+    if args.mode == "finetune" and getattr(args, "lora_rank", None):
+        summary["LoRA"] = lora_note or f"rank {args.lora_rank}"
+        summary["drop path"] = args.drop_path_rate
+    elif args.mode == "finetune":
         summary["layer decay"] = args.layer_decay
         summary["drop path"] = args.drop_path_rate
     else:
@@ -241,11 +247,20 @@ def run_summary(args, config, total_batch: int, lr: float, total_steps: int, ela
 
 
 def write_outputs(args, model, output_dir: Path, results, eval_history, total_batch, lr, total_steps, elapsed, world) -> None:
-    """The Hub-ready folder: weights, config (labels, full auto_map), code, processor, card, args, results."""
+    """The Hub-ready folder: weights, config (labels, full auto_map), code, processor, card, args, results.
+    A LoRA run's `model` is the peft model: its adapter is saved to `lora_adapter/`, and the folder holds
+    the model with the adapter merged (no peft needed to load it)."""
     from ..hub import save_hub_folder
     from .run_folder import finish_run_folder
     from ..hub.card import classification_eval_results
 
+    lora_note = None
+    if getattr(args, "lora_rank", None):
+        from .lora import ADAPTER_FOLDER, describe_lora, save_adapter_and_merge
+
+        lora_note = (f"{describe_lora(model)}; merged into the saved weights, the adapter alone (peft format) in "
+                     f"`{ADAPTER_FOLDER}/`")
+        model = save_adapter_and_merge(model, output_dir)
     save_hub_folder(model, output_dir, image_processor=output_image_processor(args, model.config.image_size))
     dataset_type, dataset_name = dataset_names(args)
     split = "validation" if uses_embedded_data(args) else args.validation_split
@@ -261,7 +276,7 @@ def write_outputs(args, model, output_dir: Path, results, eval_history, total_ba
         eval_results = classification_eval_results(
             results["top1"], results["top5"], dataset_type, dataset_name, split, args.dataset_config_name
         )
-    summary = run_summary(args, model.config, total_batch, lr, total_steps, elapsed, world)
+    summary = run_summary(args, model.config, total_batch, lr, total_steps, elapsed, world, lora_note)
     finish_run_folder(output_dir, model, args, run=summary, results=eval_results, is_demo=uses_embedded_data(args))
 
 
@@ -295,9 +310,11 @@ def evaluation_dataloader(args: argparse.Namespace, raw, image_column: str, labe
                            batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers, drop_last=False)
 
 
-def write_knn_outputs(args, model, output_dir: Path, results: dict, elapsed: float, world: int) -> None:
-    """`--mode knn`: the evaluated feature model as a Hub-ready folder whose card and model-index carry the
-    k-NN accuracy, and `eval_results.json`."""
+def write_evaluation_folder(args, model, output_dir: Path, results: dict, summary: dict, protocol: str | None = None,
+                            **more_results) -> None:
+    """The folder of a run that trains nothing (--mode knn, --do_eval): the evaluated model as a Hub-ready
+    folder whose card and model-index carry the accuracy (prefixed by `protocol` when it is not the
+    classifier's own), and `eval_results.json` (`results`, the mode, the data, `more_results`)."""
     from ..hub import build_image_processor, save_hub_folder
     from .run_folder import finish_run_folder
     from ..hub.card import classification_eval_results
@@ -305,29 +322,65 @@ def write_knn_outputs(args, model, output_dir: Path, results: dict, elapsed: flo
     save_hub_folder(model, output_dir, image_processor=build_image_processor(model.config.image_size))
     dataset_type, dataset_name = dataset_names(args)
     split = "validation" if uses_embedded_data(args) else args.validation_split
-    protocol = f"weighted k-NN (k={results['k']}, T={results['temperature']:g})"
-    write_json_atomic(output_dir / "eval_results.json", {**results, "mode": "knn", "dataset": dataset_name, "split": split,
-                                                          "train_fraction": getattr(args, "train_fraction", 1.0)})
+    if getattr(args, "train_val_split", None) is not None:
+        split = f"{args.train_val_split:g} of {'train' if uses_embedded_data(args) else args.train_split} held out"
+    write_json_atomic(output_dir / "eval_results.json", {**results, **more_results, "dataset": dataset_name, "split": split})
+    eval_results = classification_eval_results(results["top1"], results["top5"], dataset_type, dataset_name, split,
+                                               args.dataset_config_name, protocol=protocol)
     summary = {
         "script": "training_scripts/run_image_classification.py",
+        **summary,
+        "data": dataset_name,
+        "image size": model.config.image_size,
+    }
+    finish_run_folder(output_dir, model, args, run=summary, results=eval_results, is_demo=uses_embedded_data(args))
+
+
+def write_knn_outputs(args, model, output_dir: Path, results: dict, elapsed: float, world: int) -> None:
+    """`--mode knn`: the evaluated feature model, its k-NN accuracy in the card, `eval_results.json`."""
+    protocol = f"weighted k-NN (k={results['k']}, T={results['temperature']:g})"
+    summary = {
         "mode": "knn (frozen features, no training)",
         "initialised from": args.model_name_or_path or f"random ({model.config.model_type} {args.model_size or 'base'})",
-        "data": dataset_name,
         "protocol": f"{protocol} as DINO: cosine similarity of the L2-normalised `pooler_output`, each of the k nearest "
                     "training images votes exp(similarity / T) for its class",
         "bank": f"{results['bank_size']} training images" + (f", label fraction {label_fraction_note(args)}"
                                                              if label_fraction_note(args) else ""),
-        "image size": model.config.image_size,
         "processes": world,
         "wall time": f"{elapsed / 60:.1f} min",
     }
-    eval_results = classification_eval_results(results["top1"], results["top5"], dataset_type, dataset_name, split,
-                                               args.dataset_config_name, protocol=protocol)
-    finish_run_folder(output_dir, model, args, run=summary, results=eval_results, is_demo=uses_embedded_data(args))
+    write_evaluation_folder(args, model, output_dir, results, summary, protocol, mode="knn",
+                            train_fraction=getattr(args, "train_fraction", 1.0))
+
+
+def load_classifier_for_evaluation(args: argparse.Namespace, id2label: dict[int, str]):
+    """--do_eval: the classifier of --model_name_or_path as it was saved (a folder, a Hub id, a converted
+    official checkpoint), checked against the validation labels: the same number of classes (ids are
+    compared by index; different names are a warning, e.g. a converted checkpoint's LABEL_i)."""
+    from transformers import AutoConfig, AutoModelForImageClassification
+
+    saved = AutoConfig.from_pretrained(args.model_name_or_path, **hub_kwargs(args))
+    if not is_classifier(saved):
+        kind = ", ".join(getattr(saved, "architectures", None) or [saved.model_type])
+        raise UserInputError(f"--do_eval evaluates a classifier, and --model_name_or_path {args.model_name_or_path} is a "
+                             f"{kind}: fine-tune it first, or evaluate its frozen features with --mode knn")
+    if saved.num_labels != len(id2label):
+        raise UserInputError(f"--model_name_or_path {args.model_name_or_path} is a classifier for {saved.num_labels} labels, "
+                             f"the validation data has {len(id2label)}")
+    names = [saved.id2label[i] for i in range(saved.num_labels)]
+    if names != [id2label[i] for i in range(len(id2label))]:
+        logger.warning("the classifier's label names (%s, ...) differ from the data's (%s, ...): label ids are compared by "
+                       "index", ", ".join(names[:3]), ", ".join(id2label[i] for i in range(min(3, len(id2label)))))
+    model = AutoModelForImageClassification.from_pretrained(
+        args.model_name_or_path, attn_implementation=args.attn_implementation, **hub_kwargs(args),
+        **parse_overrides(args.config_overrides),
+    )
+    return model.eval()
 
 
 __all__ = [
     "EMBEDDED_DEMO_DEFAULTS", "HEAD_NAME", "MODE_DEFAULTS", "base_config", "build_dataloaders", "build_feature_model",
     "build_model", "build_optimizer", "describe_lr_scales", "evaluate", "evaluation_dataloader", "is_classifier",
-    "label_fraction_note", "mixup_active", "reset_head", "write_knn_outputs", "write_outputs",
+    "label_fraction_note", "load_classifier_for_evaluation", "mixup_active", "reset_head", "write_evaluation_folder",
+    "write_knn_outputs", "write_outputs",
 ]

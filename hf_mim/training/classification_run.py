@@ -22,6 +22,7 @@ from .classification import (
 )
 from .conventions import SWITCH, checkpoint_every, hub_kwargs
 from .knn import add_protocol_flags, check_protocol_flags
+from .lora import QKV_PARTS, apply_lora, check_lora_flags, describe_lora
 from .linear_probe import attach_batchnorm_probe, fold_batchnorm_probe, freeze_backbone, linear_probe_train_mode
 from .loop import TrainingLoop, optimizer_steps
 from .run_setup import RunHyperparameters, UserInputError
@@ -37,6 +38,7 @@ def classification_parser(description: str = "", prog: str | None = None) -> arg
         parser,
         {"data": "data (none given: the embedded handwritten digits, train/validation)", "model": "model",
          "optim": "optimisation (None: the mode's default, see MODE_DEFAULTS)", "run": "outputs"},
+        own_flags=("do_eval",),
         train_dir={"help": "local folder of parquet files, WebDataset .tar shards, or images (<class>/<img>)"},
         model_name_or_path={"help": "hf_mim weights: a pretraining, converted or classifier folder, or a Hub id"},
         model_type={"help": "random-init baseline (without --model_name_or_path): an hf_mim method (default dbot)"},
@@ -71,7 +73,21 @@ def classification_parser(description: str = "", prog: str | None = None) -> arg
                      "objects, e.g. digits, need a larger minimum)")
     aug.add_argument("--hflip", type=float, default=0.5, help="horizontal flip probability (timm's --hflip; 0 for digits, text)")
     run.add_argument("--eval_steps", type=int, help="evaluate every N steps (always at the end)")
+    run.add_argument("--do_eval", **SWITCH,
+                     help="evaluate only, no training (as --max_train_steps 0): top-1/top-5 of the classifier "
+                     "--model_name_or_path (a folder or Hub id) on the validation data, eval_results.json and a card")
     add_protocol_flags(parser)
+    lora = parser.add_argument_group("LoRA fine-tuning (needs peft: pip install 'hf_mim[peft]'; hf_mim/training/lora.py)")
+    lora.add_argument("--lora_rank", type=int, help="train a LoRA adapter of this rank (and the head) instead of every weight; "
+                      "the saved model has it merged, the adapter alone is in <output_dir>/lora_adapter/")
+    lora.add_argument("--lora_alpha", type=float, help="LoRA scale alpha / rank (default: alpha = rank, a scale of 1)")
+    lora.add_argument("--lora_dropout", type=float, help="dropout on the adapter's input (default 0)")
+    lora.add_argument("--lora_target_modules", nargs="+", metavar="NAME",
+                      help="Linear layers to adapt, by last name: default qkv (every block's fused attention projection); "
+                      "e.g. qkv proj fc1 fc2")
+    lora.add_argument("--lora_qkv_parts", nargs="+", choices=QKV_PARTS, metavar="PART",
+                      help="restrict the qkv adapter to these parts of the fused projection, one rank-R adapter each: "
+                      "'q v' is the usual ViT recipe (LoRA on query and value)")
     return parser
 
 
@@ -87,6 +103,8 @@ def parse_classification_args(argv: list[str] | None = None, description: str = 
 
 
 def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    if args.max_train_steps == 0:  # no training: the same run as --do_eval (the shared check wants >= 1)
+        args.do_eval, args.max_train_steps = True, None
     if not args.model_name_or_path and not (args.model_type or args.model_size):
         parser.error(
             "give --model_name_or_path (e.g. the output folder of run_mim.py, a converted checkpoint, a Hub id), "
@@ -112,6 +130,21 @@ def validate_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> 
     if args.randaug.lower() != "none" and not args.randaug.startswith("rand"):
         parser.error(f"--randaug takes a timm RandAugment spec such as 'rand-m9-mstd0.5-inc1', or 'none'; got {args.randaug!r}")
     check_protocol_flags(args, parser)
+    check_lora_flags(args, parser)
+    if args.do_eval:
+        check_eval_only_flags(args, parser)
+
+
+def check_eval_only_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--do_eval (or --max_train_steps 0) evaluates an existing classifier: nothing that trains."""
+    if not args.model_name_or_path:
+        parser.error("--do_eval evaluates a classifier: give its folder or Hub id with --model_name_or_path")
+    if args.mode != "finetune":
+        parser.error(f"--do_eval evaluates the classifier as it is: not with --mode {args.mode}")
+    if args.lora_rank is not None:
+        parser.error("--do_eval trains nothing: not with --lora_rank")
+    if args.validation_split.lower() == "none":
+        parser.error("--do_eval evaluates on validation data: not with --validation_split none")
 
 
 DATA_FLAGS = ("dataset_name", "dataset_config_name", "train_dir", "validation_dir", "train_split", "validation_split",
@@ -199,7 +232,8 @@ class ClassificationLoop(TrainingLoop):
 def train_classifier(args, run, model, data, phase=None, logger_name: str = SCRIPT_LOGGER,
                      progress_label: str | None = None) -> ClassificationLoop:
     """Train `model` (a ...ForImageClassification for `data.id2label`) with the recipe of `args` (--mode
-    finetune: every parameter, layer-wise lr decay; linear_probe: a BatchNorm probe on the frozen
+    finetune: every parameter, layer-wise lr decay, or with --lora_rank a LoRA adapter and the head, the
+    loop's `unwrapped` then a peft model; linear_probe: a BatchNorm probe on the frozen
     backbone, folded into the head at the end), evaluate it at the end (`loop.results`, None without
     validation data) and return the loop (`unwrapped`, `hyperparameters`, `eval_history`, `elapsed`).
     `run` is the run's `RunStart` (its accelerator and output folder); it resumes from `run.resume_path`."""
@@ -211,6 +245,10 @@ def train_classifier(args, run, model, data, phase=None, logger_name: str = SCRI
     if args.mode == "linear_probe":
         attach_batchnorm_probe(model, head_name=HEAD_NAME)
         log.info("linear probe: backbone frozen, training %s", freeze_backbone(model, head_name=HEAD_NAME))
+    if getattr(args, "lora_rank", None):
+        model = apply_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout or 0.0, args.lora_target_modules,
+                           args.lora_qkv_parts, head_name=HEAD_NAME)
+        log.info("%s", describe_lora(model))
     stream, collator, dataloader, eval_dataloader = build_dataloaders(args, data, config.image_size, accelerator)
 
     # --- length, optimisation, loss ---
@@ -225,7 +263,7 @@ def train_classifier(args, run, model, data, phase=None, logger_name: str = SCRI
     optimizer = build_optimizer(args, model, lr)
     schedule = StagedSchedule(optimizer, base_lr=lr, steps_per_stage=[total_steps], warmup_steps=args.num_warmup_steps,
                               min_lr_ratio=args.min_lr_ratio, kind=args.lr_scheduler_type)
-    if args.mode == "finetune":
+    if args.mode == "finetune" and not getattr(args, "lora_rank", None):
         log.info("layer-wise lr decay %.3g over %d blocks: lr scale by layer id {%s}",
                  args.layer_decay, config.num_hidden_layers, describe_lr_scales(optimizer))
     mixup, criterion = None, torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
@@ -257,6 +295,46 @@ def train_classifier(args, run, model, data, phase=None, logger_name: str = SCRI
     return loop
 
 
+def run_evaluation_only(args, data, phase=None, logger_name: str = SCRIPT_LOGGER) -> int:
+    """--do_eval (--max_train_steps 0): top-1/top-5 of the classifier --model_name_or_path, as saved, on the
+    validation stream (each process its share, the counts summed: several processes give the one-process
+    numbers), logged, tracked, in eval_results.json and the card of <output_dir> (the evaluated model
+    saved there as a Hub-ready folder, pushed with --push_to_hub)."""
+    import time
+
+    from .classification import evaluation_dataloader, load_classifier_for_evaluation, write_evaluation_folder
+    from .loop import finish_run, start_run
+    from .run_setup import tracker_config
+
+    log = logging.getLogger(logger_name)
+    if data.validation is None:
+        raise UserInputError("--do_eval needs validation data: give --validation_dir or a source with a validation split")
+    model = load_classifier_for_evaluation(args, data.id2label)
+    run = start_run(args)
+    accelerator = run.accelerator
+    model.to(accelerator.device)
+    if phase is not None:
+        phase.training_started()  # set-up done: from here errors keep their traceback
+    start = time.perf_counter()
+    results = evaluate(model, evaluation_dataloader(args, *data.validation, model.config.image_size, accelerator), accelerator)
+    elapsed = time.perf_counter() - start
+    log.info("evaluation of %s: top-1 %.2f%%, top-5 %.2f%% (%d images, %d processes)", args.model_name_or_path,
+             results["top1"], results["top5"], results["eval_examples"], run.world)
+    if args.with_tracking:
+        accelerator.init_trackers(SCRIPT_LOGGER, config=tracker_config(args))
+        accelerator.log({f"eval_{key}": value for key, value in results.items()}, step=0)
+
+    def write() -> None:
+        summary = {"mode": "evaluation only (no training)", "evaluated": args.model_name_or_path,
+                   "preprocessing": "resize the shorter side to image size / 0.875 (bicubic), center crop, ImageNet mean/std",
+                   "processes": run.world, "wall time": f"{elapsed / 60:.1f} min"}
+        write_evaluation_folder(args, model, run.output_dir, results, summary, mode="eval", evaluated=args.model_name_or_path)
+        print(f"run_image_classification: mode=eval top1={results['top1']:.2f} top5={results['top5']:.2f} "
+              f"images={results['eval_examples']} time={elapsed:.1f}s output_dir={run.output_dir}", flush=True)
+
+    return finish_run(accelerator, write, log)
+
+
 def check_resumed_labels(run, id2label: dict) -> None:
     """A resumed classification run must have been trained on the same label set."""
     if run.saved_state is not None and {int(k): v for k, v in run.saved_state["id2label"].items()} != id2label:
@@ -265,5 +343,5 @@ def check_resumed_labels(run, id2label: dict) -> None:
 
 __all__ = [
     "ClassificationLoop", "check_resumed_labels", "classification_parser", "load_classification_data",
-    "parse_classification_args", "train_classifier", "validate_args",
+    "parse_classification_args", "run_evaluation_only", "train_classifier", "validate_args",
 ]

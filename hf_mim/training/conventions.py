@@ -51,10 +51,13 @@ class _Refused(argparse.Action):
         setattr(namespace, "refused_flags", [*refused, option_string[2:]])
 
 
-def add_refused_flags(parser: argparse.ArgumentParser) -> None:
+def add_refused_flags(parser: argparse.ArgumentParser, accepted=()) -> None:
     """Every `REFUSED_FLAGS` entry as a hidden flag (with or without a value, as the Trainer's
-    `--do_eval True`) that ends the run with its reason, not argparse's 'unrecognized arguments'."""
+    `--do_eval True`) that ends the run with its reason, not argparse's 'unrecognized arguments';
+    `accepted`: the entries a script gives a meaning (run_image_classification.py's --do_eval)."""
     for name in REFUSED_FLAGS:
+        if name in accepted:
+            continue
         parser.add_argument(f"--{name}", nargs="?", action=_Refused, help=argparse.SUPPRESS)
 
 
