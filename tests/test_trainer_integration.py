@@ -210,6 +210,26 @@ def test_without_the_events_the_trainer_leaves_run_mims_path(tmp_path):
                             and "position" not in key)
 
 
+def test_a_resumed_trainer_run_ends_as_the_uninterrupted_one(tmp_path):
+    """AMT on SimMIM, a checkpoint after the refresh at step 2: resumed there, the run reaches the uninterrupted
+    run's weights bitwise, its masks drawn from the attention maps the checkpoint holds."""
+    case = CASES["amt_simmim"]
+    finals, refreshes = {}, []
+    for name in ("whole", "resumed"):
+        model = tiny_model(case, tmp_path)
+        args = case.trainer_arguments(tmp_path / name)
+        args.save_strategy, args.save_steps = "steps", 2
+        with one_thread():
+            reset_accelerate_state()
+            trainer = MIMTrainer(model=model, args=args, train_dataset=ExampleEpochs(examples()), refresh_dataset=examples(),
+                                 data_collator=pretraining_collator(model, seed=SEED))
+            trainer.train(resume_from_checkpoint=str(tmp_path / "whole" / "trainer" / "checkpoint-2") if name == "resumed" else None)
+        finals[name] = state_of(model)
+        refreshes.append(trainer.attention_maps.num_refreshes)
+    assert worst_relative_difference(finals["resumed"], finals["whole"]) == 0.0
+    assert refreshes == [1, 1]  # the resumed run did not refresh again: its maps came from the checkpoint
+
+
 def test_a_dataset_transform_gives_the_collators_batch():
     """`set_transform(dataset_transform(collator))` does the per-example work in the dataset; the trainer's
     collator then stacks the rows into the batch the collator makes from raw rows (AMT: crop boxes for `finish`)."""

@@ -31,6 +31,7 @@ import logging
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -41,6 +42,8 @@ from .loop import forward_inputs
 from .pretraining import build_pretraining_optimizer, build_pretraining_schedule
 
 logger = logging.getLogger(__name__)
+
+ATTENTION_MAPS_NAME = "attention_maps.pt"  # in each Trainer checkpoint of an AMT run
 
 
 @dataclass
@@ -241,6 +244,18 @@ class MIMTrainer(Trainer):
         return torch.utils.data.DataLoader(self.refresh_dataset, batch_size=self.args.per_device_eval_batch_size,
                                            collate_fn=collator, num_workers=self.args.dataloader_num_workers,
                                            generator=torch.Generator().manual_seed(0))  # see get_train_dataloader
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Trainer's, plus AMT's attention maps (every rank holds all of them): a resumed run masks with them."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.attention_maps is not None and self.args.should_save:
+            torch.save(self.attention_maps.state_dict(), Path(output_dir) / ATTENTION_MAPS_NAME)
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is not None and self.attention_maps is not None and (Path(checkpoint) / ATTENTION_MAPS_NAME).is_file():
+            self.attention_maps.load_state_dict(torch.load(Path(checkpoint) / ATTENTION_MAPS_NAME, weights_only=True))
 
     # ------------------------------------------------------------------ optimisation
     def create_optimizer(self, model=None):
