@@ -16,12 +16,15 @@ import torch
 from helpers import photo, reset_accelerate_state
 from test_maskdistill import tiny_clip
 from trajectory_helpers import run_trajectory, state_of
-from transformers import AutoModelForPreTraining, TrainerCallback
+from transformers import AutoModelForPreTraining, Trainer, TrainerCallback
 
 from hf_mim.auto import MODEL_FAMILIES, family_for
 from hf_mim.data import PretrainingCollator, ResizeTransform
-from hf_mim.training import MIMTrainer, MIMTrainingArguments, dataset_transform, pretraining_collator
-from hf_mim.training.trainer_integration import StackOrCollate
+from hf_mim.training import (
+    MIMTrainer, MIMTrainingArguments, MIMTrainingCallback, dataset_transform, forward_inputs, pretraining_collator,
+)
+from hf_mim.training.pretraining import build_pretraining_optimization
+from hf_mim.training.trainer_integration import StackOrCollate, optimization_arguments
 
 SEED = 7
 IMAGES = 8  # per epoch; batches of 4
@@ -135,22 +138,28 @@ def one_thread():
         reset_accelerate_state()
 
 
-def train_both(case: Case, tmp_path):
-    """(run_mim's trajectory, the Trainer's recorder, the trainer) over the same examples, weights and seed."""
+def run_mim_reference(case: Case, tmp_path, model):
+    """run_mim's trajectory (trajectory_helpers) over the examples, collated by run_mim's collator."""
     rows = examples()
-    model = tiny_model(case, tmp_path)
-    trainer_model = copy.deepcopy(model)
     with one_thread():
         reset_accelerate_state()
         collator = pretraining_collator(model, seed=SEED)
         batches = [rows[start:start + case.batch] for start in range(0, IMAGES, case.batch)]
         refresh = [PretrainingCollator(ResizeTransform(model.config.image_size), seed=SEED)(rows)]
-        trajectory = run_trajectory(case.run_mim_flags(tmp_path), model, [batches] * case.epochs, IMAGES,
-                                    snapshot_steps=range(1, case.steps + 1), refresh_batches=refresh, collator=collator)
+        return run_trajectory(case.run_mim_flags(tmp_path), model, [batches] * case.epochs, IMAGES,
+                              snapshot_steps=range(1, case.steps + 1), refresh_batches=refresh, collator=collator)
+
+
+def train_both(case: Case, tmp_path):
+    """(run_mim's trajectory, the Trainer's recorder, the trainer) over the same examples, weights and seed."""
+    model = tiny_model(case, tmp_path)
+    trainer_model = copy.deepcopy(model)
+    trajectory = run_mim_reference(case, tmp_path, model)
+    recorder = Recorder(case.steps)
+    with one_thread():
         reset_accelerate_state()
-        recorder = Recorder(case.steps)
-        trainer = MIMTrainer(model=trainer_model, args=case.trainer_arguments(tmp_path), train_dataset=ExampleEpochs(rows),
-                             data_collator=pretraining_collator(trainer_model, seed=SEED), refresh_dataset=rows,
+        trainer = MIMTrainer(model=trainer_model, args=case.trainer_arguments(tmp_path), train_dataset=ExampleEpochs(examples()),
+                             data_collator=pretraining_collator(trainer_model, seed=SEED), refresh_dataset=examples(),
                              callbacks=[recorder])
         trainer.train()
     return trajectory, recorder, trainer
@@ -189,6 +198,31 @@ def test_trainer_steps_reach_run_mims_weights(name, tmp_path):
         ours, theirs = trainer.attention_maps, trajectory.attention_maps
         assert ours.num_refreshes == theirs.num_refreshes == 1
         assert torch.equal(ours.example_ids, theirs.example_ids) and torch.equal(ours.maps, theirs.maps)
+
+
+def test_a_plain_trainer_with_the_callback_follows_run_mim(tmp_path):
+    """The callback alone gives a plain `Trainer` the events: with run_mim's optimizer and schedule (`optimizers`) and a
+    collator that hands `forward` its inputs, ExtreMA's Trainer steps reach run_mim's weights bitwise."""
+    case = CASES["extrema"]
+    model = tiny_model(case, tmp_path)
+    trainer_model = copy.deepcopy(model)
+    trajectory = run_mim_reference(case, tmp_path, model)
+    collator = pretraining_collator(trainer_model, seed=SEED)
+
+    def model_inputs(features):
+        return forward_inputs(trainer_model, collator.normalize_pixels(collator(features)))
+
+    args = case.trainer_arguments(tmp_path)
+    args.remove_unused_columns = False  # the collator reads `image` and `example_id`
+    optimizer, schedule, _ = build_pretraining_optimization(optimization_arguments(args, case.steps), trainer_model,
+                                                           case.steps, case.batch)
+    recorder = Recorder(case.steps)
+    with one_thread():
+        reset_accelerate_state()
+        Trainer(model=trainer_model, args=args, train_dataset=ExampleEpochs(examples()), data_collator=model_inputs,
+                optimizers=(optimizer, schedule), callbacks=[MIMTrainingCallback(collator), recorder]).train()
+    assert recorder.lrs == trajectory.lrs
+    assert worst_relative_difference(recorder.states[f"step_{case.steps}"], trajectory.states[f"step_{case.steps}"]) == 0.0
 
 
 def test_without_the_events_the_trainer_leaves_run_mims_path(tmp_path):

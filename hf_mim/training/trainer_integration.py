@@ -62,21 +62,21 @@ class MIMTrainingArguments(TrainingArguments):
                                         "overrides lr_scheduler_type"})
 
 
-def optimization_arguments(args: TrainingArguments, total_steps: int) -> Namespace:
+def optimization_arguments(args: TrainingArguments, total_steps: int | None = None) -> Namespace:
     """run_mim's optimisation flags from Trainer's arguments (plain `TrainingArguments`: run_mim's defaults for
-    the fields only `MIMTrainingArguments` has)."""
+    the fields only `MIMTrainingArguments` has); `total_steps` (for the schedule) turns a warm-up ratio into steps."""
     num_stages = getattr(args, "num_stages", 1)
-    if num_stages < 1 or total_steps < num_stages:
+    if num_stages < 1 or (total_steps is not None and total_steps < num_stages):
         raise ValueError(f"num_stages={num_stages} needs 1 <= num_stages <= the {total_steps} training steps")
     warmup = args.warmup_steps
-    stage = total_steps // num_stages
-    kind = getattr(args, "mim_schedule", None) or getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    if 0 < warmup < 1:  # Trainer: a ratio of the steps (here: of a stage)
+        warmup = None if total_steps is None else round(warmup * (total_steps // num_stages))
     base = getattr(args, "base_learning_rate", None)
     return Namespace(
         num_stages=num_stages, learning_rate=None if base is not None else args.learning_rate, base_learning_rate=base,
-        num_warmup_steps=int(warmup) if warmup >= 1 else round(warmup * stage),  # Trainer: a ratio below 1
-        weight_decay=args.weight_decay, adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
-        min_lr_ratio=getattr(args, "min_lr_ratio", 0.0), lr_scheduler_type=kind,
+        num_warmup_steps=None if warmup is None else int(warmup), weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, min_lr_ratio=getattr(args, "min_lr_ratio", 0.0),
+        lr_scheduler_type=getattr(args, "mim_schedule", None) or getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type),
         warmup_style=getattr(args, "warmup_style", "mae"),
     )
 
@@ -159,6 +159,9 @@ class MIMTrainingCallback(TrainerCallback):
                              "train it with hf_mim.training.MIMTrainer (it keeps the maps and runs the refresh)")
         if getattr(args, "num_stages", 1) > 1 and not model.has_training_stages:
             raise ValueError(f"num_stages={args.num_stages}: {type(model).__name__} has no training stages")
+        if getattr(args, "num_stages", 1) > 1 and not hasattr(kwargs.get("lr_scheduler"), "is_stage_boundary"):
+            raise ValueError(f"num_stages={args.num_stages} needs hf_mim's staged schedule (MIMTrainer builds it; or pass "
+                             "build_pretraining_optimization's to Trainer's `optimizers`)")
         self.epoch = epochs_already_trained(state, train_dataloader, args.gradient_accumulation_steps) - 1
 
     def on_epoch_begin(self, args, state, control, **kwargs):
@@ -262,10 +265,8 @@ class MIMTrainer(Trainer):
         if self.optimizer is None:
             args = self.args
             total_batch = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
-            # the lr rule and groups need no step count; the schedule (below) gets it
-            flags = optimization_arguments(args, max(getattr(args, "num_stages", 1), 1))
-            self.optimizer, self._mim_lr = build_pretraining_optimizer(flags, model if model is not None else self.model,
-                                                                       total_batch)
+            self.optimizer, self._mim_lr = build_pretraining_optimizer(
+                optimization_arguments(args), model if model is not None else self.model, total_batch)
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
