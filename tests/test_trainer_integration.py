@@ -185,9 +185,8 @@ def test_trainer_steps_reach_run_mims_weights(name, tmp_path):
     for key, state in trajectory.states.items():
         difference = worst_relative_difference(recorder.states[key], state)
         assert difference == 0.0, f"{name} {key}: {difference:.2e} relative"  # bitwise
-    assert trajectory.states[f"step_{case.steps}"] != {}  # the weights moved
     moved = worst_relative_difference(recorder.states[f"step_{case.steps}"], state_of(tiny_model(case, tmp_path)))
-    assert moved > 1e-4
+    assert moved > 1e-4  # the steps did train
     groups = [(group["weight_decay"], group["param_names"]) for group in trainer.optimizer.param_groups]
     assert groups == [(group["weight_decay"], group["param_names"]) for group in trajectory.optimizer.param_groups]
     if case.stages > 1:

@@ -44,6 +44,7 @@ from .pretraining import build_pretraining_optimizer, build_pretraining_schedule
 logger = logging.getLogger(__name__)
 
 ATTENTION_MAPS_NAME = "attention_maps.pt"  # in each Trainer checkpoint of an AMT run
+FINISH_READS = ("example_id", "crop_box", "flipped")  # what PretrainingCollator.finish reads of a batch
 
 
 @dataclass
@@ -235,7 +236,10 @@ class MIMTrainer(Trainer):
     def _prepare_inputs(self, inputs: dict) -> dict:
         """As run_mim's loop: `finish` (AMT's masks, from the maps as they are now), then to the device with
         uint8 pixels normalised there, then the entries `forward` accepts."""
-        inputs = self.mim_collator.finish(dict(inputs), self.events.epoch)
+        # Accelerate's loader may already have moved the batch to the accelerator; `finish` reads these on the CPU,
+        # beside the attention maps (as in run_mim, which finishes before moving the batch)
+        inputs = {key: value.cpu() if key in FINISH_READS else value for key, value in inputs.items()}
+        inputs = self.mim_collator.finish(inputs, self.events.epoch)
         inputs = batch_to_device(inputs, self.args.device, self.mim_collator)
         return forward_inputs(self.accelerator.unwrap_model(self.model), inputs)
 
