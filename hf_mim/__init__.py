@@ -1,6 +1,6 @@
 """hf_mim: masked image modeling methods as Hugging Face transformers models.
 
-Importing the package registers every model with the Auto classes (AutoConfig, AutoModel,
+Importing the package registers every model with the Auto classes (AutoConfig, AutoModel, AutoModelForPreTraining,
 AutoModelForMaskedImageModeling, AutoModelForImageClassification, AutoBackbone, AutoImageProcessor).
 """
 

@@ -24,10 +24,12 @@ DECODE_COUNTS = ("images_skipped", "images_converted")
 
 class FixedBatches:
     """The training stream of a fixture: epoch e yields the batches `epochs[e]` (dicts of tensors) in order.
-    Stands in for the loop's dataloader, its stream and its collator (they are told the epoch)."""
+    Stands in for the loop's dataloader, its stream and its collator (they are told the epoch).
+    With `collator` (an hf_mim collator, told the epoch by the loop): `epochs[e]` holds lists of raw examples
+    (image, example_id), collated as the loop's DataLoader would."""
 
-    def __init__(self, epochs: list[list[dict[str, torch.Tensor]]]):
-        self.epochs, self.epoch = epochs, 0
+    def __init__(self, epochs: list[list], collator=None):
+        self.epochs, self.epoch, self.collator = epochs, 0, collator
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -36,6 +38,9 @@ class FixedBatches:
         if self.epoch >= len(self.epochs):
             raise AssertionError(f"the loop asked for epoch {self.epoch}; the fixture holds {len(self.epochs)}")
         for batch in self.epochs[self.epoch]:
+            if self.collator is not None:
+                yield self.collator(batch)
+                continue
             size = batch["pixel_values"].shape[0]
             yield {**{key: torch.zeros(size, dtype=torch.int64) for key in DECODE_COUNTS}, **batch}
 
@@ -84,12 +89,14 @@ class Trajectory:
 
 
 def run_trajectory(argv: list[str], model, epochs: list[list[dict]], num_examples: int, snapshot_steps=(),
-                   refresh_batches: list[dict] | None = None) -> Trajectory:
+                   refresh_batches: list[dict] | None = None, collator=None) -> Trajectory:
     """Train `model` as `run_mim.py <argv>` would, over the fixed `epochs` of batches (`num_examples`
     images per epoch; the run's length comes from --num_train_epochs or --max_train_steps in `argv`, as in
     the script). `argv` names a data source (e.g. `--train_dir`, never read): without one run_mim would fill
     in its embedded demo's defaults (lr, size). `refresh_batches`: the whole images (with `example_id`) an
-    attention refresh reads. Needs a fresh Accelerate state (the `fresh_accelerate_state` fixture)."""
+    attention refresh reads. `collator`: `epochs` then hold raw examples, which this hf_mim collator batches
+    (the loop finishes and normalises them), its mask generator reading the loop's attention maps (AMT: the
+    store given to `model.mask_generator`). Needs a fresh Accelerate state (the `fresh_accelerate_state` fixture)."""
     args = run_mim.parse_args(argv)
     run = start_run(args)
     total_batch = run.total_batch(args)
@@ -97,10 +104,12 @@ def run_trajectory(argv: list[str], model, epochs: list[list[dict]], num_example
     optimizer, schedule, lr = build_pretraining_optimization(args, model, total_steps, total_batch)
     hyperparameters = RunHyperparameters.from_args(args, lr, total_steps, lr_scheduler_type=args.lr_scheduler_type)
     attention_maps = AttentionMapStore() if model.uses_attention_maps else None
+    if collator is not None and model.uses_attention_maps:
+        attention_maps = collator.mask_generator.store
     refresh_steps = set(model.attention_refresh_steps(total_steps))
-    stream = FixedBatches(epochs)
+    stream = FixedBatches(epochs, collator)
     RecordingLoop.snapshot_steps = set(snapshot_steps)
-    loop = RecordingLoop(args, run, model, optimizer, schedule, hyperparameters, (stream, stream, stream),
+    loop = RecordingLoop(args, run, model, optimizer, schedule, hyperparameters, (stream, stream, collator or stream),
                          attention_maps=attention_maps, refresh_loader=refresh_batches, refresh_steps=refresh_steps,
                          eval_data=None)
     loop.prepare()

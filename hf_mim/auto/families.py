@@ -14,6 +14,7 @@ from transformers import (
     AutoModel,
     AutoModelForImageClassification,
     AutoModelForMaskedImageModeling,
+    AutoModelForPreTraining,
     PreTrainedConfig,
     PreTrainedModel,
 )
@@ -153,6 +154,8 @@ def register_all() -> None:
         AutoConfig.register(family.model_type, family.config_class, exist_ok=True)
         AutoModel.register(family.config_class, family.base_model_class, exist_ok=True)
         AutoModelForMaskedImageModeling.register(family.config_class, family.masked_image_modeling_class, exist_ok=True)
+        # where ViTMAE users look for a pretraining head (ViTMAEForPreTraining)
+        AutoModelForPreTraining.register(family.config_class, family.masked_image_modeling_class, exist_ok=True)
         AutoModelForImageClassification.register(family.config_class, family.image_classification_class, exist_ok=True)
         if family.backbone_class is not None:
             from transformers import AutoBackbone

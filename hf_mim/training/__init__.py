@@ -72,6 +72,8 @@ from .schedule import (
     warmup_cosine_factor,
 )
 
+TRAINER_NAMES = ("MIMTrainer", "MIMTrainingArguments", "MIMTrainingCallback", "dataset_transform", "pretraining_collator")
+
 __all__ = [
     # optim
     "DEFAULT_SKIP_NAMES",
@@ -134,4 +136,14 @@ __all__ = [
     "refresh_attention_maps",
     # linear probe
     "attach_batchnorm_probe", "fold_batchnorm_probe", "freeze_backbone", "linear_probe_train_mode",
+    # transformers' Trainer (imported on first use: transformers.Trainer is a heavy import)
+    *TRAINER_NAMES,
 ]
+
+
+def __getattr__(name):
+    if name in TRAINER_NAMES:
+        from . import trainer_integration
+
+        return getattr(trainer_integration, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -71,21 +71,33 @@ def build_pretraining_optimization(args, model, total_steps: int, total_batch: i
     --learning_rate, else --base_learning_rate x total batch / 256; warm-up defaults to 5 % of a stage and
     reaches the peak as --warmup_style says; parameters named in the model's `pretraining_no_weight_decay`
     (the official optimizer's skip list) are not decayed, nor are 1-D ones.
-    One function for run_mim.py and the trajectory tests, so the tests check the optimisation the script runs."""
+    One function for run_mim.py, transformers' Trainer (`MIMTrainer`, which needs the two halves apart) and
+    the trajectory tests, so the tests check the optimisation the script runs."""
+    optimizer, lr = build_pretraining_optimizer(args, model, total_batch)
+    return optimizer, build_pretraining_schedule(args, optimizer, lr, total_steps), lr
+
+
+def build_pretraining_optimizer(args, model, total_batch: int):
+    """(AdamW over the method's weight-decay groups, its lr): the first half of `build_pretraining_optimization`."""
     from .optim import DEFAULT_SKIP_NAMES, build_adamw, weight_decay_param_groups
-    from .schedule import StagedSchedule, linear_scaled_lr
+    from .schedule import linear_scaled_lr
+
+    lr = args.learning_rate if args.learning_rate is not None else linear_scaled_lr(args.base_learning_rate, total_batch)
+    skip = getattr(model, "pretraining_no_weight_decay", None)  # the method's official exclusions (MIMTrainingEventsMixin)
+    groups = weight_decay_param_groups(model, args.weight_decay, DEFAULT_SKIP_NAMES if skip is None else skip)
+    return build_adamw(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2)), lr
+
+
+def build_pretraining_schedule(args, optimizer, lr: float, total_steps: int):
+    """The per-stage warm-up + decay over `total_steps`: the second half of `build_pretraining_optimization`."""
+    from .schedule import StagedSchedule
 
     steps_per_stage = total_steps // args.num_stages
     stage_lengths = [steps_per_stage] * (args.num_stages - 1) + [total_steps - steps_per_stage * (args.num_stages - 1)]
     if args.num_warmup_steps is None:
         args.num_warmup_steps = max(1, round(0.05 * steps_per_stage))
-    lr = args.learning_rate if args.learning_rate is not None else linear_scaled_lr(args.base_learning_rate, total_batch)
-    skip = getattr(model, "pretraining_no_weight_decay", None)  # the method's official exclusions (MIMTrainingEventsMixin)
-    groups = weight_decay_param_groups(model, args.weight_decay, DEFAULT_SKIP_NAMES if skip is None else skip)
-    optimizer = build_adamw(groups, lr=lr, betas=(args.adam_beta1, args.adam_beta2))
-    schedule = StagedSchedule(optimizer, base_lr=lr, steps_per_stage=stage_lengths, warmup_steps=args.num_warmup_steps,
-                              min_lr_ratio=args.min_lr_ratio, kind=args.lr_scheduler_type, warmup_style=args.warmup_style)
-    return optimizer, schedule, lr
+    return StagedSchedule(optimizer, base_lr=lr, steps_per_stage=stage_lengths, warmup_steps=args.num_warmup_steps,
+                          min_lr_ratio=args.min_lr_ratio, kind=args.lr_scheduler_type, warmup_style=args.warmup_style)
 
 
 def check_pretraining_weights(args, missing_keys) -> None:
@@ -249,7 +261,8 @@ def validation_names(args) -> tuple[str, str, str]:
 
 
 __all__ = [
-    "build_pretraining_model", "build_pretraining_optimization", "check_pretraining_weights", "data_source",
+    "build_pretraining_model", "build_pretraining_optimization", "build_pretraining_optimizer",
+    "build_pretraining_schedule", "check_pretraining_weights", "data_source",
     "evaluate_pretraining_loss", "load_stream", "load_validation_stream", "run_summary", "save_mim_picture_of",
     "write_outputs",
 ]
