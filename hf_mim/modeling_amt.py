@@ -34,28 +34,12 @@ from transformers.utils import ModelOutput
 
 from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_amt import AmtConfig
-from .masking import (
-    AttentionMaskGenerator,
-    MaskIndices,
-    ThrowMasks,
-    indices_from_bool_masked_pos,
-    normalized_cls_attention,
-)
-from .modeling_common import (
-    MIMPreTrainedModel,
-    MIMTrainingEventsMixin,
-    ImageClassificationMixin,
-    MaeDecoder,
-    MeanPooler,
-    builds_pretrained_encoder,
-    ViTEncoder,
-    VisionEmbeddings,
-    backbone_output,
-    gather_tokens,
-    init_beit_weights,
-    init_vit_weights,
-    tag_beit_rescaled_layers,
-)
+from .masking import indices_from_bool_masked_pos, MaskIndices
+from .masking_attention import AttentionMaskGenerator, normalized_cls_attention, ThrowMasks
+from .beit_blocks import init_beit_weights, tag_beit_rescaled_layers
+from .modeling_base import backbone_output, builds_pretrained_encoder, ImageClassificationMixin, MIMPreTrainedModel
+from .training_events import MIMTrainingEventsMixin
+from .vit_blocks import gather_tokens, init_vit_weights, MaeDecoder, MeanPooler, VisionEmbeddings, ViTEncoder
 from .objectives import elementwise_loss, normalize_per_token, patchify, predictions_to_pixels, weighted_token_mean
 
 

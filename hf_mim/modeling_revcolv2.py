@@ -36,19 +36,10 @@ from transformers.utils import ModelOutput, logging
 
 from .backbone_common import PYRAMID_SCALES, ChannelLayerNorm, init_pyramid_module
 from .configuration_revcolv2 import RevColV2Config
-from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, num_masked_patches
-from .modeling_common import (
-    MIMPreTrainedModel,
-    MIMTrainingEventsMixin,
-    ImageClassificationMixin,
-    Block,
-    MeanPooler,
-    builds_pretrained_encoder,
-    VisionEmbeddings,
-    gather_tokens,
-    init_vit_weights,
-    resize_position_table,
-)
+from .masking import indices_from_bool_masked_pos, MaskIndices, num_masked_patches, RandomMaskGenerator
+from .modeling_base import builds_pretrained_encoder, ImageClassificationMixin, MIMPreTrainedModel
+from .training_events import MIMTrainingEventsMixin
+from .vit_blocks import Block, gather_tokens, init_vit_weights, MeanPooler, resize_position_table, VisionEmbeddings
 from .objectives import elementwise_loss, masked_mse, patchify, pixel_targets, predictions_to_pixels, weighted_token_mean
 from .reversible import clamp_alpha, run_column
 from .teachers import FrozenTeacherMixin, normalize_teacher_tokens

@@ -22,9 +22,9 @@ from hf_mim.convert.__main__ import main as convert_main
 from hf_mim.convert.amt import convert_amt_checkpoint, simmim_head
 from hf_mim.convert.common import CheckpointFormatError, load_official_state_dict
 from hf_mim.training import AttentionMapStore
-from hf_mim.masking import (
-    AttentionMaskGenerator,
+from hf_mim.masking_attention import (
     amt_counts,
+    AttentionMaskGenerator,
     crop_attention_map,
     throw_masks_from_order,
     units_from_patches,
