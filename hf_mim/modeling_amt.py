@@ -34,7 +34,7 @@ from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_amt import AmtConfig
 from .masking import indices_from_bool_masked_pos, MaskIndices
 from .masking_attention import AttentionMaskGenerator, normalized_cls_attention, ThrowMasks
-from .beit_blocks import init_beit_weights, tag_beit_rescaled_layers
+from .beit_init import init_beit_weights, tag_beit_rescaled_layers
 from .modeling_base import backbone_output, builds_pretrained_encoder, ImageClassificationMixin, MIMPreTrainedModel
 from .training_events import MIMTrainingEventsMixin
 from .vit_blocks import gather_tokens, init_vit_weights, MaeDecoder, MeanPooler, VisionEmbeddings, ViTEncoder

@@ -27,7 +27,8 @@ from transformers.utils import ModelOutput
 from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_maskdistill import MaskDistillConfig
 from .masking_blockwise import BlockwiseMaskGenerator
-from .beit_blocks import init_beit_weights, RelativePositionBias, tag_beit_rescaled_layers
+from .beit_init import init_beit_weights, tag_beit_rescaled_layers
+from .relative_position import RelativePositionBias
 from .modeling_base import backbone_output, builds_pretrained_encoder, ImageClassificationMixin, MIMPreTrainedModel
 from .training_events import MIMTrainingEventsMixin
 from .vit_blocks import init_as_copy, make_blocks, MeanPooler, PatchEmbeddings, starts_as_copy

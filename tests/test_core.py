@@ -889,7 +889,7 @@ def test_relative_position_bias_resizes_for_another_grid():
     """Same grid: the table itself. Another grid: the distance part resized bilinearly per head (a table
     linear in the row distance stays linear in it, an exact property of bilinear resizing with
     align_corners=False on the half-pixel grid), the three cls rows kept, the index of the new grid."""
-    from hf_mim.beit_blocks import RelativePositionBias, relative_position_index
+    from hf_mim.relative_position import RelativePositionBias, relative_position_index
 
     bias = RelativePositionBias((3, 3), num_heads=2)
     with torch.no_grad():

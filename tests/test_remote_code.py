@@ -23,13 +23,14 @@ HEADS = {
 
 # What each method's folder must ship (issue 25): its own files and the shared core, nothing of another
 # method. The core every family imports; then each method's own files.
-CORE_FILES = {"configuration_common.py", "modeling_base.py", "training_events.py", "vit_blocks.py", "beit_blocks.py",
+CORE_FILES = {"configuration_common.py", "modeling_base.py", "training_events.py", "vit_blocks.py", "relative_position.py",
               "backbone_common.py", "masking.py", "objectives.py"}
 OWN_FILES = {
-    "amt": {"configuration_amt.py", "modeling_amt.py", "masking_attention.py"},
+    "amt": {"configuration_amt.py", "modeling_amt.py", "masking_attention.py", "beit_init.py"},
     "dbot": {"configuration_dbot.py", "modeling_dbot.py", "teachers.py"},
     "extrema": {"configuration_extrema.py", "modeling_extrema.py", "masking_disjoint.py", "class_attention.py"},
-    "maskdistill": {"configuration_maskdistill.py", "modeling_maskdistill.py", "masking_blockwise.py", "teachers.py"},
+    "maskdistill": {"configuration_maskdistill.py", "modeling_maskdistill.py", "masking_blockwise.py", "beit_init.py",
+                    "teachers.py"},
     "revcolv2": {"configuration_revcolv2.py", "modeling_revcolv2.py", "reversible.py", "teachers.py"},
 }
 
