@@ -93,6 +93,11 @@ def builds_pretrained_encoder(config, add_pooling_layer: bool, pretrained_encode
     return layout == PRETRAINED_ENCODER_LAYOUT
 
 
+# A class records one auto class (`_auto_class`); these auto classes load the same class too. The pretraining
+# head is where ViTMAE users look for it (`AutoModelForPreTraining` -> ViTMAEForPreTraining).
+AUTO_CLASS_ALIASES = {"AutoModelForMaskedImageModeling": ("AutoModelForPreTraining",)}
+
+
 def family_auto_map(model_class: type) -> dict[str, str]:
     """{"AutoConfig": "configuration_x.XConfig", "AutoModel": "modeling_x.XModel", ...}: the config class
     and every class of `model_class`'s module registered for an auto class (`register_for_auto_class`)."""
@@ -101,10 +106,14 @@ def family_auto_map(model_class: type) -> dict[str, str]:
         value for value in vars(module).values()
         if isinstance(value, type) and value.__module__ == module.__name__ and vars(value).get("_auto_class")
     ]
-    return {
+    auto_map = {
         vars(cls)["_auto_class"]: f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}"
         for cls in classes if vars(cls).get("_auto_class")
     }
+    for auto_name, aliases in AUTO_CLASS_ALIASES.items():
+        if auto_name in auto_map:
+            auto_map.update(dict.fromkeys(aliases, auto_map[auto_name]))
+    return auto_map
 
 
 def backbone_output(

@@ -118,12 +118,18 @@ def test_every_head_loads_remotely_with_identical_outputs(model_type, tmp_path):
             out = model(expected["pixel_values"], **kwargs)[0]
             out = out if out.ndim else out.reshape(1)
             report[auto_name] = (out - expected[auto_name + ".out"]).abs().max().item()
+        # the pretraining head also through AutoModelForPreTraining, where ViTMAE users look for it
+        head = folders["AutoModelForMaskedImageModeling"]
+        model = transformers.AutoModelForPreTraining.from_pretrained(head, trust_remote_code=True).eval()
+        assert type(model).__name__.endswith("ForMaskedImageModeling"), type(model).__name__
+        out = model(expected["pixel_values"], bool_masked_pos=expected["bool_masked_pos"])[0]
+        report["AutoModelForPreTraining"] = (out.reshape(-1) - expected["AutoModelForMaskedImageModeling.out"].reshape(-1)).abs().max().item()
         print(json.dumps(report))
         """,
         tmp_path,
     )
     diffs = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(diffs) == set(HEADS)
+    assert set(diffs) == set(HEADS) | {"AutoModelForPreTraining"}
     assert all(diff == 0.0 for diff in diffs.values()), diffs
 
 
