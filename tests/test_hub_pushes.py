@@ -229,3 +229,81 @@ def test_bad_hub_strategy_combinations_are_one_line_errors(capsys):
     parser = argparse.ArgumentParser()
     add_shared_flags(parser, {"data": "d", "model": "m", "optim": "o", "run": "r"})
     assert parser.parse_args([]).hub_strategy == "end"  # today's behaviour: one push, at the end
+
+
+# ------------------------------------------------------------------------------------------ the scripts
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "training_scripts"
+SCRIPT_BASE = {
+    "run_mim": [],
+    "run_image_classification": ["--model_type", "dbot", "--model_size", "tiny"],
+    "run_semantic_segmentation": ["--model_type", "dbot", "--model_size", "tiny"],
+}
+
+
+@pytest.mark.parametrize("name", list(SCRIPT_BASE))
+def test_every_script_takes_hub_strategy(name, capsys):
+    from test_run_safety import load_script
+
+    module = load_script(SCRIPTS / f"{name}.py")
+    flags = [*SCRIPT_BASE[name], "--push_to_hub", "--hub_model_id", REPO, "--checkpointing_steps", "2"]
+    for strategy in ("every_save", "checkpoint", "all_checkpoints"):
+        assert module.parse_args([*flags, "--hub_strategy", strategy]).hub_strategy == strategy
+    assert module.parse_args(SCRIPT_BASE[name]).hub_strategy == "end"
+    with pytest.raises(SystemExit):
+        module.parse_args([*SCRIPT_BASE[name], "--hub_strategy", "checkpoint"])
+    assert capsys.readouterr().err.strip().endswith("--hub_strategy checkpoint pushes during training: give --push_to_hub "
+                                                    "(and --hub_model_id)")
+    if name == "run_image_classification":
+        with pytest.raises(SystemExit):
+            module.parse_args(["--model_name_or_path", "x", "--do_eval", *flags[4:], "--push_to_hub", "--hub_model_id", REPO,
+                               "--hub_strategy", "every_save"])
+        assert capsys.readouterr().err.strip().endswith("--do_eval trains nothing: not with --hub_strategy every_save "
+                                                        "(the evaluated folder is pushed at the end)")
+
+
+@pytest.mark.slow  # two tiny run_mim.py runs (~16 s on 2 cores)
+def test_run_mim_pushes_checkpoints_and_resumes_from_the_hub_id_bitwise(tmp_path):
+    """run_mim.py --hub_strategy all_checkpoints (saves at steps 2 and 4 of 4) pushes the model and each
+    checkpoint during training and the finished folder at the end; a run that had pushed only checkpoint-2
+    (checkpoint-4 removed from the Hub, as if killed before) resumes from the Hub id elsewhere and ends
+    bitwise on the first run's weights. The token is in no pushed file, no written file and no log."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    common = ["--model_type", "dbot", "--model_size", "tiny", "--per_device_train_batch_size", "4", "--seed", "3",
+              "--downstream_eval", "none", "--max_train_steps", "4", "--checkpointing_steps", "2", "--logging_steps", "1"]
+    with HubStub(tmp_path / "hub") as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
+                   OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPTS.parent), HF_DATASETS_OFFLINE="1")
+
+        def run_mim(*argv):
+            result = subprocess.run([sys.executable, str(SCRIPTS / "run_mim.py"), *common, *argv], env=env,
+                                    capture_output=True, text=True, timeout=600)
+            assert result.returncode == 0, result.stderr[-4000:]
+            assert TOKEN not in result.stdout + result.stderr
+            return result
+
+        first = tmp_path / "first"
+        log = run_mim("--output_dir", first, "--push_to_hub", "--hub_model_id", REPO, "--hub_token", TOKEN,
+                      "--hub_strategy", "all_checkpoints").stderr
+        assert "2 pushes to tester/toy during training (steps 2, 4)" in log
+        summaries = [c["summary"] for c in hub.commits]
+        assert summaries[:2] == ["Training in progress, step 2", "Training in progress, step 4"]
+        assert summaries[2].startswith("run_mim.py: DbotForMaskedImageModeling")  # the finished folder, at the end
+        assert {"config.json", "model.safetensors", "modeling_dbot.py", "training_args.json"} <= set(hub.commits[0]["files"])
+        assert files_of(hub.folder(REPO) / "checkpoint-2") == files_of(first / "checkpoint-2")
+        shutil.rmtree(hub.folder(REPO) / "checkpoint-4")
+
+        resumed = tmp_path / "resumed"
+        log = run_mim("--output_dir", resumed, "--resume_from_checkpoint", REPO, "--hub_token", TOKEN).stderr
+        assert f"resumed from {resumed / 'checkpoint-2'} at step 2" in log
+        assert hub.tokens == {TOKEN}
+    reference, restarted = load_file(first / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert reference.keys() == restarted.keys()
+    assert all(torch.equal(reference[key], restarted[key]) for key in reference)
+    for folder in (tmp_path / "hub", first, resumed):
+        for path in folder.rglob("*"):
+            assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path

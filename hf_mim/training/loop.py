@@ -253,7 +253,15 @@ class TrainingLoop:
     def write_hub_model(self, folder: Path) -> None:
         """The model as pushed at a save (--hub_strategy every_save and up): its `save_pretrained` form
         (config, weights, hf_mim's model-zone code; a peft model: its adapter), else its bare weights."""
-        if hasattr(self.unwrapped, "save_pretrained"):
+        from transformers import PreTrainedModel
+        from transformers.utils import is_peft_available
+
+        savable = (PreTrainedModel,)
+        if is_peft_available():
+            from peft import PeftModel
+
+            savable += (PeftModel,)
+        if isinstance(self.unwrapped, savable):
             self.unwrapped.save_pretrained(folder)
         else:
             from safetensors.torch import save_file
