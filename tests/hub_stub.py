@@ -3,7 +3,7 @@
 Implements what pushes call (whoami, repo creation, branch creation, YAML validation, preupload,
 NDJSON commits with base64 files) and what downloads read (HEAD/GET `<repo>/resolve/<revision>/<file>`,
 the file listing `api/models/<repo>/tree/<revision>`). Committed files land in `root/<owner>/<name>/<revision>/`,
-so a test can load exactly what was pushed. The token the client sends is recorded, never written to disk.
+so a test can load exactly what was pushed (a deleted file is listed in the commit as "-<path>"). The token the client sends is recorded, never written to disk.
 `fail_commits`: the 1-based numbers of the commit attempts that fail (HTTP 507: a server failure huggingface_hub
 does not retry itself, unlike 500 or a dropped connection, which it retries with backoff before failing).
 """
@@ -123,6 +123,9 @@ class HubStub:
                         item = json.loads(line)
                         if item["key"] == "header":
                             summary = item["value"].get("summary", "")
+                        elif item["key"] == "deletedFile":
+                            (stub.root / repo / revision / item["value"]["path"]).unlink(missing_ok=True)
+                            files.append(f"-{item['value']['path']}")
                         elif item["key"] == "file":
                             value = item["value"]
                             target = stub.root / repo / revision / value["path"]

@@ -307,3 +307,29 @@ def test_run_mim_pushes_checkpoints_and_resumes_from_the_hub_id_bitwise(tmp_path
     for folder in (tmp_path / "hub", first, resumed):
         for path in folder.rglob("*"):
             assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.slow  # one tiny run_image_classification.py run (~15 s on 2 cores)
+def test_the_native_push_at_the_end_removes_what_pushes_during_training_left_on_main(tmp_path):
+    """A classifier pushed during training has its hf_mim form (custom code) on main; the finished run
+    puts the native form there, so that main holds no custom code (the hf_mim form is on its branch)."""
+    import os
+    import subprocess
+    import sys
+
+    with HubStub(tmp_path / "hub") as hub:
+        env = dict(os.environ, HF_ENDPOINT=hub.endpoint, HF_HUB_OFFLINE="0", HF_HOME=str(tmp_path / "hf_home"),
+                   OMP_NUM_THREADS="1", PYTHONPATH=str(SCRIPTS.parent), HF_DATASETS_OFFLINE="1")
+        result = subprocess.run(
+            [sys.executable, str(SCRIPTS / "run_image_classification.py"), "--model_type", "dbot", "--model_size", "tiny",
+             "--max_train_steps", "2", "--per_device_train_batch_size", "8", "--num_warmup_steps", "1", "--validation_split",
+             "none", "--output_dir", str(tmp_path / "run"), "--checkpointing_steps", "1", "--push_to_hub", "--hub_model_id",
+             REPO, "--hub_token", TOKEN, "--hub_strategy", "every_save"], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-4000:]
+    during = [c for c in hub.commits if c["summary"].startswith("Training in progress")]
+    assert [c["summary"] for c in during] == ["Training in progress, step 1", "Training in progress, step 2"]
+    assert "modeling_dbot.py" in during[0]["files"] and all(c["revision"] == "main" for c in during)
+    main = hub.folder(REPO)
+    assert not list(main.glob("*.py")) and "auto_map" not in (main / "config.json").read_text()
+    assert (hub.folder(REPO, "hf_mim") / "modeling_dbot.py").is_file()
+    assert "-modeling_dbot.py" in hub.commits[-1]["files"]  # deleted in the native form's commit

@@ -55,10 +55,12 @@ def push_folder_to_hub(
     api=None,
     revision: str | None = None,
     ignore_patterns: list[str] | None = None,
+    delete_patterns: list[str] | None = None,
 ) -> str:
     """Create (or reuse) `repo_id` and upload `folder` without checkpoints, optimizer states or tokens,
     to `revision` (a branch, created when missing; default: main). `ignore_patterns` replaces
-    `HUB_IGNORE_PATTERNS` for a folder staged on purpose (a checkpoint push still leaves `SECRET_PATTERNS` out).
+    `HUB_IGNORE_PATTERNS` for a folder staged on purpose (a checkpoint push still leaves `SECRET_PATTERNS` out);
+    `delete_patterns`: files of the repo to delete in the same commit (those the folder holds are kept).
 
     Returns the commit URL. Offline mode, no network and authentication errors become a
     `HubPushError` naming the repository and the failing step; the folder stays on disk.
@@ -84,6 +86,7 @@ def push_folder_to_hub(
             commit_message=commit_message,
             ignore_patterns=HUB_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns,
             **({"revision": revision} if revision else {}),
+            **({"delete_patterns": delete_patterns} if delete_patterns else {}),
         )
     except Exception as error:
         raise HubPushError(

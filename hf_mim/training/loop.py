@@ -252,16 +252,20 @@ class TrainingLoop:
 
     def write_hub_model(self, folder: Path) -> None:
         """The model as pushed at a save (--hub_strategy every_save and up): its `save_pretrained` form
-        (config, weights, hf_mim's model-zone code; a peft model: its adapter), else its bare weights."""
+        (config, weights, hf_mim's model-zone code), a peft model's adapter in `lora_adapter/` (an adapter
+        at the root would make `from_pretrained` of the repo load it as one), else its bare weights."""
         from transformers import PreTrainedModel
         from transformers.utils import is_peft_available
 
-        savable = (PreTrainedModel,)
         if is_peft_available():
             from peft import PeftModel
 
-            savable += (PeftModel,)
-        if isinstance(self.unwrapped, savable):
+            from .lora import ADAPTER_FOLDER
+
+            if isinstance(self.unwrapped, PeftModel):  # where the finished folder keeps it, not peft's root layout
+                self.unwrapped.save_pretrained(folder / ADAPTER_FOLDER)
+                return
+        if isinstance(self.unwrapped, PreTrainedModel):
             self.unwrapped.save_pretrained(folder)
         else:
             from safetensors.torch import save_file
