@@ -90,11 +90,10 @@ class TrainingPusher:
             shutil.rmtree(leftover, ignore_errors=True)
 
     # ---------------------------------------------------------------------------------- main thread
-    def save(self, step: int, checkpoint: Path, checkpoints: Sequence[Path], write_model: Callable[[Path], None],
-             files: dict[str, bytes] | None = None) -> None:
+    def save(self, step: int, checkpoint: Path, checkpoints: Sequence[Path], write_model: Callable[[Path], None]) -> None:
         """Stage the snapshot of this save and queue its upload. `checkpoint`: the one just saved;
         `checkpoints`: every complete local checkpoint (for all_checkpoints); `write_model(folder)` writes
-        the model's loadable form; `files`: more files for the root (e.g. training_args.json)."""
+        the root's files (the model's loadable form, training_args.json)."""
         self._forget_finished()
         self._last_step, self._checkpoints = step, [Path(folder) for folder in checkpoints]
         for job in self._jobs:  # a snapshot still waiting for the worker: this newer one replaces it
@@ -107,8 +106,6 @@ class TrainingPusher:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         write_model(staging)
-        for name, data in (files or {}).items():
-            (staging / name).write_bytes(data)
         names: set[str] = set()
         if self.strategy == "checkpoint":
             _link_tree(Path(checkpoint), staging / LAST_CHECKPOINT)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint, write_json_atomic
 from .guards import NonFiniteLossError, check_finite_loss
 from .run_setup import (
     RunHyperparameters,
@@ -383,9 +383,11 @@ class TrainingLoop:
         self.last_checkpoint = save_checkpoint(self.accelerator, self.run.output_dir, self.global_step, trainer_state,
                                                total_limit=self.args.checkpoints_total_limit)
         if self.hub_pusher is not None:  # the main process stages the push; a worker thread uploads it
-            args_file = json.dumps(public_args(self.args), indent=2, default=str) + "\n"
-            self.hub_pusher.save(self.global_step, self.last_checkpoint, list_checkpoints(self.run.output_dir),
-                                 self.write_hub_model, files={"training_args.json": args_file.encode()})
+            def write(folder: Path) -> None:
+                self.write_hub_model(folder)
+                write_json_atomic(folder / "training_args.json", public_args(self.args))  # without credentials
+
+            self.hub_pusher.save(self.global_step, self.last_checkpoint, list_checkpoints(self.run.output_dir), write)
 
     def finish(self, write_outputs) -> int:
         """The pushes during training finished (waited for; a last one that failed twice: status 1), then
