@@ -88,7 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--image_size", type=int, default=32)
     parser.add_argument("--patch_size", type=int, default=4)
     parser.add_argument("--model_size", default="demo")
-    parser.add_argument("--pretrain_steps", type=int, default=600, help="the same for every method (images = steps x batch)")
+    parser.add_argument("--pretrain_steps", type=int, help=(
+        "the same for every method (images = steps x batch); default: the demo recipe's budget for the training "
+        "set, 24 epochs and at least 600 steps (hf_mim/training/recipes.py: digits 600, MNIST 1,500)"))
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--eval_epochs_scale", type=float, default=1.0, help="scales the evaluation epochs")
     parser.add_argument("--seed", type=int, default=0)
@@ -128,6 +130,18 @@ def data_flags(args) -> tuple[list[str], list[str], str]:
     return ["--train_dir", str(train)], ["--train_dir", str(train), "--validation_dir", str(validation)], name
 
 
+def pretraining_steps(args) -> int:
+    """--pretrain_steps, else `demo_steps` of the labelled training split (counted from what the source records)."""
+    if args.pretrain_steps:
+        return args.pretrain_steps
+    from hf_mim.data import count_examples
+    from hf_mim.training.recipes import demo_steps
+
+    source = labelled_sources(args)["train"]
+    where = {key: value for key, value in source.items() if key in ("dataset_name", "dataset_config_name", "train_dir", "split")}
+    return demo_steps(count_examples(**where, progress=False), args.batch_size)
+
+
 def run(script: Path, flags: list, log: Path) -> float:
     """A training script as a user runs it (offline), its output in `log`; the wall time in seconds."""
     start = time.perf_counter()
@@ -143,7 +157,7 @@ def mim_flags(args, method: str, mim_data: list[str], output_dir: Path) -> list[
     flags = [*METHODS.get(method, METHODS["dbot"]), "--model_size", args.model_size, *mim_data,
              "--image_size", args.image_size, "--patch_size", args.patch_size,
              "--per_device_train_batch_size", args.batch_size, "--seed", args.seed, "--logging_steps", 50,
-             "--max_train_steps", args.pretrain_steps, "--output_dir", output_dir, "--overwrite_output_dir"]
+             "--max_train_steps", pretraining_steps(args), "--output_dir", output_dir, "--overwrite_output_dir"]
     overrides = ",".join(filter(None, [METHOD_CONFIG.get(method, ""), args.config_overrides]))
     if overrides:
         flags += ["--config_overrides", overrides]
@@ -356,6 +370,7 @@ def main(argv=None) -> None:
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     mim_data, cls_data, data_name = data_flags(args)
+    args.pretrain_steps = pretraining_steps(args)
     results_path = work / "results.json"
     saved = json.loads(results_path.read_text()) if args.reuse and results_path.is_file() else {}
     results, timings, spread = saved.get("top1", {}), saved.get("seconds", {}), saved.get("feature_spread", {})
@@ -420,7 +435,7 @@ def collect_finished(args, work: Path, results: dict, timings: dict, spread: dic
 def print_table(args, data_name: str, results: dict, timings: dict, spread: dict) -> None:
     peer = results.get(f"{PEER}-pretrained", {})
     print(f"\nLearning benchmark on {data_name}: {args.model_size} size, {args.image_size} px, patch "
-          f"{args.patch_size}, batch {args.batch_size}; top-1 % on the validation split "
+          f"{args.patch_size}, {args.pretrain_steps} steps of {args.batch_size} images; top-1 % on the validation split "
           f"(pretrained / random init / ViTMAE pretrained with the same budget)")
     print("| method | pretraining (min) | k-NN | linear probe | fine-tune 10 % labels | feature cosine (pre / rand) |")
     print("|---|---|---|---|---|---|")

@@ -71,3 +71,12 @@ def test_frozen_evaluations_read_extremas_momentum_encoder_and_fine_tuning_the_o
                 for key, value in load_file(tmp_path / "extrema" / "model.safetensors").items() if key.startswith("momentum_encoder.")}
     exported = load_file(probed / "model.safetensors")
     assert momentum and all(torch.equal(exported[f"encoder.{key}"], value) for key, value in momentum.items())
+
+
+def test_the_default_budget_is_the_demo_recipes_for_the_training_set():
+    """24 epochs of the labelled training images, at least 600 steps (recipes.demo_steps): 1,438 digits -> 600."""
+    args = learning_benchmark.parse_args([])
+    assert learning_benchmark.pretraining_steps(args) == 600
+    args = learning_benchmark.parse_args(["--batch_size", "16"])
+    assert learning_benchmark.pretraining_steps(args) == 2157  # ceil(24 x 1438 / 16)
+    assert learning_benchmark.pretraining_steps(learning_benchmark.parse_args(["--pretrain_steps", "7"])) == 7

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from hf_mim.training.recipes import (
-    DEMO_BASE_LEARNING_RATE, apply_demo_recipe, dbot_stages, demo_learning_rate, demo_recipe,
+    DEMO_BASE_LEARNING_RATE, apply_demo_budget, apply_demo_recipe, dbot_stages, demo_learning_rate, demo_recipe, demo_steps,
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "training_scripts"))
@@ -34,6 +34,25 @@ def test_maskdistill_without_a_teacher_regresses_pixels_and_with_one_keeps_its_t
     assert demo_recipe("maskdistill", 600, 64)[1] == {"target": "pixels"}
     assert demo_recipe("maskdistill", 600, 64, has_teacher=True)[1] == {}
     assert demo_recipe("amt", 600, 64) == ({"learning_rate": demo_learning_rate(64)}, {})
+
+
+@pytest.mark.parametrize("examples, batch, steps", [(1438, 64, 600), (4000, 64, 1500), (4001, 64, 1501), (100, 8, 600),
+                                                    (1_281_167, 4096, 7507)])
+def test_the_budget_is_24_epochs_and_at_least_600_steps(examples, batch, steps):
+    assert demo_steps(examples, batch) == steps  # by hand: max(600, ceil(24 x examples / batch))
+
+
+def test_the_budget_fills_only_a_run_without_one(tmp_path):
+    args = parse("--per_device_train_batch_size", "64")
+    assert apply_demo_budget(args, 4000, 64) == {"max_train_steps": 1500} and args.max_train_steps == 1500
+    for given in (["--max_train_steps", "50"], ["--num_train_epochs", "2"]):
+        args = parse(*given)
+        before = args.max_train_steps
+        assert apply_demo_budget(args, 4000, 64) == {} and args.max_train_steps == before
+    args = run_mim.parse_args(["--train_dir", "unused", "--model_size", "base"])
+    assert apply_demo_budget(args, 4000, 64) == {} and args.max_train_steps is None
+    args = parse()
+    assert apply_demo_budget(args, None, 64) == {} and args.max_train_steps is None  # not counted: the user's epochs
 
 
 def parse(*flags):

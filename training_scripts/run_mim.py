@@ -54,7 +54,7 @@ from hf_mim.training.pretraining import (
     build_pretraining_model, build_pretraining_optimization, data_source, evaluate_pretraining_loss, load_stream, load_validation_stream, run_summary,
     save_mim_picture_of, write_outputs,
 )
-from hf_mim.training.recipes import apply_demo_recipe
+from hf_mim.training.recipes import apply_demo_budget, apply_demo_recipe
 from hf_mim.training.visualize import log_pictures
 
 logger = logging.getLogger("run_mim")
@@ -214,8 +214,9 @@ def train(args: argparse.Namespace, phase=None) -> int:
     if args.max_train_steps is None or args.checkpointing_steps == "epoch":  # counted from what the source records
         examples = training_examples(args, args.num_train_examples or count_examples(
             **data_source(args), progress=accelerator.is_local_main_process, load_kwargs=hub_kwargs(args, revision=False)))
+    budget = apply_demo_budget(args, examples, total_batch)  # the demo recipe's epochs when no budget is given
     total_steps = optimizer_steps(args, examples, total_batch, minimum=args.num_stages)
-    recipe = apply_demo_recipe(args, total_steps, total_batch)
+    recipe = {**budget, **apply_demo_recipe(args, total_steps, total_batch)}
     total_steps = max(total_steps, args.num_stages)
 
     model, config = build_pretraining_model(args, run.saved_state["model_config"] if run.saved_state else None)

@@ -7,6 +7,12 @@ meaning what they meant, and the run learns less than a random initialisation al
 see benchmarks/learning_benchmark.py and the README). The rules below keep what each constant *does*
 and restate it for the budget, each a documented function of the total steps T and the total batch B:
 
+- budget, when the command line gives none (no --max_train_steps, no --num_train_epochs): DEMO_EPOCHS epochs
+  of the training set, at least DEMO_MIN_STEPS steps (`demo_steps`). The run must pass through the phase where
+  masked modeling first unlearns what a random initialisation knows (measured with AMT on MAE, batch 64: the
+  embedded digits' 1,438 images learn in 600 steps, 27 epochs; MNIST's 4,000 do not in 600 steps, 10 epochs,
+  k-NN 37.3 against 43.1 at random initialisation, fine-tuning on 10 % 42.4 against 69.2, and do in 1,500
+  steps, 24 epochs: k-NN 70.6, fine-tuning 92.7). Epochs, not steps, decide it.
 - learning rate = DEMO_BASE_LEARNING_RATE x B / 256 (the papers' linear rule with a base rate sized for
   hundreds, not hundreds of thousands, of steps: 1e-3 at batch 64); warm-up 5 % of a stage (every run).
 - dBOT: as many stages as keep DBOT_STEPS_PER_STAGE steps each, up to three (the official recipe has two):
@@ -28,8 +34,19 @@ run_mim.py applies them to whatever the user did not set.
 
 from __future__ import annotations
 
+import math
+
 DEMO_BASE_LEARNING_RATE = 4e-3
+DEMO_EPOCHS = 24
+DEMO_MIN_STEPS = 600
 DBOT_STEPS_PER_STAGE = 300
+
+
+def demo_steps(examples: int, total_batch: int) -> int:
+    """The demo budget: DEMO_EPOCHS epochs of `examples` images, at least DEMO_MIN_STEPS optimizer steps."""
+    if examples < 1 or total_batch < 1:
+        raise ValueError(f"the demo budget needs images and a batch, got {examples} images x batch {total_batch}")
+    return max(DEMO_MIN_STEPS, math.ceil(DEMO_EPOCHS * examples / total_batch))
 
 
 def demo_learning_rate(total_batch: int) -> float:
@@ -61,13 +78,27 @@ def demo_recipe(model_type: str, total_steps: int, total_batch: int, has_teacher
     return {"learning_rate": demo_learning_rate(total_batch), **flags}, config
 
 
+def uses_demo_recipe(args) -> bool:
+    """`--model_size demo` trained from scratch (no weights or config given)."""
+    return args.model_size == "demo" and not args.model_name_or_path and not getattr(args, "config_name_or_path", None)
+
+
+def apply_demo_budget(args, examples: int | None, total_batch: int) -> dict:
+    """For the demo recipe with no budget on the command line: --max_train_steps = `demo_steps` of the counted
+    training images. Returns what it set ({} otherwise)."""
+    if not uses_demo_recipe(args) or args.max_train_steps is not None or args.num_train_epochs is not None or not examples:
+        return {}
+    args.max_train_steps = demo_steps(examples, total_batch)
+    return {"max_train_steps": args.max_train_steps}
+
+
 def apply_demo_recipe(args, total_steps: int, total_batch: int) -> dict:
     """For `--model_size demo` trained from scratch: set the recipe's flags the user left unset
     (`args.explicit_flags`; an explicit --base_learning_rate keeps its lr) and its config fields as
     `args.recipe_config` (beneath --config_overrides). Returns what it set ({} for any other run)."""
     from .overrides import parse_overrides
 
-    if args.model_size != "demo" or args.model_name_or_path or getattr(args, "config_name_or_path", None):
+    if not uses_demo_recipe(args):
         return {}
     flags, config = demo_recipe(args.model_type, total_steps, total_batch, has_teacher=args.teacher_name_or_path is not None)
     explicit = set(args.explicit_flags) | ({"learning_rate"} if "base_learning_rate" in args.explicit_flags else set())
@@ -80,5 +111,6 @@ def apply_demo_recipe(args, total_steps: int, total_batch: int) -> dict:
 
 
 __all__ = [
-    "DEMO_BASE_LEARNING_RATE", "apply_demo_recipe", "dbot_stages", "demo_learning_rate", "demo_recipe",
+    "DEMO_BASE_LEARNING_RATE", "DEMO_EPOCHS", "DEMO_MIN_STEPS", "apply_demo_budget", "apply_demo_recipe", "dbot_stages",
+    "demo_learning_rate", "demo_recipe", "demo_steps", "uses_demo_recipe",
 ]
