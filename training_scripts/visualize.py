@@ -7,9 +7,9 @@
 
 One PNG per image (`<image name>.png`): the input (centred crop at the model's size), the input with the
 patches the model's own mask generator hides (seeded by --seed and the image's content), and what that
-method's picture shows besides (dBOT, MaskDistill: the per-patch loss; RevColV2: the reconstruction; AMT:
-the loss, its attention map with the masked / thrown / visible patches and the reconstruction). The same
-as a function: `hf_mim.training.visualize.visualize_checkpoint`.
+method's picture shows besides (dBOT, MaskDistill: the per-patch loss; RevColV2: the loss and the
+reconstruction; AMT: the loss, its attention map with the masked / thrown / visible patches and the
+reconstruction). The same as a function: `hf_mim.training.visualize_checkpoint`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import sys
 
 import hf_mim  # noqa: F401  (registers every hf_mim model with the Auto classes)
 from hf_mim.training.run_setup import check_positive_flags, report_user_errors
-from hf_mim.training.visualize import visualize_checkpoint
+from hf_mim.training import visualize_checkpoint
 
 SCRIPT = "hf-mim-visualize"
 

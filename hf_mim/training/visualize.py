@@ -133,8 +133,6 @@ def log_pictures(accelerator, pictures: dict[str, str | Path | Image.Image], ste
 
 # ------------------------------------------------------------------ pictures of any saved checkpoint
 
-MAX_IMAGE_SIDE_PIXELS = 1 << 28  # decode guard of the pictures' inputs (hf_mim.data's default budget is for training)
-
 
 def centred_view_transform(image_size):
     """The deterministic view the pictures show: the largest centred crop with the model's aspect, resized
@@ -229,7 +227,7 @@ def read_picture_input(path: Path):
         data = path.read_bytes()
     except OSError as error:
         raise UserInputError(f"--images {path}: cannot read the file ({error.strerror or error})") from error
-    image = decode_image(data, min_size=1, max_pixels=MAX_IMAGE_SIDE_PIXELS)
+    image = decode_image(data, min_size=1)  # over hf_mim.data's pixel budget: a JPEG at reduced scale, else refused
     if image is None:
         raise UserInputError(f"--images {path}: not a readable image (undecodable, truncated or too large)")
     return image, example_id({"image": {"bytes": data, "path": None}}, "image")
