@@ -44,7 +44,7 @@ import torch
 from bench_pretrain import CpuContention, Meter  # wall + CPU time with CUDA sync; other processes' CPU share
 
 from hf_mim import AmtConfig, AmtForMaskedImageModeling
-from hf_mim.masking import ThrowMasks, units_from_patches
+from hf_mim.masking_attention import ThrowMasks, units_from_patches
 
 BASELINE_RATIO = {"mae": 0.75, "simmim": 0.6}  # each host method's own random-masking ratio
 SCHEDULE_EPOCHS = {"mae": 400, "simmim": 200}  # official AMT pretraining lengths

@@ -41,10 +41,8 @@ from .modeling_amt import (
     AmtBackbone,
     AmtForImageClassification,
     AmtForMaskedImageModeling,
-    AmtMaeForMaskedImageModeling,
     AmtModel,
     AmtPreTrainedModel,
-    AmtSimMIMForMaskedImageModeling,
 )
 from .auto import MODEL_FAMILIES, ModelFamily, register_all
 
@@ -81,8 +79,6 @@ __all__ = [
     "AmtModel",
     "AmtPreTrainedModel",
     "AmtForMaskedImageModeling",
-    "AmtMaeForMaskedImageModeling",
-    "AmtSimMIMForMaskedImageModeling",
     "AmtForImageClassification",
     "AmtBackbone",
     "MODEL_FAMILIES",

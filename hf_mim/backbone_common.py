@@ -28,7 +28,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.modeling_outputs import BackboneOutput
 
-from .modeling_common import RelativePositionBias
+from .relative_position import RelativePositionBias
 
 # relative resampling of each pyramid level (x4, x2, x1, x1/2 of the patch grid): strides 4/8/16/32 at patch 16
 PYRAMID_SCALES = (4.0, 2.0, 1.0, 0.5)

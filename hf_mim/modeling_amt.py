@@ -6,56 +6,38 @@ image. A training crop's map then orders its mask units by weighted sampling wit
 first r are masked (reconstructed), the next t thrown (seen by nobody, not reconstructed, not in the
 loss), the rest visible. Until the first refresh the masks are uniformly random.
 
-Two host classes share that masking (`AmtForMaskedImageModeling`, which builds the host of
-`config.variant`):
-- `AmtMaeForMaskedImageModeling` (variant "mae"): the encoder sees the visible patches; the decoder fills
+One model class, `AmtForMaskedImageModeling`, holds the host of `config.variant` (a component without
+weights of its own that builds the decoder and writes the host's steps):
+- `MaeHost` (variant "mae"): the encoder sees the visible patches; the decoder fills
   mask tokens for masked and thrown patches, adds positions, then drops the thrown ones; MSE on the
   masked patches.
-- `AmtSimMIMForMaskedImageModeling` (variant "simmim"): masked patches become the mask token in place,
+- `SimMIMHost` (variant "simmim"): masked patches become the mask token in place,
   thrown patches are dropped after the position embedding; a per-token linear head (SimMIM's 1x1 conv +
   pixel shuffle); L1 on masked pixels.
-Each host class also holds the few facts its host decides for the other classes (initialisation,
+Each host also holds the few facts its host decides for the other classes (initialisation,
 classifier init, mask-count rounding, how a masked image enters the encoder, the pretraining crop).
 `masking_strategy="random"` gives the plain MAE / SimMIM baselines.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
-from transformers.dynamic_module_utils import custom_object_save
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.utils import ModelOutput
 
 from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_amt import AmtConfig
-from .masking import (
-    AttentionMaskGenerator,
-    MaskIndices,
-    ThrowMasks,
-    indices_from_bool_masked_pos,
-    normalized_cls_attention,
-)
-from .modeling_common import (
-    MIMPreTrainedModel,
-    MIMTrainingEventsMixin,
-    ImageClassificationMixin,
-    MaeDecoder,
-    MeanPooler,
-    builds_pretrained_encoder,
-    ViTEncoder,
-    VisionEmbeddings,
-    backbone_output,
-    gather_tokens,
-    init_beit_weights,
-    init_vit_weights,
-    tag_beit_rescaled_layers,
-)
+from .masking import indices_from_bool_masked_pos, MaskIndices
+from .masking_attention import AttentionMaskGenerator, normalized_cls_attention, ThrowMasks
+from .beit_init import init_beit_weights, tag_beit_rescaled_layers
+from .modeling_base import backbone_output, builds_pretrained_encoder, ImageClassificationMixin, MIMPreTrainedModel
+from .training_events import MIMTrainingEventsMixin
+from .vit_blocks import gather_tokens, init_vit_weights, MaeDecoder, MeanPooler, VisionEmbeddings, ViTEncoder
 from .objectives import elementwise_loss, normalize_per_token, patchify, predictions_to_pixels, weighted_token_mean
 
 
@@ -90,13 +72,6 @@ class AmtMaskedImageModelingOutput(ModelOutput):
     attention_map: torch.Tensor | None = None
 
 
-def amt_host(config: AmtConfig) -> type[AmtForMaskedImageModeling]:
-    """The host class of `config.variant` (`AMT_HOSTS`). Besides pretraining, it holds what its host decides
-    for every AMT class of that variant: the initialisation, the classifier head's init, the mask-count
-    rounding, how a masked image enters the encoder, the pretraining crop."""
-    return AMT_HOSTS[config.variant]
-
-
 def build_encoder(config: AmtConfig, use_final_norm: bool, use_mask_token: bool) -> ViTEncoder:
     """The host's ViT: MAE's plain ViT with a sin-cos table, or SimMIM's BEiT-style ViT (layer scale,
     learned absolute positions; k bias is inert under softmax, so a fused qkv bias equals BEiT's q/v
@@ -121,6 +96,129 @@ def build_encoder(config: AmtConfig, use_final_norm: bool, use_mask_token: bool)
     )
     tag_beit_rescaled_layers(encoder.layers)
     return encoder
+
+
+class MaeHost:
+    """AMT hosted by MAE (mae-AMT's `models_mae.py`): the encoder sees only the visible patches; the
+    decoder fills mask tokens for the masked and thrown patches, adds its positions, drops the thrown
+    ones and predicts the pixels of the rest; MSE on the masked patches (per-patch normalised pixels
+    with `norm_pix_loss`). Also what MAE decides for every AMT class of this variant (base model,
+    classifier, backbone, data). Holds no weights: the model owns the decoder it builds."""
+
+    variant = "mae"
+    replaces_masked_patches = False  # the encoder drops the masked patches: no mask token
+    mask_count_rounding = "floor"  # mae-AMT: int(N r) masked, int(N (r + t)) masked + thrown
+    classifier_init_std = 2e-5  # MAE fine-tuning: trunc-normal(2e-5) head
+    pretraining_crop_scale = (0.2, 1.0)  # RandomResizedCrop(scale=(0.2, 1)) + flip
+    pretraining_no_weight_decay = ()  # mae-AMT: timm add_weight_decay, no skip list (cls and mask tokens decayed)
+
+    @staticmethod
+    def init_module(module: nn.Module, std: float) -> None:
+        """MAE's initialisation (xavier-uniform linears and patch projection, N(0, std) tokens)."""
+        init_vit_weights(module, token_std=std)
+
+    @staticmethod
+    def build_decoder(config: AmtConfig) -> nn.Module:
+        return MaeDecoder(
+            config,
+            input_dim=config.hidden_size,
+            dim=config.decoder_hidden_size,
+            depth=config.decoder_num_hidden_layers,
+            num_heads=config.decoder_num_attention_heads,
+            output_dim=config.patch_size**2 * config.num_channels,
+            grid_size=config.image_size // config.patch_size,
+            mlp_ratio=config.mlp_ratio,
+            qkv_bias=config.qkv_bias,
+            layer_norm_eps=config.layer_norm_eps,
+        )
+
+    @staticmethod
+    def forward_encoder(
+        encoder: ViTEncoder, pixel_values: torch.Tensor, masks: ThrowMasks, counts: tuple[int, int], **flags
+    ):
+        """The encoder on the visible patches only (raster order). Returns (encoder output, index form of
+        the removed patches: the decoder's unshuffle). Also `AmtModel`'s, given masks."""
+        num_masked, num_thrown = counts
+        removed = indices_from_bool_masked_pos(masks.bool_masked_pos | masks.bool_thrown_pos, num_masked + num_thrown)
+        return encoder(pixel_values, ids_keep=removed.ids_keep, **flags), removed
+
+    @staticmethod
+    def forward_decoder(
+        decoder: nn.Module, hidden_states: torch.Tensor, removed: MaskIndices, grid: tuple[int, int],
+        ids_unthrown: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mask tokens for the removed patches, positions, thrown patches dropped: predictions (B, K, p*p*C)
+        of the unthrown patches (the cls row dropped)."""
+        return decoder(hidden_states, removed.ids_restore, grid, ids_predict=ids_unthrown)[:, 1:]
+
+    @staticmethod
+    def forward_loss(config: AmtConfig, predictions: torch.Tensor, target: torch.Tensor, weights: torch.Tensor):
+        """(MSE per patch averaged over the masked patches, per-patch loss)."""
+        per_patch = elementwise_loss(predictions.float(), target.float(), "mse").mean(dim=-1)
+        return weighted_token_mean(per_patch, weights), per_patch
+
+
+class SimMIMHost:
+    """AMT hosted by SimMIM (SimMIM-AMT's `models/simmim.py`): a BEiT-style ViT; masked patches become the
+    mask token in place, thrown patches are dropped after the position embedding; a per-token linear head
+    (SimMIM's 1x1 conv + pixel shuffle, in patchify order); L1 over the masked pixels. Also what SimMIM
+    decides for every AMT class of this variant."""
+
+    variant = "simmim"
+    replaces_masked_patches = True  # masked patches become the encoder's mask token
+    mask_count_rounding = "ceil"  # SimMIM-AMT: ceil(N r) masked, ceil(N (r + t)) masked + thrown
+    classifier_init_std = 0.02  # BEiT fine-tuning: trunc-normal(0.02) head
+    pretraining_crop_scale = (0.67, 1.0)  # RandomResizedCrop(scale=(0.67, 1), ratio 3/4-4/3) + flip
+    # SimMIM's pretraining optimizer: no decay for 1-D tensors, biases and the encoder's no_weight_decay()
+    # ({pos_embed, cls_token}); its mask token is decayed
+    pretraining_no_weight_decay = ("cls_token", "position_embeddings")
+
+    @staticmethod
+    def init_module(module: nn.Module, std: float) -> None:
+        """BEiT's initialisation (trunc-normal, attn.proj / mlp.fc2 rescaled by depth)."""
+        init_beit_weights(module, std)
+
+    @staticmethod
+    def build_decoder(config: AmtConfig) -> nn.Module:
+        """SimMIM's 1x1 conv + PixelShuffle is one linear map per token; outputs in patchify order."""
+        return nn.Linear(config.hidden_size, config.patch_size**2 * config.num_channels)
+
+    @staticmethod
+    def forward_encoder(
+        encoder: ViTEncoder, pixel_values: torch.Tensor, masks: ThrowMasks, counts: tuple[int, int], **flags
+    ):
+        """The encoder on every unthrown patch, the masked ones as the mask token (set before the positions
+        are added; thrown patches are dropped after). Returns (encoder output, None). Also `AmtModel`'s."""
+        num_thrown = counts[1]
+        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos, num_thrown).ids_keep if num_thrown else None
+        return encoder(pixel_values, ids_keep=ids_unthrown, bool_masked_pos=masks.bool_masked_pos, **flags), None
+
+    @staticmethod
+    def forward_decoder(
+        decoder: nn.Module, hidden_states: torch.Tensor, removed: None, grid: tuple[int, int], ids_unthrown: torch.Tensor
+    ) -> torch.Tensor:
+        """One linear map per unthrown patch token (the cls token dropped): (B, K, p*p*C)."""
+        return decoder(hidden_states[:, 1:])
+
+    @staticmethod
+    def forward_loss(config: AmtConfig, predictions: torch.Tensor, target: torch.Tensor, weights: torch.Tensor):
+        """(SimMIM's L1: sum |error| over masked pixels and channels / (masked pixels + 1e-5) / channels,
+        per-patch loss)."""
+        per_patch = elementwise_loss(predictions.float(), target.float(), "l1").mean(dim=-1)
+        masked_pixels = weights.sum() * config.patch_size**2
+        loss = (per_patch * weights).sum() * target.shape[-1] / (masked_pixels + 1e-5) / config.num_channels
+        return loss, per_patch
+
+
+# config.variant -> its host
+AMT_HOSTS = {host.variant: host for host in (MaeHost, SimMIMHost)}
+
+
+def amt_host(config: AmtConfig) -> type[MaeHost] | type[SimMIMHost]:
+    """The host of `config.variant`: besides pretraining (decoder, encoder input, loss), what it decides
+    for every AMT class of that variant: the initialisation, the classifier head's init, the mask-count
+    rounding, the pretraining crop."""
+    return AMT_HOSTS[config.variant]
 
 
 class AmtPreTrainedModel(MIMPreTrainedModel):
@@ -240,53 +338,30 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
     masking, the attention refresh (`attention_scores`), the training events the generic loop calls
     (`MIMTrainingEventsMixin`: `mask_generator(attention_maps)` draws per-example masks from the loop's
     attention-map store, `attention_refresh_steps(total_steps)` says when the refresh pass,
-    `forward(attention_scores_only=True)`, runs), the pixel targets and the output. The hosts,
-    `AmtMaeForMaskedImageModeling` and `AmtSimMIMForMaskedImageModeling`, each bring their `__init__`
-    (the decoder), `forward_encoder`, `forward_decoder` and `forward_loss`.
+    `forward(attention_scores_only=True)`, runs), the pixel targets and the output.
 
-    `AmtForMaskedImageModeling(config)`, `.from_pretrained(...)` and the Auto classes build the host of
-    `config.variant`: `__new__` picks the subclass when called on this class itself. transformers has no
-    per-config choice of class within one model type (Auto mappings choose by config class, or by
-    `architectures`, which a fresh config lacks); this way one registered class, one `auto_map` entry,
-    loads both hosts' folders, old ones included. A host class built directly refuses a config of the
-    other variant.
+    The host of `config.variant` (`MaeHost` or `SimMIMHost`, `self.host`, no weights of its own) builds
+    the decoder and writes `forward_encoder`, `forward_decoder` and `forward_loss`; one class, one
+    `auto_map` entry, for both hosts' folders (old ones, which name a host class in `architectures`,
+    included).
     """
 
     _keys_to_ignore_on_load_unexpected = [r"^amt\.pooler\.", r"^classifier\."]
 
-    # each host sets these (see `AmtMaeForMaskedImageModeling`)
-    host_variant: str
-    replaces_masked_patches: bool  # masked patches become the encoder's mask token (else they are dropped)
-    mask_count_rounding: str
-    classifier_init_std: float
-    pretraining_crop_scale: tuple[float, float]
-
-    def __new__(cls, config: AmtConfig | None = None, *args, **kwargs):
-        if cls is AmtForMaskedImageModeling and config is not None:
-            cls = amt_host(config)
-        return super().__new__(cls)
-
     def __init__(self, config: AmtConfig):
         super().__init__(config)
-        if config.variant != self.host_variant:
-            raise ValueError(
-                f"{type(self).__name__} is the {self.host_variant!r} host but config.variant={config.variant!r}: "
-                "build AmtForMaskedImageModeling(config), which picks the host, or change variant"
-            )
-        self.amt = AmtModel(config, add_pooling_layer=False, use_mask_token=self.replaces_masked_patches)
+        self.host = amt_host(config)
+        self.amt = AmtModel(config, add_pooling_layer=False, use_mask_token=self.host.replaces_masked_patches)
         if config.position_embedding_type == "sincos":
             # a fixed sin-cos table during pretraining (MAE); learnable again when fine-tuning
             self.amt.encoder.embeddings.position_embeddings.requires_grad_(False)
         self.mask_generator()  # fails now, naming the fields, if the ratios leave no visible unit
+        self.decoder = self.host.build_decoder(config)
+        self.post_init()
 
-    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
-        """Saved as the class that dispatches: transformers' custom-object saving writes the saved object's
-        class into `auto_map`, so the hosts are not registered themselves (`_auto_class = None`) and their
-        code files are copied here; `auto_map` names `AmtForMaskedImageModeling` (`MIMPreTrainedModel`)."""
-        if is_main_process and AmtForMaskedImageModeling.is_remote_code():
-            os.makedirs(save_directory, exist_ok=True)
-            custom_object_save(self, save_directory)
-        return super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+    @property
+    def pretraining_no_weight_decay(self) -> tuple[str, ...]:
+        return self.host.pretraining_no_weight_decay
 
     # ----------------------------------------------------------------------------------- masking
     def mask_generator(self, attention_maps=None) -> AttentionMaskGenerator:
@@ -372,7 +447,7 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
         ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos, counts[1]).ids_keep
 
         encoded, removed = self.forward_encoder(
-            self.amt.encoder, pixel_values, masks, counts, interpolate_pos_encoding=interpolate_pos_encoding,
+            pixel_values, masks, counts, interpolate_pos_encoding=interpolate_pos_encoding,
             output_hidden_states=output_hidden_states, output_attentions=output_attentions,
         )
         predictions = self.forward_decoder(encoded.last_hidden_state, removed, grid, ids_unthrown)
@@ -404,123 +479,20 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
-
-class AmtMaeForMaskedImageModeling(AmtForMaskedImageModeling):
-    """AMT hosted by MAE (mae-AMT's `models_mae.py`): the encoder sees only the visible patches; the
-    decoder fills mask tokens for the masked and thrown patches, adds its positions, drops the thrown
-    ones and predicts the pixels of the rest; MSE on the masked patches (per-patch normalised pixels
-    with `norm_pix_loss`)."""
-
-    _auto_class = None  # saved as AmtForMaskedImageModeling (see `save_pretrained`)
-    host_variant = "mae"
-    # what MAE decides for every AMT class of this variant (base model, classifier, backbone, data)
-    replaces_masked_patches = False  # the encoder drops the masked patches: no mask token
-    mask_count_rounding = "floor"  # mae-AMT: int(N r) masked, int(N (r + t)) masked + thrown
-    classifier_init_std = 2e-5  # MAE fine-tuning: trunc-normal(2e-5) head
-    pretraining_crop_scale = (0.2, 1.0)  # RandomResizedCrop(scale=(0.2, 1)) + flip
-    pretraining_no_weight_decay = ()  # mae-AMT: timm add_weight_decay, no skip list (cls and mask tokens decayed)
-
-    @staticmethod
-    def init_module(module: nn.Module, std: float) -> None:
-        """MAE's initialisation (xavier-uniform linears and patch projection, N(0, std) tokens)."""
-        init_vit_weights(module, token_std=std)
-
-    def __init__(self, config: AmtConfig):
-        super().__init__(config)  # the encoder (`amt`) and the attention-driven masking
-        self.decoder = MaeDecoder(
-            config,
-            input_dim=config.hidden_size,
-            dim=config.decoder_hidden_size,
-            depth=config.decoder_num_hidden_layers,
-            num_heads=config.decoder_num_attention_heads,
-            output_dim=config.patch_size**2 * config.num_channels,
-            grid_size=config.image_size // config.patch_size,
-            mlp_ratio=config.mlp_ratio,
-            qkv_bias=config.qkv_bias,
-            layer_norm_eps=config.layer_norm_eps,
-        )
-        self.post_init()
-
-    @staticmethod
-    def forward_encoder(
-        encoder: ViTEncoder, pixel_values: torch.Tensor, masks: ThrowMasks, counts: tuple[int, int], **flags
-    ):
-        """The encoder on the visible patches only (raster order). Returns (encoder output, index form of
-        the removed patches: the decoder's unshuffle). Also `AmtModel`'s, given masks."""
-        num_masked, num_thrown = counts
-        removed = indices_from_bool_masked_pos(masks.bool_masked_pos | masks.bool_thrown_pos, num_masked + num_thrown)
-        return encoder(pixel_values, ids_keep=removed.ids_keep, **flags), removed
+    def forward_encoder(self, pixel_values: torch.Tensor, masks: ThrowMasks, counts: tuple[int, int], **flags):
+        """The host's encoder input (MAE: visible patches only; SimMIM: mask tokens in place, thrown patches
+        dropped): (encoder output, what the decoder needs of the removed patches)."""
+        return self.host.forward_encoder(self.amt.encoder, pixel_values, masks, counts, **flags)
 
     def forward_decoder(
-        self, hidden_states: torch.Tensor, removed: MaskIndices, grid: tuple[int, int], ids_unthrown: torch.Tensor
+        self, hidden_states: torch.Tensor, removed, grid: tuple[int, int], ids_unthrown: torch.Tensor
     ) -> torch.Tensor:
-        """Mask tokens for the removed patches, positions, thrown patches dropped: predictions (B, K, p*p*C)
-        of the unthrown patches (the cls row dropped)."""
-        return self.decoder(hidden_states, removed.ids_restore, grid, ids_predict=ids_unthrown)[:, 1:]
+        """(B, K, p*p*C) pixel predictions of the K unthrown patches (the host's decoder)."""
+        return self.host.forward_decoder(self.decoder, hidden_states, removed, grid, ids_unthrown)
 
     def forward_loss(self, predictions: torch.Tensor, target: torch.Tensor, weights: torch.Tensor):
-        """(MSE per patch averaged over the masked patches, per-patch loss)."""
-        per_patch = elementwise_loss(predictions.float(), target.float(), "mse").mean(dim=-1)
-        return weighted_token_mean(per_patch, weights), per_patch
-
-
-class AmtSimMIMForMaskedImageModeling(AmtForMaskedImageModeling):
-    """AMT hosted by SimMIM (SimMIM-AMT's `models/simmim.py`): a BEiT-style ViT; masked patches become the
-    mask token in place, thrown patches are dropped after the position embedding; a per-token linear head
-    (SimMIM's 1x1 conv + pixel shuffle, in patchify order); L1 over the masked pixels."""
-
-    _auto_class = None  # saved as AmtForMaskedImageModeling (see `save_pretrained`)
-    host_variant = "simmim"
-    # what SimMIM decides for every AMT class of this variant (base model, classifier, backbone, data)
-    replaces_masked_patches = True  # masked patches become the encoder's mask token
-    mask_count_rounding = "ceil"  # SimMIM-AMT: ceil(N r) masked, ceil(N (r + t)) masked + thrown
-    classifier_init_std = 0.02  # BEiT fine-tuning: trunc-normal(0.02) head
-    pretraining_crop_scale = (0.67, 1.0)  # RandomResizedCrop(scale=(0.67, 1), ratio 3/4-4/3) + flip
-    # SimMIM's pretraining optimizer: no decay for 1-D tensors, biases and the encoder's no_weight_decay()
-    # ({pos_embed, cls_token}); its mask token is decayed
-    pretraining_no_weight_decay = ("cls_token", "position_embeddings")
-
-    @staticmethod
-    def init_module(module: nn.Module, std: float) -> None:
-        """BEiT's initialisation (trunc-normal, attn.proj / mlp.fc2 rescaled by depth)."""
-        init_beit_weights(module, std)
-
-    def __init__(self, config: AmtConfig):
-        super().__init__(config)  # the encoder (`amt`, with a mask token) and the attention-driven masking
-        # SimMIM's 1x1 conv + PixelShuffle is one linear map per token; outputs in patchify order
-        self.decoder = nn.Linear(config.hidden_size, config.patch_size**2 * config.num_channels)
-        self.post_init()
-
-    @staticmethod
-    def forward_encoder(
-        encoder: ViTEncoder, pixel_values: torch.Tensor, masks: ThrowMasks, counts: tuple[int, int], **flags
-    ):
-        """The encoder on every unthrown patch, the masked ones as the mask token (set before the positions
-        are added; thrown patches are dropped after). Returns (encoder output, None). Also `AmtModel`'s."""
-        num_thrown = counts[1]
-        ids_unthrown = indices_from_bool_masked_pos(masks.bool_thrown_pos, num_thrown).ids_keep if num_thrown else None
-        return encoder(pixel_values, ids_keep=ids_unthrown, bool_masked_pos=masks.bool_masked_pos, **flags), None
-
-    def forward_decoder(
-        self, hidden_states: torch.Tensor, removed: None, grid: tuple[int, int], ids_unthrown: torch.Tensor
-    ) -> torch.Tensor:
-        """One linear map per unthrown patch token (the cls token dropped): (B, K, p*p*C)."""
-        return self.decoder(hidden_states[:, 1:])
-
-    def forward_loss(self, predictions: torch.Tensor, target: torch.Tensor, weights: torch.Tensor):
-        """(SimMIM's L1: sum |error| over masked pixels and channels / (masked pixels + 1e-5) / channels,
-        per-patch loss)."""
-        per_patch = elementwise_loss(predictions.float(), target.float(), "l1").mean(dim=-1)
-        masked_pixels = weights.sum() * self.config.patch_size**2
-        loss = (per_patch * weights).sum() * target.shape[-1] / (masked_pixels + 1e-5) / self.config.num_channels
-        return loss, per_patch
-
-
-# variant -> host class (`amt_host`)
-AMT_HOSTS: dict[str, type[AmtForMaskedImageModeling]] = {
-    "mae": AmtMaeForMaskedImageModeling,
-    "simmim": AmtSimMIMForMaskedImageModeling,
-}
+        """(the host's loss over the masked patches, per-patch loss)."""
+        return self.host.forward_loss(self.config, predictions, target, weights)
 
 
 class AmtForImageClassification(ImageClassificationMixin, AmtPreTrainedModel):
@@ -560,8 +532,6 @@ __all__ = [
     "AmtPreTrainedModel",
     "AmtModel",
     "AmtForMaskedImageModeling",
-    "AmtMaeForMaskedImageModeling",
-    "AmtSimMIMForMaskedImageModeling",
     "AmtForImageClassification",
     "AmtBackbone",
 ]

@@ -21,20 +21,17 @@ from transformers.utils import ModelOutput
 
 from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_dbot import DbotConfig
-from .masking import RandomMaskGenerator, indices_from_bool_masked_pos, num_masked_patches
-from .modeling_common import (
-    MIMPreTrainedModel,
-    MIMTrainingEventsMixin,
-    ImageClassificationMixin,
-    MaeDecoder,
-    MeanPooler,
-    builds_pretrained_encoder,
-    ViTEncoder,
-    backbone_output,
+from .masking import indices_from_bool_masked_pos, num_masked_patches, RandomMaskGenerator
+from .modeling_base import backbone_output, builds_pretrained_encoder, ImageClassificationMixin, MIMPreTrainedModel
+from .training_events import MIMTrainingEventsMixin
+from .vit_blocks import (
     forget_initialization,
     init_as_copy,
     init_vit_weights,
+    MaeDecoder,
+    MeanPooler,
     starts_as_copy,
+    ViTEncoder,
 )
 from .objectives import elementwise_loss, normalize_per_token, weighted_token_mean
 from .teachers import FrozenTeacherMixin

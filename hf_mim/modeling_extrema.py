@@ -28,24 +28,19 @@ from transformers.utils import ModelOutput
 
 from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_extrema import ExtremaConfig
-from .masking import (
-    DisjointMaskGenerator,
-    multi_mask_indices_from_bool_masked_pos,
-    num_visible_patches,
-)
-from .modeling_common import (
-    MIMPreTrainedModel,
-    MIMTrainingEventsMixin,
-    ImageClassificationMixin,
-    ClassAttentionBlock,
-    MeanPooler,
-    builds_pretrained_encoder,
-    VisionEmbeddings,
+from .masking import num_visible_patches
+from .masking_disjoint import DisjointMaskGenerator, multi_mask_indices_from_bool_masked_pos
+from .class_attention import ClassAttentionBlock
+from .modeling_base import builds_pretrained_encoder, ImageClassificationMixin, MIMPreTrainedModel
+from .training_events import MIMTrainingEventsMixin
+from .vit_blocks import (
     init_as_copy,
     init_vit_weights,
     make_blocks,
+    MeanPooler,
     run_blocks,
     starts_as_copy,
+    VisionEmbeddings,
 )
 from .objectives import byol_loss
 
@@ -113,7 +108,7 @@ class ExtremaEncoderOutput(NamedTuple):
 class ExtremaClassTokenBlocks(nn.Module):
     """(Not named "...Attention": transformers reads a model file with an `*Attention*(nn.Module)` class
     that does not call the attention interface itself as one whose kernel cannot be switched; the
-    kernels here come from `modeling_common.attention_kernel`, read at every call.)
+    kernels here come from `vit_blocks.attention_kernel`, read at every call.)
 
     The cls query (official `cls_token`, never part of the self-attention stack) and the class-attention
     blocks (official `blocks_token`) that turn the patch tokens into one instance vector."""

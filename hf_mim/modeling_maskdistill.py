@@ -26,22 +26,12 @@ from transformers.utils import ModelOutput
 
 from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_maskdistill import MaskDistillConfig
-from .masking import BlockwiseMaskGenerator
-from .modeling_common import (
-    MIMPreTrainedModel,
-    MIMTrainingEventsMixin,
-    ImageClassificationMixin,
-    MeanPooler,
-    builds_pretrained_encoder,
-    PatchEmbeddings,
-    RelativePositionBias,
-    backbone_output,
-    init_as_copy,
-    init_beit_weights,
-    make_blocks,
-    starts_as_copy,
-    tag_beit_rescaled_layers,
-)
+from .masking_blockwise import BlockwiseMaskGenerator
+from .beit_init import init_beit_weights, tag_beit_rescaled_layers
+from .relative_position import RelativePositionBias
+from .modeling_base import backbone_output, builds_pretrained_encoder, ImageClassificationMixin, MIMPreTrainedModel
+from .training_events import MIMTrainingEventsMixin
+from .vit_blocks import init_as_copy, make_blocks, MeanPooler, PatchEmbeddings, starts_as_copy
 from .objectives import elementwise_loss, patchify, predictions_to_pixels, weighted_token_mean
 from .teachers import FrozenTeacher, FrozenTeacherMixin, normalize_teacher_tokens, resolve_teacher_path  # noqa: F401 (re-exported)
 

@@ -36,19 +36,10 @@ from transformers.utils import ModelOutput, logging
 
 from .backbone_common import PYRAMID_SCALES, ChannelLayerNorm, init_pyramid_module
 from .configuration_revcolv2 import RevColV2Config
-from .masking import MaskIndices, RandomMaskGenerator, indices_from_bool_masked_pos, num_masked_patches
-from .modeling_common import (
-    MIMPreTrainedModel,
-    MIMTrainingEventsMixin,
-    ImageClassificationMixin,
-    Block,
-    MeanPooler,
-    builds_pretrained_encoder,
-    VisionEmbeddings,
-    gather_tokens,
-    init_vit_weights,
-    resize_position_table,
-)
+from .masking import indices_from_bool_masked_pos, MaskIndices, num_masked_patches, RandomMaskGenerator
+from .modeling_base import builds_pretrained_encoder, ImageClassificationMixin, MIMPreTrainedModel
+from .training_events import MIMTrainingEventsMixin
+from .vit_blocks import Block, gather_tokens, init_vit_weights, MeanPooler, resize_position_table, VisionEmbeddings
 from .objectives import elementwise_loss, masked_mse, patchify, pixel_targets, predictions_to_pixels, weighted_token_mean
 from .reversible import clamp_alpha, run_column
 from .teachers import FrozenTeacherMixin, normalize_teacher_tokens
@@ -85,10 +76,18 @@ class RevColV2MaskedImageModelingOutput(ModelOutput):
 
 @dataclass
 class RevColV2ColumnsOutput(ModelOutput):
-    """Internal: the states of the last top-down column in level order 0 .. L-1, and the embeddings."""
+    """Internal: the states of the last top-down column in level order 0 .. L-1 (the levels it built),
+    the embeddings, and the top level after each top-down column (what `hidden_states` returns)."""
 
     levels: tuple[torch.Tensor, ...] | None = None
     embeddings: torch.Tensor | None = None
+    column_tops: tuple[torch.Tensor, ...] | None = None
+
+    def as_hidden_states(self) -> tuple[torch.Tensor, ...]:
+        """(embedding output, top level after top-down column 1, ..., after the last): one entry per
+        top-down column, as a ViT returns one per block. Every head computes these (the classifier
+        builds only the levels its top level reads), so the field means the same for all of them."""
+        return (self.embeddings, *self.column_tops)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -340,9 +339,9 @@ class RevColV2Model(RevColV2PreTrainedModel):
     Features are deterministic: nothing is masked unless `bool_masked_pos` is given. Outputs:
     `last_hidden_state` (B, P + N, C) = the top level of the last top-down column; `pooler_output` =
     LayerNorm of the mean of its patch tokens (or of its cls token, `classifier_pooling="cls"`);
-    `hidden_states` (when asked) = (embedding output, level 0, ..., level L-1 of the last top-down
-    column): the backbone's stages "stem", "stage1", ... (`top_level_only`: embedding output and the top
-    level). Attention maps are not returned. Loaded from a pretraining checkpoint
+    `hidden_states` (when asked) = (embedding output, the top level after each top-down column), the same
+    for every RevColV2 head (`RevColV2ColumnsOutput.as_hidden_states`); the levels of the last column are
+    the backbone's stages (`RevColV2Backbone`). Attention maps are not returned. Loaded from a pretraining checkpoint
     (`builds_pretrained_encoder`), `pooler_output` is the plain mean (or cls token) of the top level: no
     LayerNorm that pretraining did not train.
     """
@@ -419,10 +418,12 @@ class RevColV2Model(RevColV2PreTrainedModel):
         states = states[::-1]  # top-down processing order: the top level first
         top = states[0]
         last = len(self.top_down) - 1
+        column_tops = []
         for index, column in enumerate(self.top_down):  # a partial column (top_level_only) takes no hand-off
             hand_off = index < last and len(self.top_down[index + 1].levels) == self.config.num_levels
             states = column(top, states, reversible, hand_off=hand_off)
-        return RevColV2ColumnsOutput(levels=tuple(states[::-1]), embeddings=tokens)
+            column_tops.append(states[0])
+        return RevColV2ColumnsOutput(levels=tuple(states[::-1]), embeddings=tokens, column_tops=tuple(column_tops))
 
     def forward(
         self,
@@ -460,7 +461,7 @@ class RevColV2Model(RevColV2PreTrainedModel):
         output = BaseModelOutputWithPooling(
             last_hidden_state=top,
             pooler_output=pooled,
-            hidden_states=(columns.embeddings, *columns.levels) if output_hidden_states else None,
+            hidden_states=columns.as_hidden_states() if output_hidden_states else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -556,7 +557,7 @@ class RevColV2ForMaskedImageModeling(MIMTrainingEventsMixin, FrozenTeacherMixin,
             reconstruction=reconstruction,
             patch_loss=patch_loss,
             last_hidden_state=columns.levels[-1],
-            hidden_states=(columns.embeddings, *columns.levels) if output_hidden_states else None,
+            hidden_states=columns.as_hidden_states() if output_hidden_states else None,
             targets=targets,
         )
         return output if return_dict else output.to_tuple()

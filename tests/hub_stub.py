@@ -1,8 +1,11 @@
 """A stand-in Hub endpoint on 127.0.0.1 for the real huggingface_hub client (DESIGN.md §4).
 
 Implements what pushes call (whoami, repo creation, branch creation, YAML validation, preupload,
-NDJSON commits with base64 files) and what downloads read (HEAD/GET `<repo>/resolve/<revision>/<file>`). Committed files land in `root/<owner>/<name>/<revision>/`, so a test
-can load exactly what was pushed. The token the client sends is recorded, never written to disk.
+NDJSON commits with base64 files) and what downloads read (HEAD/GET `<repo>/resolve/<revision>/<file>`,
+the file listing `api/models/<repo>/tree/<revision>`). Committed files land in `root/<owner>/<name>/<revision>/`,
+so a test can load exactly what was pushed (a deleted file is listed in the commit as "-<path>"). The token the client sends is recorded, never written to disk.
+`fail_commits`: the 1-based numbers of the commit attempts that fail (HTTP 507: a server failure huggingface_hub
+does not retry itself, unlike 500 or a dropped connection, which it retries with backoff before failing).
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ class HubStub:
         self.commits: list[dict] = []  # {"repo", "revision", "summary", "files"}
         self.tokens: set[str] = set()
         self.branches: set[tuple[str, str]] = set()
+        self.fail_commits: set[int] = set()
+        self.commit_attempts = 0
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -79,6 +84,12 @@ class HubStub:
                     return self._reply({"type": "user", "name": "tester", "orgs": [], "auth": {"accessToken": {"role": "write"}}})
                 if self._resolve(send_body=True):
                     return
+                match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/?]+)(\?.*)?", self.path)
+                if match:
+                    folder = stub.root / match.group(1) / match.group(2)
+                    files = sorted(p for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+                    return self._reply([{"type": "file", "path": p.relative_to(folder).as_posix(), "size": p.stat().st_size,
+                                         "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for p in files])
                 self._reply({"error": f"not implemented: GET {self.path}"}, 404)
 
             def do_POST(self):  # noqa: N802
@@ -103,12 +114,18 @@ class HubStub:
                     ]})
                 match = re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/([^/?]+)(\?.*)?", self.path)
                 if match:
+                    stub.commit_attempts += 1
+                    if stub.commit_attempts in stub.fail_commits:
+                        return self._reply({"error": "stub: this commit fails"}, 507)
                     repo, revision = match.group(1), match.group(2)
                     summary, files = "", []
                     for line in body.decode().splitlines():
                         item = json.loads(line)
                         if item["key"] == "header":
                             summary = item["value"].get("summary", "")
+                        elif item["key"] == "deletedFile":
+                            (stub.root / repo / revision / item["value"]["path"]).unlink(missing_ok=True)
+                            files.append(f"-{item['value']['path']}")
                         elif item["key"] == "file":
                             value = item["value"]
                             target = stub.root / repo / revision / value["path"]
@@ -134,3 +151,17 @@ class HubStub:
     def __exit__(self, *exc) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def use_local_hub(monkeypatch, hub: HubStub, home: Path, token: str | None = None) -> None:
+    """Point this process's huggingface_hub at `hub` (online, its own HF_HOME under `home`)."""
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
+    monkeypatch.setenv("HF_HOME", str(Path(home) / "hf_home"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", hub.endpoint)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.endpoint + "/{repo_id}/resolve/{revision}/{filename}")

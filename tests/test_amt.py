@@ -22,9 +22,9 @@ from hf_mim.convert.__main__ import main as convert_main
 from hf_mim.convert.amt import convert_amt_checkpoint, simmim_head
 from hf_mim.convert.common import CheckpointFormatError, load_official_state_dict
 from hf_mim.training import AttentionMapStore
-from hf_mim.masking import (
-    AttentionMaskGenerator,
+from hf_mim.masking_attention import (
     amt_counts,
+    AttentionMaskGenerator,
     crop_attention_map,
     throw_masks_from_order,
     units_from_patches,
@@ -36,9 +36,9 @@ from hf_mim.hub import save_hub_folder
 from hf_mim.modeling_amt import (
     AmtForImageClassification,
     AmtForMaskedImageModeling,
-    AmtMaeForMaskedImageModeling,
     AmtModel,
-    AmtSimMIMForMaskedImageModeling,
+    MaeHost,
+    SimMIMHost,
 )
 from hf_mim.objectives import unpatchify
 
@@ -575,38 +575,42 @@ def test_simmim_warmup_masks_follow_mask_ratio_unless_set(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# Two host classes behind one registered class
+# One model class holding the host of the variant
 # --------------------------------------------------------------------------------------------------
 
-HOSTS = {"mae": AmtMaeForMaskedImageModeling, "simmim": AmtSimMIMForMaskedImageModeling}
+HOSTS = {"mae": MaeHost, "simmim": SimMIMHost}
+# what folders saved while each host was a subclass name in `architectures`
+OLD_HOST_CLASSES = {"mae": "AmtMaeForMaskedImageModeling", "simmim": "AmtSimMIMForMaskedImageModeling"}
 
 
 @pytest.mark.parametrize("variant", sorted(HOSTS))
-def test_the_shared_class_builds_and_loads_the_host_of_the_variant(variant, tmp_path):
+def test_the_model_holds_the_host_of_the_variant_and_loads_old_folders(variant, tmp_path):
+    """No `__new__`, no subclass table: the one class holds the host component of `config.variant`,
+    which owns no weights (the state dict is the model's); folders that name a host class (saved
+    before) and folders that name the shared class load with the same loss."""
+    assert "__new__" not in vars(AmtForMaskedImageModeling)
+    assert AmtForMaskedImageModeling.__subclasses__() == []
     config = tiny(variant)
-    host, other = HOSTS[variant], HOSTS["simmim" if variant == "mae" else "mae"]
-    for model in (AmtForMaskedImageModeling(config), AmtForMaskedImageModeling(config=config),
-                  AutoModelForMaskedImageModeling.from_config(config), host(config)):
-        assert type(model) is host and isinstance(model, AmtForMaskedImageModeling)
-    with pytest.raises(ValueError, match=f"config.variant='{variant}'"):
-        other(config)
+    for model in (AmtForMaskedImageModeling(config), AutoModelForMaskedImageModeling.from_config(config)):
+        assert type(model) is AmtForMaskedImageModeling and model.host is HOSTS[variant]
+        assert model.pretraining_no_weight_decay == HOSTS[variant].pretraining_no_weight_decay
 
     torch.manual_seed(0)
     model = AmtForMaskedImageModeling(config).eval()
+    assert {key.split(".")[0] for key in model.state_dict()} == {"amt", "decoder"}
     model.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    # the folder maps the class that dispatches, and carries its code
     assert saved["auto_map"]["AutoModelForMaskedImageModeling"] == "modeling_amt.AmtForMaskedImageModeling"
-    assert saved["architectures"] == [host.__name__] and (tmp_path / "modeling_amt.py").exists()
-    # folders saved before the hosts were classes name the shared class: they load to the host too
-    saved["architectures"] = ["AmtForMaskedImageModeling"]
-    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert saved["architectures"] == ["AmtForMaskedImageModeling"] and (tmp_path / "modeling_amt.py").exists()
     units = 16 if variant == "mae" else 4
     kwargs = dict(pixel_values=torch.randn(2, 3, 32, 32), patch_attention=torch.rand(2, 16), noise=torch.rand(2, units))
     expected = model(**kwargs).loss
-    for loader in (AmtForMaskedImageModeling, AutoModelForMaskedImageModeling, host):
-        loaded = loader.from_pretrained(tmp_path).eval()
-        assert type(loaded) is host and torch.equal(loaded(**kwargs).loss, expected), loader
+    for architecture in ("AmtForMaskedImageModeling", OLD_HOST_CLASSES[variant]):
+        saved["architectures"] = [architecture]
+        (tmp_path / "config.json").write_text(json.dumps(saved))
+        for loader in (AmtForMaskedImageModeling, AutoModelForMaskedImageModeling):
+            loaded = loader.from_pretrained(tmp_path).eval()
+            assert loaded.host is HOSTS[variant] and torch.equal(loaded(**kwargs).loss, expected), loader
 
 
 def test_each_host_brings_its_crop_and_classifier_init():
@@ -623,8 +627,8 @@ def test_each_host_brings_its_crop_and_classifier_init():
 
 @pytest.mark.slow  # one fresh interpreter (~14 s); the MAE host's folder loads remotely in test_remote_code
 def test_both_hosts_load_remotely_and_save_again_as_the_shared_class(tmp_path):
-    """Without hf_mim: each host's folder loads through AutoModelForMaskedImageModeling (trust_remote_code)
-    as that host, computes the same loss, and saved again still maps the class that dispatches."""
+    """Without hf_mim: each host's folder loads through AutoModelForMaskedImageModeling (trust_remote_code),
+    computes the same loss, and saved again still maps the class that dispatches."""
     torch.manual_seed(0)
     pixel_values = torch.randn(2, 3, 32, 32)
     expected, folders = {}, {}
@@ -653,5 +657,6 @@ def test_both_hosts_load_remotely_and_save_again_as_the_shared_class(tmp_path):
         tmp_path,
     )
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    for variant, host in HOSTS.items():
-        assert report[variant] == [host.__name__, host.__name__, "modeling_amt.AmtForMaskedImageModeling", 0.0], report
+    for variant in HOSTS:
+        name = "AmtForMaskedImageModeling"
+        assert report[variant] == [name, name, "modeling_amt.AmtForMaskedImageModeling", 0.0], report

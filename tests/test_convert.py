@@ -319,7 +319,7 @@ def test_simmim_amt_yacs_checkpoint_converts_without_yacs(amt_simmim, tmp_path, 
     assert setting_line(report, "amt_interval").startswith("amt_interval = 0.2 ")
 
     inputs, expected = amt_simmim["inputs"], amt_simmim["outputs"]
-    from hf_mim.masking import units_to_patches
+    from hf_mim.masking_attention import units_to_patches
 
     def bool_from(indices):
         return units_to_patches(torch.zeros(2, 49, dtype=torch.bool).scatter_(1, indices, True), 7, 2)

@@ -16,29 +16,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import hf_mim.masking as masking
+import hf_mim.masking_blockwise as masking_blockwise
 from hf_mim import DbotConfig, DbotForMaskedImageModeling, DbotModel
-from hf_mim.masking import (
-    BlockwiseMaskGenerator,
-    RandomMaskGenerator,
-    indices_from_bool_masked_pos,
-    num_visible_patches,
-    random_masking,
-)
-from hf_mim.modeling_common import (
+from hf_mim.masking import indices_from_bool_masked_pos, num_visible_patches, random_masking, RandomMaskGenerator
+from hf_mim.masking_blockwise import BlockwiseMaskGenerator
+from hf_mim.vit_blocks import (
     Attention,
     Block,
-    DropPath,
-    LayerScale,
-    PatchEmbeddings,
-    VisionEmbeddings,
     drop_path,
     drop_path_rates,
+    DropPath,
     init_vit_weights,
+    LayerScale,
     make_blocks,
+    PatchEmbeddings,
     resize_position_table,
     sincos_1d_table,
     sincos_2d_table,
+    VisionEmbeddings,
 )
 from hf_mim.objectives import (
     masked_mse,
@@ -649,14 +644,14 @@ def test_blockwise_exact_count_and_reproducible():
 def test_blockwise_blocks_shape_and_top_up(monkeypatch):
     gen = BlockwiseMaskGenerator(14, 75)
     randint_calls: list[tuple[int, int]] = []
-    original_randint = masking._randint
+    original_randint = masking_blockwise._randint
 
     def recording_randint(generator, low, high_inclusive):
         value = original_randint(generator, low, high_inclusive)
         randint_calls.append((high_inclusive, value))
         return value
 
-    monkeypatch.setattr(masking, "_randint", recording_randint)
+    monkeypatch.setattr(masking_blockwise, "_randint", recording_randint)
     placed: list[tuple[int, int, int, int]] = []
     original_place = gen._place_block
 
@@ -894,7 +889,7 @@ def test_relative_position_bias_resizes_for_another_grid():
     """Same grid: the table itself. Another grid: the distance part resized bilinearly per head (a table
     linear in the row distance stays linear in it, an exact property of bilinear resizing with
     align_corners=False on the half-pixel grid), the three cls rows kept, the index of the new grid."""
-    from hf_mim.modeling_common import RelativePositionBias, relative_position_index
+    from hf_mim.relative_position import RelativePositionBias, relative_position_index
 
     bias = RelativePositionBias((3, 3), num_heads=2)
     with torch.no_grad():

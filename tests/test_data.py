@@ -39,7 +39,8 @@ from hf_mim.data import (
     prepare_stream,
     random_resized_crop_params,
 )
-from hf_mim.masking import BlockwiseMaskGenerator, RandomMaskGenerator
+from hf_mim.masking import RandomMaskGenerator
+from hf_mim.masking_blockwise import BlockwiseMaskGenerator
 
 # ----------------------------------------------------------------------------------------------- helpers
 

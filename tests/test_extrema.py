@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForImageClassification,
 
 from hf_mim import ExtremaConfig, ExtremaForImageClassification, ExtremaForMaskedImageModeling, ExtremaModel
 from hf_mim.convert import CheckpointFormatError
-from hf_mim.masking import DisjointMaskGenerator, multi_mask_indices_from_bool_masked_pos, multi_masking
+from hf_mim.masking_disjoint import DisjointMaskGenerator, multi_mask_indices_from_bool_masked_pos, multi_masking
 from hf_mim.modeling_extrema import momentum_at
 
 TOL = 1e-5

@@ -71,7 +71,7 @@ def test_save_pretrained_alone_writes_code_and_the_full_auto_map(make, tmp_path)
     config = json.loads((folder / "config.json").read_text())
     assert config["auto_map"] == full_auto_map(model_type)
     written = {path.name for path in folder.glob("*.py")}
-    needed = {f"configuration_{model_type}.py", f"modeling_{model_type}.py", "modeling_common.py", "configuration_common.py"}
+    needed = {f"configuration_{model_type}.py", f"modeling_{model_type}.py", "modeling_base.py", "configuration_common.py"}
     assert needed <= written, needed - written
 
 
@@ -379,7 +379,7 @@ def test_round_trips_through_a_local_hub_endpoint(tmp_path, monkeypatch, fixture
             config = json.loads((folder / "config.json").read_text())
             model_type = config["model_type"]
             assert config["auto_map"] == full_auto_map(model_type), repo
-            assert {f"modeling_{model_type}.py", "modeling_common.py", f"configuration_{model_type}.py"} <= {
+            assert {f"modeling_{model_type}.py", "modeling_base.py", f"configuration_{model_type}.py"} <= {
                 p.name for p in folder.glob("*.py")}
         assert (hub.folder("tester/converted") / "preprocessor_config.json").is_file()
         main, branch = hub.folder("tester/digits"), hub.folder("tester/digits", "hf_mim")

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import hf_mim
-from hf_mim.modeling_common import MIMTrainingEventsMixin
+from hf_mim.training_events import MIMTrainingEventsMixin
 from hf_mim.auto import MODEL_FAMILIES
 from hf_mim.training import (
     AttentionMapStore,

@@ -7,13 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from hf_mim.masking import (
-    AttentionMaskGenerator,
-    BlockwiseMaskGenerator,
-    DisjointMaskGenerator,
-    RandomMaskGenerator,
-)
-from hf_mim.modeling_common import init_as_copy, starts_as_copy
+from hf_mim.masking import RandomMaskGenerator
+from hf_mim.masking_attention import AttentionMaskGenerator
+from hf_mim.masking_blockwise import BlockwiseMaskGenerator
+from hf_mim.masking_disjoint import DisjointMaskGenerator
+from hf_mim.vit_blocks import init_as_copy, starts_as_copy
 from hf_mim.objectives import elementwise_loss, normalize_per_token, patchify, predictions_to_pixels
 from hf_mim.auto import MODEL_FAMILIES
 

@@ -21,6 +21,53 @@ HEADS = {
 }
 
 
+# What each method's folder must ship (issue 25): its own files and the shared core, nothing of another
+# method. The core every family imports; then each method's own files.
+CORE_FILES = {"configuration_common.py", "modeling_base.py", "training_events.py", "vit_blocks.py", "relative_position.py",
+              "backbone_common.py", "masking.py", "objectives.py"}
+OWN_FILES = {
+    "amt": {"configuration_amt.py", "modeling_amt.py", "masking_attention.py", "beit_init.py"},
+    "dbot": {"configuration_dbot.py", "modeling_dbot.py", "teachers.py"},
+    "extrema": {"configuration_extrema.py", "modeling_extrema.py", "masking_disjoint.py", "class_attention.py"},
+    "maskdistill": {"configuration_maskdistill.py", "modeling_maskdistill.py", "masking_blockwise.py", "beit_init.py",
+                    "teachers.py"},
+    "revcolv2": {"configuration_revcolv2.py", "modeling_revcolv2.py", "reversible.py", "teachers.py"},
+}
+
+
+def imported_closure(family) -> set[str]:
+    """The flat files the family's classes import, followed through `from .x import` statements (an ast
+    walk of the sources, independent of transformers' regex)."""
+    import ast
+    import inspect
+    from pathlib import Path
+
+    todo = [Path(inspect.getfile(cls)) for cls in family.auto_classes().values()]
+    seen: set[str] = set()
+    while todo:
+        path = todo.pop()
+        if path.name in seen:
+            continue
+        seen.add(path.name)
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+                todo.append(path.parent / f"{node.module}.py")
+    return seen
+
+
+@pytest.mark.parametrize("model_type", sorted(MODEL_FAMILIES))
+def test_each_folder_ships_its_method_files_and_the_core_only(model_type):
+    assert imported_closure(MODEL_FAMILIES[model_type]) == CORE_FILES | OWN_FILES[model_type]
+
+
+def test_no_model_zone_file_is_over_700_lines():
+    from pathlib import Path
+
+    root = Path(__import__("hf_mim").__file__).parent
+    sizes = {path.name: len(path.read_text().splitlines()) for path in root.glob("*.py")}
+    assert {name: n for name, n in sizes.items() if n > 700} == {}
+
+
 def tiny_config(family):
     return family.config_class.from_preset(
         "tiny", num_labels=3, id2label={0: "cat", 1: "dog", 2: "fish"}, label2id={"cat": 0, "dog": 1, "fish": 2}
@@ -45,6 +92,8 @@ def test_every_head_loads_remotely_with_identical_outputs(model_type, tmp_path):
         folder = save_hub_folder(model, tmp_path / auto_name)
         config = json.loads((folder / "config.json").read_text())
         assert config["auto_map"] == full_auto_map(model_type)
+        shipped = {path.name for path in folder.glob("*.py")}
+        assert shipped == imported_closure(family), f"{auto_name}: {sorted(shipped ^ imported_closure(family))}"
         folders[auto_name] = str(folder)
     save_file(tensors, str(tmp_path / "expected.safetensors"))
 
@@ -69,12 +118,18 @@ def test_every_head_loads_remotely_with_identical_outputs(model_type, tmp_path):
             out = model(expected["pixel_values"], **kwargs)[0]
             out = out if out.ndim else out.reshape(1)
             report[auto_name] = (out - expected[auto_name + ".out"]).abs().max().item()
+        # the pretraining head also through AutoModelForPreTraining, where ViTMAE users look for it
+        head = folders["AutoModelForMaskedImageModeling"]
+        model = transformers.AutoModelForPreTraining.from_pretrained(head, trust_remote_code=True).eval()
+        assert type(model).__name__.endswith("ForMaskedImageModeling"), type(model).__name__
+        out = model(expected["pixel_values"], bool_masked_pos=expected["bool_masked_pos"])[0]
+        report["AutoModelForPreTraining"] = (out.reshape(-1) - expected["AutoModelForMaskedImageModeling.out"].reshape(-1)).abs().max().item()
         print(json.dumps(report))
         """,
         tmp_path,
     )
     diffs = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(diffs) == set(HEADS)
+    assert set(diffs) == set(HEADS) | {"AutoModelForPreTraining"}
     assert all(diff == 0.0 for diff in diffs.values()), diffs
 
 

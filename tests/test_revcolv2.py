@@ -404,13 +404,35 @@ def test_bottom_up_sees_only_visible_patches():
     assert not torch.equal(model(changed).predictions, out.predictions)  # another mask -> other predictions
 
 
+@pytest.mark.parametrize("use_reversible", [True, False])
+def test_every_head_returns_the_same_hidden_states(use_reversible):
+    """One meaning for `hidden_states` (issue 25): (embedding output, top level after each top-down
+    column) from the base model, the classifier (which builds only the levels its top level reads) and
+    the pretraining head (same count and shapes; it masks). Same weights: the same tensors."""
+    torch.manual_seed(0)
+    config = tiny(num_labels=3, use_reversible=use_reversible)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    classifier = RevColV2ForImageClassification(config).eval()
+    model = RevColV2Model(config).eval()
+    missing, unexpected = model.load_state_dict(classifier.revcolv2.state_dict(), strict=False)
+    assert unexpected == [] and all(".levels." in key or "mask_tokens" in key for key in missing)
+    from_model = model(pixel_values, output_hidden_states=True).hidden_states
+    from_classifier = classifier(pixel_values, output_hidden_states=True).hidden_states
+    assert len(from_model) == len(from_classifier) == 1 + config.num_top_down_columns
+    for a, b in zip(from_model, from_classifier):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    pretraining = RevColV2ForMaskedImageModeling(config).eval()(pixel_values, output_hidden_states=True)
+    assert [h.shape[-1] for h in pretraining.hidden_states] == [h.shape[-1] for h in from_model]
+    assert torch.equal(pretraining.hidden_states[-1], pretraining.last_hidden_state)
+
+
 def test_model_classifier_and_backbone_shapes():
     torch.manual_seed(0)
     pixel_values = torch.randn(2, 3, 32, 32)
     model = RevColV2Model(tiny()).eval()
     out = model(pixel_values, output_hidden_states=True)
     assert out.last_hidden_state.shape == (2, 17, 32) and out.pooler_output.shape == (2, 32)
-    assert len(out.hidden_states) == 1 + 4 and torch.equal(out.hidden_states[-1], out.last_hidden_state)
+    assert len(out.hidden_states) == 1 + 2 and torch.equal(out.hidden_states[-1], out.last_hidden_state)
     # no masking: features are deterministic
     assert torch.equal(model(pixel_values).pooler_output, out.pooler_output)
     with pytest.raises(ValueError, match="attention maps"):

@@ -34,7 +34,7 @@ def test_embedded_default_writes_a_hub_ready_folder(tmp_path):
     run_mim(*TINY, "--max_train_steps", 3, "--output_dir", out, "--with_tracking")
     assert list((out / "runs").rglob("events.out.tfevents*")), "no tensorboard log written"
     for name in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "training_args.json",
-                 "mim_picture.png", "modeling_dbot.py", "configuration_dbot.py", "modeling_common.py"):
+                 "mim_picture.png", "modeling_dbot.py", "configuration_dbot.py", "modeling_base.py"):
         assert (out / name).is_file(), name
     config = json.loads((out / "config.json").read_text())
     assert config["auto_map"]["AutoModelForImageClassification"] == "modeling_dbot.DbotForImageClassification"

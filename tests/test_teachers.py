@@ -73,11 +73,12 @@ def test_revcolv2_teacher_target_matches_a_hand_computation(tmp_path, level, los
     torch.manual_seed(0)
     model = RevColV2ForMaskedImageModeling(config).eval()
     pixel_values, mask = torch.randn(2, 3, 32, 32), torch.arange(16).repeat(2, 1) % 4 != 0
-    out = model(pixel_values, bool_masked_pos=mask, output_hidden_states=True)
+    out = model(pixel_values, bool_masked_pos=mask)
     target = F.layer_norm(clip_tokens_by_hand(folder, pixel_values), (24,), eps=1e-6)
     assert max_abs_diff(out.targets, target) <= 1e-5
-    # the head reads the chosen level of the last top-down column (hidden_states = embeddings, levels 0..L-1)
-    level_tokens = out.hidden_states[1 + level][:, 1:]
+    # the head reads the chosen level of the last top-down column (levels 0..L-1 of the columns' run)
+    columns = model.revcolv2.run_columns(pixel_values, model.mask_generator().masks(2, 16, mask, None, "cpu"))
+    level_tokens = columns.levels[level][:, 1:]
     assert max_abs_diff(out.predictions, model.decoder.pred(model.decoder.norm(level_tokens))) <= 1e-6
     elementwise = (out.predictions - target) ** 2 if loss == "mse" else F.smooth_l1_loss(out.predictions, target, reduction="none")
     hand = elementwise[mask].mean()

@@ -17,7 +17,7 @@ from trajectory_helpers import assert_close_states, run_trajectory, state_of
 from trajectory_loop import relative_differences, run_mim_steps
 
 from hf_mim.convert import convert_amt_checkpoint, convert_dbot_checkpoint
-from hf_mim.masking import units_from_patches
+from hf_mim.masking_attention import units_from_patches
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "trajectories"
 TOL = 1e-5  # per tensor: max|hf_mim - official| / max|official|

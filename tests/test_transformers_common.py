@@ -242,10 +242,12 @@ for _name in ("revcolv2_model", "revcolv2_mim", "revcolv2_classifier"):
         # the reversible engine recomputes every level itself, so checkpointing is a no-op there: the
         # suite's checkpointing checks (which count checkpointed calls) run on plain columns
         checkpointing_overrides={"use_reversible": False},
-        expected_num_hidden_layers=1 + RevColV2Config.from_preset("tiny").num_levels,
+        # embeddings + the top level after each top-down column, for every head (issue 25 item 8)
+        expected_num_hidden_layers=1 + RevColV2Config.from_preset("tiny").num_top_down_columns,
     )
-SPECS["revcolv2_classifier"]["expected_num_hidden_layers"] = 2  # embeddings + the top level it reads
-SPECS["revcolv2_backbone"] = dict(SPECS["revcolv2_model"], model_class=RevColV2Backbone, is_backbone=True)
+SPECS["revcolv2_backbone"] = dict(SPECS["revcolv2_model"], model_class=RevColV2Backbone, is_backbone=True,
+                                  # a backbone's hidden states are its stages: stem + one per level
+                                  expected_num_hidden_layers=1 + RevColV2Config.from_preset("tiny").num_levels)
 
 
 for _name, _spec in SPECS.items():

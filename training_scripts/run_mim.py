@@ -11,7 +11,7 @@ loss is evaluated every --eval_steps and at the end, on fixed masks: every evalu
 crops and masks (seeded per example), so the numbers are comparable across steps and runs.
 
 One generic loop (`hf_mim.training.TrainingLoop`). Methods differ only through their config and the
-training events of `MIMTrainingEventsMixin` (hf_mim/modeling_common.py), which every
+training events of `MIMTrainingEventsMixin` (hf_mim/training_events.py), which every
 `...ForMaskedImageModeling` inherits with do-nothing defaults and overrides where its method needs:
 masks per example (`mask_generator`), stage starts (dBOT), per-step updates (ExtreMA's momentum encoder),
 attention refreshes and their per-example store (AMT), extra logs, extra exported backbones.

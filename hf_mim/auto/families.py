@@ -24,6 +24,7 @@ from ..configuration_dbot import DbotConfig
 from ..configuration_extrema import ExtremaConfig
 from ..configuration_maskdistill import MaskDistillConfig
 from ..configuration_revcolv2 import RevColV2Config
+from ..modeling_base import AUTO_CLASS_ALIASES
 from ..modeling_amt import AmtBackbone, AmtForImageClassification, AmtForMaskedImageModeling, AmtModel, amt_host
 from ..modeling_dbot import DbotBackbone, DbotForImageClassification, DbotForMaskedImageModeling, DbotModel
 from ..modeling_extrema import (
@@ -45,6 +46,8 @@ from ..modeling_revcolv2 import (
     RevColV2Model,
 )
 
+
+ALIASED_AUTO_CLASSES = {alias for aliases in AUTO_CLASS_ALIASES.values() for alias in aliases}
 
 @dataclass(frozen=True)
 class ModelFamily:
@@ -76,6 +79,7 @@ class ModelFamily:
             "AutoConfig": self.config_class,
             "AutoModel": self.base_model_class,
             "AutoModelForMaskedImageModeling": self.masked_image_modeling_class,
+            "AutoModelForPreTraining": self.masked_image_modeling_class,  # AUTO_CLASS_ALIASES
             "AutoModelForImageClassification": self.image_classification_class,
         }
         if self.backbone_class is not None:
@@ -165,7 +169,7 @@ def register_all() -> None:
         # the flat model-zone files (MIMPreTrainedModel.save_pretrained maps the whole family)
         family.config_class.register_for_auto_class("AutoConfig")
         for auto_name, cls in family.auto_classes().items():
-            if auto_name != "AutoConfig":
+            if auto_name != "AutoConfig" and auto_name not in ALIASED_AUTO_CLASSES:  # a class records one auto class
                 cls.register_for_auto_class(auto_name)
         AutoImageProcessor.register(
             family.config_class,

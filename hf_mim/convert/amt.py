@@ -5,11 +5,11 @@ the settings the weights cannot tell come from the file's `args` (mae-AMT `misc.
 (SimMIM-AMT `utils.save_checkpoint`)):
 - mae-AMT pretraining (`models_mae.MaskedAutoencoderViT`, MAE layout: `cls_token`, `pos_embed`, `blocks.*`,
   `norm`, `decoder_embed`, `mask_token`, `decoder_pos_embed`, `decoder_blocks.*`, `decoder_norm`,
-  `decoder_pred`) -> `AmtMaeForMaskedImageModeling`;
+  `decoder_pred`) -> `AmtForMaskedImageModeling(variant="mae")`;
 - mae-AMT fine-tuned (`models_vit.VisionTransformer`, global pool: `fc_norm` + `head`, no `norm`)
   -> `AmtForImageClassification(variant="mae")`;
 - SimMIM-AMT pretraining (`SimMIM`: BEiT-style `encoder.*` with q/v biases and `gamma_1`/`gamma_2`, head
-  `decoder.0` = 1x1 conv followed by PixelShuffle) -> `AmtSimMIMForMaskedImageModeling`;
+  `decoder.0` = 1x1 conv followed by PixelShuffle) -> `AmtForMaskedImageModeling(variant="simmim")`;
 - SimMIM-AMT fine-tuned (BEiT-style blocks, `norm` + cls token + `head`)
   -> `AmtForImageClassification(variant="simmim")`.
 

@@ -240,7 +240,7 @@ def check_decoder_sincos_table(state: Mapping[str, torch.Tensor], config) -> Non
     checkpoint whose table is not the standard one for the config's grid and decoder width."""
     if "decoder_pos_embed" not in state:
         return
-    from ..modeling_common import sincos_2d_table
+    from ..vit_blocks import sincos_2d_table
 
     grid = config.image_size // config.patch_size
     expected = sincos_2d_table(config.decoder_hidden_size, grid, grid)

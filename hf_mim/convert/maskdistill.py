@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from ..configuration_maskdistill import MaskDistillConfig
-from ..modeling_common import relative_position_index
+from ..relative_position import relative_position_index
 from ..modeling_maskdistill import MaskDistillForImageClassification, MaskDistillForMaskedImageModeling
 from .common import (
     CheckpointFormatError,

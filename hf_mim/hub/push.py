@@ -4,13 +4,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# secrets and VCS data: never uploaded, whatever is pushed
+SECRET_PATTERNS = [
+    "**/.git/**",
+    "token",
+    "**/token",
+    "*.token",
+    "**/*.token",
+    ".env",
+    "**/.env",
+]
+
 HUB_IGNORE_PATTERNS = [
     # resumable training state: checkpoints, half-written checkpoints, optimizer/scheduler/RNG states
+    # (pushed only on purpose, by --hub_strategy checkpoint / all_checkpoints: hf_mim.hub.training_pushes)
     "checkpoint-*",
     "checkpoint-*/**",
+    "last-checkpoint/**",
     ".tmp-*",
     ".tmp-*/**",
     ".trash-*/**",
+    ".hub-push-*/**",  # snapshots of pushes during training
     "optimizer*.bin",
     "**/optimizer*.bin",
     "optimizer*.pt",
@@ -21,14 +35,8 @@ HUB_IGNORE_PATTERNS = [
     "**/random_states*",
     "*.pth",
     "**/*.pth",
-    # secrets and VCS data (tensorboard logs in runs/ are uploaded: the Hub shows them as training metrics)
-    "**/.git/**",
-    "token",
-    "**/token",
-    "*.token",
-    "**/*.token",
-    ".env",
-    "**/.env",
+    # tensorboard logs in runs/ are uploaded: the Hub shows them as training metrics
+    *SECRET_PATTERNS,
     # the native form inside a run folder goes to the main branch on its own (hf_mim.training.run_folder.NATIVE_DIR)
     "native/**",
 ]
@@ -46,9 +54,13 @@ def push_folder_to_hub(
     commit_message: str = "Upload hf_mim model",
     api=None,
     revision: str | None = None,
+    ignore_patterns: list[str] | None = None,
+    delete_patterns: list[str] | None = None,
 ) -> str:
     """Create (or reuse) `repo_id` and upload `folder` without checkpoints, optimizer states or tokens,
-    to `revision` (a branch, created when missing; default: main).
+    to `revision` (a branch, created when missing; default: main). `ignore_patterns` replaces
+    `HUB_IGNORE_PATTERNS` for a folder staged on purpose (a checkpoint push still leaves `SECRET_PATTERNS` out);
+    `delete_patterns`: files of the repo to delete in the same commit (those the folder holds are kept).
 
     Returns the commit URL. Offline mode, no network and authentication errors become a
     `HubPushError` naming the repository and the failing step; the folder stays on disk.
@@ -72,8 +84,9 @@ def push_folder_to_hub(
             folder_path=str(folder),
             repo_type="model",
             commit_message=commit_message,
-            ignore_patterns=HUB_IGNORE_PATTERNS,
+            ignore_patterns=HUB_IGNORE_PATTERNS if ignore_patterns is None else ignore_patterns,
             **({"revision": revision} if revision else {}),
+            **({"delete_patterns": delete_patterns} if delete_patterns else {}),
         )
     except Exception as error:
         raise HubPushError(

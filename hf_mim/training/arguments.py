@@ -9,6 +9,7 @@ import argparse
 from ..data import DEFAULT_MAX_IMAGE_PIXELS, max_pixels_argument
 from .conventions import EXAMPLE_FLAGS, EXAMPLE_RANGES, add_refused_flags, check_example_flags, steps_or_epoch
 from .run_setup import check_positive_flags
+from ..hub.training_pushes import HUB_STRATEGIES
 
 # (group, flag, argparse keywords): the shared flags, in --help order
 SHARED_FLAGS = [
@@ -55,7 +56,8 @@ SHARED_FLAGS = [
     ("run", "checkpointing_steps", dict(type=steps_or_epoch, help="save a resumable checkpoint every N steps, or every 'epoch'")),
     ("run", "checkpoints_total_limit", dict(type=int, default=2)),
     ("run", "resume_from_checkpoint", dict(
-        help="a checkpoint folder, or 'latest' (the newest in --output_dir; none yet: start from scratch). "
+        help="a checkpoint folder, 'latest' (the newest in --output_dir; none yet: start from scratch), or a Hub id "
+        "(owner/name) pushed with --hub_strategy checkpoint or all_checkpoints (its last checkpoint is downloaded). "
         "This run's lr, schedule, warm-up, weight decay and length apply after the resume")),
     ("run", "logging_steps", dict(type=int, default=10)),
     ("run", "with_tracking", dict(action="store_true")),
@@ -64,6 +66,11 @@ SHARED_FLAGS = [
     ("run", "hub_model_id", dict()),
     ("run", "hub_token", dict()),
     ("run", "hub_private_repo", dict(action="store_true")),
+    ("run", "hub_strategy", dict(
+        default="end", choices=HUB_STRATEGIES,
+        help="what --push_to_hub pushes, as transformers' Trainer: end (the finished run folder, at the end), every_save "
+        "(also the model at every --checkpointing_steps save), checkpoint (and the resumable checkpoint in last-checkpoint/), "
+        "all_checkpoints (and every checkpoint-N/); uploads run in the background, a failed one is retried at the next save")),
     ("run", "license", dict(default="apache-2.0")),
 ]
 
@@ -95,6 +102,10 @@ def validate_shared_flags(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error("give either --dataset_name or --train_dir, not both")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    if args.hub_strategy != "end" and not args.push_to_hub:
+        parser.error(f"--hub_strategy {args.hub_strategy} pushes during training: give --push_to_hub (and --hub_model_id)")
+    if args.hub_strategy != "end" and not args.checkpointing_steps:
+        parser.error(f"--hub_strategy {args.hub_strategy} pushes at every save: give --checkpointing_steps N or epoch")
     check_compile_flags(parser, args)
     ranges = {kind: SHARED_RANGES[kind] + tuple(more_ranges.get(kind, ())) for kind in SHARED_RANGES}
     check_positive_flags(parser, args, **ranges)

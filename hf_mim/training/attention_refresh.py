@@ -1,5 +1,5 @@
 """AMT's per-example attention-map store and its refresh pass, for the generic training loop (tooling
-zone: training state stays out of the Hub-copied model files; the mask generator in masking.py only
+zone: training state stays out of the Hub-copied model files; the mask generator in masking_attention.py only
 reads the store).
 
 Every refresh the model being trained reads each training image whole (`model.attention_scores`), one

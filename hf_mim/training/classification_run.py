@@ -143,6 +143,8 @@ def check_eval_only_flags(args: argparse.Namespace, parser: argparse.ArgumentPar
         parser.error(f"--do_eval evaluates the classifier as it is: not with --mode {args.mode}")
     if args.lora_rank is not None:
         parser.error("--do_eval trains nothing: not with --lora_rank")
+    if args.hub_strategy != "end":
+        parser.error(f"--do_eval trains nothing: not with --hub_strategy {args.hub_strategy} (the evaluated folder is pushed at the end)")
     if args.validation_split.lower() == "none":
         parser.error("--do_eval evaluates on validation data: not with --validation_split none")
 

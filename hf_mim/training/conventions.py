@@ -39,7 +39,6 @@ REFUSED_FLAGS = {
     "optim": "run_image_classification.py takes --optimizer adamw|lars|sgd; pretraining uses AdamW",
     "deepspeed": "DeepSpeed and FSDP come from `accelerate config` / accelerate launch flags",
     "local_rank": "start processes with accelerate launch (or torchrun), which set the rank",
-    "hub_strategy": "the finished run folder is pushed once, at the end (--push_to_hub)",
 }
 
 

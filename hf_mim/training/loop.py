@@ -24,7 +24,7 @@ import torch
 
 from ..data.collators import POSITION_KEY
 from ..data.streaming import MAX_LOADER_WORKERS, resume_plan_of
-from .checkpoint import load_checkpoint, read_trainer_state, save_checkpoint
+from .checkpoint import list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint, write_json_atomic
 from .guards import NonFiniteLossError, check_finite_loss
 from .run_setup import (
     RunHyperparameters,
@@ -32,7 +32,9 @@ from .run_setup import (
     check_trackers,
     claim_output_dir,
     optimizer_hyperparameters,
+    public_args,
     report_user_errors,
+    secret_values,
     tracker_config,
     tracker_names,
 )
@@ -283,6 +285,7 @@ class TrainingLoop:
         self.logger = logging.getLogger(self.tracker_project)
         # steps between checkpoints; a script sets it for --checkpointing_steps epoch (conventions.checkpoint_every)
         self.checkpoint_every = args.checkpointing_steps if isinstance(args.checkpointing_steps, int) else None
+        self.hub_pusher = make_hub_pusher(args, run)
 
     # ------------------------------------------------------------------------------ hooks
     def checkpointed_objects(self) -> list:
@@ -324,6 +327,28 @@ class TrainingLoop:
 
     def resumed(self, trainer_state: dict) -> None:
         """Read back what `trainer_state` added."""
+
+    def write_hub_model(self, folder: Path) -> None:
+        """The model as pushed at a save (--hub_strategy every_save and up): its `save_pretrained` form
+        (config, weights, hf_mim's model-zone code), a peft model's adapter in `lora_adapter/` (an adapter
+        at the root would make `from_pretrained` of the repo load it as one), else its bare weights."""
+        from transformers import PreTrainedModel
+        from transformers.utils import is_peft_available
+
+        if is_peft_available():
+            from peft import PeftModel
+
+            from .lora import ADAPTER_FOLDER
+
+            if isinstance(self.unwrapped, PeftModel):  # where the finished folder keeps it, not peft's root layout
+                self.unwrapped.save_pretrained(folder / ADAPTER_FOLDER)
+                return
+        if isinstance(self.unwrapped, PreTrainedModel):
+            self.unwrapped.save_pretrained(folder)
+        else:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous() for k, v in self.unwrapped.state_dict().items()}, folder / "model.safetensors")
 
     # ------------------------------------------------------------------------------ the loop
     def prepare(self) -> None:
@@ -445,15 +470,37 @@ class TrainingLoop:
         }
         self.last_checkpoint = save_checkpoint(self.accelerator, self.run.output_dir, self.global_step, trainer_state,
                                                total_limit=self.args.checkpoints_total_limit)
+        if self.hub_pusher is not None:  # the main process stages the push; a worker thread uploads it
+            def write(folder: Path) -> None:
+                self.write_hub_model(folder)
+                write_json_atomic(folder / "training_args.json", public_args(self.args))  # without credentials
+
+            self.hub_pusher.save(self.global_step, self.last_checkpoint, list_checkpoints(self.run.output_dir), write)
 
     def finish(self, write_outputs) -> int:
-        """`write_outputs()` on the main process (a failed push: status 1, the folder kept), then the
-        end of training on every rank. Returns the exit status."""
+        """The pushes during training finished (waited for; a last one that failed twice: status 1), then
+        `write_outputs()` on the main process (a failed push: status 1, the folder kept), then the end of
+        training on every rank. Returns the exit status."""
         if self.accelerator.is_main_process and any(self.decode_counts.values()):
             self.logger.warning("images skipped (undecodable/truncated/tiny/over --max_image_pixels/unlabelled): %d, "
                                 "converted to RGB or decoded at reduced scale: %d",
                                 self.decode_counts["images_skipped"], self.decode_counts["images_converted"])
-        return finish_run(self.accelerator, write_outputs, self.logger)
+        problem = self.hub_pusher.finish() if self.hub_pusher is not None else None
+        if problem:
+            self.logger.error("%s", problem)
+        return max(finish_run(self.accelerator, write_outputs, self.logger), 1 if problem else 0)
+
+
+def make_hub_pusher(args, run: RunStart):
+    """The main process's `TrainingPusher` for --push_to_hub --hub_strategy every_save / checkpoint /
+    all_checkpoints, else None."""
+    strategy = getattr(args, "hub_strategy", "end") or "end"
+    if strategy == "end" or not getattr(args, "push_to_hub", False) or not run.accelerator.is_main_process:
+        return None
+    from ..hub.training_pushes import TrainingPusher
+
+    return TrainingPusher(run.output_dir, args.hub_model_id, strategy, token=getattr(args, "hub_token", None),
+                          private=getattr(args, "hub_private_repo", False) or None, secrets=secret_values(args))
 
 
 def finish_run(accelerator, write_outputs, run_logger) -> int:

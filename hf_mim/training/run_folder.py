@@ -11,6 +11,7 @@ from pathlib import Path
 from transformers import PreTrainedModel
 
 from .checkpoint import write_json_atomic
+from .lora import ADAPTER_FOLDER as LORA_DIR
 from .run_setup import public_args
 from ..hub.card import render_model_card, widget_examples
 from ..hub.push import push_folder_to_hub
@@ -21,6 +22,8 @@ NATIVE_DIR = "native"  # inside a run folder: the native transformers form, push
 HF_MIM_REVISION = "hf_mim"  # the branch that keeps the hf_mim form when main holds the native one
 PICTURE = "mim_picture.png"
 RUN_FILES = ("training_args.json", "eval_results.json", PICTURE)
+# what a push during training leaves on main that its native form must not keep (custom code, a LoRA adapter)
+DURING_TRAINING_FILES = ["*.py", f"{LORA_DIR}/**"]
 
 
 def native_form(model: PreTrainedModel):
@@ -123,7 +126,9 @@ def finish_run_folder(
     else:
         push_folder_to_hub(output_dir, args.hub_model_id, token=token, private=private, revision=HF_MIM_REVISION,
                            commit_message=commit_message(model, run, results, "hf_mim form"))
-        url = push_folder_to_hub(native_dir, args.hub_model_id, token=token, private=private,
+        # pushes during training (--hub_strategy) put the hf_mim form on main: its code and adapter files go
+        stale = DURING_TRAINING_FILES if getattr(args, "hub_strategy", "end") != "end" else None
+        url = push_folder_to_hub(native_dir, args.hub_model_id, token=token, private=private, delete_patterns=stale,
                                  commit_message=commit_message(model, run, results, f"native {type(native[0]).__name__}"))
     logger.info("pushed to %s", url)
     return url

@@ -117,6 +117,31 @@ def _clear_previous_run(output_dir: Path) -> list[str]:
     return removed
 
 
+def fetch_hub_checkpoint(args: Namespace, accelerator, output_dir: Path, resume_arg: str) -> str:
+    """`--resume_from_checkpoint <hub id>`: the main process downloads the checkpoint pushed there
+    (`hf_mim.hub.training_pushes.download_checkpoint`) into `output_dir`; every rank gets its path (or the
+    same one-line error). Anything else is returned as it is."""
+    from ..hub.training_pushes import download_checkpoint, looks_like_hub_id
+
+    if not looks_like_hub_id(resume_arg):
+        return resume_arg
+    outcome = [None]  # (path, None) or (None, why)
+    if accelerator.is_main_process:
+        try:
+            token = getattr(args, "hub_token", None) or getattr(args, "token", None)
+            outcome = [(str(download_checkpoint(resume_arg, output_dir, token=token)), None)]
+        except FileNotFoundError as error:
+            outcome = [(None, str(error))]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(outcome, from_process=0)
+    path, why = outcome[0]
+    if why is not None:
+        raise UserInputError(why)
+    return path
+
+
 def claim_output_dir(args: Namespace, accelerator, output_dir: Path) -> tuple[Path | None, str]:
     """Decide what this run does with `output_dir`, identically on every rank; returns (the checkpoint to
     resume from or None, the run id to record in every checkpoint).
@@ -126,6 +151,8 @@ def claim_output_dir(args: Namespace, accelerator, output_dir: Path) -> tuple[Pa
     latest = resume_arg is not None and str(resume_arg).lower() == "latest"
     if args.overwrite_output_dir and resume_arg:
         raise UserInputError("--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would read: give one of them")
+    if resume_arg and not latest:
+        resume_arg = fetch_hub_checkpoint(args, accelerator, output_dir, resume_arg)
     existing = list_checkpoints(output_dir)
     stale = [child.name for child in output_dir.iterdir() if checkpoint_step(child) is not None] if output_dir.is_dir() else []
     resume_path = resolve_resume_path(resume_arg, output_dir, missing_ok=True) if resume_arg else None
