@@ -486,8 +486,8 @@ def build_wheel(tmp_path: Path) -> Path:
 def test_wheel_installs_commands_that_train_outside_the_repository(tmp_path):
     """The wheel, installed into a fresh venv (this environment's packages beneath it, offline), runs the
     README's main job from outside the checkout: `hf-mim-pretrain`, `accelerate launch -m
-    hf_mim.scripts.run_mim` with the README's launch flags (no 'values were not passed' warning), and the
-    other commands answer --help."""
+    hf_mim.scripts.run_mim` with the README's launch flags (no 'values were not passed' warning), `hf-mim-visualize` on
+    the pretrained folder, and the other commands answer --help."""
     wheel = build_wheel(tmp_path)
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
@@ -515,6 +515,9 @@ def test_wheel_installs_commands_that_train_outside_the_repository(tmp_path):
                    "--per_device_train_batch_size", 8, "--num_warmup_steps", 0, "--output_dir", outside / "finetune",
                    env_extra=env, cwd=outside)
     assert finetune.returncode == 0, finetune.stderr[-4000:]
+    pictures = run([venv / "bin" / "hf-mim-visualize"], "--model_name_or_path", outside / "pretrain", "--images",
+                   outside / "pretrain" / "mim_picture.png", "--output_dir", outside / "pictures", env_extra=env, cwd=outside)
+    assert pictures.returncode == 0 and (outside / "pictures" / "mim_picture.png").is_file(), pictures.stderr[-4000:]
     for command in ("hf-mim-segment", "hf-mim-convert", "hf-mim-export"):
         shown = run([venv / "bin" / command], "--help", env_extra=env, cwd=outside)
         assert shown.returncode == 0 and "usage" in shown.stdout.lower(), command + shown.stderr[-2000:]

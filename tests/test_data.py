@@ -291,7 +291,7 @@ def test_prepare_stream_splits_ranks_disjointly(parquet_dir, monkeypatch):
     for rank in range(2):
         out = list(prepare_stream(ds, image_column, seed=3, buffer_size=4, rank=rank, world_size=2,
                                   label_column=label_column))
-        assert set(out[0]) == {"image", "example_id", "label", "images_converted", "images_skipped"}
+        assert set(out[0]) == {"image", "example_id", "label", "images_converted", "images_skipped", "stream_position"}
         per_rank.append({ex["example_id"] for ex in out})
     assert len(per_rank[0]) == len(per_rank[1]) == 10 and not per_rank[0] & per_rank[1]
     # what Accelerate does with a datasets stream when batches are not dispatched: .shard() per process

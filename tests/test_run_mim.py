@@ -47,6 +47,11 @@ def test_embedded_default_writes_a_hub_ready_folder(tmp_path):
     from transformers import AutoModel
 
     AutoModel.from_pretrained(out)
+    from hf_mim.training.visualize import visualize_checkpoint  # hf-mim-visualize reads run_mim's folder
+
+    (picture,) = visualize_checkpoint(out, out / "mim_picture.png", tmp_path / "pictures")
+    with Image.open(picture) as image:
+        assert image.size == (3 * (32 + 4), 32 + 4 + 14)  # input, masked, per-patch loss; one row
 
 
 def test_resume_is_exact_across_a_stage_boundary(tmp_path):

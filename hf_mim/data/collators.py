@@ -19,6 +19,8 @@ Batches hold only tensors (Accelerate's batch dispatching broadcasts tensors):
 - `images_converted` (B,) int64: 1 where the example's image had to be converted to RGB or decoded at
   reduced size to fit the pixel budget
 - `images_skipped` (B,) int64: bad images dropped just before this example in its worker's stream
+- `stream_position` (B, 2) int64: (DataLoader worker, raw record index in its pass), from `prepare_stream`:
+  where the training loop's checkpoints resume the stream without decoding consumed records
 
 The decode counters are per example (not 0-d) so that slicing a batch between processes (dispatching,
 `split_batches`) keeps their sums right. Take them out before calling the model: `pop_decode_counts`.
@@ -37,7 +39,8 @@ import torch
 from PIL import Image
 
 DECODE_COUNT_KEYS = ("images_converted", "images_skipped")
-NON_MODEL_KEYS = ("example_id",) + DECODE_COUNT_KEYS
+POSITION_KEY = "stream_position"  # (worker, raw record index in that worker's pass) of each example (prepare_stream)
+NON_MODEL_KEYS = ("example_id",) + DECODE_COUNT_KEYS + (POSITION_KEY,)
 PIXEL_KEY = "pixel_values"  # and pixel_values_2, ... (two-view methods)
 
 
@@ -146,6 +149,8 @@ class _SeededCollator:
         batch["example_id"] = torch.tensor([int(example["example_id"]) for example in examples], dtype=torch.int64)
         for key in DECODE_COUNT_KEYS:
             batch[key] = torch.tensor([int(example.get(key, 0)) for example in examples], dtype=torch.int64)
+        if all(POSITION_KEY in example for example in examples):
+            batch[POSITION_KEY] = torch.tensor([example[POSITION_KEY] for example in examples], dtype=torch.int64)
         return batch
 
 

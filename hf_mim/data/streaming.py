@@ -35,6 +35,7 @@ from datasets.distributed import split_dataset_by_node
 from datasets import ClassLabel, Features, IterableDataset, Value
 from datasets import Image as ImageFeature
 
+from .collators import POSITION_KEY
 from .images import (
     CONVERTED,
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -559,6 +560,73 @@ def _keep(example: dict) -> bool:
     return example["image"] is not None
 
 
+# --------------------------------------------------------------------------------------------- resuming
+
+MAX_LOADER_WORKERS = 1024
+
+
+def _worker_id() -> int:
+    import torch
+
+    info = torch.utils.data.get_worker_info()
+    return 0 if info is None else info.id
+
+
+class ResumePlan:
+    """How many raw records each DataLoader worker skips, undecoded, at the start of its pass: what a
+    resumed run had already consumed of its epoch (`hf_mim.training.loop.stream_batches` sets it before
+    opening the epoch's iterator and clears it after). Shared memory, so workers see what the loop sets,
+    persistent ones included. Skipping happens after the shuffle buffer, on the raw records: the
+    buffer, the order and the example ids stay those of the uninterrupted pass."""
+
+    def __init__(self):
+        import torch
+
+        self.counts = torch.zeros(MAX_LOADER_WORKERS, dtype=torch.int64).share_memory_()
+
+    def set(self, counts: Sequence[int]) -> None:
+        import torch
+
+        if len(counts) > MAX_LOADER_WORKERS:
+            raise ValueError(f"at most {MAX_LOADER_WORKERS} DataLoader workers can resume without replaying, got {len(counts)}")
+        self.counts.zero_()
+        self.counts[: len(counts)] = torch.as_tensor(list(counts), dtype=torch.int64)
+
+    def clear(self) -> None:
+        self.counts.zero_()
+
+    def start(self, worker: int) -> int:
+        return int(self.counts[worker]) if worker < MAX_LOADER_WORKERS else 0
+
+
+class _WithPosition:
+    """The decoding map, plus each example's `stream_position` (worker, raw record index of this pass):
+    what a checkpoint records so that a resumed run skips the consumed records without decoding them.
+    The first `plan.start(worker)` records of the pass are not decoded (nor read, for path-only images):
+    they come out empty, without a bad-image count, and the keep-filter drops them."""
+
+    def __init__(self, decode, plan: ResumePlan):
+        self.decode, self.plan = decode, plan
+
+    def __call__(self, example: dict, index: int) -> dict:
+        worker = _worker_id()
+        if index < self.plan.start(worker):
+            out = {"image": None, "example_id": -1, "images_converted": 0, "images_skipped": 0}
+            if self.decode.label_column is not None:
+                out["label"] = -1
+            if getattr(self.decode, "mask_column", None) is not None:
+                out["mask"] = None
+        else:
+            out = self.decode(example)
+        out[POSITION_KEY] = [worker, index]
+        return out
+
+
+def resume_plan_of(stream) -> ResumePlan | None:
+    """The `ResumePlan` of a stream from `prepare_stream` (None for any other stream: resumes replay)."""
+    return getattr(stream, "hf_mim_resume_plan", None)
+
+
 def prepare_stream(
     ds: IterableDataset,
     image_column: str,
@@ -578,9 +646,11 @@ def prepare_stream(
     """Split by node (world_size > 1), shuffle, decode + id, drop bad images.
 
     Output examples: {"image": PIL RGB, "example_id": int, "images_converted": 0/1, "images_skipped": int,
-    ["label": int]}. `buffer_size=0` skips shuffling (evaluation streams). Call `ds.set_epoch(epoch)` on
-    the result every epoch (it reshuffles shards and buffer). Unlabelled examples (label None or -1) are
-    dropped and counted as skipped when `label_column` is given. `max_image_pixels` bounds what one
+    "stream_position": [DataLoader worker, raw record index in its pass], ["label": int]}; the stream's
+    `ResumePlan` (`resume_plan_of`) lets a resumed run skip consumed raw records before decoding them.
+    `buffer_size=0` skips shuffling (evaluation streams). Call `ds.set_epoch(epoch)` on the result every
+    epoch (it reshuffles shards and buffer). Unlabelled examples (label None or -1) are dropped and
+    counted as skipped when `label_column` is given. `max_image_pixels` bounds what one
     decode may allocate (see `hf_mim.data.images`): larger JPEGs are decoded at reduced scale (counted
     in `images_converted`), other larger images are skipped (counted in `images_skipped`).
     `decode_min_side` (e.g. the transform's `min_decode_side`): JPEGs much larger than the transform
@@ -620,8 +690,11 @@ def prepare_stream(
         from .segmentation import DecodePairs
 
         decode = DecodePairs(image_column, label_column, min_size, stats, max_image_pixels, decode_min_side, mask_column=mask_column)
-    ds = ds.map(decode, remove_columns=ds.column_names)
-    return ds.filter(_keep)
+    plan = ResumePlan()
+    ds = ds.map(_WithPosition(decode, plan), with_indices=True, remove_columns=ds.column_names)
+    ds = ds.filter(_keep)
+    ds.hf_mim_resume_plan = plan
+    return ds
 
 
 def make_dataloader(

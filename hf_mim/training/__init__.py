@@ -72,6 +72,8 @@ from .schedule import (
     warmup_cosine_factor,
 )
 
+from .visualize import visualize_checkpoint
+
 TRAINER_NAMES = ("MIMTrainer", "MIMTrainingArguments", "MIMTrainingCallback", "dataset_transform", "pretraining_collator")
 
 __all__ = [
@@ -116,6 +118,7 @@ __all__ = [
     "run_script",
     "start_run",
     "stream_batches",
+    "visualize_checkpoint",
     "check_finite_loss",
     # run setup: secrets, output folder, resume hyper-parameters, user errors
     "RunHyperparameters",

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from ..data.collators import POSITION_KEY
+from ..data.streaming import MAX_LOADER_WORKERS, resume_plan_of
 from .checkpoint import list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint, write_json_atomic
 from .guards import NonFiniteLossError, check_finite_loss
 from .run_setup import (
@@ -59,34 +61,110 @@ def make_accelerator(args, output_dir: Path):
     )
 
 
-def stream_batches(dataloader, stream, collator, start_epoch: int, skip_batches: int):
+# True: a resumed run decodes and skips the batches it had consumed (the replay path), as before the
+# stream recorded positions; the resume benchmark and the tests compare the two paths.
+_REPLAY_RESUME = False
+
+
+class StreamPositions:
+    """Where each DataLoader worker of this rank stands in the current epoch: the raw records consumed
+    after each of its batches (the batches' `stream_position`, popped here). A checkpoint keeps
+    `resume_point()`: `rounds` (batches every worker had delivered) and each worker's raw records at its
+    `rounds`-th batch. Resuming, every worker skips those records undecoded (`ResumePlan`); the DataLoader
+    then delivers batch `rounds x workers` first, as the uninterrupted pass did (round robin over the
+    workers), and only the < `workers` batches consumed after it are decoded again and dropped."""
+
+    def __init__(self, workers: int):
+        self.workers = max(1, int(workers))
+        self.start_epoch(0)
+
+    def start_epoch(self, epoch: int, rounds: int = 0, records: list[int] | None = None) -> None:
+        self.epoch, self.rounds, self.known = epoch, rounds, True
+        self.ends = {worker: [] if records is None else [records[worker]] for worker in range(self.workers)}
+
+    def note(self, batch: dict) -> None:
+        position = batch.pop(POSITION_KEY, None)
+        if position is None or position.numel() == 0:
+            self.known = False  # a stream without positions: resumes replay
+            return
+        worker, last = (int(value) for value in position[-1])
+        if worker >= self.workers:
+            self.known = False
+            return
+        self.ends[worker].append(last + 1)
+
+    def resume_point(self) -> dict | None:
+        """{"rounds", "records"} of the batches noted so far this epoch, or None (unknown: replay)."""
+        if not self.known:
+            return None
+        offset = 1 if self.rounds else 0  # the resumed epoch's first entry is the skipped rounds' end
+        done = min(len(ends) - offset for ends in self.ends.values())
+        rounds = self.rounds + done
+        records = [ends[done + offset - 1] if done + offset else 0 for ends in self.ends.values()]
+        return {"rounds": rounds, "records": records}
+
+
+def stream_batches(dataloader, stream, collator, start_epoch: int, skip_batches: int, resume: dict | None = None,
+                   positions: StreamPositions | None = None):
     """(epoch, index in epoch, batch) forever: each rank cycles through its own shards, so every rank
     takes the same number of optimizer steps even when shards are uneven.
 
-    Resuming replays epoch `start_epoch` and skips its first `skip_batches` batches: with per-example
+    Resuming continues epoch `start_epoch` after its first `skip_batches` batches: with per-example
     seeding (hf_mim.data collators) that reproduces the interrupted run exactly, which datasets'
-    own state_dict does not (it loses the shuffle buffer).
+    own state_dict does not (it loses the shuffle buffer). With `resume` (a checkpoint's `resume_point`)
+    and a stream from `prepare_stream`, the workers skip the consumed raw records before decoding
+    (`StreamPositions`); otherwise the epoch is replayed and its first batches dropped. `positions`
+    follows every batch (its `stream_position` popped) for the next checkpoint.
     """
+    workers = max(1, getattr(dataloader, "num_workers", 0))
+    positions = positions or StreamPositions(workers)
+    plan = resume_plan_of(stream)
+    rounds, records = (resume["rounds"], resume["records"]) if resume else (0, None)
+    usable = records is not None and len(records) == workers <= MAX_LOADER_WORKERS and rounds * workers <= skip_batches
+    if _REPLAY_RESUME or plan is None or not usable:
+        rounds, records = 0, None
+    if records is not None:
+        logger.info("resume: the stream skips %s raw records (per DataLoader worker) undecoded, then %d batches by replay",
+                    records, skip_batches - rounds * workers)
+    elif skip_batches:
+        logger.info("resume: replaying %d batches of epoch %d", skip_batches, start_epoch)
     epoch, skip = start_epoch, skip_batches
     while True:
         stream.set_epoch(epoch)
         collator.set_epoch(epoch)
+        positions.start_epoch(epoch, rounds, records)
+        if records is not None:
+            plan.set(records)
         empty = True
-        for index, batch in enumerate(dataloader):
+        for index, batch in enumerate(dataloader, start=rounds * workers):
             empty = False
+            positions.note(batch)
             if index < skip:
                 continue
             yield epoch, index, batch
-        if empty:
+        if records is not None:
+            plan.clear()
+        elif empty:
             raise RuntimeError("the training stream yielded no full batch: lower --per_device_train_batch_size")
-        epoch, skip = epoch + 1, 0
+        epoch, skip, rounds, records = epoch + 1, 0, 0, None
 
 
-def gather_positions(accelerator, position: dict) -> list[dict]:
-    """Every rank's (epoch, batches consumed) — ranks read different shards and may differ."""
-    local = torch.tensor([[position["epoch"], position["batches"]]], device=accelerator.device)
-    gathered = accelerator.gather(local).cpu().tolist()
-    return [{"epoch": int(epoch), "batches": int(batches)} for epoch, batches in gathered]
+def gather_positions(accelerator, position: dict, resume_point: dict | None = None) -> list[dict]:
+    """Every rank's (epoch, batches consumed) — ranks read different shards and may differ — with, where
+    every rank knows it, its raw-record `resume_point` (`StreamPositions`: "rounds", "records" per worker)."""
+    local = [position["epoch"], position["batches"]]
+    records = resume_point["records"] if resume_point else []
+    width = accelerator.gather(torch.tensor([len(records)], device=accelerator.device)).cpu()
+    known = resume_point is not None and bool((width == len(records)).all())  # same worker count on every rank
+    known = bool(accelerator.gather(torch.tensor([int(known)], device=accelerator.device)).cpu().all())
+    if known:
+        local += [resume_point["rounds"], *records]
+    gathered = accelerator.gather(torch.tensor([local], device=accelerator.device)).cpu().tolist()
+    positions = [{"epoch": int(row[0]), "batches": int(row[1])} for row in gathered]
+    if known:
+        for entry, row in zip(positions, gathered):
+            entry.update(rounds=int(row[2]), records=[int(value) for value in row[3:]])
+    return positions
 
 
 def check_replicas_in_sync(accelerator, model) -> None:
@@ -306,7 +384,10 @@ class TrainingLoop:
         self.window_start, self.window_images = time.perf_counter(), 0
         run_start = time.perf_counter()
         self.train_mode()
-        batches = stream_batches(self.dataloader, self.stream, self.collator, self.position["epoch"], self.position["batches"])
+        self.stream_positions = StreamPositions(getattr(self.dataloader, "num_workers", 0))
+        resume = {key: self.position[key] for key in ("rounds", "records")} if "records" in self.position else None
+        batches = stream_batches(self.dataloader, self.stream, self.collator, self.position["epoch"], self.position["batches"],
+                                 resume=resume, positions=self.stream_positions)
         if phase is not None:
             phase.training_started()
         while self.global_step < self.total_steps:
@@ -371,11 +452,18 @@ class TrainingLoop:
         self.logger.info("step %d %s", self.global_step, json.dumps(rounded))
         self.window_start, self.window_images = time.perf_counter(), 0
 
+    def resume_point(self) -> dict | None:
+        """This rank's raw-record position in the epoch (`StreamPositions`), None when the stream has none."""
+        positions = getattr(self, "stream_positions", None)
+        if positions is None or positions.epoch != self.position["epoch"]:
+            return None
+        return positions.resume_point()
+
     def save(self) -> None:
         """A checkpoint of this step on every rank (collective), holding every rank's data position."""
         trainer_state = {
             "global_step": self.global_step,
-            "positions": gather_positions(self.accelerator, self.position),
+            "positions": gather_positions(self.accelerator, self.position, self.resume_point()),
             **self.trainer_state(),
             "run_id": self.run.run_id,
             "hyperparameters": self.hyperparameters.to_dict(),

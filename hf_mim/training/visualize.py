@@ -7,6 +7,7 @@ the reconstruction pasted into the visible patches.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -128,3 +129,150 @@ def log_pictures(accelerator, pictures: dict[str, str | Path | Image.Image], ste
             tracker.log_images({name: np.asarray(image)[None] for name, image in images.items()}, step=step, dataformats="NHWC")
         elif callable(getattr(tracker, "log_images", None)):
             tracker.log_images({name: [image] for name, image in images.items()}, step=step)
+
+
+# ------------------------------------------------------------------ pictures of any saved checkpoint
+
+
+def centred_view_transform(image_size):
+    """The deterministic view the pictures show: the largest centred crop with the model's aspect, resized
+    (bicubic, uint8 as training's transform), never flipped. Built on the training transform, so the
+    crop box it reports lets AMT's masks follow their attention map as in training."""
+    from ..data import MaskedImageTransform
+
+    class CentredView(MaskedImageTransform):
+        def get_params(self, image, generator=None):
+            width, height = image.size
+            out_height, out_width = self.size
+            crop_height = min(height, round(width * out_height / out_width))
+            crop_width = min(width, round(height * out_width / out_height))
+            return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+    return CentredView(image_size, hflip=False)
+
+
+def list_images(images) -> list[Path]:
+    """The image files of `images` (files, or folders searched recursively for image extensions, sorted)."""
+    from ..data.streaming import IMAGE_EXTENSIONS
+    from .run_setup import UserInputError
+
+    paths: list[Path] = []
+    for item in [images] if isinstance(images, (str, Path)) else list(images):
+        item = Path(item).expanduser()
+        if item.is_dir():
+            found = sorted(p for p in item.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_EXTENSIONS))
+            if not found:
+                raise UserInputError(f"--images {item}: the folder holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif item.is_file():
+            paths.append(item)
+        else:
+            raise UserInputError(f"--images {item}: no such file or folder")
+    if not paths:
+        raise UserInputError("--images: no images given")
+    return paths
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """No load report table and no progress bar from transformers while loading (restored after)."""
+    from transformers.utils import logging as transformers_logging
+
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def load_pretraining_checkpoint(model_name_or_path: str, mask_ratio: float | None = None, **hub_kwargs):
+    """The `...ForMaskedImageModeling` of a folder or Hub id (run_mim's output, a converted pretraining
+    checkpoint), in eval mode; one-line errors for anything else (a classifier folder lacks the decoder,
+    teacher or predictor the pictures need)."""
+    from transformers import AutoModelForMaskedImageModeling
+
+    from .run_setup import UserInputError, check_local_path
+
+    check_local_path("--model_name_or_path", model_name_or_path)
+    overrides = {} if mask_ratio is None else {"mask_ratio": mask_ratio}
+    try:
+        with quiet_transformers():  # missing tensors are reported below, in one line
+            model, loading = AutoModelForMaskedImageModeling.from_pretrained(
+                model_name_or_path, output_loading_info=True, **hub_kwargs, **overrides
+            )
+    except ValueError as error:  # e.g. a config that is not an hf_mim method
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UserInputError(f"--model_name_or_path {model_name_or_path}: not an hf_mim pretraining checkpoint ({first})") from error
+    missing = loading["missing_keys"]
+    if missing:
+        parts = sorted({".".join(key.split(".")[:2]) for key in missing})
+        raise UserInputError(
+            f"--model_name_or_path {model_name_or_path} lacks {len(missing)} tensors of {type(model).__name__} "
+            f"({', '.join(parts[:4])}{' ...' if len(parts) > 4 else ''}): pictures need a pretraining checkpoint "
+            "(the folder run_mim.py saves, or a converted pretraining file), not a classifier or backbone"
+        )
+    return model.eval()
+
+
+def read_picture_input(path: Path):
+    """(RGB PIL image, stable example id from its bytes), or a one-line error naming the file."""
+    from ..data import decode_image, example_id
+    from .run_setup import UserInputError
+
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise UserInputError(f"--images {path}: cannot read the file ({error.strerror or error})") from error
+    image = decode_image(data, min_size=1)  # over hf_mim.data's pixel budget: a JPEG at reduced scale, else refused
+    if image is None:
+        raise UserInputError(f"--images {path}: not a readable image (undecodable, truncated or too large)")
+    return image, example_id({"image": {"bytes": data, "path": None}}, "image")
+
+
+def visualize_checkpoint(
+    model_name_or_path: str | Path,
+    images,
+    output_dir: str | Path,
+    seed: int = 0,
+    mask_ratio: float | None = None,
+    device: str | None = None,
+    **hub_kwargs,
+) -> list[Path]:
+    """One PNG per image in `output_dir` (`<image stem>.png`) of what the pretraining checkpoint does
+    (`save_mim_picture`: input, masked input, per-patch loss / attention / reconstruction, as that method
+    shows). Each image is seen whole (centred crop, no flip) and masked by the model's own mask generator
+    from a generator seeded by (seed, the image's content): the same picture on every run. AMT first reads
+    each image's attention map as its refresh pass does, so its masks are the attention-guided ones.
+    `mask_ratio` overrides the config's; `hub_kwargs` (revision, token, cache_dir) go to from_pretrained.
+    Returns the written paths."""
+    from ..data import PretrainingCollator, ResizeTransform, batch_to_device
+    from .attention_refresh import AttentionMapStore
+    from .pretraining import save_mim_picture_of
+
+    paths = list_images(images)
+    inputs = [read_picture_input(path) for path in paths]  # every file checked before the model loads
+    model = load_pretraining_checkpoint(str(model_name_or_path), mask_ratio, **hub_kwargs)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.to(device)
+    size = model.config.image_size
+    store = None
+    if model.uses_attention_maps:  # AMT: the maps its masks are drawn from, as the refresh pass computes them
+        store = AttentionMapStore()
+        whole = ResizeTransform(size)
+        for image, identity in inputs:
+            scores = model.attention_scores(whole(image)[None].to(device))
+            store.update(torch.tensor([identity]), scores.cpu())
+    collator = PretrainingCollator(centred_view_transform(size), mask_generator=model.mask_generator(attention_maps=store), seed=seed)
+    output_dir = Path(output_dir)
+    written, names = [], set()
+    for path, (image, identity) in zip(paths, inputs):
+        name = path.stem if path.stem not in names else f"{path.stem}-{len(names)}"
+        names.add(name)
+        batch = collator.finish(collator([{"image": image, "example_id": identity}]), 0)
+        batch = batch_to_device(batch, device, collator)
+        written.append(save_mim_picture_of(model, batch, output_dir / f"{name}.png"))
+    return written
