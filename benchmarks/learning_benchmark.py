@@ -358,9 +358,10 @@ def evaluate(args, folder: Path, cls_data: list[str], work: Path, name: str, res
         epochs = EVAL_EPOCHS[protocol]
         extra = ["--num_train_epochs", round(epochs * args.eval_epochs_scale, 3)] if epochs else []
         if not (args.reuse and (out / "eval_results.json").is_file()):
+            evaluated = probed_encoder(folder) if protocol in FROZEN_PROTOCOLS else folder
             timings[f"{name} {protocol}"] = run(RUN_CLS, [
-                "--model_name_or_path", probed_encoder(folder) if protocol in FROZEN_PROTOCOLS else folder, *flags, *extra, *cls_data, "--per_device_train_batch_size",
-                args.batch_size, "--seed", args.seed, "--logging_steps", 50, "--eval_steps", 10**9,
+                "--model_name_or_path", evaluated, *flags, *extra, *cls_data, "--per_device_train_batch_size", args.batch_size,
+                "--seed", args.seed, "--logging_steps", 50, "--eval_steps", 10**9,
                 "--output_dir", out, "--overwrite_output_dir"], work / f"{name}-{protocol}.log")
         results.setdefault(name, {})[protocol] = json.loads((out / "eval_results.json").read_text())["top1"]
 

@@ -49,6 +49,7 @@ from ..modeling_revcolv2 import (
 
 ALIASED_AUTO_CLASSES = {alias for aliases in AUTO_CLASS_ALIASES.values() for alias in aliases}
 
+
 @dataclass(frozen=True)
 class ModelFamily:
     """One architecture: its config class, its heads, and the flat model-zone files defining them."""
@@ -79,11 +80,12 @@ class ModelFamily:
             "AutoConfig": self.config_class,
             "AutoModel": self.base_model_class,
             "AutoModelForMaskedImageModeling": self.masked_image_modeling_class,
-            "AutoModelForPreTraining": self.masked_image_modeling_class,  # AUTO_CLASS_ALIASES
             "AutoModelForImageClassification": self.image_classification_class,
         }
         if self.backbone_class is not None:
             mapping["AutoBackbone"] = self.backbone_class
+        for auto_name, aliases in AUTO_CLASS_ALIASES.items():  # e.g. the pretraining head as AutoModelForPreTraining
+            mapping.update(dict.fromkeys(aliases, mapping[auto_name]))
         return mapping
 
 
@@ -158,8 +160,7 @@ def register_all() -> None:
         AutoConfig.register(family.model_type, family.config_class, exist_ok=True)
         AutoModel.register(family.config_class, family.base_model_class, exist_ok=True)
         AutoModelForMaskedImageModeling.register(family.config_class, family.masked_image_modeling_class, exist_ok=True)
-        # where ViTMAE users look for a pretraining head (ViTMAEForPreTraining)
-        AutoModelForPreTraining.register(family.config_class, family.masked_image_modeling_class, exist_ok=True)
+        AutoModelForPreTraining.register(family.config_class, family.masked_image_modeling_class, exist_ok=True)  # AUTO_CLASS_ALIASES
         AutoModelForImageClassification.register(family.config_class, family.image_classification_class, exist_ok=True)
         if family.backbone_class is not None:
             from transformers import AutoBackbone
