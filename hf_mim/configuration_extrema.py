@@ -21,6 +21,7 @@ from .configuration_common import (
 
 POOLING_CHOICES = ("mean", "class_attention")
 MOMENTUM_SCHEDULES = ("cosine", "constant")
+VIEW_CROPS = ("shared", "independent")
 
 
 class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
@@ -53,6 +54,12 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
         ema_momentum: base momentum m0 of the momentum encoder (0.996).
         ema_momentum_schedule: "cosine" (m = 1 - (1 + cos(pi * progress)) / 2 * (1 - m0), from m0 to 1
             over training, official) or "constant".
+        view_crops: how the pretraining pipeline crops the student's and the teacher's view of an image.
+            "shared" = the official SpatialConsistentColorAug: one random resized crop + flip for both, then an
+            independent colour jitter per view (masking is the only spatial difference). "independent" = a
+            crop + flip of its own per view, as BYOL (not in the official code; the demo recipe's choice, where
+            shared crops of a few thousand digits give targets the student matches without learning: see
+            `hf_mim/training/recipes.py`).
         pooling: the representation `pooler_output` holds and the classifier uses. "mean" = the
             official fine-tuning representation (mean of the patch tokens after the self-attention stack +
             `fc_norm`; class attention and the final norm are not used). "class_attention" = the official
@@ -109,6 +116,7 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
         disjoint_masks: bool = True,
         ema_momentum: float = 0.996,
         ema_momentum_schedule: str = "cosine",
+        view_crops: str = "shared",
         pooling: str = "mean",
         initializer_range: float = 0.02,
         classifier_init_std: float = 2e-5,
@@ -135,6 +143,7 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
         self.disjoint_masks = disjoint_masks
         self.ema_momentum = ema_momentum
         self.ema_momentum_schedule = ema_momentum_schedule
+        self.view_crops = view_crops
         self.pooling = pooling
         self.initializer_range = initializer_range
         self.classifier_init_std = classifier_init_std
@@ -175,6 +184,7 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
             )
         check_fraction("ema_momentum", self.ema_momentum, allow_one=True)
         check_choice("ema_momentum_schedule", self.ema_momentum_schedule, MOMENTUM_SCHEDULES)
+        check_choice("view_crops", self.view_crops, VIEW_CROPS)
         check_choice("pooling", self.pooling, POOLING_CHOICES)
         check_fraction("drop_path_rate", self.drop_path_rate)
         check_fraction("attention_dropout", self.attention_dropout)

@@ -61,7 +61,8 @@ class ModelFamily:
     image_classification_class: type[PreTrainedModel]
     backbone_class: type[PreTrainedModel] | None = None
     # Pretraining augmentation, as the paper trains: RandomResizedCrop scale range + horizontal flip;
-    # `two_views` adds a second view with the same crop and independent colour jitter (ExtreMA).
+    # `two_views` adds a second view with independent colour jitter and the same crop, or a crop of its own
+    # (ExtreMA; its config's `view_crops`).
     # A function of the config where the config picks the recipe (AMT: its MAE or SimMIM host's crop).
     crop_scale: tuple[float, float] | Callable[[PreTrainedConfig], tuple[float, float]] = (0.2, 1.0)
     two_views: bool = False
@@ -70,9 +71,10 @@ class ModelFamily:
         """The per-example transform the pretraining collator applies (seeded by the collator)."""
         from ..data import MaskedImageTransform, TwoViewTransform
 
-        transform_class = TwoViewTransform if self.two_views else MaskedImageTransform
         scale = self.crop_scale(config) if callable(self.crop_scale) else self.crop_scale
-        return transform_class(config.image_size, scale=scale)
+        if self.two_views:
+            return TwoViewTransform(config.image_size, scale=scale, shared_crop=config.view_crops == "shared")
+        return MaskedImageTransform(config.image_size, scale=scale)
 
     def auto_classes(self) -> dict[str, type]:
         """Auto-class name -> class, the full `auto_map` a Hub folder needs."""

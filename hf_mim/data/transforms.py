@@ -176,6 +176,7 @@ class TwoViewTransform(MaskedImageTransform):
     """Two views of one image: ONE random resized crop + flip shared by both ("shared crop"), then an
     independent colour jitter (p `jitter_prob`, brightness/contrast/saturation/hue in random order as
     torchvision's ColorJitter) and random grayscale per view ("different colours") — ExtreMA's recipe.
+    `shared_crop=False` gives each view a crop + flip of its own (BYOL's spatial augmentation).
 
     `__call__(image, generator)` -> (view_1, view_2), each (3, H, W). Every draw comes from `generator`.
     """
@@ -189,9 +190,11 @@ class TwoViewTransform(MaskedImageTransform):
         color_jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.2, 0.1),
         jitter_prob: float = 0.8,
         grayscale_prob: float = 0.2,
+        shared_crop: bool = True,
         **kwargs,
     ):
         super().__init__(image_size, scale=scale, **kwargs)
+        self.shared_crop = shared_crop
         self.color_jitter = tuple(color_jitter)
         self.jitter_prob = jitter_prob
         self.grayscale_prob = grayscale_prob
@@ -214,12 +217,20 @@ class TwoViewTransform(MaskedImageTransform):
             image = F.to_grayscale(image, num_output_channels=3)
         return image
 
-    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _crop_flip(self, image: Image.Image, generator: torch.Generator | None) -> Image.Image:
         top, left, height, width = self.get_params(image, generator)
         image = F.resized_crop(image, top, left, height, width, list(self.size), self.interpolation, antialias=True)
         if self.hflip and torch.rand(1, generator=generator).item() < 0.5:
             image = F.hflip(image)
-        return tuple(F.normalize(F.to_tensor(self._colour(image, generator)), self.mean, self.std) for _ in range(2))
+        return image
+
+    def __call__(self, image: Image.Image, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        shared = self._crop_flip(image, generator) if self.shared_crop else None
+        views = []
+        for _ in range(2):
+            view = shared if self.shared_crop else self._crop_flip(image, generator)
+            views.append(F.normalize(F.to_tensor(self._colour(view, generator)), self.mean, self.std))
+        return tuple(views)
 
 
 def eval_resize_size(image_size: int | Sequence[int], crop_pct: float) -> int:
