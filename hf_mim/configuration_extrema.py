@@ -22,6 +22,7 @@ from .configuration_common import (
 POOLING_CHOICES = ("mean", "class_attention")
 MOMENTUM_SCHEDULES = ("cosine", "constant")
 VIEW_CROPS = ("shared", "independent")
+PROJECTOR_NORMS = ("layer_norm", "batch_norm")
 
 
 class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
@@ -46,6 +47,8 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
         projector_hidden_size, projection_dim: the projector D -> 4096 -> 4096 -> 256 and the predictor
             256 -> 4096 -> 256 (`--mlp-dim`, `--proj-dim`). Their hidden layers use LayerNorm (not
             BatchNorm) with eps `projector_layer_norm_eps` (1e-5, PyTorch's default, as official).
+        projector_norm: "layer_norm" (official) or "batch_norm" (BYOL's: batch statistics, which keep the
+            projections of different images apart; the demo recipe's choice, see `hf_mim/training/recipes.py`).
         mask_ratio: fraction of patches each mask hides (0.8); every mask keeps int(N * (1 - mask_ratio))
             patches (39 of 196).
         num_masks: masks per image (5); all share one momentum-encoder target.
@@ -111,6 +114,7 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
         projector_hidden_size: int = 4096,
         projection_dim: int = 256,
         projector_layer_norm_eps: float = 1e-5,
+        projector_norm: str = "layer_norm",
         mask_ratio: float = 0.8,
         num_masks: int = 5,
         disjoint_masks: bool = True,
@@ -138,6 +142,7 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
         self.projector_hidden_size = projector_hidden_size
         self.projection_dim = projection_dim
         self.projector_layer_norm_eps = projector_layer_norm_eps
+        self.projector_norm = projector_norm
         self.mask_ratio = mask_ratio
         self.num_masks = num_masks
         self.disjoint_masks = disjoint_masks
@@ -185,6 +190,7 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
         check_fraction("ema_momentum", self.ema_momentum, allow_one=True)
         check_choice("ema_momentum_schedule", self.ema_momentum_schedule, MOMENTUM_SCHEDULES)
         check_choice("view_crops", self.view_crops, VIEW_CROPS)
+        check_choice("projector_norm", self.projector_norm, PROJECTOR_NORMS)
         check_choice("pooling", self.pooling, POOLING_CHOICES)
         check_fraction("drop_path_rate", self.drop_path_rate)
         check_fraction("attention_dropout", self.attention_dropout)

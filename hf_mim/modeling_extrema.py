@@ -208,31 +208,36 @@ class ExtremaMLP(nn.Sequential):
     """Official `_build_proj` / `_build_mlp`: Linear -> LayerNorm -> GELU, ..., Linear (all with bias).
 
     Indices match the official keys: projector `head.{0,3,6}` Linear, `head.{1,4}` LayerNorm;
-    predictor `predictor.{0,3}` Linear, `predictor.1` LayerNorm.
+    predictor `predictor.{0,3}` Linear, `predictor.1` LayerNorm. `norm="batch_norm"` puts BYOL's
+    BatchNorm in place of the LayerNorms (`ExtremaConfig.projector_norm`): always the statistics of the
+    batch being projected (no running statistics: these MLPs only serve pretraining, where BYOL's target
+    network also normalises with its batch), the statistics of each process under several processes.
     """
 
-    def __init__(self, num_layers: int, input_dim: int, hidden_dim: int, output_dim: int, layer_norm_eps: float):
+    def __init__(self, num_layers: int, input_dim: int, hidden_dim: int, output_dim: int, norm_eps: float,
+                 norm: str = "layer_norm"):
         layers: list[nn.Module] = []
         for index in range(num_layers):
             dim_in = input_dim if index == 0 else hidden_dim
             dim_out = output_dim if index == num_layers - 1 else hidden_dim
             layers.append(nn.Linear(dim_in, dim_out))
             if index < num_layers - 1:
-                layers.append(nn.LayerNorm(dim_out, eps=layer_norm_eps))
+                if norm == "batch_norm":
+                    layers.append(nn.BatchNorm1d(dim_out, eps=norm_eps, track_running_stats=False))
+                else:
+                    layers.append(nn.LayerNorm(dim_out, eps=norm_eps))
                 layers.append(nn.GELU())
         super().__init__(*layers)
 
 
 def build_projector(config: ExtremaConfig) -> ExtremaMLP:
-    return ExtremaMLP(
-        3, config.hidden_size, config.projector_hidden_size, config.projection_dim, config.projector_layer_norm_eps
-    )
+    return ExtremaMLP(3, config.hidden_size, config.projector_hidden_size, config.projection_dim,
+                      config.projector_layer_norm_eps, config.projector_norm)
 
 
 def build_predictor(config: ExtremaConfig) -> ExtremaMLP:
-    return ExtremaMLP(
-        2, config.projection_dim, config.projector_hidden_size, config.projection_dim, config.projector_layer_norm_eps
-    )
+    return ExtremaMLP(2, config.projection_dim, config.projector_hidden_size, config.projection_dim,
+                      config.projector_layer_norm_eps, config.projector_norm)
 
 
 class ExtremaPreTrainedModel(MIMPreTrainedModel):
@@ -246,6 +251,9 @@ class ExtremaPreTrainedModel(MIMPreTrainedModel):
         init_vit_weights(module, token_std=self.config.initializer_range)
         if isinstance(module, ExtremaClassTokenBlocks):
             init.normal_(module.cls_token, std=self.config.initializer_range)
+        elif isinstance(module, nn.BatchNorm1d):  # projector_norm="batch_norm"
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif module is getattr(self, "classifier", None) and isinstance(module, nn.Linear):
             # official fine-tuning: trunc_normal(0.02) then x init_scale (0.001); bias 0
             init.trunc_normal_(module.weight, std=self.config.classifier_init_std)

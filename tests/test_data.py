@@ -608,6 +608,37 @@ def test_two_view_transform_shares_the_crop_and_varies_the_colours():
     assert torch.allclose(raw[0], raw[1], atol=1e-6) and torch.allclose(raw[1], raw[2], atol=1e-6)
 
 
+def test_two_view_transform_with_independent_crops_crops_each_view():
+    from PIL import Image as PILImage
+    from torchvision.transforms import functional as F
+
+    from hf_mim.auto import MODEL_FAMILIES
+    from hf_mim.data import TwoViewTransform
+    from hf_mim import ExtremaConfig
+
+    rng = np.random.default_rng(0)
+    image = PILImage.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8))
+    kwargs = dict(jitter_prob=0.0, grayscale_prob=0.0)
+    shared = TwoViewTransform(32, **kwargs)(image, torch.Generator().manual_seed(5))
+    first, second = TwoViewTransform(32, shared_crop=False, **kwargs)(image, torch.Generator().manual_seed(5))
+    # by hand: each view draws its crop box and its flip in turn (+ the jitter and grayscale draws)
+    generator, reference = torch.Generator().manual_seed(5), TwoViewTransform(32, **kwargs)
+    views = []
+    for _ in range(2):
+        top, left, height, width = reference.get_params(image, generator)
+        view = F.resized_crop(image, top, left, height, width, [32, 32], reference.interpolation, antialias=True)
+        if torch.rand(1, generator=generator).item() < 0.5:
+            view = F.hflip(view)
+        torch.rand(1, generator=generator), torch.rand(1, generator=generator)  # jitter and grayscale coins
+        views.append(F.normalize(F.to_tensor(view), reference.mean, reference.std))
+    assert torch.equal(first, views[0]) and torch.equal(second, views[1])
+    assert torch.equal(first, shared[0]) and not torch.equal(first, second)  # the first view is the shared crop
+    # ExtreMA's config picks the pipeline: the official shared crop unless view_crops says otherwise
+    family = MODEL_FAMILIES["extrema"]
+    assert family.pretraining_transform(ExtremaConfig.from_preset("tiny")).shared_crop
+    assert not family.pretraining_transform(ExtremaConfig.from_preset("tiny", view_crops="independent")).shared_crop
+
+
 def test_collator_turns_view_tuples_into_pixel_values_2():
     from PIL import Image as PILImage
 

@@ -429,6 +429,8 @@ def test_presets_and_defaults():
         (dict(projection_dim=0), "projection_dim"),
         (dict(layer_scale_init_value=-1.0), "layer_scale_init_value"),
         (dict(projector_layer_norm_eps=0.0), "projector_layer_norm_eps"),
+        (dict(view_crops="different"), "view_crops"),
+        (dict(projector_norm="group_norm"), "projector_norm"),
     ],
 )
 def test_invalid_config_values_raise_naming_the_field(overrides, field):
@@ -481,3 +483,24 @@ def test_pretraining_outputs_are_on_the_loss_graph_and_attention_is_switchable()
     assert backbone.config._attn_implementation == "eager"
     backbone.set_attn_implementation("sdpa")
     assert backbone.config._attn_implementation == "sdpa"
+
+
+def test_batch_norm_projector_normalises_with_the_batch_and_saves_no_statistics(tmp_path):
+    """projector_norm="batch_norm" (BYOL's projector): each hidden feature is standardised over the batch
+    being projected, in training and in eval mode alike (no running statistics), checked by hand."""
+    config = tiny(projector_norm="batch_norm")
+    model = ExtremaForMaskedImageModeling(config)
+    projector = model.projector
+    features = torch.randn(6, config.hidden_size)
+    hidden = projector[0](features)
+    by_hand = (hidden - hidden.mean(0)) / torch.sqrt(hidden.var(0, unbiased=False) + config.projector_layer_norm_eps)
+    for mode in (True, False):
+        projector.train(mode)
+        assert torch.allclose(projector[1](hidden), by_hand, atol=1e-5)
+    assert not any("running" in name or "num_batches" in name for name in model.state_dict())
+    model.save_pretrained(tmp_path)
+    reloaded = ExtremaForMaskedImageModeling.from_pretrained(tmp_path)
+    assert isinstance(reloaded.momentum_projector[4], torch.nn.BatchNorm1d)
+    assert torch.equal(reloaded.predictor[1].weight, model.predictor[1].weight)
+    # the official projector is untouched: LayerNorm per projection
+    assert isinstance(ExtremaForMaskedImageModeling(tiny()).projector[1], torch.nn.LayerNorm)
