@@ -165,7 +165,7 @@ def bench_variant(variant: str, args: argparse.Namespace, device: torch.device, 
 
     # The official schedule: random masking until the first refresh, then AMT, refreshes in between.
     epochs = SCHEDULE_EPOCHS[variant]
-    refreshes = model.attention_refresh_steps(epochs)  # in epoch units: the same events as in steps
+    refreshes = model.attention_refresh_steps(epochs, steps_per_epoch=1)  # in epoch units: the same events as in steps
     random_epochs = refreshes[0] if refreshes else epochs
     before = next(  # the random row matching the masks used until the first refresh
         row for row in rows if row.random_ratio is not None and math.isclose(row.random_ratio, config.effective_warmup_mask_ratio)

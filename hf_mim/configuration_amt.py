@@ -76,8 +76,13 @@ class AmtConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
             hard-codes it), SimMIM None = follow `mask_ratio` (SimMIM-AMT draws warm-up masks at MASK_RATIO),
             resolved when masks are drawn so a later `mask_ratio` change carries over.
         mask_patch_size: side in pixels of one mask unit (MAE: the patch; SimMIM: 2 x 2 patches, 32 px).
-        amt_interval: fraction of training between attention refreshes (MAE 0.1, SimMIM 0.2); the first
-            refresh comes after the first interval, none at the very end.
+        amt_interval: fraction of training between attention refreshes (MAE 0.1, SimMIM 0.2).
+        amt_refresh_delay_epochs: epochs from the end of each interval to its refresh. 1 (default) is the
+            official schedule: both scripts refresh after the epoch whose 0-based index is a multiple of the
+            interval, i.e. after 41, 81, ..., 361 of 400 epochs (mae-AMT; SimMIM-AMT 41, ..., 161 of 200), so
+            the random phase lasts interval + 1 epochs. 0 refreshes at each interval's end. Never at the very
+            end. Without an epoch length (a stream trained for --max_train_steps with no
+            --num_train_examples, a Trainer dataset without len) the delay is dropped, with a warning.
         crop_aligned_attention: crop the stored attention map with the image's own crop box (the paper).
             The released code always takes the map's top-left cells instead (a bug); there is no switch
             to reproduce it.
@@ -133,6 +138,7 @@ class AmtConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
         warmup_mask_ratio: float | None = None,
         mask_patch_size: int | None = None,
         amt_interval: float | None = None,
+        amt_refresh_delay_epochs: int = 1,
         crop_aligned_attention: bool = True,
         norm_pix_loss: bool | None = None,
         use_mean_pooling: bool | None = None,
@@ -170,6 +176,7 @@ class AmtConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
             mask_patch_size = defaults["patches_per_mask_unit"] * patch_size
         self.mask_patch_size = mask_patch_size
         self.amt_interval = defaults["amt_interval"] if amt_interval is None else amt_interval
+        self.amt_refresh_delay_epochs = amt_refresh_delay_epochs
         self.crop_aligned_attention = crop_aligned_attention
         self.norm_pix_loss = defaults["norm_pix_loss"] if norm_pix_loss is None else norm_pix_loss
         self.use_mean_pooling = defaults["use_mean_pooling"] if use_mean_pooling is None else use_mean_pooling
@@ -213,6 +220,7 @@ class AmtConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig):
             )
         if not 0 < self.amt_interval <= 1:
             raise config_error("amt_interval", self.amt_interval, "expected a fraction of training in (0, 1]")
+        check_non_negative_int("amt_refresh_delay_epochs", self.amt_refresh_delay_epochs)
         if self.layer_scale_init_value < 0:
             raise config_error("layer_scale_init_value", self.layer_scale_init_value, "expected a number >= 0")
         check_positive_numbers(self, "mlp_ratio", "layer_norm_eps")

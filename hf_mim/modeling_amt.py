@@ -1,10 +1,11 @@
 """AMT: attention-driven masking and throwing (Liu, Gui, Luo; AAAI 2023), plugged into MAE and SimMIM.
 
-The model being trained is its own guide. Every `amt_interval` of training an extra pass over the data
-reads the LAST block's cls-to-patch attention on each full image (`attention_scores`), one map per
-image. A training crop's map then orders its mask units by weighted sampling without replacement: the
-first r are masked (reconstructed), the next t thrown (seen by nobody, not reconstructed, not in the
-loss), the rest visible. Until the first refresh the masks are uniformly random.
+The model being trained is its own guide. Every `amt_interval` of training (one epoch after each interval's
+end, as the official scripts: `amt_refresh_delay_epochs`) an extra pass over the data reads the LAST block's
+cls-to-patch attention on each full image (`attention_scores`), one map per image. A training crop's map
+then orders its mask units by weighted sampling without replacement: the first r are masked
+(reconstructed), the next t thrown (seen by nobody, not reconstructed, not in the loss), the rest visible.
+Until the first refresh the masks are uniformly random.
 
 One model class, `AmtForMaskedImageModeling`, holds the host of `config.variant` (a component without
 weights of its own that builds the decoder and writes the host's steps):
@@ -28,7 +29,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BaseModelOutputWithPooling
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .backbone_common import ViTBackboneMixin, backbone_ignore_patterns
 from .configuration_amt import AmtConfig
@@ -39,6 +40,8 @@ from .modeling_base import backbone_output, builds_pretrained_encoder, ImageClas
 from .training_events import MIMTrainingEventsMixin
 from .vit_blocks import gather_tokens, init_vit_weights, MaeDecoder, MeanPooler, VisionEmbeddings, ViTEncoder
 from .objectives import elementwise_loss, normalize_per_token, patchify, predictions_to_pixels, weighted_token_mean
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -337,7 +340,7 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
     `forward_decoder` -> `forward_loss`. This class is what both hosts share: the attention-driven
     masking, the attention refresh (`attention_scores`), the training events the generic loop calls
     (`MIMTrainingEventsMixin`: `mask_generator(attention_maps)` draws per-example masks from the loop's
-    attention-map store, `attention_refresh_steps(total_steps)` says when the refresh pass,
+    attention-map store, `attention_refresh_steps(total_steps, steps_per_epoch)` says when the refresh pass,
     `forward(attention_scores_only=True)`, runs), the pixel targets and the output.
 
     The host of `config.variant` (`MaeHost` or `SimMIMHost`, `self.host`, no weights of its own) builds
@@ -377,13 +380,26 @@ class AmtForMaskedImageModeling(MIMTrainingEventsMixin, AmtPreTrainedModel):
         """Thrown patches per image (0 until the first refresh)."""
         return {"patches_thrown_per_image": float(output.bool_thrown_pos.sum(dim=1).float().mean())}
 
-    def attention_refresh_steps(self, total_steps: int) -> list[int]:
-        """Optimizer steps after which the attention maps are refreshed: every `amt_interval` of
-        training, none at the very end (mae-AMT: after epochs 40, 80, ..., 360 of 400)."""
+    def attention_refresh_steps(self, total_steps: int, steps_per_epoch: int | None = None) -> list[int]:
+        """Optimizer steps after which the attention maps are refreshed: `amt_refresh_delay_epochs` epochs of
+        `steps_per_epoch` steps after the end of every `amt_interval` of training, none at the very end. The
+        default delay of one epoch is the official schedule: mae-AMT refreshes after epoch index `e` when
+        `e >= warmup_epochs, e % loc_interval == 0, e + 1 != epochs` (40 / 40 / 400: after 41, 81, ..., 361
+        completed epochs), SimMIM-AMT when `e > WARMUP_EPOCHS, e % 40 == 0, e != EPOCHS - 1`. Without
+        `steps_per_epoch` (a stream of unknown length) the delay is dropped, with a warning."""
         if self.config.masking_strategy != "amt":
             return []
         interval = max(1, round(self.config.amt_interval * total_steps))
-        return list(range(interval, total_steps, interval))
+        delay_epochs = self.config.amt_refresh_delay_epochs
+        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+            raise ValueError(f"steps_per_epoch={steps_per_epoch!r}: expected an integer >= 1 (or None: unknown)")
+        if steps_per_epoch is None and delay_epochs:
+            logger.warning(
+                "AMT refreshes after every %d of %d steps without its amt_refresh_delay_epochs=%d: the epoch length is "
+                "unknown (run_mim: give --num_train_examples; Trainer: a dataset with a length). The official scripts "
+                "refresh one epoch after each interval's end.", interval, total_steps, delay_epochs)
+        delay = delay_epochs * steps_per_epoch if steps_per_epoch is not None else 0
+        return list(range(interval + delay, total_steps, interval))
 
     @torch.no_grad()
     def attention_scores(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:

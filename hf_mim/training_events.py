@@ -41,8 +41,9 @@ class MIMTrainingEventsMixin:
     def on_train_step_end(self, progress: float) -> None:
         """After every optimizer step, with `progress` = steps done / total steps."""
 
-    def attention_refresh_steps(self, total_steps: int) -> list[int]:
-        """Optimizer steps after which the attention maps are refreshed (see `uses_attention_maps`)."""
+    def attention_refresh_steps(self, total_steps: int, steps_per_epoch: int | None = None) -> list[int]:
+        """Optimizer steps after which the attention maps are refreshed (see `uses_attention_maps`), from the
+        run's length and its epoch length in optimizer steps (None: unknown, a stream trained for a step budget)."""
         return []
 
     def training_logs(self, output) -> dict[str, float]:

@@ -485,8 +485,8 @@ def test_amt_masks_from_patch_attention_and_warmup_without(variant):
     assert out.predictions.shape[1] == 16 - num_thrown * unit_patches and torch.isfinite(out.loss)
     warmup = model(pixel_values)
     assert not warmup.bool_thrown_pos.any()
-    interval = int(400 * config.amt_interval)  # mae-AMT: after epochs 40, 80, ..., 360 of 400
-    assert model.attention_refresh_steps(400) == list(range(interval, 400, interval))
+    # the mae-AMT / SimMIM-AMT defaults at one step per epoch: after 41, 81, ... epochs (the official schedule)
+    assert model.attention_refresh_steps(400, 1) == list(range(41, 400, 40) if variant == "mae" else range(81, 400, 80))
 
 
 @pytest.mark.parametrize("variant", ["mae", "simmim"])
@@ -524,6 +524,67 @@ def test_pretraining_checkpoint_loads_into_the_classifier_with_only_expected_key
     encoder = pretrain.amt.encoder.state_dict()
     for name, tensor in classifier.amt.encoder.state_dict().items():
         assert torch.equal(tensor, encoder[name]), name
+
+
+def mae_amt_refreshes(epochs: int, loc_interval: int, warmup_epochs: int) -> list[int]:
+    """Completed epochs after which mae-AMT's main_pretrain.py refreshes (its condition after epoch index e)."""
+    return [e + 1 for e in range(epochs) if e >= warmup_epochs and e + 1 != epochs and e % loc_interval == 0]
+
+
+def simmim_amt_refreshes(epochs: int, warmup_epochs: int) -> list[int]:
+    """Completed epochs after which SimMIM-AMT's main_simmim.py refreshes (40 hard-coded)."""
+    return [e + 1 for e in range(epochs) if e > warmup_epochs and e != epochs - 1 and e % 40 == 0]
+
+
+@pytest.mark.parametrize("steps_per_epoch", [1, 3, 7])
+@pytest.mark.parametrize("variant, epochs, interval, official", [
+    ("mae", 400, 40, mae_amt_refreshes(400, 40, 40)),  # the recipe: after 41, 81, ..., 361 epochs
+    ("simmim", 200, 40, simmim_amt_refreshes(200, 10)),  # the recipe: after 41, 81, 121, 161 epochs
+    ("mae", 42, 40, mae_amt_refreshes(42, 40, 2)),  # the trajectory fixtures' runs: after 41
+    ("simmim", 42, 40, simmim_amt_refreshes(42, 2)),
+    ("mae", 41, 40, mae_amt_refreshes(41, 40, 40)),  # the refresh would fall on the last epoch: none
+    ("mae", 100, 25, mae_amt_refreshes(100, 25, 25)),
+    ("mae", 10, 3, mae_amt_refreshes(10, 3, 3)),
+    ("simmim", 120, 40, simmim_amt_refreshes(120, 10)),
+    ("simmim", 81, 40, simmim_amt_refreshes(81, 10)),
+])
+def test_refresh_schedule_is_the_official_one(variant, epochs, interval, official, steps_per_epoch):
+    """The default schedule (`amt_interval` = interval / epochs, as the converter sets it, and one epoch of delay)
+    refreshes after exactly the optimizer steps that end the epochs after which the official scripts refresh;
+    delay 0 refreshes one epoch earlier, at each interval's end."""
+    model = AmtForMaskedImageModeling(tiny(variant, amt_interval=interval / epochs))
+    assert model.config.amt_refresh_delay_epochs == 1
+    total = epochs * steps_per_epoch
+    assert model.attention_refresh_steps(total, steps_per_epoch) == [e * steps_per_epoch for e in official]
+    assert official or epochs == interval + 1  # a refresh in every case but the one that would fall at the end
+    model.config.amt_refresh_delay_epochs = 0
+    at_interval_ends = list(range(interval, epochs, interval))
+    assert model.attention_refresh_steps(total, steps_per_epoch) == [e * steps_per_epoch for e in at_interval_ends]
+
+
+def test_refresh_without_an_epoch_length_drops_the_delay_and_says_so(caplog):
+    """A stream trained for a step budget has no epoch length: refreshes at each interval's end, with a
+    warning naming the field; with delay 0 there is nothing to drop and nothing to say. Bad lengths are refused."""
+    model = AmtForMaskedImageModeling(tiny("mae"))  # amt_interval 0.1, delay 1
+    with caplog.at_level(logging.WARNING):
+        assert model.attention_refresh_steps(400) == list(range(40, 400, 40))
+    assert "amt_refresh_delay_epochs=1" in caplog.text and "epoch length is unknown" in caplog.text
+    caplog.clear()
+    model.config.amt_refresh_delay_epochs = 2
+    with caplog.at_level(logging.WARNING):
+        assert model.attention_refresh_steps(400, None) == list(range(40, 400, 40))
+        assert model.attention_refresh_steps(400, 5) == list(range(50, 400, 40))
+    assert caplog.text.count("epoch length is unknown") == 1
+    caplog.clear()
+    model.config.amt_refresh_delay_epochs = 0
+    with caplog.at_level(logging.WARNING):
+        assert model.attention_refresh_steps(400) == list(range(40, 400, 40))
+    assert "epoch length" not in caplog.text
+    for bad in (0, 2.5):
+        with pytest.raises(ValueError, match="steps_per_epoch"):
+            model.attention_refresh_steps(400, bad)
+    with pytest.raises(ValueError, match="amt_refresh_delay_epochs"):
+        AmtConfig(amt_refresh_delay_epochs=-1)
 
 
 def test_throw_ratio_only_constrains_the_amt_strategy():

@@ -135,9 +135,28 @@ def test_refresh_pass_fills_the_store_with_every_image():
         assert torch.allclose(store.get(example_id), reference, atol=1e-3)  # stored in float16
 
 
+def test_run_mim_refreshes_one_epoch_after_each_interval(tmp_path, caplog, fresh_accelerate_state):
+    """run_mim gives the model its epoch length (--num_train_examples 22 at batch 11: 2 steps) with a step budget:
+    4 steps, amt_interval 0.25 (1 step), the official epoch of delay -> one refresh, after step 3 (at the
+    interval ends it would be after steps 1, 2 and 3). In this process: no start-up of its own."""
+    import logging
+
+    from hf_mim.data import embedded_pretraining_dir
+    from hf_mim.scripts import run_mim as script
+
+    caplog.set_level(logging.INFO)
+    argv = [*TINY, "--model_type", "amt", "--per_device_train_batch_size", 11, "--max_train_steps", 4,
+            "--num_train_examples", 22, "--config_overrides", "amt_interval=0.25",
+            "--train_dir", embedded_pretraining_dir(), "--output_dir", tmp_path / "run"]
+    assert script.main(list(map(str, argv))) == 0
+    assert "attention refresh after steps [3]" in caplog.text
+    assert "step 3: attention maps refreshed (22 images" in caplog.text and "epoch length is unknown" not in caplog.text
+
+
 @pytest.mark.slow  # ~30 s of subprocess runs: in CI's slow phase (keeps the default suite near 10 min)
 def test_run_mim_refreshes_and_resumes_exactly_across_a_refresh(tmp_path):
-    """6 steps, refresh after step 3 (amt_interval 0.5), checkpoint at 3: the store is saved with the
+    """6 steps, refresh after step 3 (amt_interval 0.5; a step budget without --num_train_examples has no epoch
+    length: the refresh comes at the interval's end, with a warning), checkpoint at 3: the store is saved with the
     checkpoint, and resuming from it gives bitwise the weights of the uninterrupted run, although every
     mask after step 3 depends on the refreshed maps. DataLoader workers hold copies of the collator made
     before the refresh: masks are drawn in the training process, so the copies' stale store is never read."""
@@ -150,6 +169,7 @@ def test_run_mim_refreshes_and_resumes_exactly_across_a_refresh(tmp_path):
     full = tmp_path / "full"
     log = run_mim(*common, "--output_dir", full)
     assert "attention refresh after steps [3]" in log.stderr
+    assert "without its amt_refresh_delay_epochs=1: the epoch length is unknown" in log.stderr
     assert "step 3: attention maps refreshed (22 images" in log.stderr
     logged = [line.split("run_mim: step ", 1)[1] for line in log.stderr.splitlines() if "run_mim: step " in line]
     thrown = {int(entry.split(" ", 1)[0]): json.loads(entry.split(" ", 1)[1])["patches_thrown_per_image"]
@@ -213,7 +233,8 @@ def test_two_ranks_share_their_attention_maps(tmp_path):
         [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29537",
          str(SCRIPT), *TINY, "--model_type", "amt", "--train_dir", str(data), "--shuffle_buffer_size", "4",
-         "--max_train_steps", "4", "--checkpointing_steps", "4", "--config_overrides", "amt_interval=0.5",
+         "--max_train_steps", "4", "--checkpointing_steps", "4",
+         "--config_overrides", "amt_interval=0.5,amt_refresh_delay_epochs=0",  # a refresh after step 2 of 4
          "--output_dir", str(out)],
         capture_output=True, text=True, env=env, timeout=900,
     )

@@ -22,4 +22,5 @@ def test_bench_amt_reports_the_official_schedule_for_both_hosts():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("official schedule (wall)") == 2, result.stdout[-3000:]
-    assert "whole AMT run (40 epochs random 0.44" in result.stdout
+    assert "whole AMT run (41 epochs random 0.44" in result.stdout  # SimMIM-AMT: its first refresh after 41 epochs
+    assert "4 refreshes in 200 epochs" in result.stdout and "9 refreshes in 400 epochs" in result.stdout

@@ -231,6 +231,8 @@ def test_mae_amt_ratios_and_norm_pix_loss_come_from_the_files_args(amt_mae, tmp_
     assert setting_line(report, "throw_ratio").endswith("<- file: args.throw_ratio=0.4")
     assert setting_line(report, "norm_pix_loss").endswith("<- file: args.norm_pix_loss=True")
     assert setting_line(report, "amt_interval").endswith("<- file: args.loc_interval=40 (of args.epochs=400)")
+    delay = setting_line(report, "amt_refresh_delay_epochs")  # one epoch after each interval's end, as the script
+    assert delay.startswith("amt_refresh_delay_epochs = 1 ") and "<- official code: refresh after epoch index k x interval" in delay
     # args.model names ViT-B (768 wide), not these 48-wide weights: it does not set the heads
     assert setting_line(report, "num_attention_heads").endswith("<- command line")
     model = AmtForMaskedImageModeling.from_pretrained(out).eval()
@@ -317,6 +319,8 @@ def test_simmim_amt_yacs_checkpoint_converts_without_yacs(amt_simmim, tmp_path, 
     assert setting_line(report, "throw_ratio").endswith("<- file: config.DATA.THROW_RATIO=0.26")
     assert "warmup_mask_ratio = 0.44" in setting_line(report, "warmup_mask_ratio")
     assert setting_line(report, "amt_interval").startswith("amt_interval = 0.2 ")
+    delay = setting_line(report, "amt_refresh_delay_epochs")  # one epoch after each interval's end, as the script
+    assert delay.startswith("amt_refresh_delay_epochs = 1 ") and "<- official code: refresh after epoch index k x interval" in delay
 
     inputs, expected = amt_simmim["inputs"], amt_simmim["outputs"]
     from hf_mim.masking_attention import units_to_patches

@@ -18,7 +18,8 @@ from hf_mim.training.loop import check_replicas_in_sync
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "training_scripts"
 PRETRAIN_EXTRA = {"maskdistill": ["--config_overrides", "target=pixels"],  # no teacher folder needed
-                  "amt": ["--config_overrides", "amt_interval=0.5"]}  # an attention refresh mid-run
+                  # an attention refresh mid-run (after step 2 of 3: at the interval's end, no epoch delay)
+                  "amt": ["--config_overrides", "amt_interval=0.5,amt_refresh_delay_epochs=0"]}
 IN_SYNC = "weights identical on all 2 ranks"
 
 

@@ -235,7 +235,7 @@ def test_two_cpu_ranks_train_with_gloo_on_different_shards(tmp_path):
 @pytest.mark.parametrize(
     "model_type, extra",
     [("extrema", []), ("revcolv2", []), ("maskdistill", ["--config_overrides", "target=pixels"]),
-     ("amt", ["--config_overrides", "variant=simmim,amt_interval=0.5"])],
+     ("amt", ["--config_overrides", "variant=simmim,amt_interval=0.5,amt_refresh_delay_epochs=0"])],  # refresh after step 1
 )
 def test_every_method_pretrains_through_the_one_generic_loop(model_type, extra, tmp_path):
     """Methods differ only by config and event methods: the same script, the same flags."""

@@ -48,6 +48,8 @@ class Case:
     schedule: str = "cosine"
     warmup_style: str = "mae"
     min_lr_ratio: float = 0.0
+    sized: bool = False  # both sides know the epoch length: run_mim's --num_train_examples, a Trainer dataset with len
+    refresh_after: int | None = None  # AMT: the step the refresh follows (None: steps // 2)
 
     def run_mim_flags(self, tmp_path) -> list[str]:
         flags = ["--model_type", self.model_type, "--train_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "run_mim"),
@@ -56,6 +58,7 @@ class Case:
                  "--learning_rate", str(self.lr), "--weight_decay", str(self.weight_decay), "--adam_beta2", str(self.beta2),
                  "--lr_scheduler_type", self.schedule, "--warmup_style", self.warmup_style,
                  "--min_lr_ratio", str(self.min_lr_ratio), "--seed", str(SEED)]
+        flags += ["--num_train_examples", str(IMAGES)] if self.sized else []
         return flags + (["--max_grad_norm", str(self.clip)] if self.clip else [])
 
     def trainer_arguments(self, tmp_path) -> MIMTrainingArguments:
@@ -81,10 +84,14 @@ CASES = {
     "extrema": Case("extrema", config={"ema_momentum": 0.9}, lr=5e-3, weight_decay=0.1),  # momentum update per step
     "maskdistill": Case("maskdistill", beta2=0.999, clip=0.3, warmup=2, warmup_style="beit", min_lr_ratio=0.01),
     "revcolv2": Case("revcolv2", beta2=0.999, clip=5.0),
-    # a refresh after step 2 of 4: the masks of steps 3-4 are drawn from the maps it stores
-    "amt_mae": Case("amt", config={"variant": "mae", "amt_interval": 0.5}, accumulation=2, steps=4),
-    "amt_simmim": Case("amt", config={"variant": "simmim", "amt_interval": 0.5}, beta2=0.999, clip=5.0,
-                       schedule="simmim_cosine", min_lr_ratio=0.1),
+    # a refresh after step 2 of 4 (at the interval's end: no epoch delay): the masks of steps 3-4 are drawn from
+    # the maps it stores
+    "amt_mae": Case("amt", config={"variant": "mae", "amt_interval": 0.5, "amt_refresh_delay_epochs": 0}, accumulation=2,
+                    steps=4),
+    "amt_simmim": Case("amt", config={"variant": "simmim", "amt_interval": 0.5, "amt_refresh_delay_epochs": 0}, beta2=0.999,
+                       clip=5.0, schedule="simmim_cosine", min_lr_ratio=0.1),
+    # the official schedule from the epoch length both sides know: interval 1 step + 1 epoch of 2 steps -> after step 3
+    "amt_mae_epoch_delay": Case("amt", config={"variant": "mae", "amt_interval": 0.25}, sized=True, refresh_after=3),
 }
 
 
@@ -109,6 +116,13 @@ class ExampleEpochs(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         return iter(self.rows)
+
+
+class SizedExampleEpochs(ExampleEpochs):
+    """`ExampleEpochs` whose length Trainer can read (its epoch length in steps)."""
+
+    def __len__(self):
+        return len(self.rows)
 
 
 class Recorder(TrainerCallback):
@@ -158,7 +172,8 @@ def train_both(case: Case, tmp_path):
     recorder = Recorder(case.steps)
     with one_thread():
         reset_accelerate_state()
-        trainer = MIMTrainer(model=trainer_model, args=case.trainer_arguments(tmp_path), train_dataset=ExampleEpochs(examples()),
+        dataset = (SizedExampleEpochs if case.sized else ExampleEpochs)(examples())
+        trainer = MIMTrainer(model=trainer_model, args=case.trainer_arguments(tmp_path), train_dataset=dataset,
                              data_collator=pretraining_collator(trainer_model, seed=SEED), refresh_dataset=examples(),
                              callbacks=[recorder])
         trainer.train()
@@ -193,7 +208,7 @@ def test_trainer_steps_reach_run_mims_weights(name, tmp_path):
         assert f"stage_start_{case.steps // case.stages}" in recorder.states
         assert trainer.model.config.stage == trajectory.model.config.stage == 1
     if trajectory.refresh_steps:
-        assert trajectory.refresh_steps == [case.steps // 2]
+        assert trajectory.refresh_steps == sorted(trainer.events.refresh_steps) == [case.refresh_after or case.steps // 2]
         ours, theirs = trainer.attention_maps, trajectory.attention_maps
         assert ours.num_refreshes == theirs.num_refreshes == 1
         assert torch.equal(ours.example_ids, theirs.example_ids) and torch.equal(ours.maps, theirs.maps)

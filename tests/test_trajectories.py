@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from trajectory_helpers import assert_close_states, run_trajectory, state_of
 from trajectory_loop import relative_differences, run_mim_steps
 
-from hf_mim.convert import convert_amt_checkpoint, convert_dbot_checkpoint
+from hf_mim.convert import OfficialFile, convert_amt_checkpoint, convert_dbot_checkpoint
 from hf_mim.masking_attention import units_from_patches
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "trajectories"
@@ -150,6 +150,18 @@ def check_amt_trajectory(fixture, trajectory, overrides: dict, snapshot_steps) -
 AMT_MAE_OVERRIDES = {"num_attention_heads": 12, "decoder_num_attention_heads": 4}
 
 
+def official_amt_file(fixture, args: dict | None = None, config: dict | None = None) -> OfficialFile:
+    """The initial weights as the official script would have saved them, with the run's `args` (mae-AMT) or yacs
+    `config` (SimMIM-AMT): the converter reads the refresh schedule from them as from a real checkpoint."""
+    return OfficialFile(path=FIXTURES / "official.pth", sha256="", state=fixture["official_initial_state_dict"],
+                        layout="{'model', 'args'}" if args else "{'model', 'config'}", args=args, config=config)
+
+
+def check_official_schedule(model, run_epochs: int) -> None:
+    """The converted config holds the official schedule (the default delay of one epoch, 40 of the run's epochs)."""
+    assert model.config.amt_interval == 40 / run_epochs and model.config.amt_refresh_delay_epochs == 1
+
+
 def test_amt_mae_follows_the_official_training(fresh_accelerate_state, tmp_path):
     """mae-AMT recipe (AdamW 0.9/0.95, wd 0.05 on every weight matrix and token, blr scaling with gradient
     accumulation, per-iteration warm-up + cosine, no clipping): random 75 % masking until the refresh after
@@ -157,9 +169,12 @@ def test_amt_mae_follows_the_official_training(fresh_accelerate_state, tmp_path)
     fixture = load_trajectory("amt_mae")
     config = fixture["config"]
     run = config["run"]
-    # the official refresh comes after epoch index 40, i.e. after 41 of the 42 epochs (see the README)
-    overrides = {**AMT_MAE_OVERRIDES, "amt_interval": config["refresh_after_step"] / config["total_steps"]}
-    model, _ = convert_amt_checkpoint(fixture["official_initial_state_dict"], overrides)
+    overrides = AMT_MAE_OVERRIDES
+    # the run's args as main_pretrain.py saves them: loc_interval 40 of 42 epochs; the official refresh comes
+    # after epoch index 40, i.e. after 41 of the 42 epochs (see the README), as the converted schedule says
+    args = {**run, "model": "mae_vit_tiny_patch2", "norm_pix_loss": False}
+    model, _ = convert_amt_checkpoint(official_amt_file(fixture, args=args), overrides)
+    check_official_schedule(model, run["epochs"])
     argv = [
         "--model_type", "amt", "--train_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
         "--per_device_train_batch_size", str(run["batch_size"]), "--gradient_accumulation_steps", str(run["accum_iter"]),
@@ -184,9 +199,10 @@ def test_amt_simmim_follows_the_official_training(fresh_accelerate_state, tmp_pa
     fixture = load_trajectory("amt_simmim")
     config = fixture["config"]
     run, train = config["run"], config["config"]["TRAIN"]  # the official yacs config of the run
-    overrides = {"num_attention_heads": 12, "drop_path_rate": 0.0,
-                 "amt_interval": config["refresh_after_step"] / config["total_steps"]}
-    model, _ = convert_amt_checkpoint(fixture["official_initial_state_dict"], overrides)
+    overrides = {"num_attention_heads": 12, "drop_path_rate": 0.0}  # for the snapshots, converted without the config
+    # the run's yacs config: every setting (heads, drop path, ratios, units, 40 of 42 epochs) from the file
+    model, _ = convert_amt_checkpoint(official_amt_file(fixture, config=config["config"]))
+    check_official_schedule(model, train["EPOCHS"])
     argv = [
         "--model_type", "amt", "--train_dir", str(tmp_path / "data"), "--output_dir", str(tmp_path / "out"),
         "--per_device_train_batch_size", str(run["batch_size"]), "--num_train_epochs", str(run["epochs"]),

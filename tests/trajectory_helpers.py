@@ -17,6 +17,7 @@ import torch
 
 from hf_mim.scripts import run_mim
 from hf_mim.training import AttentionMapStore, RunHyperparameters, optimizer_steps, start_run
+from hf_mim.training.conventions import epoch_length_known, steps_per_epoch
 from hf_mim.training.pretraining import build_pretraining_optimization
 
 DECODE_COUNTS = ("images_skipped", "images_converted")
@@ -106,7 +107,8 @@ def run_trajectory(argv: list[str], model, epochs: list[list[dict]], num_example
     attention_maps = AttentionMapStore() if model.uses_attention_maps else None
     if collator is not None and model.uses_attention_maps:
         attention_maps = collator.mask_generator.store
-    refresh_steps = set(model.attention_refresh_steps(total_steps))
+    examples = num_examples if epoch_length_known(args) else None  # as run_mim: a step budget alone counts nothing
+    refresh_steps = set(model.attention_refresh_steps(total_steps, steps_per_epoch(examples, total_batch)))
     stream = FixedBatches(epochs, collator)
     RecordingLoop.snapshot_steps = set(snapshot_steps)
     loop = RecordingLoop(args, run, model, optimizer, schedule, hyperparameters, (stream, stream, collator or stream),

@@ -44,7 +44,7 @@ from hf_mim.training import (
 from hf_mim.training.arguments import (
     add_shared_flags, explicit_flags, fill_defaults, uses_embedded_data, validate_shared_flags,
 )
-from hf_mim.training.conventions import checkpoint_every, hub_kwargs, training_examples
+from hf_mim.training.conventions import checkpoint_every, epoch_length_known, hub_kwargs, steps_per_epoch, training_examples
 from hf_mim.training.downstream import (
     KnnMonitor, add_labelled_flags, check_can_read_encoder, check_labelled_flags, downstream_line, load_labelled_source,
     record_evaluation, run_downstream_check,
@@ -211,7 +211,7 @@ def train(args: argparse.Namespace, phase=None) -> int:
 
     # --- length of training, and the small-budget recipe that depends on it (--model_size demo) ---
     examples = None
-    if args.max_train_steps is None or args.checkpointing_steps == "epoch":  # counted from what the source records
+    if epoch_length_known(args):  # counted from what the source records, unless --num_train_examples says
         examples = training_examples(args, args.num_train_examples or count_examples(
             **data_source(args), progress=accelerator.is_local_main_process, load_kwargs=hub_kwargs(args, revision=False)))
     budget = apply_demo_budget(args, examples, total_batch)  # the demo recipe's epochs when no budget is given
@@ -235,7 +235,8 @@ def train(args: argparse.Namespace, phase=None) -> int:
     collator = PretrainingCollator(transform, mask_generator=model.mask_generator(attention_maps=attention_maps), seed=args.seed)
     loader_options = dict(num_workers=args.dataloader_num_workers, pin_memory=accelerator.device.type == "cuda")
     dataloader = make_dataloader(stream, collator, batch_size=args.per_device_train_batch_size, **loader_options)
-    refresh_steps, refresh_loader = set(model.attention_refresh_steps(total_steps)), None
+    epoch_steps = steps_per_epoch(examples, total_batch)  # None for a step budget without --num_train_examples
+    refresh_steps, refresh_loader = set(model.attention_refresh_steps(total_steps, epoch_steps)), None
     if refresh_steps:  # whole images, in stream order, every example once (no shuffle, no dropped last batch)
         refresh_stream = prepare_stream(raw_stream, image_column, seed=args.seed, buffer_size=0, **shard)
         refresh_loader = make_dataloader(refresh_stream, PretrainingCollator(ResizeTransform(config.image_size), seed=args.seed),

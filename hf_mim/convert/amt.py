@@ -105,6 +105,12 @@ def unprefix_simmim(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor
 SIMMIM_AMT_REFRESH_EPOCHS = 40
 
 
+def official_refresh_delay(settings: Settings) -> None:
+    """Both scripts refresh after the epoch whose 0-based index is a multiple of the interval: one epoch after
+    the interval's end (mae-AMT `epoch % args.loc_interval == 0`, SimMIM-AMT `epoch % 40 == 0`)."""
+    settings.set("amt_refresh_delay_epochs", 1, "official code: refresh after epoch index k x interval (0-based)")
+
+
 def mae_settings(
     settings: Settings, state: Mapping[str, torch.Tensor], classifier: bool, official: OfficialFile | None
 ) -> None:
@@ -118,6 +124,7 @@ def mae_settings(
     settings.from_file("mask_ratio", "args.mask_ratio")
     settings.from_file("throw_ratio", "args.throw_ratio")
     settings.from_file("norm_pix_loss", "args.norm_pix_loss")
+    official_refresh_delay(settings)
     epochs = official.setting("args.epochs") if official else None
     if epochs:
         settings.from_file(
@@ -141,6 +148,7 @@ def simmim_settings(
     settings.from_file("throw_ratio", "config.DATA.THROW_RATIO")
     if not settings.from_file("mask_patch_size", "config.DATA.MASK_PATCH_SIZE"):
         settings.default("mask_patch_size", 2 * patch_size, "SimMIM-AMT masks 2 x 2 patches (32 px at patch 16)")
+    official_refresh_delay(settings)
     settings.from_file(
         "amt_interval", "config.TRAIN.EPOCHS", transform=lambda epochs: SIMMIM_AMT_REFRESH_EPOCHS / epochs,
         why=f"refresh every {SIMMIM_AMT_REFRESH_EPOCHS} epochs, hard-coded",

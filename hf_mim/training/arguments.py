@@ -19,7 +19,8 @@ SHARED_FLAGS = [
     ("data", "train_split", dict(default="train")),
     ("data", "image_column_name", dict(help="default: detected")),
     ("data", "shuffle_buffer_size", dict(type=int, default=1000)),
-    ("data", "num_train_examples", dict(type=int, help="stream length, when epochs are asked for and unknown")),
+    ("data", "num_train_examples", dict(type=int, help="stream length, when epochs are asked for and unknown; with --max_train_steps it "
+                                                      "sets the epoch of AMT's refresh delay")),
     ("data", "dataloader_num_workers", dict(type=int, default=0)),
     ("data", "max_image_pixels", dict(
         type=max_pixels_argument, default=DEFAULT_MAX_IMAGE_PIXELS,

@@ -135,13 +135,24 @@ def hub_kwargs(args: argparse.Namespace, revision: bool = True) -> dict:
     return kwargs
 
 
+def epoch_length_known(args: argparse.Namespace) -> bool:
+    """Whether a run knows (or counts) its training examples: it trains epochs, checkpoints per epoch, or is
+    told --num_train_examples. A stream trained for --max_train_steps alone is never counted."""
+    return args.max_train_steps is None or args.checkpointing_steps == "epoch" or bool(args.num_train_examples)
+
+
+def steps_per_epoch(examples: int | None, total_batch: int) -> int | None:
+    """Optimizer steps in one epoch of `examples` (the loaders drop the last partial batch); None when unknown."""
+    return None if examples is None else max(1, examples // total_batch)
+
+
 def checkpoint_every(args: argparse.Namespace, examples: int | None, total_batch: int) -> int | None:
     """Optimizer steps between checkpoints: --checkpointing_steps, or for 'epoch' one epoch of `examples`."""
     if args.checkpointing_steps != "epoch":
         return args.checkpointing_steps
     if examples is None:
         raise ValueError("--checkpointing_steps epoch needs the epoch length: give --num_train_examples")
-    return max(1, examples // total_batch)
+    return steps_per_epoch(examples, total_batch)
 
 
 def output_image_processor(args: argparse.Namespace, image_size: int):
@@ -165,5 +176,6 @@ def output_image_processor(args: argparse.Namespace, image_size: int):
 
 __all__ = [
     "EXAMPLE_FLAGS", "EXAMPLE_RANGES", "REFUSED_FLAGS", "SWITCH", "add_refused_flags", "bool_flag", "check_example_flags", "checkpoint_every",
-    "hold_out", "hub_kwargs", "limit", "output_image_processor", "scheduler_type", "steps_or_epoch", "training_examples",
+    "epoch_length_known", "hold_out", "hub_kwargs", "limit", "output_image_processor", "scheduler_type", "steps_or_epoch",
+    "steps_per_epoch", "training_examples",
 ]

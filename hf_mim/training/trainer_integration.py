@@ -129,22 +129,28 @@ class StackOrCollate:
         return getattr(self.collator, name)
 
 
-def epochs_already_trained(state, train_dataloader, gradient_accumulation_steps: int) -> int:
-    """Trainer's own count of the epochs before `state.global_step` (0 for a dataloader without length)."""
+def trainer_steps_per_epoch(train_dataloader, gradient_accumulation_steps: int) -> int | None:
+    """Trainer's own count of the optimizer steps in one epoch (None for a dataloader without length)."""
     try:
         length = len(train_dataloader)
     except TypeError:
-        return 0
-    per_epoch = max(length // gradient_accumulation_steps + int(length % gradient_accumulation_steps > 0), 1)
-    return state.global_step // per_epoch
+        return None
+    return max(length // gradient_accumulation_steps + int(length % gradient_accumulation_steps > 0), 1)
+
+
+def epochs_already_trained(state, train_dataloader, gradient_accumulation_steps: int) -> int:
+    """Trainer's own count of the epochs before `state.global_step` (0 for a dataloader without length)."""
+    per_epoch = trainer_steps_per_epoch(train_dataloader, gradient_accumulation_steps)
+    return 0 if per_epoch is None else state.global_step // per_epoch
 
 
 class MIMTrainingCallback(TrainerCallback):
     """The method's training events at hf_mim's loop's moments: before the first micro-batch of optimizer step
     s (0-based) a stage start where the schedule starts one (dBOT), then `on_train_step_start(s / total)`;
     after optimizer step s (1-based) `on_train_step_end(s / total)`, then the attention refresh where
-    `attention_refresh_steps` says (AMT). The collator (if given) is told each epoch (masks and crops are
-    seeded by it). A refresh needs the trainer (its Accelerator and prepared model): `MIMTrainer` passes itself."""
+    `attention_refresh_steps` says (AMT; its epoch delay counts Trainer's epochs: none for a dataset without
+    length, with a warning). The collator (if given) is told each epoch (masks and crops are seeded by it). A
+    refresh needs the trainer (its Accelerator and prepared model): `MIMTrainer` passes itself."""
 
     def __init__(self, collator=None, attention_maps: AttentionMapStore | None = None, trainer: Trainer | None = None,
                  refresh_dataloader=None):
@@ -154,7 +160,8 @@ class MIMTrainingCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self.total_steps = state.max_steps
-        self.refresh_steps = set(model.attention_refresh_steps(self.total_steps))
+        per_epoch = trainer_steps_per_epoch(train_dataloader, args.gradient_accumulation_steps)
+        self.refresh_steps = set(model.attention_refresh_steps(self.total_steps, per_epoch))
         if self.refresh_steps and (self.attention_maps is None or self.trainer is None):
             raise ValueError(f"{type(model).__name__} refreshes its attention maps after steps {sorted(self.refresh_steps)}: "
                              "train it with hf_mim.training.MIMTrainer (it keeps the maps and runs the refresh)")
