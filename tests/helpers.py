@@ -32,6 +32,9 @@ def run_without_hf_mim(
     is really loaded from the folder. `before()` runs first, here."""
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "hf_modules"), PYTHONPATH="")
+    # the threads of this process (conftest sets them): a matmul split over another number of threads rounds
+    # differently, and the remote-code tests compare outputs bitwise
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     env.update(env_overrides or {})
     if before is not None:
         before()
