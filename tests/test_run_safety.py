@@ -204,7 +204,8 @@ def test_invalid_flag_values_are_one_line_errors(argv, expected, capsys):
 
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory) -> dict[str, Path]:
-    """A classifier checkpoint and a parquet shard with an image and a text column."""
+    """A classifier checkpoint and a parquet shard with an image column, a text column and a column of file
+    names (strings that look like image paths, of files that do not exist)."""
     import io
 
     import pyarrow as pa
@@ -217,7 +218,8 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     DbotForImageClassification(DbotConfig.from_preset("tiny", num_labels=3)).save_pretrained(root / "classifier")
     buffer = io.BytesIO()
     Image.new("RGB", (40, 40), (200, 10, 10)).save(buffer, format="PNG")
-    table = pa.table({"image": [{"bytes": buffer.getvalue(), "path": None}] * 8, "text": ["a red square"] * 8})
+    table = pa.table({"image": [{"bytes": buffer.getvalue(), "path": None}] * 8, "text": ["a red square"] * 8,
+                      "name": [f"img_{i}.png" for i in range(8)]})
     (root / "parquet").mkdir()
     pq.write_table(table, root / "parquet" / "train-0.parquet")
     return {"classifier": root / "classifier", "parquet": root / "parquet"}
@@ -235,7 +237,8 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
         (["--train_dir", "/nonexistent/images"], "/nonexistent/images"),
         (["--model_type", "extrema", "--num_stages", "2", "--max_train_steps", "2"], "has no training stages"),
         (["--model_name_or_path", "{classifier}"], "lacks"),
-        (["--train_dir", "{parquet}", "--image_column_name", "text"], "--image_column_name 'text' does not hold images"),
+        (["--train_dir", "{parquet}", "--image_column_name", "text"], "--image_column_name 'text': the column has type string"),
+        (["--train_dir", "{parquet}", "--image_column_name", "name"], "--image_column_name 'name': the column has type string"),
         (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "--overwrite_output_dir deletes the checkpoints"),
     ],
 )
@@ -275,7 +278,7 @@ def test_non_finite_inputs_are_named_as_the_cause():
         (["--model_type", "dbot", "--config_overrides", "drop_path_rate"], "is not of the form name=value"),
         (["--model_type", "dbot", "--eval_steps", "0"], "--eval_steps must be >= 1, got 0"),
         (["--model_type", "dbot", "--mixup_prob", "2"], "--mixup_prob must be in [0, 1], got 2.0"),
-        (["--model_type", "dbot", "--train_dir", "{parquet}", "--image_column_name", "text"], "does not hold images"),
+        (["--model_type", "dbot", "--train_dir", "{parquet}", "--image_column_name", "text"], "--image_column_name 'text': the column has type string"),
         (["--model_type", "dbot", "--train_dir", "{parquet}"], "no label column"),
     ],
 )
