@@ -180,6 +180,62 @@ def test_latest_resumes_the_folders_own_run(finished_run, tmp_path):
     assert set(run_ids(out).values()) == set(before.values())  # the resumed run keeps its identity
 
 
+def test_latest_skips_a_truncated_checkpoint_and_a_named_corrupted_one_is_a_one_line_error(finished_run, tmp_path, caplog,
+                                                                                          fresh_accelerate_state):
+    from hf_mim.training.checkpoint import verify_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    optimizer_file = out / "checkpoint-2" / "optimizer.bin"
+    os.truncate(optimizer_file, optimizer_file.stat().st_size - 1000)  # a copy that stopped early
+    with caplog.at_level("INFO"):
+        status = load_script(RUN_MIM).main([*TINY, "--max_train_steps", "3", "--checkpointing_steps", "1", "--output_dir", str(out),
+                                            "--resume_from_checkpoint", "latest"])
+    assert status == 0
+    assert "resume: skipping checkpoint-2: " in caplog.text and "optimizer.bin has" in caplog.text
+    assert "checkpoint-1 at step 1" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # total limit 2
+    assert all(verify_checkpoint(out / f"checkpoint-{n}") is None for n in (2, 3))  # checkpoint-2 saved again
+
+    weights = out / "checkpoint-3" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight, as a bad disk or copy leaves it
+    weights.write_bytes(bytes(data))
+    status, err = main_exit(RUN_MIM, *TINY, "--max_train_steps", 4, "--output_dir", out, "--resume_from_checkpoint", out / "checkpoint-3")
+    lines = [line for line in err.splitlines() if "run_mim.py: error:" in line]
+    assert status == 2 and "Traceback" not in err and len(lines) == 1
+    assert f"{out / 'checkpoint-3'} is corrupted: model.safetensors does not match the sha256" in lines[0]
+
+
+def test_a_full_disk_stops_the_run_in_one_line_with_the_previous_checkpoint_intact(tmp_path, monkeypatch, capsys, fresh_accelerate_state):
+    """The optimizer state of the step-2 checkpoint meets a full disk (simulated: half the file written,
+    then ENOSPC, as torch.save hits it): the run stops with one line, checkpoint-1 stays the newest and
+    verifies, and no half-written folder is left for `latest` to find."""
+    import errno
+
+    from hf_mim.training.checkpoint import list_checkpoints, verify_checkpoint
+
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if Path(path).name == "optimizer.bin" and ".tmp-checkpoint-2" in str(path):
+            Path(path).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(RUN_MIM).main([*TINY, "--max_train_steps", "3", "--checkpointing_steps", "1", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "run_mim.py: error:" in line]
+    assert exit_info.value.code == 1 and "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert f"saving checkpoint {out / 'checkpoint-2'} failed while writing the state" in lines[0]
+    assert "No space left on device" in lines[0] and f"the newest checkpoint is still {out / 'checkpoint-1'}" in lines[0]
+    assert list_checkpoints(out) == [out / "checkpoint-1"] and verify_checkpoint(out / "checkpoint-1") is None
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
 # ------------------------------------------------------------------------------------- one-line errors
 
 
