@@ -237,7 +237,7 @@ def _may_hold_images(feature: Any) -> bool:
 def _is_image_value(value: Any) -> bool:
     """Whether one stored value is an image: a PIL image, or bytes / a readable file (local or remote,
     alone or in a {bytes, path} dict) whose header Pillow recognises. Reads the header only."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     if hasattr(value, "getpixel"):
         return True
@@ -256,7 +256,9 @@ def _is_image_value(value: Any) -> bool:
     try:
         with Image.open(io.BytesIO(data)):
             return True
-    except (UnidentifiedImageError, OSError, ValueError):
+    except Image.DecompressionBombError:
+        return True  # an image, too large to decode: `prepare_stream` counts it
+    except Exception:  # noqa: BLE001 - not an image Pillow knows
         return False
 
 

@@ -52,6 +52,7 @@ TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 TRASH_PREFIX = ".trash-checkpoint-"
+MANIFEST_NAME = "hf_mim_manifest.json"  # sizes + sha256 of a checkpoint hf_mim did not write itself (Trainer's)
 FORMAT_VERSION = 2  # 2: trainer_state.json records `sha256` {file: digest} beside `files` {file: size}
 LOW_DISK_SPACE = 16 << 20  # bytes: a failed save with less free space than this blames a full disk
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
@@ -171,19 +172,50 @@ def checkpoint_problem(path: str | os.PathLike, verify: bool = False) -> str | N
         return f"{path} is not a complete checkpoint: {TRAINER_STATE_NAME} is unreadable ({error})"
     if not isinstance(state, dict):
         return f"{path} is not a complete checkpoint: {TRAINER_STATE_NAME} is not a JSON object"
-    for name, size in (state.get("files") or {}).items():
+    return _files_problem(path, state.get("files"), state.get("sha256") if verify else None)
+
+
+def _files_problem(path: Path, sizes: dict | None, digests: dict | None) -> str | None:
+    """Why the files of `path` do not match the recorded `sizes` ({name: bytes}) and `digests` ({name: sha256}),
+    or None. Sizes first: a truncated file is found without reading it."""
+    for name, size in (sizes or {}).items():
         file = path / name
         if not file.is_file():
             return f"{path} is not a complete checkpoint: {name} is missing"
         if file.stat().st_size != size:
             return f"{path} is not a complete checkpoint: {name} has {file.stat().st_size} bytes, expected {size} (truncated?)"
-    if verify:
-        for name, expected in (state.get("sha256") or {}).items():
-            actual = _sha256(path / name)
-            if actual != expected:
-                return (f"{path} is corrupted: {name} does not match the sha256 recorded when it was saved "
-                        f"({actual[:12]}..., expected {expected[:12]}...)")
+    for name, expected in (digests or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{path} is not a complete checkpoint: {name} is missing"
+        actual = _sha256(file)
+        if actual != expected:
+            return (f"{path} is corrupted: {name} does not match the sha256 recorded when it was saved "
+                    f"({actual[:12]}..., expected {expected[:12]}...)")
     return None
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """For checkpoints written by others (transformers' Trainer): fsync every file of `folder` and record
+    their sizes and sha256 in `hf_mim_manifest.json`, written last and atomically (so its presence also
+    says the save finished). Returns the manifest's path."""
+    folder = Path(folder)
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    sizes, digests = _fsync_tree(folder)
+    return write_json_atomic(folder / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "files": sizes, "sha256": digests})
+
+
+def manifest_problem(folder: str | os.PathLike) -> str | None:
+    """Why the files of `folder` do not match its `hf_mim_manifest.json` (`write_manifest`), or None (also
+    when it has none: the caller decides what a missing manifest means)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"{folder} is not a complete checkpoint: {MANIFEST_NAME} is unreadable ({error})"
+    return _files_problem(folder, manifest.get("files"), manifest.get("sha256"))
 
 
 def verify_checkpoint(path: str | os.PathLike) -> str | None:
@@ -370,9 +402,9 @@ def save_checkpoint(
     written), `format_version`, `saved_at` (unix time), `num_processes`, `files` (the manifest
     {relative path: size} used to validate the folder) and `sha256` ({relative path: digest}, verified on
     resume). Older checkpoints beyond `total_limit` are deleted afterwards. Extra keyword arguments go to
-    `accelerator.save_state` (e.g. `safe_serialization`). Returns the checkpoint folder. A write that
-    fails (OSError: disk full, permission) raises `CheckpointSaveError` on every process, after removing
-    the temporary folder; the previous checkpoints stay as they were.
+    `accelerator.save_state` (e.g. `safe_serialization`). Returns the checkpoint folder. A save that
+    fails (any exception but an interrupt: disk full, permission) raises `CheckpointSaveError` on every
+    process, after removing the temporary folder; the previous checkpoints stay as they were.
     """
     if accelerator.project_configuration.automatic_checkpoint_naming:
         raise ValueError(
@@ -408,7 +440,7 @@ def save_checkpoint(
     except Exception as exc:  # noqa: BLE001 - reported on every process below
         error = exc
     if not _agree(accelerator, error is None):
-        raise error or RuntimeError(f"saving {final} failed on another process")
+        _failed_save(accelerator, writer, tmp, final, error, "while preparing its folder")
 
     try:
         accelerator.save_state(str(tmp), **save_state_kwargs)
@@ -492,6 +524,8 @@ __all__ = [
     "checkpoint_problem",
     "verify_checkpoint",
     "newest_verified_checkpoint",
+    "write_manifest",
+    "manifest_problem",
     "UnusableCheckpointError",
     "CheckpointSaveError",
     "is_complete_checkpoint",
