@@ -45,8 +45,7 @@ from .modeling_amt import (
     AmtPreTrainedModel,
 )
 from .auto import MODEL_FAMILIES, ModelFamily, register_all
-
-__version__ = "0.1.0"
+from .modeling_base import HF_MIM_VERSION as __version__  # one place, which the code of saved folders reads too
 
 register_all()
 

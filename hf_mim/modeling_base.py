@@ -1,17 +1,38 @@
 """The transformers plumbing every hf_mim model shares: the `PreTrainedModel` base, the base-model
-layout rule, the family's `auto_map`, the backbone output and the classification head.
+layout rule, the family's `auto_map`, the backbone output and the classification head, and the record of
+the code a saved folder ships (`hf_mim_code.json`: the hf_mim version and each code file's sha256, which
+`hf-mim-verify` compares with hf_mim's released model zone).
 
 Model-zone file: copied next to every checkpoint (Hub remote code); imports only torch and transformers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutput
+
+
+HF_MIM_VERSION = "0.1.0"  # hf_mim.__version__; kept here so that the code of a saved folder knows it
+CODE_RECORD_NAME = "hf_mim_code.json"
+
+
+def code_sha256(folder) -> dict[str, str]:
+    """{file name: sha256} of the code files (*.py) at the top of `folder`."""
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(Path(folder).glob("*.py"))}
+
+
+def write_code_record(folder) -> None:
+    """Write `hf_mim_code.json`: which hf_mim version saved `folder` and the sha256 of each code file it ships."""
+    record = {"hf_mim_version": HF_MIM_VERSION, "code_sha256": code_sha256(folder)}
+    (Path(folder) / CODE_RECORD_NAME).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 class MIMPreTrainedModel(PreTrainedModel):
@@ -53,7 +74,11 @@ class MIMPreTrainedModel(PreTrainedModel):
         pooler = getattr(self.base_model, "pooler", None)
         fine_tuned = getattr(pooler, "fc_norm", None) is not None
         self.config.base_model_layout = FINE_TUNING_LAYOUT if fine_tuned else PRETRAINED_ENCODER_LAYOUT
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        is_main_process = args[0] if args else kwargs.get("is_main_process", True)
+        if is_main_process and os.path.isdir(save_directory):  # after the code files were copied
+            write_code_record(save_directory)
+        return result
 
     def output_flags(
         self, output_hidden_states: bool | None, output_attentions: bool | None, return_dict: bool | None

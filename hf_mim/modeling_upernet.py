@@ -10,6 +10,8 @@ saved UperNet folder alone would not load without hf_mim. These two thin subclas
 
 from __future__ import annotations
 
+import os
+
 from transformers import AutoBackbone, AutoConfig, UperNetConfig, UperNetForSemanticSegmentation
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
@@ -19,6 +21,7 @@ from .configuration_extrema import ExtremaConfig
 from .configuration_maskdistill import MaskDistillConfig
 from .configuration_revcolv2 import RevColV2Config
 from .modeling_amt import AmtBackbone
+from .modeling_base import write_code_record
 from .modeling_dbot import DbotBackbone
 from .modeling_extrema import ExtremaBackbone
 from .modeling_maskdistill import MaskDistillBackbone
@@ -53,6 +56,13 @@ class MIMUperNetForSemanticSegmentation(UperNetForSemanticSegmentation):
     """`UperNetForSemanticSegmentation` over an hf_mim backbone; see the module docstring."""
 
     config_class = MIMUperNetConfig
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """transformers' save, plus the record of the code it ships (`hf_mim_code.json`, as every hf_mim model)."""
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if (args[0] if args else kwargs.get("is_main_process", True)) and os.path.isdir(save_directory):
+            write_code_record(save_directory)
+        return result
 
 
 MIMUperNetConfig.register_for_auto_class("AutoConfig")

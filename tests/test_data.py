@@ -282,6 +282,73 @@ def test_column_errors(tmp_path):
         load_image_stream()
 
 
+def _sources_with_a_text_column(root) -> dict:
+    """One small source of each kind, each with an image column and a string column `name` of file names
+    (files that do not exist where the run starts), plus other non-image columns."""
+    png = encode(photo(0, (40, 40)), "PNG")
+    names = [f"img_{i}.png" for i in range(4)]
+    (root / "parquet").mkdir(parents=True)
+    datasets.Dataset.from_dict(
+        {"image": [{"bytes": png, "path": None}] * 4, "name": names, "n": list(range(4)), "raw": [png] * 4}
+    ).to_parquet(str(root / "parquet" / "train-0.parquet"))
+    (root / "webdataset").mkdir()
+    with tarfile.open(root / "webdataset" / "train-0.tar", "w") as tar:
+        for i, name in enumerate(names):
+            for ext, data in (("png", png), ("name.txt", name.encode()), ("json", b'{"a": 1}'), ("cls", b"3")):
+                info = tarfile.TarInfo(f"{i:03d}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    (root / "folder" / "cat").mkdir(parents=True)
+    (root / "metadata_folder").mkdir()
+    for i, name in enumerate(names):
+        (root / "folder" / "cat" / name).write_bytes(png)
+        (root / "metadata_folder" / name).write_bytes(png)
+    (root / "metadata_folder" / "metadata.csv").write_text("file_name,name\n" + "".join(f"{n},photo {n}\n" for n in names))
+    return {
+        "parquet": {"train_dir": root / "parquet"},
+        "hub": {"dataset_name": str(root / "parquet")},  # load_dataset(<id>): the path a Hub id takes too
+        "webdataset": {"train_dir": root / "webdataset"},
+        "folder": {"train_dir": root / "folder"},
+        "metadata_folder": {"train_dir": root / "metadata_folder"},
+    }
+
+
+@pytest.mark.parametrize(
+    "kind, column, expected",
+    [
+        ("parquet", "name", "--image_column_name 'name': the column has type string and none of its first 4 values is an image"),
+        ("parquet", "n", "--image_column_name 'n': the column has type int64, which cannot hold images"),
+        ("hub", "name", "--image_column_name 'name': the column has type string"),
+        ("webdataset", "name.txt", "--image_column_name 'name.txt': the column has type string"),
+        ("webdataset", "json", "--image_column_name 'json': the column has type struct{a}, which cannot hold images"),
+        ("webdataset", "cls", "--image_column_name 'cls': the column has type int64"),
+        ("folder", "__key__", "--image_column_name '__key__': the column has type string"),
+        ("folder", "label", "--image_column_name 'label': the column has type ClassLabel"),
+        ("metadata_folder", "name", "--image_column_name 'name': the column has type large_string"),
+    ],
+)
+def test_a_named_column_without_images_is_a_one_line_error_for_every_source_kind(tmp_path, kind, column, expected):
+    source = _sources_with_a_text_column(tmp_path)[kind]
+    with pytest.raises(ValueError) as error:
+        load_image_stream(**source, image_column_name=column)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+
+
+def test_named_columns_of_bytes_and_of_existing_paths_are_accepted(tmp_path, monkeypatch):
+    sources = _sources_with_a_text_column(tmp_path)
+    ds, column, _ = load_image_stream(**sources["parquet"], image_column_name="raw")  # binary: encoded images
+    assert next(iter(prepare_stream(ds, column, seed=0, buffer_size=0)))["image"].size == (40, 40)
+    monkeypatch.chdir(tmp_path / "metadata_folder")  # now the file names are paths of files that exist
+    ds, column, _ = load_image_stream(**sources["parquet"], image_column_name="name")
+    assert next(iter(prepare_stream(ds, column, seed=0, buffer_size=0)))["image"].size == (40, 40)
+
+
+def test_a_column_found_by_name_must_have_a_type_that_holds_images(tmp_path):
+    datasets.Dataset.from_dict({"image": [1, 2], "photo": [jpeg(0), jpeg(1)]}).to_parquet(str(tmp_path / "train-0.parquet"))
+    with pytest.raises(ValueError, match=r"the image column 'image' \(found by its name\) has type int64.*--image_column_name"):
+        load_image_stream(train_dir=tmp_path)
+
+
 # ----------------------------------------------------------------------------------------------- preparing
 
 

@@ -164,6 +164,17 @@ def test_resume_from_the_hub_id_is_bitwise_the_uninterrupted_run(strategy, hub, 
     assert not list(out.glob(".tmp-*"))
 
 
+def test_a_checkpoint_corrupted_on_the_hub_is_refused_before_it_is_used(hub, each_save_waits, tmp_path):
+    train_toy(pushing_args(tmp_path / "pushed", "all_checkpoints"), total_steps=2)
+    stored = hub.root / REPO / "main" / "checkpoint-2" / "model.safetensors"
+    data = bytearray(stored.read_bytes())
+    data[-1] ^= 1  # same size: only the checksum recorded at save time tells
+    stored.write_bytes(bytes(data))
+    with pytest.raises(UserInputError, match=r"^--resume_from_checkpoint tester/toy: the downloaded checkpoint-2/ is unusable "
+                                            r"\(.*is corrupted: model\.safetensors does not match the sha256"):
+        train_toy(toy_args(tmp_path / "out", resume_from_checkpoint=REPO, hub_token=TOKEN), total_steps=3)
+    assert not (tmp_path / "out" / "checkpoint-2").exists()
+
 def test_uploads_never_wait_and_a_newer_save_replaces_a_waiting_snapshot(tmp_path, monkeypatch):
     """While the upload of step 2 hangs (a slow network), the saves of steps 4 and 6 return at once; the
     snapshot of step 4, still waiting, is replaced by step 6's, which carries checkpoint-4 too."""

@@ -180,6 +180,62 @@ def test_latest_resumes_the_folders_own_run(finished_run, tmp_path):
     assert set(run_ids(out).values()) == set(before.values())  # the resumed run keeps its identity
 
 
+def test_latest_skips_a_truncated_checkpoint_and_a_named_corrupted_one_is_a_one_line_error(finished_run, tmp_path, caplog,
+                                                                                          fresh_accelerate_state):
+    from hf_mim.training.checkpoint import verify_checkpoint
+
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    optimizer_file = out / "checkpoint-2" / "optimizer.bin"
+    os.truncate(optimizer_file, optimizer_file.stat().st_size - 1000)  # a copy that stopped early
+    with caplog.at_level("INFO"):
+        status = load_script(RUN_MIM).main([*TINY, "--max_train_steps", "3", "--checkpointing_steps", "1", "--output_dir", str(out),
+                                            "--resume_from_checkpoint", "latest"])
+    assert status == 0
+    assert "resume: skipping checkpoint-2: " in caplog.text and "optimizer.bin has" in caplog.text
+    assert "checkpoint-1 at step 1" in caplog.text
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-3"]  # total limit 2
+    assert all(verify_checkpoint(out / f"checkpoint-{n}") is None for n in (2, 3))  # checkpoint-2 saved again
+
+    weights = out / "checkpoint-3" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # one bit of one weight, as a bad disk or copy leaves it
+    weights.write_bytes(bytes(data))
+    status, err = main_exit(RUN_MIM, *TINY, "--max_train_steps", 4, "--output_dir", out, "--resume_from_checkpoint", out / "checkpoint-3")
+    lines = [line for line in err.splitlines() if "run_mim.py: error:" in line]
+    assert status == 2 and "Traceback" not in err and len(lines) == 1
+    assert f"{out / 'checkpoint-3'} is corrupted: model.safetensors does not match the sha256" in lines[0]
+
+
+def test_a_full_disk_stops_the_run_in_one_line_with_the_previous_checkpoint_intact(tmp_path, monkeypatch, capsys, fresh_accelerate_state):
+    """The optimizer state of the step-2 checkpoint meets a full disk (simulated: half the file written,
+    then ENOSPC, as torch.save hits it): the run stops with one line, checkpoint-1 stays the newest and
+    verifies, and no half-written folder is left for `latest` to find."""
+    import errno
+
+    from hf_mim.training.checkpoint import list_checkpoints, verify_checkpoint
+
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if Path(path).name == "optimizer.bin" and ".tmp-checkpoint-2" in str(path):
+            Path(path).write_bytes(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        load_script(RUN_MIM).main([*TINY, "--max_train_steps", "3", "--checkpointing_steps", "1", "--output_dir", str(out)])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if "run_mim.py: error:" in line]
+    assert exit_info.value.code == 1 and "Traceback" not in err and len(lines) == 1, err[-3000:]
+    assert f"saving checkpoint {out / 'checkpoint-2'} failed while writing the state" in lines[0]
+    assert "No space left on device" in lines[0] and f"the newest checkpoint is still {out / 'checkpoint-1'}" in lines[0]
+    assert list_checkpoints(out) == [out / "checkpoint-1"] and verify_checkpoint(out / "checkpoint-1") is None
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp")]
+
+
 # ------------------------------------------------------------------------------------- one-line errors
 
 
@@ -204,7 +260,8 @@ def test_invalid_flag_values_are_one_line_errors(argv, expected, capsys):
 
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory) -> dict[str, Path]:
-    """A classifier checkpoint and a parquet shard with an image and a text column."""
+    """A classifier checkpoint and a parquet shard with an image column, a text column and a column of file
+    names (strings that look like image paths, of files that do not exist)."""
     import io
 
     import pyarrow as pa
@@ -217,7 +274,8 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
     DbotForImageClassification(DbotConfig.from_preset("tiny", num_labels=3)).save_pretrained(root / "classifier")
     buffer = io.BytesIO()
     Image.new("RGB", (40, 40), (200, 10, 10)).save(buffer, format="PNG")
-    table = pa.table({"image": [{"bytes": buffer.getvalue(), "path": None}] * 8, "text": ["a red square"] * 8})
+    table = pa.table({"image": [{"bytes": buffer.getvalue(), "path": None}] * 8, "text": ["a red square"] * 8,
+                      "name": [f"img_{i}.png" for i in range(8)]})
     (root / "parquet").mkdir()
     pq.write_table(table, root / "parquet" / "train-0.parquet")
     return {"classifier": root / "classifier", "parquet": root / "parquet"}
@@ -235,7 +293,8 @@ def bad_inputs(tmp_path_factory) -> dict[str, Path]:
         (["--train_dir", "/nonexistent/images"], "/nonexistent/images"),
         (["--model_type", "extrema", "--num_stages", "2", "--max_train_steps", "2"], "has no training stages"),
         (["--model_name_or_path", "{classifier}"], "lacks"),
-        (["--train_dir", "{parquet}", "--image_column_name", "text"], "--image_column_name 'text' does not hold images"),
+        (["--train_dir", "{parquet}", "--image_column_name", "text"], "--image_column_name 'text': the column has type string"),
+        (["--train_dir", "{parquet}", "--image_column_name", "name"], "--image_column_name 'name': the column has type string"),
         (["--resume_from_checkpoint", "latest", "--overwrite_output_dir"], "--overwrite_output_dir deletes the checkpoints"),
     ],
 )
@@ -275,7 +334,7 @@ def test_non_finite_inputs_are_named_as_the_cause():
         (["--model_type", "dbot", "--config_overrides", "drop_path_rate"], "is not of the form name=value"),
         (["--model_type", "dbot", "--eval_steps", "0"], "--eval_steps must be >= 1, got 0"),
         (["--model_type", "dbot", "--mixup_prob", "2"], "--mixup_prob must be in [0, 1], got 2.0"),
-        (["--model_type", "dbot", "--train_dir", "{parquet}", "--image_column_name", "text"], "does not hold images"),
+        (["--model_type", "dbot", "--train_dir", "{parquet}", "--image_column_name", "text"], "--image_column_name 'text': the column has type string"),
         (["--model_type", "dbot", "--train_dir", "{parquet}"], "no label column"),
     ],
 )

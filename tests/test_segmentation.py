@@ -257,6 +257,9 @@ def test_end_to_end_run_writes_a_hub_folder(straight_run):
         assert (out / name).is_file(), name
     card = (out / "README.md").read_text()
     assert "pipeline_tag: image-segmentation" in card and "mean_iou" in card and "model-index" in card
+    from hf_mim.hub.verify import verify_code
+
+    assert verify_code(out).identical and "modeling_upernet.py" in verify_code(out).files  # hf_mim_code.json written
 
 
 @pytest.mark.slow

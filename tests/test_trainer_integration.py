@@ -306,3 +306,46 @@ def test_auto_model_for_pretraining_builds_and_loads_every_pretraining_head(mode
     loaded = AutoModelForPreTraining.from_pretrained(tmp_path)
     assert type(loaded) is type(model)
     assert all(torch.equal(value, loaded.state_dict()[key]) for key, value in model.state_dict().items())
+
+
+def test_trainer_checkpoints_carry_a_manifest_and_a_cut_one_is_never_resumed(tmp_path, caplog):
+    """Trainer writes checkpoint-N in place: MIMTrainer adds hf_mim_manifest.json once a save is complete, and
+    resuming skips a checkpoint with a truncated file (True) or refuses it (named), and one whose save never
+    wrote its manifest."""
+    import json
+    import os
+    from pathlib import Path
+
+    from hf_mim.training import UnusableCheckpointError
+    from hf_mim.training.trainer_integration import trusted_trainer_checkpoint
+
+    case = CASES["dbot"]
+    model = tiny_model(case, tmp_path)
+    args = case.trainer_arguments(tmp_path)
+    args.save_strategy, args.save_steps = "steps", 2
+    with one_thread():
+        reset_accelerate_state()
+        MIMTrainer(model=model, args=args, train_dataset=ExampleEpochs(examples()),
+                   data_collator=pretraining_collator(model, seed=SEED)).train()
+    out = Path(args.output_dir)
+    second, fourth = out / "checkpoint-2", out / "checkpoint-4"
+    manifest = json.loads((fourth / "hf_mim_manifest.json").read_text())
+    assert {"model.safetensors", "optimizer.pt", "trainer_state.json"} <= set(manifest["sha256"]) == set(manifest["files"])
+    assert trusted_trainer_checkpoint(True, out) == str(fourth)
+
+    os.truncate(fourth / "optimizer.pt", (fourth / "optimizer.pt").stat().st_size // 2)
+    with caplog.at_level("WARNING"):
+        assert trusted_trainer_checkpoint(True, out) == str(second)
+    assert "resume: skipping checkpoint-4" in caplog.text and "optimizer.pt has" in caplog.text
+    with one_thread(), pytest.raises(UnusableCheckpointError, match=r"checkpoint-4 is not a complete checkpoint: optimizer\.pt has"):
+        reset_accelerate_state()
+        MIMTrainer(model=model, args=args, train_dataset=ExampleEpochs(examples()),
+                   data_collator=pretraining_collator(model, seed=SEED)).train(resume_from_checkpoint=str(fourth))
+
+    (fourth / "hf_mim_manifest.json").unlink()  # as a save cut short leaves it
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert trusted_trainer_checkpoint(True, out) == str(second)
+    assert "has no hf_mim_manifest.json (its save did not finish)" in caplog.text
+    (second / "hf_mim_manifest.json").unlink()  # a run saved without manifests: Trainer's own choice
+    assert trusted_trainer_checkpoint(True, out) == str(fourth)

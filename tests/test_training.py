@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -377,6 +378,165 @@ def test_write_json_atomic(tmp_path):
     write_json_atomic(target, [1])
     assert json.loads(target.read_text()) == [1]
     assert [p.name for p in target.parent.iterdir()] == ["a.json"]  # no temp files left
+
+
+# --------------------------------------------------------------------------- trust: checksums, failed saves
+def _real_checkpoints(tmp_path, steps) -> list[Path]:
+    """Checkpoints of a tiny model written by Accelerate itself (safetensors, torch.save, pickle files)."""
+    accelerator, model, optimizer, schedule, meter = _training_objects(seed=0)
+    paths = []
+    for step in steps:
+        _train(accelerator, model, optimizer, schedule, meter, 1)
+        paths.append(save_checkpoint(accelerator, tmp_path, step, {}))
+    return paths
+
+
+def test_truncated_and_corrupted_checkpoints_are_skipped_by_latest_and_refused_by_name(tmp_path, caplog, fresh_accelerate_state):
+    first, second, third = _real_checkpoints(tmp_path, (1, 2, 3))
+    state = json.loads((third / "trainer_state.json").read_text())
+    assert set(state["sha256"]) == set(state["files"]) and all(len(d) == 64 for d in state["sha256"].values())
+    optimizer_file = third / "optimizer.bin"
+    os.truncate(optimizer_file, optimizer_file.stat().st_size // 2)  # a copy cut short
+    weights = second / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF  # a flipped bit in a weight: same size, and safetensors would load it silently
+    weights.write_bytes(bytes(data))
+
+    with caplog.at_level("WARNING", logger="hf_mim.training.checkpoint"):
+        assert resolve_resume_path("latest", tmp_path) == first
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 2
+    assert "checkpoint-3" in skipped[0] and "optimizer.bin has" in skipped[0] and "truncated" in skipped[0]
+    assert "checkpoint-2" in skipped[1] and "model.safetensors does not match the sha256" in skipped[1]
+    assert resolve_resume_path(tmp_path, tmp_path) == first  # a folder of checkpoints: the same choice
+    with pytest.raises(checkpoint_module.UnusableCheckpointError, match=r"checkpoint-2 is corrupted: model\.safetensors"):
+        resolve_resume_path(second, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"checkpoint-3 is not a complete checkpoint: optimizer\.bin has"):
+        resolve_resume_path(third, tmp_path)
+    accelerator, *_ = _training_objects(seed=1)
+    assert load_checkpoint(accelerator, first)["step"] == 1
+
+    os.truncate(first / "random_states_0.pkl", 3)
+    with pytest.raises(FileNotFoundError, match="files match their recorded sizes and checksums"):
+        resolve_resume_path("latest", tmp_path)
+    assert resolve_resume_path("latest", tmp_path, missing_ok=True) is None
+
+
+def test_checkpoints_saved_without_checksums_still_load(tmp_path, caplog, fresh_accelerate_state):
+    (path,) = _real_checkpoints(tmp_path, (1,))
+    state = json.loads((path / "trainer_state.json").read_text())
+    del state["sha256"]
+    state["format_version"] = 1
+    (path / "trainer_state.json").write_text(json.dumps(state))
+    with caplog.at_level("INFO", logger="hf_mim.training.checkpoint"):
+        assert resolve_resume_path(path, tmp_path) == path
+        assert resolve_resume_path("latest", tmp_path) == path
+    assert any("has no checksums" in r.getMessage() and "checkpoint-1" in r.getMessage() for r in caplog.records)
+
+
+def _full_disk(real, target: str):
+    """`real` (a save function taking (obj, path)) that, for a file named `target`, writes half of it and
+    then fails as a full disk does."""
+    def save(obj, path, *args, **kwargs):
+        if Path(path).name != target:
+            return real(obj, path, *args, **kwargs)
+        with open(path, "wb") as handle:
+            handle.write(b"\0" * 100)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    return save
+
+
+@pytest.mark.parametrize("target", ["model.safetensors", "optimizer.bin", "trainer_state.json"])
+def test_a_save_failing_on_a_full_disk_keeps_the_previous_checkpoint(target, tmp_path, monkeypatch, fresh_accelerate_state):
+    import accelerate.utils.other
+
+    accelerator, model, optimizer, schedule, meter = _training_objects(seed=0)
+    first = save_checkpoint(accelerator, tmp_path, 1, {})
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    if target == "model.safetensors":
+        monkeypatch.setattr(accelerate.utils.other, "safe_save_file", _full_disk(accelerate.utils.other.safe_save_file, target))
+    elif target == "optimizer.bin":
+        monkeypatch.setattr(torch, "save", _full_disk(torch.save, target))
+    else:
+        def write_json(path, obj):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        monkeypatch.setattr(checkpoint_module, "write_json_atomic", write_json)
+    _train(accelerator, model, optimizer, schedule, meter, 1)
+    with pytest.raises(checkpoint_module.CheckpointSaveError) as error:
+        save_checkpoint(accelerator, tmp_path, 2, {}, total_limit=1)
+    message = str(error.value)
+    assert f"saving checkpoint {tmp_path / 'checkpoint-2'} failed" in message and "No space left on device" in message
+    assert "(the disk is full)" in message and f"the newest checkpoint is still {first}" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]  # no half-written folder left, nothing pruned
+    assert {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert resolve_resume_path("latest", tmp_path) == first
+
+
+def test_a_failed_replacement_of_a_checkpoint_puts_the_old_one_back(tmp_path, monkeypatch):
+    accelerator = _Stub()
+    first = save_checkpoint(accelerator, tmp_path, 1, {"try": 1})
+    real_rename = os.rename
+
+    def no_permission(src, dst):
+        if Path(src).name.startswith(".tmp-checkpoint"):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(dst))
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(checkpoint_module.os, "rename", no_permission)
+    with pytest.raises(checkpoint_module.CheckpointSaveError, match=r"Permission denied.*\(no permission to write there\)"):
+        save_checkpoint(accelerator, tmp_path, 1, {"try": 2})
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-1"]
+    assert json.loads((first / "trainer_state.json").read_text())["try"] == 1
+    assert resolve_resume_path("latest", tmp_path) == first
+
+
+FULL_DISK_SCRIPT = r'''
+import sys, torch
+torch.set_num_threads(1)
+from accelerate import Accelerator
+import hf_mim
+from hf_mim.training import build_adamw, weight_decay_param_groups, save_checkpoint, resolve_resume_path
+from hf_mim.training.checkpoint import CheckpointSaveError
+model = hf_mim.DbotForMaskedImageModeling(hf_mim.DbotConfig.from_preset("tiny"))
+accelerator = Accelerator(cpu=True)
+model, optimizer = accelerator.prepare(model, build_adamw(weight_decay_param_groups(model, 0.05), lr=1e-3))
+model(pixel_values=torch.randn(2, 3, 32, 32)).loss.backward()
+optimizer.step()
+saved = []
+try:
+    for step in range(1, 10):
+        saved.append(save_checkpoint(accelerator, sys.argv[1], step, {}))
+except CheckpointSaveError as error:
+    print("FAILED:", error)
+print("LATEST:", resolve_resume_path("latest", sys.argv[1]), "SAVED:", len(saved))
+'''
+
+
+@pytest.mark.slow
+def test_a_real_full_disk_keeps_the_previous_checkpoint(tmp_path):
+    """A 1.5 MB tmpfs (mounted in a private mount namespace: `unshare`, as root or as a user) holds two
+    checkpoints of the tiny model (~680 KB each); the third save runs out of space inside torch.save or
+    safetensors."""
+    import shutil
+    import subprocess
+    import sys
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    script = tmp_path / "fill.py"
+    script.write_text(FULL_DISK_SCRIPT)
+    mount = f"mount -t tmpfs -o size=1500k tmpfs {disk}"
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "sh", "-c", mount], capture_output=True).returncode:
+        pytest.skip("no private mount namespace for a small tmpfs (unshare -rm)")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONPATH=str(Path(hf_mim.__file__).parents[1]))
+    result = subprocess.run(["unshare", "-rm", "sh", "-c", f'{mount} && "$0" "$1" "$2"', sys.executable, str(script), str(disk / "out")],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAILED:")]
+    assert len(failed) == 1 and "checkpoint-3 failed while writing the state" in failed[0] and "the disk is full" in failed[0]
+    assert f"the newest checkpoint is still {disk / 'out' / 'checkpoint-2'}" in failed[0]
+    assert f"LATEST: {disk / 'out' / 'checkpoint-2'} SAVED: 2" in result.stdout
 
 
 # --------------------------------------------------------------------------- guards

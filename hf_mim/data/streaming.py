@@ -22,6 +22,7 @@ and ranks can read it in parallel; `datasets`' imagefolder builder streams a loc
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -178,8 +179,9 @@ def _columns(ds: IterableDataset) -> tuple[list[str], dict[str, Any]]:
 
 
 def resolve_image_column(ds: IterableDataset, image_column_name: str | None = None) -> str:
-    """The image column: `image_column_name` if given (must exist), else the first column of type
-    `datasets.Image`, else the first of image/img/jpg/jpeg/png/webp present."""
+    """The image column: `image_column_name` if given (must exist and hold images), else the first column
+    of type `datasets.Image`, else the first of image/img/jpg/jpeg/png/webp present (whose type must be
+    one that can hold images)."""
     names, features = _columns(ds)
     if image_column_name is not None:
         if image_column_name not in names:
@@ -195,27 +197,100 @@ def resolve_image_column(ds: IterableDataset, image_column_name: str | None = No
     lowered = {name.lower(): name for name in names}
     for candidate in IMAGE_COLUMN_CANDIDATES:
         if candidate in lowered:
-            return lowered[candidate]
+            column = lowered[candidate]
+            if features and not _may_hold_images(features.get(column)):
+                raise ValueError(
+                    f"the image column {column!r} (found by its name) has type {describe_feature(features[column])}, "
+                    f"which cannot hold images; pass the right one with --image_column_name (columns: {names})"
+                )
+            return column
     raise ValueError(
         f"could not find an image column (no column of type datasets.Image and none named {IMAGE_COLUMN_CANDIDATES}); "
         f"available columns: {names}. Pass one with --image_column_name."
     )
 
 
+IMAGE_CHECK_ROWS = 8  # rows read to check a named column that is not a datasets.Image
+
+
+def describe_feature(feature: Any) -> str:
+    """A short name of a `datasets` feature type for error messages: string, int64, ClassLabel, struct{a, b}..."""
+    if feature is None:
+        return "unknown"
+    if isinstance(feature, Value):
+        return str(feature.dtype)
+    if isinstance(feature, dict):
+        return "struct{" + ", ".join(map(str, feature)) + "}"
+    return type(feature).__name__
+
+
+def _may_hold_images(feature: Any) -> bool:
+    """Whether a column of this type can hold images as our decoding reads them: a datasets.Image, encoded
+    bytes, a {bytes, path} struct, or a string (image file paths). None (unknown type): maybe."""
+    if feature is None or isinstance(feature, ImageFeature):
+        return True
+    if isinstance(feature, Value):
+        return feature.dtype in ("binary", "large_binary", "string", "large_string")
+    return isinstance(feature, dict) and bool({"bytes", "path"} & set(feature))
+
+
+def _is_image_value(value: Any) -> bool:
+    """Whether one stored value is an image: a PIL image, or bytes / a readable file (local or remote,
+    alone or in a {bytes, path} dict) whose header Pillow recognises. Reads the header only."""
+    from PIL import Image
+
+    if hasattr(value, "getpixel"):
+        return True
+    if not isinstance(value, (dict, bytes, bytearray, memoryview, str)):
+        return False
+    data, path = _raw_bytes_and_path(value)
+    if data is None and path is not None:
+        if _is_remote(path):
+            return True  # not fetched here: a remote path is trusted until it is decoded
+        if not os.path.isfile(path):
+            return False
+        with open(path, "rb") as f:
+            data = f.read(1 << 16)
+    if data is None:
+        return False
+    try:
+        with Image.open(io.BytesIO(data)):
+            return True
+    except Image.DecompressionBombError:
+        return True  # an image, too large to decode: `prepare_stream` counts it
+    except Exception:  # noqa: BLE001 - not an image Pillow knows
+        return False
+
+
 def check_holds_images(ds: IterableDataset, column: str, feature: Any) -> None:
-    """A column named by the user must hold images (an Image feature, encoded bytes, or image file paths):
-    a text or number column would otherwise make every row "undecodable"."""
-    if _feature_kind(feature) == "image":
+    """A column named by the user must hold images (a datasets.Image, encoded images as bytes or
+    {bytes, path}, or paths of image files that exist): a text or number column would otherwise make
+    every row "undecodable" and the run end with no full batch. The type is checked from the features;
+    other than a datasets.Image, the first `IMAGE_CHECK_ROWS` non-empty values are read (headers only)
+    and one of them must be an image."""
+    if isinstance(feature, ImageFeature):
         return
-    first = next(iter(ds.select_columns([column]).take(1)), {}).get(column)
-    data, path = _raw_bytes_and_path(first) if isinstance(first, (dict, bytes)) else (None, None)
-    is_image_path = isinstance(first, str) and first.lower().endswith(IMAGE_EXTENSIONS)
-    if first is None or data is not None or path is not None or is_image_path or hasattr(first, "getpixel"):
+    hint = "give the column with the images (datasets.Image, encoded bytes, or paths of image files that exist)"
+    if not _may_hold_images(feature):
+        raise ValueError(f"--image_column_name {column!r}: the column has type {describe_feature(feature)}, which cannot hold images; {hint}")
+    values = [v for v in (row.get(column) for row in ds.select_columns([column]).take(IMAGE_CHECK_ROWS * 4)) if v is not None]
+    values = values[:IMAGE_CHECK_ROWS]
+    if not values or any(_is_image_value(v) for v in values):
         return
+    kind = describe_feature(feature) if feature is not None else type(values[0]).__name__
     raise ValueError(
-        f"--image_column_name {column!r} does not hold images (its first value is {type(first).__name__} "
-        f"{repr(first)[:60]}); give the column with the encoded images or image file paths"
+        f"--image_column_name {column!r}: the column has type {kind} and none of its first {len(values)} values is an "
+        f"image or an image file that exists (first: {_short(values[0])}); {hint}"
     )
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, dict):
+        value = {k: (f"<{len(v)} bytes>" if isinstance(v, (bytes, bytearray)) else v) for k, v in value.items()}
+    elif isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def resolve_label_column(ds: IterableDataset, label_column_name: str | None = None) -> str | None:

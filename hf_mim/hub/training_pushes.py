@@ -229,9 +229,9 @@ def download_checkpoint(repo_id: str, output_dir, token: str | None = None, revi
         fetched = download / folder
         state = json.loads((fetched / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
         final = output_dir / f"checkpoint-{int(state['step'])}"
-        problem = checkpoint_problem(fetched)
+        problem = checkpoint_problem(fetched, verify=True)  # sizes and checksums: a bad transfer is never published
         if problem is not None:
-            raise FileNotFoundError(f"--resume_from_checkpoint {repo_id}: the downloaded {folder}/ is incomplete ({problem})")
+            raise FileNotFoundError(f"--resume_from_checkpoint {repo_id}: the downloaded {folder}/ is unusable ({problem})")
         _publish(fetched, final)
     except FileNotFoundError:
         raise

@@ -16,6 +16,8 @@ cross-process non-finite-loss guard, and top-k accuracy without the Hub.
 from .attention_refresh import AttentionMapStore, refresh_attention_maps
 from .checkpoint import (
     TRAINER_STATE_NAME,
+    CheckpointSaveError,
+    UnusableCheckpointError,
     atomic_write_bytes,
     checkpoint_problem,
     checkpoint_step,
@@ -27,6 +29,7 @@ from .checkpoint import (
     read_trainer_state,
     resolve_resume_path,
     save_checkpoint,
+    verify_checkpoint,
     write_json_atomic,
 )
 from .guards import NonFiniteInputError, NonFiniteLossError, check_finite_loss
@@ -95,6 +98,9 @@ __all__ = [
     "TRAINER_STATE_NAME",
     "atomic_write_bytes",
     "checkpoint_problem",
+    "verify_checkpoint",
+    "CheckpointSaveError",
+    "UnusableCheckpointError",
     "checkpoint_step",
     "find_latest_checkpoint",
     "is_complete_checkpoint",

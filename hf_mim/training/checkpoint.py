@@ -20,6 +20,15 @@ kill at any moment therefore leaves the previous complete checkpoint as the late
 overwritten checkpoint of the same step, or pruning beyond `total_limit`) first renames the folder to
 `.trash-...`, so a half-deleted folder is never mistaken for a checkpoint.
 
+Trust: renames are not atomic on every file system, and a copy can truncate or corrupt a file. So
+`trainer_state.json` also records every file's sha256 (`sha256`, read back after the fsync, before the
+rename), and resuming verifies them (`verify_checkpoint`): `--resume_from_checkpoint latest` takes the
+newest checkpoint that verifies, warning about each newer one it skips; a named checkpoint that fails is
+an error naming the file. Sizes alone are checked wherever checkpoints are merely listed (pruning,
+pushes), since hashing reads every byte. Checkpoints saved before checksums existed load unverified (an
+info line says so). A save that fails (disk full, no permission) removes its temporary folder and raises
+`CheckpointSaveError` naming the cause and the checkpoint that is still the newest: nothing is published.
+
 Objects registered with `accelerator.register_for_checkpointing(obj)` (anything with
 `state_dict()`/`load_state_dict()`) are saved as `custom_checkpoint_{i}.pkl` and restored by
 `load_checkpoint`, in registration order: register the same objects in the same order before resuming.
@@ -27,6 +36,8 @@ Objects registered with `accelerator.register_for_checkpointing(obj)` (anything 
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
@@ -41,10 +52,21 @@ TRAINER_STATE_NAME = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 TMP_PREFIX = ".tmp-checkpoint-"
 TRASH_PREFIX = ".trash-checkpoint-"
-FORMAT_VERSION = 1
+MANIFEST_NAME = "hf_mim_manifest.json"  # sizes + sha256 of a checkpoint hf_mim did not write itself (Trainer's)
+FORMAT_VERSION = 2  # 2: trainer_state.json records `sha256` {file: digest} beside `files` {file: size}
+LOW_DISK_SPACE = 16 << 20  # bytes: a failed save with less free space than this blames a full disk
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 logger = logging.getLogger(__name__)
+
+
+class UnusableCheckpointError(FileNotFoundError):
+    """A checkpoint that is incomplete, truncated or corrupted (a FileNotFoundError, as callers catch)."""
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written (disk full, no permission...): nothing was published, the previous
+    checkpoint is intact. The message is one sentence for the user; the run stops."""
 
 
 # --------------------------------------------------------------------------- atomic files
@@ -124,8 +146,15 @@ def read_trainer_state(path: str | os.PathLike) -> dict:
     return json.loads((path / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
 
 
-def checkpoint_problem(path: str | os.PathLike) -> str | None:
-    """None if `path` is a complete checkpoint, else why not (a sentence naming the path)."""
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def checkpoint_problem(path: str | os.PathLike, verify: bool = False) -> str | None:
+    """None if `path` is a complete checkpoint, else why not (a sentence naming the path and the file).
+    Sizes are always compared with the manifest; `verify=True` also compares every file's sha256 (reads
+    every byte)."""
     path = Path(path)
     if not path.exists():
         return f"checkpoint {path} does not exist"
@@ -143,13 +172,59 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
         return f"{path} is not a complete checkpoint: {TRAINER_STATE_NAME} is unreadable ({error})"
     if not isinstance(state, dict):
         return f"{path} is not a complete checkpoint: {TRAINER_STATE_NAME} is not a JSON object"
-    for name, size in (state.get("files") or {}).items():
+    return _files_problem(path, state.get("files"), state.get("sha256") if verify else None)
+
+
+def _files_problem(path: Path, sizes: dict | None, digests: dict | None) -> str | None:
+    """Why the files of `path` do not match the recorded `sizes` ({name: bytes}) and `digests` ({name: sha256}),
+    or None. Sizes first: a truncated file is found without reading it."""
+    for name, size in (sizes or {}).items():
         file = path / name
         if not file.is_file():
             return f"{path} is not a complete checkpoint: {name} is missing"
         if file.stat().st_size != size:
-            return f"{path} is not a complete checkpoint: {name} has {file.stat().st_size} bytes, expected {size}"
+            return f"{path} is not a complete checkpoint: {name} has {file.stat().st_size} bytes, expected {size} (truncated?)"
+    for name, expected in (digests or {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{path} is not a complete checkpoint: {name} is missing"
+        actual = _sha256(file)
+        if actual != expected:
+            return (f"{path} is corrupted: {name} does not match the sha256 recorded when it was saved "
+                    f"({actual[:12]}..., expected {expected[:12]}...)")
     return None
+
+
+def write_manifest(folder: str | os.PathLike) -> Path:
+    """For checkpoints written by others (transformers' Trainer): fsync every file of `folder` and record
+    their sizes and sha256 in `hf_mim_manifest.json`, written last and atomically (so its presence also
+    says the save finished). Returns the manifest's path."""
+    folder = Path(folder)
+    (folder / MANIFEST_NAME).unlink(missing_ok=True)
+    sizes, digests = _fsync_tree(folder)
+    return write_json_atomic(folder / MANIFEST_NAME, {"format_version": FORMAT_VERSION, "files": sizes, "sha256": digests})
+
+
+def manifest_problem(folder: str | os.PathLike) -> str | None:
+    """Why the files of `folder` do not match its `hf_mim_manifest.json` (`write_manifest`), or None (also
+    when it has none: the caller decides what a missing manifest means)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST_NAME).is_file():
+        return None
+    try:
+        manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        return f"{folder} is not a complete checkpoint: {MANIFEST_NAME} is unreadable ({error})"
+    return _files_problem(folder, manifest.get("files"), manifest.get("sha256"))
+
+
+def verify_checkpoint(path: str | os.PathLike) -> str | None:
+    """`checkpoint_problem(path, verify=True)`; a checkpoint saved without checksums (older hf_mim) passes
+    on its sizes, with an info line."""
+    problem = checkpoint_problem(path, verify=True)
+    if problem is None and "sha256" not in json.loads((Path(path) / TRAINER_STATE_NAME).read_text(encoding="utf-8")):
+        logger.info("%s has no checksums (saved by an older hf_mim): only its file sizes were checked", path)
+    return problem
 
 
 def is_complete_checkpoint(path: str | os.PathLike) -> bool:
@@ -170,39 +245,55 @@ def list_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
 
 
 def find_latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The complete checkpoint with the largest step in `output_dir`, or None."""
+    """The complete checkpoint with the largest step in `output_dir`, or None (sizes checked, not hashes)."""
     checkpoints = list_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
+
+
+def newest_verified_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The `checkpoint-N` folder of `output_dir` with the largest N that `verify_checkpoint` accepts, or
+    None; every newer folder that fails is skipped with a warning naming it and why."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return None
+    numbered = sorted(((checkpoint_step(c), c) for c in output_dir.iterdir() if checkpoint_step(c) is not None), reverse=True)
+    for _, candidate in numbered:
+        problem = verify_checkpoint(candidate)
+        if problem is None:
+            return candidate
+        logger.warning("resume: skipping %s: %s", candidate.name, problem)
+    return None
 
 
 def resolve_resume_path(arg: str | os.PathLike | None, output_dir: str | os.PathLike, missing_ok: bool = False) -> Path | None:
     """Turn `--resume_from_checkpoint` into a complete checkpoint folder.
 
-    `arg` may be "latest" (the newest complete checkpoint in `output_dir`), a checkpoint folder, or a
-    folder holding `checkpoint-N` folders (its newest). None/"" gives None. Raises FileNotFoundError
-    naming the path when nothing usable is there (with `missing_ok=True`, "latest" with no checkpoint
+    `arg` may be "latest" (the newest checkpoint in `output_dir` that verifies: `newest_verified_checkpoint`),
+    a checkpoint folder (which must verify), or a folder holding `checkpoint-N` folders (its newest that
+    verifies). None/"" gives None. Raises `UnusableCheckpointError` (a FileNotFoundError) naming the path
+    and the bad file when nothing usable is there (with `missing_ok=True`, "latest" with no checkpoint
     gives None instead, for auto-resume).
     """
     if arg is None or str(arg) == "":
         return None
     if str(arg).lower() == "latest":
-        latest = find_latest_checkpoint(output_dir)
+        latest = newest_verified_checkpoint(output_dir)
         if latest is None and not missing_ok:
-            raise FileNotFoundError(
-                f"resume from 'latest': no complete checkpoint (a checkpoint-N folder with {TRAINER_STATE_NAME}) "
-                f"in {Path(output_dir)}"
+            raise UnusableCheckpointError(
+                f"resume from 'latest': no complete checkpoint (a checkpoint-N folder with {TRAINER_STATE_NAME} "
+                f"whose files match their recorded sizes and checksums) in {Path(output_dir)}"
             )
         return latest
     path = Path(arg).expanduser()
-    problem = checkpoint_problem(path)
-    if problem is None:
-        return path
-    if path.is_dir() and checkpoint_step(path) is None:
-        latest = find_latest_checkpoint(path)
+    if path.is_dir() and checkpoint_step(path) is None and not (path / TRAINER_STATE_NAME).exists():
+        latest = newest_verified_checkpoint(path)
         if latest is not None:
             return latest
-        problem += f", and it holds no complete checkpoint-N folder"
-    raise FileNotFoundError(problem)
+        raise UnusableCheckpointError(f"{checkpoint_problem(path)}, and it holds no complete checkpoint-N folder")
+    problem = verify_checkpoint(path)
+    if problem is None:
+        return path
+    raise UnusableCheckpointError(problem)
 
 
 # --------------------------------------------------------------------------- saving
@@ -224,9 +315,10 @@ def _agree(accelerator, ok: bool) -> bool:
     return bool(flags.min().item() == 1)
 
 
-def _fsync_tree(root: Path) -> dict[str, int]:
-    """fsync every file and folder under `root`; return {relative path: size} of the files."""
-    manifest = {}
+def _fsync_tree(root: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """fsync every file and folder under `root`; return ({relative path: size}, {relative path: sha256})
+    of the files, the digests read back after the fsync."""
+    sizes, digests = {}, {}
     for folder, _, files in os.walk(root):
         for name in sorted(files):
             file = Path(folder) / name
@@ -235,9 +327,10 @@ def _fsync_tree(root: Path) -> dict[str, int]:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-            manifest[file.relative_to(root).as_posix()] = file.stat().st_size
+            key = file.relative_to(root).as_posix()
+            sizes[key], digests[key] = file.stat().st_size, _sha256(file)
         _fsync_dir(Path(folder))
-    return dict(sorted(manifest.items()))
+    return dict(sorted(sizes.items())), dict(sorted(digests.items()))
 
 
 def _discard(path: Path) -> None:
@@ -262,7 +355,12 @@ def _publish(tmp: Path, final: Path) -> None:
     if final.exists():
         aside = final.parent / f"{TRASH_PREFIX}{final.name.removeprefix(CHECKPOINT_PREFIX)}-{uuid.uuid4().hex[:8]}"
         os.rename(final, aside)
-    os.rename(tmp, final)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if aside is not None:  # the replaced checkpoint comes back
+            os.rename(aside, final)
+        raise
     _fsync_dir(final.parent)
     if aside is not None:
         shutil.rmtree(aside, ignore_errors=True)
@@ -301,10 +399,12 @@ def save_checkpoint(
     `trainer_state.json` holds `step`, `epoch`, `batches_in_epoch` (batches consumed in the current
     epoch), `stage` (taken from the keyword arguments, else from `trainer_state`'s keys of the same name,
     else null), every key of `trainer_state` (must be JSON-serializable; checked before anything is
-    written), `format_version`, `saved_at` (unix time), `num_processes` and `files` (the manifest
-    {relative path: size} used to validate the folder). Older checkpoints beyond `total_limit` are
-    deleted afterwards. Extra keyword arguments go to `accelerator.save_state` (e.g.
-    `safe_serialization`). Returns the checkpoint folder.
+    written), `format_version`, `saved_at` (unix time), `num_processes`, `files` (the manifest
+    {relative path: size} used to validate the folder) and `sha256` ({relative path: digest}, verified on
+    resume). Older checkpoints beyond `total_limit` are deleted afterwards. Extra keyword arguments go to
+    `accelerator.save_state` (e.g. `safe_serialization`). Returns the checkpoint folder. A save that
+    fails (any exception but an interrupt: disk full, permission) raises `CheckpointSaveError` on every
+    process, after removing the temporary folder; the previous checkpoints stay as they were.
     """
     if accelerator.project_configuration.automatic_checkpoint_naming:
         raise ValueError(
@@ -340,28 +440,63 @@ def save_checkpoint(
     except Exception as exc:  # noqa: BLE001 - reported on every process below
         error = exc
     if not _agree(accelerator, error is None):
-        raise error or RuntimeError(f"saving {final} failed on another process")
+        _failed_save(accelerator, writer, tmp, final, error, "while preparing its folder")
 
     try:
         accelerator.save_state(str(tmp), **save_state_kwargs)
     except Exception as exc:  # noqa: BLE001
         error = exc
     if not _agree(accelerator, error is None):
-        raise error or RuntimeError(f"saving {final} failed on another process (accelerator.save_state)")
+        _failed_save(accelerator, writer, tmp, final, error, "while writing the state")
 
     try:
         if writer:
-            document["files"] = _fsync_tree(tmp)
+            document["files"], document["sha256"] = _fsync_tree(tmp)
             document["saved_at"] = time.time()
             write_json_atomic(tmp / TRAINER_STATE_NAME, document)
             _fsync_dir(tmp)
             _publish(tmp, final)
-            prune_checkpoints(output_dir, total_limit, keep=final)
     except Exception as exc:  # noqa: BLE001
         error = exc
     if not _agree(accelerator, error is None):
-        raise error or RuntimeError(f"publishing {final} failed on the main process")
+        _failed_save(accelerator, writer, tmp, final, error, "while publishing it")
+    if writer:
+        try:  # only once the new checkpoint is published; failing to delete an old one does not stop the run
+            prune_checkpoints(output_dir, total_limit, keep=final)
+        except OSError as exc:
+            logger.warning("could not delete checkpoints beyond --checkpoints_total_limit: %s", exc)
     return final
+
+
+def _failed_save(accelerator, writer: bool, tmp: Path, final: Path, error: BaseException | None, when: str):
+    """Remove the half-written `tmp` (it holds disk space and is never read) and raise a `CheckpointSaveError`
+    naming the cause and the newest checkpoint that is still there. Any exception counts: torch.save reports
+    a full disk as a RuntimeError ("file write failed"), safetensors as its own error type
+    (HF_MIM_TRACEBACK=1 shows the original traceback)."""
+    try:
+        free = shutil.disk_usage(final.parent).free  # before the half-written folder frees its space
+    except OSError:
+        free = None
+    if writer:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        cause = "it failed on another process"
+    else:
+        cause = " ".join(str(error).split()) or type(error).__name__
+        if len(cause) > 300:
+            cause = cause[:300] + "..."
+        if getattr(error, "errno", None) in (errno.EACCES, errno.EPERM, errno.EROFS):
+            cause += " (no permission to write there)"
+        elif getattr(error, "errno", None) == errno.ENOSPC or "no space left" in cause.lower():
+            cause += " (the disk is full)"
+        elif free is not None and free < LOW_DISK_SPACE:  # torch.save says "unexpected pos ..."
+            cause += f" (the disk is full: {free} bytes were free)"
+    previous = find_latest_checkpoint(final.parent)
+    kept = f"the newest checkpoint is still {previous}" if previous is not None else "no checkpoint was saved before"
+    raise CheckpointSaveError(
+        f"saving checkpoint {final} failed {when}: {cause}; nothing was published and {kept} "
+        "(fix the cause, then continue with --resume_from_checkpoint latest)"
+    ) from error
 
 
 def load_checkpoint(accelerator, path: str | os.PathLike, **load_state_kwargs) -> dict:
@@ -387,6 +522,12 @@ __all__ = [
     "write_json_atomic",
     "checkpoint_step",
     "checkpoint_problem",
+    "verify_checkpoint",
+    "newest_verified_checkpoint",
+    "write_manifest",
+    "manifest_problem",
+    "UnusableCheckpointError",
+    "CheckpointSaveError",
     "is_complete_checkpoint",
     "list_checkpoints",
     "find_latest_checkpoint",

@@ -29,6 +29,7 @@ from pathlib import Path
 from ..utils.extras import MissingExtraError
 from .checkpoint import (
     TMP_PREFIX,
+    CheckpointSaveError,
     TRASH_PREFIX,
     checkpoint_step,
     list_checkpoints,
@@ -165,7 +166,7 @@ def claim_output_dir(args: Namespace, accelerator, output_dir: Path) -> tuple[Pa
                 logger.info("--overwrite_output_dir: removed %s from %s", ", ".join(removed), output_dir)
     elif resume_path is None and (existing or stale):
         if latest:
-            raise UserInputError(f"--resume_from_checkpoint latest: {output_dir} holds only incomplete checkpoint folders ({', '.join(sorted(stale))}); "
+            raise UserInputError(f"--resume_from_checkpoint latest: {output_dir} holds only incomplete or corrupted checkpoint folders ({', '.join(sorted(stale))}); "
                                  "remove them or start over with --overwrite_output_dir")
         names = ", ".join(path.name for path in existing) or ", ".join(sorted(stale))
         raise UserInputError(
@@ -271,10 +272,16 @@ class SetupPhase:
 def report_user_errors(script: str):
     """Turn errors raised while a run is set up (bad flags, paths, config fields, data columns) into one
     line `<script>: error: ...` and exit status 2, as argparse does; errors during training keep their
-    traceback. HF_MIM_TRACEBACK=1 keeps every traceback."""
+    traceback, except a checkpoint that could not be saved (`CheckpointSaveError`: one line, exit status 1).
+    HF_MIM_TRACEBACK=1 keeps every traceback."""
     phase = SetupPhase()
     try:
         yield phase
+    except CheckpointSaveError as error:  # at any time: the run stops, its previous checkpoint intact
+        if os.environ.get("HF_MIM_TRACEBACK"):
+            raise
+        print(f"{script}: error: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     except (ValueError, OSError, KeyError, MissingExtraError) as error:
         if phase.training or os.environ.get("HF_MIM_TRACEBACK"):
             raise

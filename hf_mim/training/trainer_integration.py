@@ -19,7 +19,11 @@ What `Trainer` alone does not do, and where it is done here:
   reads;
 - the optimisation: run_mim's AdamW groups (the method's `pretraining_no_weight_decay`) and its per-stage
   schedule (`build_pretraining_optimizer` / `build_pretraining_schedule`), from Trainer's arguments plus the
-  few of run_mim's that Trainer lacks (`MIMTrainingArguments`).
+  few of run_mim's that Trainer lacks (`MIMTrainingArguments`);
+- checkpoints that can be trusted: Trainer writes `checkpoint-N` in place, so a save cut short (a full disk,
+  a kill) leaves a folder its `resume_from_checkpoint=True` would pick; `MIMTrainer` adds
+  `hf_mim_manifest.json` (sizes + sha256) once a save is complete and resumes only from a checkpoint that
+  matches it (`trusted_trainer_checkpoint`).
 
 A datasets' `set_transform` / `with_transform` can do the per-example work instead of the collator
 (`dataset_transform(collator)`); the trainer's collator then only stacks, with the same result.
@@ -35,9 +39,11 @@ from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data import PretrainingCollator, ResizeTransform, batch_to_device
 from .attention_refresh import AttentionMapStore, refresh_attention_maps
+from .checkpoint import MANIFEST_NAME, UnusableCheckpointError, checkpoint_step, manifest_problem, write_manifest
 from .loop import forward_inputs
 from .pretraining import build_pretraining_optimizer, build_pretraining_schedule
 
@@ -260,6 +266,19 @@ class MIMTrainer(Trainer):
                                            generator=torch.Generator().manual_seed(0))  # see get_train_dataloader
 
     # ------------------------------------------------------------------ checkpoints
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer's, resuming only from a checkpoint that verifies (`trusted_trainer_checkpoint`)."""
+        resume_from_checkpoint = trusted_trainer_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's (which writes `checkpoint-N` in place, file by file), then, once every rank has written its
+        part, `hf_mim_manifest.json` (sizes + sha256): a checkpoint without it never finished saving."""
+        super()._save_checkpoint(model, trial)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_manifest(Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Trainer's, plus AMT's attention maps (every rank holds all of them): a resumed run masks with them."""
         super()._save_optimizer_and_scheduler(output_dir)
@@ -289,7 +308,38 @@ class MIMTrainer(Trainer):
         return self.lr_scheduler
 
 
+def trusted_trainer_checkpoint(resume_from_checkpoint, output_dir):
+    """`resume_from_checkpoint` as `Trainer.train` takes it, checked against `hf_mim_manifest.json`:
+    True gives the newest `checkpoint-N` of `output_dir` whose files match it, warning about each newer one
+    skipped (no manifest while others have one: its save did not finish); a named checkpoint that does not
+    match is an `UnusableCheckpointError` naming the file. Checkpoints of a run without manifests (saved
+    before hf_mim wrote them, or by a plain Trainer) are taken as Trainer takes them, with an info line."""
+    if resume_from_checkpoint is True:
+        root = Path(output_dir)
+        folders = sorted((p for p in root.iterdir() if checkpoint_step(p) is not None and p.is_dir()), key=checkpoint_step,
+                         reverse=True) if root.is_dir() else []
+        any_manifest = any((folder / MANIFEST_NAME).is_file() for folder in folders)
+        for folder in folders:
+            problem = manifest_problem(folder)
+            if problem is None and any_manifest and not (folder / MANIFEST_NAME).is_file():
+                problem = f"it has no {MANIFEST_NAME} (its save did not finish)"
+            if problem is None:
+                if not any_manifest:
+                    logger.info("%s has no %s (saved without hf_mim's manifest): not verified", folder, MANIFEST_NAME)
+                return str(folder)
+            logger.warning("resume: skipping %s: %s", folder.name, problem)
+        raise UnusableCheckpointError(f"resume_from_checkpoint=True: no checkpoint in {output_dir} whose files match "
+                                      f"their {MANIFEST_NAME}")
+    if isinstance(resume_from_checkpoint, (str, Path)) and Path(resume_from_checkpoint).is_dir():
+        problem = manifest_problem(resume_from_checkpoint)
+        if problem is not None:
+            raise UnusableCheckpointError(problem)
+        if not (Path(resume_from_checkpoint) / MANIFEST_NAME).is_file():
+            logger.info("%s has no %s (saved without hf_mim's manifest): not verified", resume_from_checkpoint, MANIFEST_NAME)
+    return resume_from_checkpoint
+
+
 __all__ = [
     "MIMTrainer", "MIMTrainingArguments", "MIMTrainingCallback", "StackOrCollate", "dataset_transform",
-    "optimization_arguments", "pretraining_collator",
+    "optimization_arguments", "pretraining_collator", "trusted_trainer_checkpoint",
 ]
