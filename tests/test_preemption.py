@@ -131,6 +131,47 @@ def test_a_signal_in_the_last_step_checkpoints_it_and_a_resume_only_finishes(tmp
     assert status == 0 and resumed.global_step == TOTAL and f"resumed from {out / f'checkpoint-{TOTAL}'}" in caplog.text
 
 
+def test_a_signal_during_the_finishing_work_stops_its_nested_training_and_checkpoints_the_last_step(tmp_path, caplog):
+    """As run_mim's downstream check: after the last step, a loop trained inside `loop.finishing()` (on a
+    lent run, no checkpoints of its own) is signalled at its step 1; it stops there, and the run's own loop
+    checkpoints its last step (not saved periodically) and exits with status 75."""
+    from hf_mim.training import RunHyperparameters, StagedSchedule, build_adamw, start_run
+    from hf_mim.training.loop import RunStart
+
+    made = {}
+
+    def train(args, phase=None):
+        run = start_run(args)
+
+        def loop_on(run, args, signal_at):
+            torch.manual_seed(1)
+            model = torch.nn.Linear(3, 1)
+            optimizer = build_adamw([{"params": list(model.parameters()), "weight_decay": 0.0}], lr=0.1)
+            schedule = StagedSchedule(optimizer, base_lr=0.1, steps_per_stage=[TOTAL], warmup_steps=1)
+            loop = SignallingLoop(args, run, model, optimizer, schedule, RunHyperparameters.from_args(args, 0.1, TOTAL, "cosine"),
+                                  (toy_batches(), ToyStream(), ToyCollator()))
+            loop.signal_at = signal_at
+            loop.prepare()
+            return loop
+
+        made["outer"] = outer = loop_on(run, args, None)
+        outer.train(phase)
+        with outer.finishing():
+            lent = RunStart(run.accelerator, run.output_dir / "downstream", None, run.run_id, None)
+            made["nested"] = nested = loop_on(lent, toy_args(lent.output_dir, checkpointing_steps=None), 1)
+            nested.train()
+            raise AssertionError("the nested loop went on")
+        return 0
+
+    out = tmp_path / "run"
+    with caplog.at_level(logging.INFO):
+        status = run_script("toy", train, toy_args(out, checkpointing_steps=None))
+    assert status == 75 and made["nested"].global_step == 1
+    assert f"preempted at step {TOTAL} by SIGTERM, checkpoint {out / f'checkpoint-{TOTAL}'}" in caplog.text
+    assert read_trainer_state(out / f"checkpoint-{TOTAL}")["global_step"] == TOTAL
+    assert not (out / "downstream").exists()
+
+
 def test_before_training_a_signal_ends_the_run_at_once_with_the_same_status(tmp_path, caplog):
     """No loop trains yet (set-up, evaluation-only runs): nothing to save, the handler raises at once."""
 
