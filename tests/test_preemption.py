@@ -8,6 +8,7 @@ whole process group signalled, two gloo ranks with one signalled)."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 import random
 import re
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -181,13 +183,18 @@ def test_before_training_a_signal_ends_the_run_at_once_with_the_same_status(tmp_
 
     with caplog.at_level(logging.INFO):
         assert run_script("toy", setup_only, toy_args(tmp_path / "run")) == 75
-    assert "preempted before training by SIGTERM, no checkpoint to resume" in caplog.text
+    assert "preempted before training by SIGTERM, nothing new to save" in caplog.text
 
 
 def test_preemption_signals_none_keeps_the_default_action_and_names_are_checked(tmp_path):
     assert parse_signals("none") == () and parse_signals("sigterm, USR1") == (signal.SIGTERM, signal.SIGUSR1)
     with pytest.raises(ValueError, match=r"^--preemption_signals TERM,KILL: KILL is not one of TERM, USR1"):
         parse_signals("TERM,KILL")
+    from hf_mim.training.classification_run import parse_classification_args
+
+    with pytest.raises(SystemExit) as stop:  # every script's parser: one line naming the flag
+        parse_classification_args(["--model_type", "dbot", "--model_size", "tiny", "--preemption_signals", "KILL"])
+    assert stop.value.code == 2
     seen = {}
 
     def train(args, phase=None):
@@ -224,15 +231,26 @@ def test_dataloader_workers_ignore_the_signals_the_training_process_handles(tmp_
 # ------------------------------------------------------------------------------- run_mim.py subprocesses
 
 
-def start_run_mim(*args, env_extra=None, launcher=None):
+def start_script(script, *args, env_extra=None, launcher=None):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", **(env_extra or {}))
-    command = [*(launcher or [sys.executable]), str(SCRIPT), *map(str, args)]
+    command = [*(launcher or [sys.executable]), str(script), *map(str, args)]
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
 
 
+def finish_script(script, *args) -> subprocess.CompletedProcess:
+    process = start_script(script, *args)
+    stdout, stderr = process.communicate(timeout=600)
+    assert process.returncode == 0, stderr[-5000:]
+    return subprocess.CompletedProcess(process.args, 0, stdout, stderr)
+
+
+SENT_AT = {}  # when signal_when last sent its signal (time.time())
+
+
 def signal_when(process, pattern: str, send, delay: float) -> tuple[str, str]:
-    """Read the run's log until `pattern` appears, wait `delay` s, `send()`; return (stdout, stderr)."""
+    """Read the run's log until `pattern` appears, wait `delay` s, `send()`; return (stdout, stderr) once the
+    process has exited; SENT_AT["exit"]: seconds from the signal to the exit seen from outside."""
     lines, sent = [], threading.Event()
 
     def read():
@@ -241,12 +259,14 @@ def signal_when(process, pattern: str, send, delay: float) -> tuple[str, str]:
             if not sent.is_set() and re.search(pattern, line):
                 sent.set()
                 time.sleep(delay)
+                SENT_AT["sent"] = time.time()
                 send()
 
     reader = threading.Thread(target=read)
     reader.start()
     stdout = process.stdout.read()
     process.wait(timeout=600)
+    SENT_AT["exit"] = time.time() - SENT_AT.get("sent", math.nan)
     reader.join()
     return stdout, "".join(lines)
 
@@ -258,27 +278,27 @@ def assert_same_weights(a, b):
         assert torch.equal(reference[key], other[key]), key
 
 
-def preempt_and_resume(tmp_path, common, rng, *, group=False, steps=8):
-    """One uninterrupted run; one signalled (SIGTERM, after a random logged step and a random delay, to
-    the process or its whole group) and resumed with `latest` until it ends; the weights compared."""
-    from test_run_mim import run_mim
-
+def preempt_and_resume(tmp_path, common, rng, *, group=False, steps=8, script=SCRIPT, logger="run_mim", signum=signal.SIGTERM):
+    """One uninterrupted run; one signalled (after a random logged step and a random delay, the process or
+    its whole group) and resumed with `latest` until it ends; the weights compared bitwise."""
     full = tmp_path / "full"
-    run_mim(*common, "--output_dir", full)
+    finish_script(script, *common, "--output_dir", full)
     out = tmp_path / "preempted"
-    after, delay = rng.randint(1, steps - 2), rng.uniform(0.0, 0.4)
-    process = start_run_mim(*common, "--output_dir", out, "--resume_from_checkpoint", "latest")
-    send = (lambda: os.killpg(process.pid, signal.SIGTERM)) if group else (lambda: process.send_signal(signal.SIGTERM))
-    _, log = signal_when(process, rf"run_mim: step {after} ", send, delay)
+    after, delay = rng.randint(1, steps - 4), rng.uniform(0.0, 0.3)  # well before the end
+    process = start_script(script, *common, "--output_dir", out, "--resume_from_checkpoint", "latest")
+    send = (lambda: os.killpg(process.pid, signum)) if group else (lambda: process.send_signal(signum))
+    _, log = signal_when(process, rf"{logger}: step {after} ", send, delay)
     context = f"signalled after step {after} + {delay:.2f} s:\n{log[-4000:]}"
     assert process.returncode == PREEMPTED_EXIT_STATUS, context
-    stopped = re.search(r"preempted at step (\d+) by SIGTERM, checkpoint (\S+), (\d+\.\d) s from signal to exit", log)
+    name = signal.Signals(signum).name
+    stopped = re.search(rf"preempted at step (\d+) by {name}, checkpoint (\S+), (\d+\.\d) s from signal to exit", log)
     assert stopped, context
     step, seconds = int(stopped.group(1)), float(stopped.group(3))
     assert after <= step <= steps and stopped.group(2) == str(out / f"checkpoint-{step}"), context
     assert "Traceback" not in log and "killed by signal" not in log, context
-    print(f"signal after step {after} + {delay:.2f} s: stopped at step {step}, {seconds} s from signal to exit")
-    resumed = run_mim(*common, "--output_dir", out, "--resume_from_checkpoint", "latest")
+    print(f"{Path(script).name}: {name} after step {after} + {delay:.2f} s: stopped at step {step}, {seconds} s from signal to exit "
+          f"(logged), {SENT_AT['exit']:.2f} s to the process's end")
+    resumed = finish_script(script, *common, "--output_dir", out, "--resume_from_checkpoint", "latest")
     assert f"resumed from {out / f'checkpoint-{step}'}" in resumed.stderr
     assert_same_weights(full, out)
     return step, seconds
@@ -344,7 +364,7 @@ def test_two_gloo_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path):
     full = tmp_path / "full"
     launch(full, 29571)
     out = tmp_path / "preempted"
-    process = start_run_mim(*common, "--output_dir", out, env_extra=env, launcher=launcher(29572))
+    process = start_script(SCRIPT, *common, "--output_dir", out, env_extra=env, launcher=launcher(29572))
     target = {}
 
     def send():
@@ -361,6 +381,20 @@ def test_two_gloo_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path):
     step = int(stopped[0][0])
     state = read_trainer_state(out / f"checkpoint-{step}")
     assert state["global_step"] == step and len(state["positions"]) == 2
-    print(f"2 ranks, rank 1 signalled after step 2: both stopped at step {step}, {stopped[0][2]} s from signal to exit")
+    print(f"2 ranks, rank 1 signalled after step 2: both stopped at step {step}, {stopped[0][2]} s from signal to exit "
+          f"(logged), {SENT_AT['exit']:.2f} s to the launcher's end")
     launch(out, 29573, "--resume_from_checkpoint", "latest")
     assert_same_weights(full, out)
+
+
+@pytest.mark.slow  # ~60 s: three tiny fine-tuning runs on the embedded digits
+def test_run_image_classification_signalled_during_an_evaluation_resumes_bitwise(tmp_path):
+    """Fine-tuning from random initialisation, evaluated every 2 steps (359 digits): SIGUSR1 after a random step
+    lands in a step or its evaluation; the run stops after that step and resumes bitwise."""
+    seed = int(os.environ.get("PREEMPTION_SEED", random.randrange(10**6)))
+    print(f"PREEMPTION_SEED={seed}")
+    script = SCRIPT.parent / "run_image_classification.py"
+    common = ["--model_type", "dbot", "--model_size", "tiny", "--max_train_steps", 6, "--per_device_train_batch_size", 8,
+              "--num_warmup_steps", 1, "--eval_steps", 2, "--per_device_eval_batch_size", 64, "--logging_steps", 1]
+    preempt_and_resume(tmp_path, common, random.Random(seed), steps=6, script=script, logger="run_image_classification",
+                       signum=signal.SIGUSR1)

@@ -7,7 +7,8 @@ step, the lr schedule, the progress bar and the logging window, checkpoints hold
 position, and the end of the run (outputs written on the main process, a failed push as status 1).
 A script subclasses `TrainingLoop` and overrides only the hooks that say what differs: how a batch
 reaches the device (`training_batch`), its loss (`compute_loss`), what happens after each optimizer
-step (`after_step`), its extra logs and checkpoint keys.
+step (`after_step`), its extra logs and checkpoint keys. A preemption signal stops it at the next
+step boundary with a checkpoint of that step (`stop_if_preempted`, hf_mim/training/preemption.py).
 """
 
 from __future__ import annotations
@@ -451,14 +452,13 @@ class TrainingLoop:
         in another run's finishing work (run_mim's downstream check) raises it for that run to do so."""
         if not PREEMPTION.signals:  # --preemption_signals none (the same on every rank)
             return
-        if not PREEMPTION.claim(self):
-            received = PREEMPTION.agreed(self.accelerator)
-            if received is not None:
-                raise Preempted(*received, step=self.global_step, nested=True)
-            return
+        own = PREEMPTION.claim(self)
         received = PREEMPTION.agreed(self.accelerator)
-        if received is not None:
-            self.preempt(*received)
+        if received is None:
+            return
+        if not own:
+            raise Preempted(*received, step=self.global_step, nested=True)
+        self.preempt(*received)
 
     @contextlib.contextmanager
     def finishing(self):

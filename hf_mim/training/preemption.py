@@ -53,7 +53,10 @@ class Preempted(Exception):
 
     def describe(self) -> str:
         where = "before training" if self.step is None else f"at step {self.step}"
-        saved = f"checkpoint {self.checkpoint}" if self.checkpoint is not None else "no checkpoint to resume (nothing trained)"
+        if self.checkpoint is not None:
+            saved = f"checkpoint {self.checkpoint}"
+        else:
+            saved = "nothing new to save" if self.step is None else "no checkpoint (nothing trained yet)"
         return (f"preempted {where} by {signal.Signals(self.signum).name}, {saved}, "
                 f"{time.time() - self.received_at:.1f} s from signal to exit")
 
