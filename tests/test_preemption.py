@@ -398,3 +398,27 @@ def test_run_image_classification_signalled_during_an_evaluation_resumes_bitwise
               "--num_warmup_steps", 1, "--eval_steps", 2, "--per_device_eval_batch_size", 64, "--logging_steps", 1]
     preempt_and_resume(tmp_path, common, random.Random(seed), steps=6, script=script, logger="run_image_classification",
                        signum=signal.SIGUSR1)
+
+
+@pytest.mark.slow  # ~60 s
+def test_run_mim_signalled_in_its_downstream_check_checkpoints_the_last_step_and_redoes_the_check(tmp_path):
+    """After the last of 3 steps (no periodic checkpoint), SIGTERM while the downstream check fine-tunes: the
+    check stops at its next step, the run checkpoints step 3 and exits with 75; the resume only redoes the
+    check (its line printed) and ends with the weights of a run without the check."""
+    from test_downstream import LINE, SMALL_CHECK
+
+    common = [*TINY, "--max_train_steps", 3]
+    reference = tmp_path / "reference"
+    finish_script(SCRIPT, *common, "--output_dir", reference)
+    check = [arg if arg != "2" else "8" for arg in SMALL_CHECK]  # --downstream_steps 8
+    assert check[check.index("--downstream_steps") + 1] == "8"
+    argv = [*[arg for arg in common if arg not in ("--downstream_eval", "none")], *check, "--downstream_eval", "finetune"]
+    out = tmp_path / "run"
+    process = start_script(SCRIPT, *argv, "--output_dir", out, "--resume_from_checkpoint", "latest")
+    _, log = signal_when(process, r"run_mim: finetune \S+ .* for 8 steps", lambda: process.send_signal(signal.SIGTERM), 0.2)
+    assert process.returncode == 75, log[-4000:]
+    assert re.search(rf"preempted at step 3 by SIGTERM, checkpoint {re.escape(str(out / 'checkpoint-3'))}, \d+\.\d s", log), log[-4000:]
+    assert not list(out.glob("downstream*/checkpoint-*")) and not (out / "model.safetensors").exists()
+    resumed = finish_script(SCRIPT, *argv, "--output_dir", out, "--resume_from_checkpoint", "latest")
+    assert f"resumed from {out / 'checkpoint-3'}" in resumed.stderr and LINE.search(resumed.stdout)
+    assert_same_weights(reference, out)
