@@ -26,6 +26,11 @@ Neither changes the run: its weights end bitwise as without them.
 
 Resume is exact: augmentation and masks are a pure function of (seed, epoch, example id), and a
 resumed run skips the batches each rank had already consumed in its current epoch.
+
+Preemption (SIGTERM, SIGUSR1; --preemption_signals): the run finishes its current optimizer step (and that
+step's evaluations), checkpoints it, and exits with status 75; the same command line with
+--resume_from_checkpoint latest continues bitwise. After the last step (final evaluations, the downstream
+check) it stops at the end of the evaluation or at the next step of the check's training, which a resume redoes.
 """
 
 from __future__ import annotations
@@ -274,9 +279,10 @@ def train(args: argparse.Namespace, phase=None) -> int:
         world, args.gradient_accumulation_steps, lr,
     )
     loop.train(phase)
-    results = loop.evaluate() if eval_data is not None else None
-    knn_results = loop.evaluate_knn() if knn is not None else None
-    downstream = run_downstream_check(args, run, loop.unwrapped, labelled) if args.downstream_eval != "none" else None
+    with loop.finishing():  # a preemption signal here: the last step checkpointed, this work redone on resume
+        results = loop.evaluate() if eval_data is not None else None
+        knn_results = loop.evaluate_knn() if knn is not None else None
+        downstream = run_downstream_check(args, run, loop.unwrapped, labelled) if args.downstream_eval != "none" else None
     summary = run_summary(args, config, total_batch, lr, total_steps, world)
 
     def write() -> None:

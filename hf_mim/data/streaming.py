@@ -787,6 +787,10 @@ def make_dataloader(
     The loader draws its workers' base seed from a private generator, never from torch's global RNG:
     otherwise every new epoch iterator would shift the global stream (drop path, re-initialisation)
     and a resumed run, which opens its iterator at another moment, would diverge.
+
+    Its workers ignore the signals the training process handles itself (a handler marked
+    `ignore_in_dataloader_workers`: hf_mim.training.preemption): a signal sent to the whole process group
+    (SLURM, a container stop) would otherwise kill a worker first, and torch would fail the next batch.
     """
     import torch
 
@@ -804,4 +808,27 @@ def make_dataloader(
         pin_memory=pin_memory,
         persistent_workers=persistent_workers and num_workers > 0,
         generator=torch.Generator().manual_seed(0),
+        worker_init_fn=IgnoreSignals.of_this_process() if num_workers > 0 else None,
     )
+
+
+class IgnoreSignals:
+    """A DataLoader `worker_init_fn` (picklable, for any start method): the worker ignores `signals`."""
+
+    def __init__(self, signals: tuple):
+        self.signals = tuple(signals)
+
+    @classmethod
+    def of_this_process(cls) -> "IgnoreSignals | None":
+        """The signals whose current handler asks its process's DataLoader workers to ignore them, or None."""
+        import signal
+
+        handled = tuple(number for number in signal.valid_signals() if number not in (signal.SIGKILL, signal.SIGSTOP)
+                        and getattr(signal.getsignal(number), "ignore_in_dataloader_workers", False))
+        return cls(handled) if handled else None
+
+    def __call__(self, worker_id: int) -> None:
+        import signal
+
+        for number in self.signals:
+            signal.signal(number, signal.SIG_IGN)

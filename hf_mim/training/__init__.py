@@ -33,6 +33,7 @@ from .checkpoint import (
     write_json_atomic,
 )
 from .guards import NonFiniteInputError, NonFiniteLossError, check_finite_loss
+from .preemption import PREEMPTED_EXIT_STATUS, Preempted
 from .run_setup import (
     RunHyperparameters,
     UserInputError,
@@ -113,6 +114,8 @@ __all__ = [
     "write_json_atomic",
     # guards
     "NonFiniteLossError",
+    "PREEMPTED_EXIT_STATUS",
+    "Preempted",
     "NonFiniteInputError",
     # the loop
     "RunStart",

@@ -8,6 +8,7 @@ import argparse
 
 from ..data import DEFAULT_MAX_IMAGE_PIXELS, max_pixels_argument
 from .conventions import EXAMPLE_FLAGS, EXAMPLE_RANGES, add_refused_flags, check_example_flags, steps_or_epoch
+from .preemption import DEFAULT_SIGNALS, FLAG_HELP as PREEMPTION_HELP, parse_signals
 from .run_setup import check_positive_flags
 from ..hub.training_pushes import HUB_STRATEGIES
 
@@ -60,6 +61,7 @@ SHARED_FLAGS = [
         help="a checkpoint folder, 'latest' (the newest in --output_dir; none yet: start from scratch), or a Hub id "
         "(owner/name) pushed with --hub_strategy checkpoint or all_checkpoints (its last checkpoint is downloaded). "
         "This run's lr, schedule, warm-up, weight decay and length apply after the resume")),
+    ("run", "preemption_signals", dict(default=DEFAULT_SIGNALS, help=PREEMPTION_HELP)),
     ("run", "logging_steps", dict(type=int, default=10)),
     ("run", "with_tracking", dict(action="store_true")),
     ("run", "report_to", dict(default="tensorboard")),
@@ -108,6 +110,10 @@ def validate_shared_flags(parser: argparse.ArgumentParser, args: argparse.Namesp
     if args.hub_strategy != "end" and not args.checkpointing_steps:
         parser.error(f"--hub_strategy {args.hub_strategy} pushes at every save: give --checkpointing_steps N or epoch")
     check_compile_flags(parser, args)
+    try:
+        parse_signals(args.preemption_signals)
+    except ValueError as error:
+        parser.error(str(error))
     ranges = {kind: SHARED_RANGES[kind] + tuple(more_ranges.get(kind, ())) for kind in SHARED_RANGES}
     check_positive_flags(parser, args, **ranges)
     check_example_flags(parser, args)

@@ -7,11 +7,13 @@ step, the lr schedule, the progress bar and the logging window, checkpoints hold
 position, and the end of the run (outputs written on the main process, a failed push as status 1).
 A script subclasses `TrainingLoop` and overrides only the hooks that say what differs: how a batch
 reaches the device (`training_batch`), its loss (`compute_loss`), what happens after each optimizer
-step (`after_step`), its extra logs and checkpoint keys.
+step (`after_step`), its extra logs and checkpoint keys. A preemption signal stops it at the next
+step boundary with a checkpoint of that step (`stop_if_preempted`, hf_mim/training/preemption.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -24,8 +26,9 @@ import torch
 
 from ..data.collators import POSITION_KEY
 from ..data.streaming import MAX_LOADER_WORKERS, resume_plan_of
-from .checkpoint import list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint, write_json_atomic
+from .checkpoint import checkpoint_step, list_checkpoints, load_checkpoint, read_trainer_state, save_checkpoint, write_json_atomic
 from .guards import NonFiniteLossError, check_finite_loss
+from .preemption import HANDLER as PREEMPTION, PREEMPTED_EXIT_STATUS, Preempted, handled_signals
 from .run_setup import (
     RunHyperparameters,
     apply_this_runs_hyperparameters,
@@ -215,14 +218,21 @@ def compile_in_place(model, args) -> None:
 
 def run_script(script: str, train, args) -> int:
     """Run `train(args, phase)`: setup mistakes end in one line (exit status 2), a non-finite loss in its
-    advice (status 1)."""
+    advice (status 1), a preemption signal (--preemption_signals) in a checkpoint of the last finished step
+    and `PREEMPTED_EXIT_STATUS` (hf_mim/training/preemption.py)."""
     logging.basicConfig(format=LOG_FORMAT, level=logging.INFO)
+    PREEMPTION.install(handled_signals(args))
     try:
         with report_user_errors(script) as phase:
             return train(args, phase)
     except NonFiniteLossError as error:
         logging.getLogger(Path(script).stem).error("%s", error)
         return 1
+    except Preempted as stop:
+        logging.getLogger(Path(script).stem).warning("%s", stop.describe())
+        return PREEMPTED_EXIT_STATUS
+    finally:
+        PREEMPTION.uninstall()
 
 
 @dataclass
@@ -390,12 +400,14 @@ class TrainingLoop:
                                  resume=resume, positions=self.stream_positions)
         if phase is not None:
             phase.training_started()
+        self.stop_if_preempted()  # a signal during set-up
         while self.global_step < self.total_steps:
             if self.micro_step == 0:
                 self.before_step(self.global_step)
             loss, output = self.micro_batch(*next(batches))
             if accelerator.sync_gradients:
                 self.end_step(loss, output)
+                self.stop_if_preempted()
         self.progress.close()
         accelerator.wait_for_everyone()
         self.elapsed = time.perf_counter() - run_start
@@ -433,6 +445,54 @@ class TrainingLoop:
         self.after_step(self.global_step, output)
         if self.checkpoint_every and self.global_step % self.checkpoint_every == 0:
             self.save()
+
+    def stop_if_preempted(self) -> None:
+        """A step boundary (collective): if any rank got a preemption signal, every rank stops here; the
+        run's own loop checkpoints this step (unless saved already) and raises `Preempted`, a loop nested
+        in another run's finishing work (run_mim's downstream check) raises it for that run to do so."""
+        if not PREEMPTION.signals:  # --preemption_signals none (the same on every rank)
+            return
+        own = PREEMPTION.claim(self)
+        received = PREEMPTION.agreed(self.accelerator)
+        if received is None:
+            return
+        if not own:
+            raise Preempted(*received, step=self.global_step, nested=True)
+        self.preempt(*received)
+
+    @contextlib.contextmanager
+    def finishing(self):
+        """The work after the last step (final evaluations, run_mim's downstream check): a preemption signal
+        during it stops the run at its end, or at a step of a loop it runs (redone on resume), with this
+        run's last step checkpointed."""
+        try:
+            yield
+        except Preempted as stop:
+            if not stop.nested:
+                raise
+            self.preempt(stop.signum, stop.received_at)
+        self.stop_if_preempted()
+
+    def preempt(self, signum: int, received_at: float):
+        """The exit path of a preemption, on every rank: this step's checkpoint (the normal atomic save; none
+        before the first step), the Hub pushes waited for, then `Preempted`."""
+        if self.global_step > 0 and not self.checkpointed_this_step():
+            self.save()
+        if getattr(self, "progress", None) is not None:
+            self.progress.close()
+        problem = self.hub_pusher.finish() if self.hub_pusher is not None else None
+        if problem:
+            self.logger.error("%s", problem)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()
+        raise Preempted(signum, received_at, step=self.global_step, checkpoint=self.last_checkpoint)
+
+    def checkpointed_this_step(self) -> bool:
+        """This step is already a complete checkpoint of this run's --output_dir (a periodic save, or the
+        checkpoint it resumed from)."""
+        last = self.last_checkpoint
+        return (last is not None and checkpoint_step(last) == self.global_step
+                and Path(last).parent.resolve() == Path(self.run.output_dir).resolve())
 
     def log_window(self, loss, output) -> None:
         """Loss (mean over ranks), lr, throughput since the last log, and the script's extra logs."""
