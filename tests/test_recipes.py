@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from hf_mim.training.recipes import (
     DEMO_BASE_LEARNING_RATE, apply_demo_budget, apply_demo_recipe, dbot_stages, demo_learning_rate, demo_recipe, demo_steps,
@@ -26,8 +27,9 @@ def test_dbot_trains_as_many_stages_as_keep_300_steps_each_up_to_three(steps, st
     assert dbot_stages(steps) == stages
 
 
-def test_extrema_keeps_the_papers_momentum_whatever_the_budget():
-    assert demo_recipe("extrema", 600, 64) == ({"learning_rate": demo_learning_rate(64)}, {})
+@pytest.mark.parametrize("steps", [600, 1500, 50_000])
+def test_extrema_projects_with_batch_statistics_and_keeps_the_papers_momentum_whatever_the_budget(steps):
+    assert demo_recipe("extrema", steps, 64) == ({"learning_rate": demo_learning_rate(64)}, {"projector_norm": "batch_norm"})
 
 
 def test_maskdistill_without_a_teacher_regresses_pixels_and_with_one_keeps_its_target():
@@ -88,6 +90,13 @@ def test_recipe_config_fields_reach_the_model():
     _, config = build_pretraining_model(args)
     assert config.target == "pixels"
     assert (config.image_size, config.patch_size, config.hidden_size) == (32, 4, 128)  # the demo size
+    args = parse("--model_type", "extrema")
+    apply_demo_recipe(args, 600, 64)
+    model, config = build_pretraining_model(args)
+    assert config.projector_norm == "batch_norm" and isinstance(model.projector[1], torch.nn.BatchNorm1d)
+    args = parse("--model_type", "extrema", "--config_overrides", "projector_norm=layer_norm")  # the official projector
+    apply_demo_recipe(args, 600, 64)
+    assert build_pretraining_model(args)[1].projector_norm == "layer_norm"
 
 
 def test_the_embedded_default_trains_amt_unless_a_model_type_is_given():
