@@ -153,7 +153,7 @@ def test_teacher_is_not_saved_and_reloads_lazily(tiny_pair, tmp_path):
     assert not any("teacher" in key or "vision_model" in key for key in model.state_dict())
     save_hub_folder(model, tmp_path / "saved")
     files = sorted(path.name for path in (tmp_path / "saved").iterdir())
-    assert files == sorted(["config.json", "model.safetensors", "preprocessor_config.json", "configuration_common.py",
+    assert files == sorted(["config.json", "hf_mim_code.json", "model.safetensors", "preprocessor_config.json", "configuration_common.py",
                             "configuration_maskdistill.py", "masking.py", "masking_blockwise.py", "modeling_base.py",
                             "training_events.py", "vit_blocks.py", "relative_position.py", "beit_init.py",
                             "modeling_maskdistill.py",
