@@ -376,7 +376,9 @@ def test_two_gloo_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path):
     # the launcher takes the first rank's status 75 for a failure: it stops the other (which has logged its stop
     # too: SIGTERM after its handler is gone, or 75 if it exits first) and exits with status 1
     assert process.returncode == 1 and "exitcode  : 75" in log, log[-5000:]
-    assert not re.search(r'File ".*(run_mim\.py|hf_mim/)', log), log[-5000:]  # no rank died of a traceback
+    # no rank died of a traceback in the checkout's code (the launcher's own traceback, from the venv, is expected)
+    checkout = re.escape(str(Path(SCRIPT).resolve().parents[1]))
+    assert not re.search(rf'File "{checkout}/(training_scripts|hf_mim)/', log), log[-5000:]
     assert len(stopped) == 2 and stopped[0] == stopped[1], log[-5000:]  # each rank logs it: the same step and checkpoint
     step = int(stopped[0][0])
     state = read_trainer_state(out / f"checkpoint-{step}")
