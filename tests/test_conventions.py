@@ -518,6 +518,9 @@ def test_wheel_installs_commands_that_train_outside_the_repository(tmp_path):
     pictures = run([venv / "bin" / "hf-mim-visualize"], "--model_name_or_path", outside / "pretrain", "--images",
                    outside / "pretrain" / "mim_picture.png", "--output_dir", outside / "pictures", env_extra=env, cwd=outside)
     assert pictures.returncode == 0 and (outside / "pictures" / "mim_picture.png").is_file(), pictures.stderr[-4000:]
+    # the folder's code is the installed wheel's model zone, byte for byte (`hf-mim-verify`, status 0)
+    verified = run([venv / "bin" / "hf-mim-verify"], outside / "pretrain", env_extra=env, cwd=outside)
+    assert verified.returncode == 0, verified.stdout[-2000:] + verified.stderr[-2000:]
     for command in ("hf-mim-segment", "hf-mim-convert", "hf-mim-export"):
         shown = run([venv / "bin" / command], "--help", env_extra=env, cwd=outside)
         assert shown.returncode == 0 and "usage" in shown.stdout.lower(), command + shown.stderr[-2000:]
