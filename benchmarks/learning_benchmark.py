@@ -28,6 +28,7 @@ table). Results: `<work_dir>/results.json` and the table.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -130,16 +131,28 @@ def data_flags(args) -> tuple[list[str], list[str], str]:
     return ["--train_dir", str(train)], ["--train_dir", str(train), "--validation_dir", str(validation)], name
 
 
-def pretraining_steps(args) -> int:
-    """--pretrain_steps, else `demo_steps` of the labelled training split (counted from what the source records)."""
-    if args.pretrain_steps:
-        return args.pretrain_steps
+@functools.cache
+def _count_training_examples(source: tuple) -> int:
     from hf_mim.data import count_examples
-    from hf_mim.training.recipes import demo_steps
 
+    return count_examples(**dict(source), progress=False)
+
+
+def training_examples(args) -> int:
+    """Images in the labelled training split, counted from what the source records (run_mim gets it as
+    --num_train_examples: the epoch length that AMT's refresh schedule and the demo budget need)."""
     source = labelled_sources(args)["train"]
     where = {key: value for key, value in source.items() if key in ("dataset_name", "dataset_config_name", "train_dir", "split")}
-    return demo_steps(count_examples(**where, progress=False), args.batch_size)
+    return _count_training_examples(tuple(sorted(where.items())))
+
+
+def pretraining_steps(args) -> int:
+    """--pretrain_steps, else `demo_steps` of the labelled training split."""
+    if args.pretrain_steps:
+        return args.pretrain_steps
+    from hf_mim.training.recipes import demo_steps
+
+    return demo_steps(training_examples(args), args.batch_size)
 
 
 def run(script: Path, flags: list, log: Path) -> float:
@@ -157,7 +170,8 @@ def mim_flags(args, method: str, mim_data: list[str], output_dir: Path) -> list[
     flags = [*METHODS.get(method, METHODS["dbot"]), "--model_size", args.model_size, *mim_data,
              "--image_size", args.image_size, "--patch_size", args.patch_size,
              "--per_device_train_batch_size", args.batch_size, "--seed", args.seed, "--logging_steps", 50,
-             "--max_train_steps", pretraining_steps(args), "--output_dir", output_dir, "--overwrite_output_dir"]
+             "--max_train_steps", pretraining_steps(args), "--num_train_examples", training_examples(args),
+             "--output_dir", output_dir, "--overwrite_output_dir"]
     overrides = ",".join(filter(None, [METHOD_CONFIG.get(method, ""), args.config_overrides]))
     if overrides:
         flags += ["--config_overrides", overrides]

@@ -80,3 +80,11 @@ def test_the_default_budget_is_the_demo_recipes_for_the_training_set():
     args = learning_benchmark.parse_args(["--batch_size", "16"])
     assert learning_benchmark.pretraining_steps(args) == 2157  # ceil(24 x 1438 / 16)
     assert learning_benchmark.pretraining_steps(learning_benchmark.parse_args(["--pretrain_steps", "7"])) == 7
+
+
+def test_run_mim_is_told_the_epoch_length():
+    """A step budget alone leaves run_mim without an epoch (AMT would refresh at the interval ends, one epoch
+    before the official scripts): the benchmark passes the counted training images."""
+    args = learning_benchmark.parse_args([])
+    flags = list(map(str, learning_benchmark.mim_flags(args, "amt-mae", ["--train_dir", "x"], Path("out"))))
+    assert flags[flags.index("--num_train_examples") + 1] == "1438" and flags[flags.index("--max_train_steps") + 1] == "600"
