@@ -46,7 +46,8 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
             official help text suggests 1e-5 for Large). The self-attention blocks have none.
         projector_hidden_size, projection_dim: the projector D -> 4096 -> 4096 -> 256 and the predictor
             256 -> 4096 -> 256 (`--mlp-dim`, `--proj-dim`). Their hidden layers use LayerNorm (not
-            BatchNorm) with eps `projector_layer_norm_eps` (1e-5, PyTorch's default, as official).
+            BatchNorm; see `projector_norm`) with eps `projector_layer_norm_eps` (1e-5, PyTorch's default, as
+            official).
         projector_norm: "layer_norm" (official) or "batch_norm" (BYOL's: batch statistics, which keep the
             projections of different images apart; the demo recipe's choice, see `hf_mim/training/recipes.py`).
         mask_ratio: fraction of patches each mask hides (0.8); every mask keeps int(N * (1 - mask_ratio))
@@ -60,8 +61,8 @@ class ExtremaConfig(ViTBackboneConfigMixin, PresetConfigMixin, PreTrainedConfig)
         view_crops: how the pretraining pipeline crops the student's and the teacher's view of an image.
             "shared" = the official SpatialConsistentColorAug: one random resized crop + flip for both, then an
             independent colour jitter per view (masking is the only spatial difference). "independent" = a
-            crop + flip of its own per view, as BYOL (not in the official code; the demo recipe's choice, where
-            shared crops of a few thousand digits give targets the student matches without learning: see
+            crop + flip of its own per view, as BYOL (not in the official code; measured on the demo digits it
+            neither stops the LayerNorm projector's collapse nor helps the BatchNorm one: see
             `hf_mim/training/recipes.py`).
         pooling: the representation `pooler_output` holds and the classifier uses. "mean" = the
             official fine-tuning representation (mean of the patch tokens after the self-attention stack +
