@@ -22,8 +22,8 @@ def test_learning_rate_follows_the_linear_rule_with_the_demo_base_rate():
     assert demo_learning_rate(64) == pytest.approx(DEMO_BASE_LEARNING_RATE / 4)
 
 
-@pytest.mark.parametrize("steps, stages", [(150, 1), (400, 1), (599, 1), (600, 2), (899, 2), (900, 3), (50_000, 3)])
-def test_dbot_trains_as_many_stages_as_keep_300_steps_each_up_to_three(steps, stages):
+@pytest.mark.parametrize("steps, stages", [(150, 1), (600, 1), (999, 1), (1000, 2), (1499, 2), (1500, 3), (50_000, 3)])
+def test_dbot_trains_as_many_stages_as_keep_500_steps_each_up_to_three(steps, stages):
     assert dbot_stages(steps) == stages
 
 
@@ -62,8 +62,8 @@ def parse(*flags):
 
 
 def test_the_recipe_fills_what_the_user_left_unset():
-    args = parse("--model_type", "dbot", "--max_train_steps", "600", "--per_device_train_batch_size", "64")  # 2 stages
-    applied = apply_demo_recipe(args, 600, 64)
+    args = parse("--model_type", "dbot", "--max_train_steps", "1000", "--per_device_train_batch_size", "64")  # 2 stages
+    applied = apply_demo_recipe(args, 1000, 64)
     assert applied == {"learning_rate": demo_learning_rate(64), "num_stages": 2}
     assert args.learning_rate == demo_learning_rate(64) and args.num_stages == 2 and args.recipe_config == {}
 
