@@ -379,7 +379,9 @@ def test_two_gloo_ranks_stop_at_the_same_step_when_one_is_signalled(tmp_path):
     # no rank died of a traceback in the checkout's code (the launcher's own traceback, from the venv, is expected)
     checkout = re.escape(str(Path(SCRIPT).resolve().parents[1]))
     assert not re.search(rf'File "{checkout}/(training_scripts|hf_mim)/', log), log[-5000:]
-    assert len(stopped) == 2 and stopped[0] == stopped[1], log[-5000:]  # each rank logs it: the same step and checkpoint
+    # each rank logs the same step and checkpoint; on a loaded machine the launcher may kill the slower rank (after
+    # the shared checkpoint, which holds both ranks' positions: checked below) before its line is written
+    assert 1 <= len(stopped) <= 2 and len({line[:2] for line in stopped}) == 1, log[-5000:]
     step = int(stopped[0][0])
     state = read_trainer_state(out / f"checkpoint-{step}")
     assert state["global_step"] == step and len(state["positions"]) == 2
